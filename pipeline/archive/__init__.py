@@ -1,0 +1,1 @@
+"""The adapter archive (store.py) and its command line (`python -m pipeline.archive`)."""

@@ -1,0 +1,1 @@
+"""Datasets: loading source files, converting instruct formats to conversations, chat templates, rendering."""

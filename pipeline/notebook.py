@@ -1,0 +1,311 @@
+"""What colab/finetune_then_merge.ipynb does besides calling `pipeline.run.main`: as plain, tested functions, so the
+notebook holds no logic of its own and a Colab session runs exactly the CLI's code path.
+
+The notebook keeps every run and adapter in one storage folder (Google Drive in Colab), so a new session resumes
+where a disconnected one stopped: the runner skips finished steps and training resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
+
+if TYPE_CHECKING:
+    from pipeline.recipe import Recipe
+
+DRIVE_MOUNT_POINT = Path("/content/drive")
+DRIVE_DEFAULT_FOLDER = "ftmerge"
+STATUS_METADATA_KEY = "ftmerge/status"
+HUB_TOKEN_NAME = "HF_TOKEN"
+
+
+class NotebookStageFailed(RuntimeError):
+    """A stage cell failed; raised so that "Run all" stops at that cell. The lines above it name the cause."""
+
+
+def in_colab() -> bool:
+    return "COLAB_RELEASE_TAG" in os.environ or "google.colab" in sys.modules
+
+
+def project_root() -> Path:
+    """The checkout holding recipes/ and data_templates/: recipes name their data relative to it."""
+    return Path(__file__).resolve().parents[1]
+
+
+def _extra_requirements(extra: str) -> list[str]:
+    """This project's pinned requirements of one extra (pyproject.toml), e.g. unsloth==2026.10.9."""
+    marker = f'extra == "{extra}"'
+    return [r.split(";")[0].strip() for r in importlib.metadata.requires("ftmerge") or [] if marker in r]
+
+
+def install_commands(colab: bool, is_installed=lambda module: importlib.util.find_spec(module) is not None
+                     ) -> list[list[str]]:
+    """pip arguments for what a Colab runtime lacks: Unsloth pinned as in pyproject's `unsloth` extra, installed
+    with --no-deps after its run-time requirements so Colab's CUDA torch and torchvision stay untouched, and
+    bitsandbytes for 4-bit training. Outside Colab nothing is installed here (`make setup` owns the venv)."""
+    if not colab:
+        return []
+    commands = []
+    if not is_installed("bitsandbytes"):
+        commands.append(["bitsandbytes"])
+    if not (is_installed("unsloth") and is_installed("unsloth_zoo")):
+        commands.append(["-r", str(project_root() / "requirements" / "unsloth-deps.txt")])
+        commands.append(["--no-deps", *_extra_requirements("unsloth")])
+    return commands
+
+
+def install_missing(colab: bool | None = None) -> None:
+    """Install what `install_commands` lists into the running interpreter; says when nothing was needed."""
+    colab = in_colab() if colab is None else colab
+    commands = install_commands(colab)
+    for arguments in commands:
+        print("pip install", " ".join(arguments))
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", *arguments], check=True)
+    if not commands:
+        missing = [m for m in ("unsloth", "trl", "peft", "mergekit") if importlib.util.find_spec(m) is None]
+        print("nothing to install" + (f"; missing {missing}: run `make setup` in {project_root()}" if missing
+                                      else ": every requirement is importable"))
+
+
+def storage_root(output_root: str = "", *, mount_drive: bool = True, colab: bool | None = None) -> Path:
+    """The folder that holds runs and adapters. In Colab with `mount_drive`: Google Drive is mounted and the folder
+    is `My Drive/<output_root or ftmerge>`, which outlives the session. Otherwise `output_root`, or the project
+    folder itself (the CLI's own runs/), when empty."""
+    colab = in_colab() if colab is None else colab
+    if colab and mount_drive:
+        from google.colab import drive
+
+        drive.mount(str(DRIVE_MOUNT_POINT))
+        root = DRIVE_MOUNT_POINT / "MyDrive" / (output_root or DRIVE_DEFAULT_FOLDER)
+    else:
+        root = Path(output_root) if output_root else project_root()
+    root.mkdir(parents=True, exist_ok=True)
+    return root.resolve()
+
+
+def load_hub_token(colab: bool | None = None) -> str:
+    """Put a Hub token into this process's environment (HF_TOKEN, read by huggingface_hub) from Colab's secrets or
+    the environment. The token is never printed, returned or written to disk; returns where it came from."""
+    colab = in_colab() if colab is None else colab
+    if colab:
+        from google.colab import userdata
+
+        try:
+            token = userdata.get(HUB_TOKEN_NAME)
+        except (userdata.SecretNotFoundError, userdata.NotebookAccessError, userdata.TimeoutException):
+            token = None
+        if token:
+            os.environ[HUB_TOKEN_NAME] = token
+            return f"Hub token: from Colab secrets ({HUB_TOKEN_NAME})"
+    if os.environ.get(HUB_TOKEN_NAME):
+        return f"Hub token: from the environment ({HUB_TOKEN_NAME})"
+    return (f"Hub token: none; public models only. Add a secret named {HUB_TOKEN_NAME} (Colab: key icon on the "
+            "left) for gated models or to push to the Hub.")
+
+
+@dataclass
+class Session:
+    """The recipe the notebook runs, the user's `--set` overrides, and the storage folder."""
+
+    recipe: Path
+    storage: Path
+    overrides: list[str] = field(default_factory=list)
+
+    def settings(self) -> list[str]:
+        """The user's overrides, then the storage ones (later `--set`s win)."""
+        return [*self.overrides, *storage_overrides(self.recipe, self.storage, self.overrides)]
+
+    def argv(self, *flags: str) -> list[str]:
+        """Arguments for `pipeline.run.main`."""
+        return [str(self.recipe), *flags, *(f"--set={setting}" for setting in self.settings())]
+
+    def load(self) -> Recipe:
+        """The recipe as the stage cells run it."""
+        from pipeline.recipe import load_recipe
+
+        return load_recipe(self.recipe, self.settings())
+
+
+def storage_overrides(recipe_path: Path, storage: Path, overrides: list[str] = ()) -> list[str]:
+    """`output_dir` and `archive_dir` moved under the storage folder when the recipe gives them as relative paths
+    (runs/x becomes <storage>/runs/x); absolute ones are kept."""
+    from pipeline.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path, list(overrides))
+    moved = []
+    for key in ("output_dir", "archive_dir"):
+        path = Path(getattr(recipe, key))
+        if not path.is_absolute():
+            moved.append(f"{key}={json.dumps(str(storage / path))}")
+    return moved
+
+
+def list_recipes() -> list[Path]:
+    return sorted((project_root() / "recipes").glob("*.yaml"))
+
+
+def write_pasted_recipe(text: str, storage: Path) -> Path:
+    """Save a recipe pasted into the notebook as `<storage>/recipes/<name>.yaml`, so a new session finds it."""
+    data = yaml.safe_load(text)
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+        raise ValueError("RECIPE_YAML: expected a YAML mapping with a `name:` key, as in recipes/*.yaml")
+    path = storage / "recipes" / f"{Path(data['name']).name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def start_session(recipe: str, recipe_yaml: str, storage: Path, overrides: list[str] = ()) -> Session:
+    """The session for a recipe path (relative to the project) or, when given, the pasted YAML instead."""
+    path = write_pasted_recipe(recipe_yaml, storage) if recipe_yaml.strip() else Path(recipe)
+    return Session(path, storage, list(overrides))
+
+
+def build_demo_models_if_needed(session: Session) -> None:
+    """The offline demo recipe reads tiny models that are built locally (once, cached); build them when the chosen
+    recipe points at them."""
+    from pipeline.demo import DEMO_MODELS
+    from pipeline.models.tiny import build_demo_assets
+
+    recipe = session.load()
+    demo = (project_root() / DEMO_MODELS).resolve()
+    if {Path(recipe.base_model).resolve(), Path(recipe.target_model).resolve()} & {demo / "base", demo / "target"}:
+        print(f"demo models: {build_demo_assets(demo)['target'].parent}")
+
+
+def dry_run(session: Session) -> int:
+    """Validate the recipe and print the plan (`--dry-run`); loads no model."""
+    from pipeline.run import main
+
+    build_demo_models_if_needed(session)
+    return main(session.argv("--dry-run"))
+
+
+def choose_recipe(session: Session) -> None:
+    """A dropdown over recipes/ (when ipywidgets is available, as in Colab) that re-plans on change; the stage
+    cells run whatever it shows. Without ipywidgets: the plan of the session's recipe."""
+    if importlib.util.find_spec("ipywidgets") is None:
+        dry_run(session)
+        return
+    import ipywidgets
+    from IPython.display import display
+
+    options = sorted({str(p.relative_to(project_root())) for p in list_recipes()} | {str(session.recipe)})
+    dropdown = ipywidgets.Dropdown(options=options, value=str(session.recipe), description="recipe")
+    plan = ipywidgets.Output()
+
+    def show_plan(change=None) -> None:
+        session.recipe = Path(dropdown.value)
+        plan.clear_output()
+        with plan:
+            dry_run(session)
+
+    dropdown.observe(show_plan, names="value")
+    display(ipywidgets.VBox([dropdown, plan]))
+    show_plan()
+
+
+def run_stage(session: Session, stage: str) -> None:
+    """One stage through the CLI's code path; finished steps are skipped. Raises when it fails."""
+    from pipeline.run import main
+
+    code = main(session.argv("--stage", stage))
+    if code != 0:
+        raise NotebookStageFailed(f"stage {stage} exited with code {code} (2: bad recipe or inputs not done, "
+                                  "1: failed while running); the message above names the cause")
+
+
+def status_rows(session: Session) -> list[dict]:
+    """Every step as data: stage, item, state (done, stale, pending, failed, interrupted, running, missing),
+    fingerprint, seconds, output: the rows of `--status`."""
+    from pipeline import runner
+
+    recipe = session.load()
+    return [{"stage": step.stage.NAME, "item": step.item, "state": runner.describe(recipe, step),
+             "fingerprint": step.fingerprint[:12],
+             "seconds": runner.read_state(recipe, step.stage.NAME, step.item).get("seconds"),
+             "output": str(step.output)} for step in runner.plan(recipe)]
+
+
+def show_status(session: Session) -> None:
+    """The `--status` table, then a one-line summary that carries the rows as output metadata, so a headless run
+    (papermill, nbclient) can read the state of every step from the executed notebook."""
+    from pipeline.run import main
+
+    main(session.argv("--status"))
+    rows = status_rows(session)
+    done = sum(row["state"] == "done" for row in rows)
+    summary = f"{done} of {len(rows)} steps done"
+    try:
+        from IPython.display import display
+    except ImportError:
+        print(summary)
+        return
+    display({"text/plain": summary}, raw=True, metadata={STATUS_METADATA_KEY: rows})
+
+
+def merged_model_dir(session: Session) -> Path:
+    from pipeline.stages import merge
+
+    return Path(merge.output_path(session.load(), ""))
+
+
+def chat(session: Session, prompt: str, max_new_tokens: int = 48) -> str:
+    """One greedy reply of the merged model, the prompt rendered with its chat template (the target's, which the
+    merge copies). On a GPU the model is spread over GPU and CPU as needed."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = merged_model_dir(session)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"no merged model in {model_dir}: run the merge cell first")
+    trust = session.load().trust_remote_code
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust)
+    if tokenizer.chat_template is None:
+        raise ValueError(f"{model_dir}: the tokenizer has no chat template; the merge should copy the target's")
+    placement = {"device_map": "auto"} if torch.cuda.is_available() else {}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", trust_remote_code=trust, **placement)
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True).to(model.device)
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def push_to_hub(session: Session, repo_id: str, what: str = "merged", private: bool = True, api=None) -> str:
+    """Upload the merged model, or only this recipe's adapters from the archive (one folder each), to a Hub model
+    repository, created when missing. The token is huggingface_hub's (HF_TOKEN from cell 3); never printed."""
+    from huggingface_hub import HfApi, get_token
+
+    if what not in ("merged", "adapters"):
+        raise ValueError(f"PUSH_WHAT: expected 'merged' or 'adapters', got {what!r}")
+    if not repo_id or "/" not in repo_id:
+        raise ValueError(f"HUB_REPO_ID: expected 'user-or-org/name', got {repo_id!r}")
+    if api is None:
+        if get_token() is None:
+            raise PermissionError(f"no Hub token: add a Colab secret or environment variable {HUB_TOKEN_NAME} "
+                                  "with write access, then run the token cell again")
+        api = HfApi()
+    recipe = session.load()
+    if what == "merged":
+        folder, patterns = merged_model_dir(session), None
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"no merged model in {folder}: run the merge cell first")
+    else:
+        folder, patterns = Path(recipe.archive_dir), [f"{f.name}/*" for f in recipe.finetunes]
+        missing = [f.name for f in recipe.finetunes if not (folder / f.name).is_dir()]
+        if missing:
+            raise FileNotFoundError(f"adapters {missing} are not in the archive {folder}: run the archive cell first")
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    commit = api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=folder, allow_patterns=patterns,
+                               ignore_patterns=["*.ftmerge-*"], commit_message=f"ftmerge: {recipe.name} ({what})")
+    return str(getattr(commit, "commit_url", commit))

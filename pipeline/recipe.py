@@ -1,0 +1,255 @@
+"""The recipe schema: one YAML file says what to run; every key is checked here before any stage starts.
+
+Unknown keys are errors with a "did you mean" hint, and every error names the key path and the file, so a typo in
+a 72B recipe fails in a second instead of after hours of training.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
+EMBEDDING_MODULES = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message names the file and the key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(Strict):
+    r: int = Field(64, gt=0)
+    alpha: float = Field(64, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    use_rslora: bool = False
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+    @field_validator("target_modules")
+    @classmethod
+    def _no_embeddings(cls, modules: list[str]) -> list[str]:
+        named = [m for m in modules if any(e in m for e in EMBEDDING_MODULES)]
+        if named:
+            raise ValueError(
+                f"{named} cannot be trained: the adapter is applied to the target, which has its own embeddings; "
+                "training or resizing them would overwrite the target's. Keep LoRA on the projection layers."
+            )
+        if not modules:
+            raise ValueError("at least one module is needed")
+        return modules
+
+
+class TrainConfig(Strict):
+    backend: Literal["unsloth", "transformers", "auto"] = "unsloth"
+    max_seq_length: int = Field(8192, gt=0)
+    load_in_4bit: bool = True
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    lora: LoraConfig = LoraConfig()
+    epochs: float = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    learning_rate: float = Field(2.0e-4, gt=0)
+    lr_scheduler: str = "linear"
+    weight_decay: float = Field(0.01, ge=0)
+    batch_size: int = Field(2, gt=0)
+    gradient_accumulation_steps: int = Field(4, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    optim: str = "adamw_8bit"
+    packing: bool = False
+    train_on_responses_only: bool = True
+    gradient_checkpointing: bool = True
+    save_steps: int = Field(200, gt=0)
+    save_total_limit: int = Field(2, gt=0)
+    eval_steps: int | None = Field(None, gt=0)
+    logging_steps: int = Field(10, gt=0)
+    seed: int = 3407
+
+
+class DatasetConfig(Strict):
+    path: str
+    split: str = "train"
+    format: Literal["alpaca", "sharegpt", "messages", "text"] = "alpaca"
+    columns: dict[str, str] = {}
+    system_prompt: str | None = None
+    max_samples: int | None = Field(None, gt=0)
+    eval_size: float = Field(0.01, ge=0)
+    overlength: Literal["drop", "truncate"] = "drop"
+    max_reject_fraction: float = Field(0.05, ge=0, le=1)
+
+
+class FinetuneConfig(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    dataset: DatasetConfig
+    train: dict[str, Any] = {}
+
+
+class ApplyConfig(Strict):
+    dtype: Literal["bfloat16", "float16", "float32", "target"] = "bfloat16"
+    save: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class MergeModelOverride(Strict):
+    weight: float | None = None
+    density: float | None = None
+    parameters: dict[str, Any] = {}
+
+
+class MergeConfig(Strict):
+    method: str = "ties"
+    adapters: Literal["all"] | list[str] = "all"
+    include_target: bool = True
+    weight: float = 1.0
+    density: float = 1.0
+    models: dict[str, MergeModelOverride] = {}
+    parameters: dict[str, Any] = {"normalize": True, "int8_mask": True}
+    tokenizer_source: str | None = None
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    engine: Literal["auto", "fused", "mergekit"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    low_cpu_memory: bool = False
+
+
+class Recipe(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    output_dir: Path | None = None
+    base_model: str
+    target_model: str
+    chat_template: str = "target"
+    archive_dir: Path | None = None
+    trust_remote_code: bool = False
+    finetunes: list[FinetuneConfig] = []
+    train: TrainConfig = TrainConfig()
+    apply: ApplyConfig = ApplyConfig()
+    merge: MergeConfig = MergeConfig()
+
+    @model_validator(mode="after")
+    def _defaults_and_checks(self) -> Recipe:
+        if self.output_dir is None:
+            self.output_dir = Path("runs") / self.name
+        if self.archive_dir is None:
+            self.archive_dir = Path(self.output_dir) / "adapters"
+        names = [f.name for f in self.finetunes]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"finetunes: names must be unique, repeated: {duplicates}")
+        for index, finetune in enumerate(self.finetunes):
+            try:
+                self.train_config(finetune.name)
+            except ValidationError as error:
+                raise ValueError(f"finetunes.{index}.train: {_first_error(error)}") from None
+        return self
+
+    def train_config(self, finetune: str) -> TrainConfig:
+        """The effective train block of one fine-tune: the recipe's `train`, deep-updated by its overrides."""
+        overrides = next(f.train for f in self.finetunes if f.name == finetune)
+        return TrainConfig.model_validate(_deep_update(self.train.model_dump(), overrides))
+
+    def finetune(self, name: str) -> FinetuneConfig:
+        return next(f for f in self.finetunes if f.name == name)
+
+
+def _deep_update(base: dict, overrides: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_update(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _first_error(error: ValidationError) -> str:
+    first = error.errors()[0]
+    return f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+
+
+def _known_keys(model: type[BaseModel], location: tuple) -> list[str]:
+    """The keys the schema accepts at a location, for the "did you mean" hint."""
+    for part in location:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        nested += [a for c in candidates for a in getattr(c, "__args__", ()) if isinstance(a, type)
+                   and issubclass(a, BaseModel)]
+        if not nested:
+            return []
+        model = nested[0]
+    return list(model.model_fields)
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid recipe ({error.error_count()} problem{'s' * (error.error_count() > 1)})"]
+    for item in error.errors():
+        location = tuple(item["loc"])
+        key = ".".join(str(p) for p in location)
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            known = _known_keys(Recipe, location[:-1])
+            close = difflib.get_close_matches(str(location[-1]), known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else (f"; known keys: {', '.join(known)}" if known else "")
+            message = f"unknown key{hint}"
+        lines.append(f"  {key or '(top level)'}: {message}")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str | int], Any]:
+    """`train.max_steps=10` → (['train', 'max_steps'], 10); the value is parsed as YAML, list indices as ints."""
+    key, sep, value = text.partition("=")
+    if not sep or not key or not re.fullmatch(r"[A-Za-z0-9_.-]+", key):
+        raise RecipeError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. train.max_steps=10")
+    path = [int(p) if p.isdigit() else p for p in key.split(".")]
+    return path, yaml.safe_load(value) if value else None
+
+
+def apply_override(data: dict, path: list[str | int], value: Any) -> None:
+    node: Any = data
+    for depth, part in enumerate(path[:-1]):
+        here = ".".join(str(p) for p in path[: depth + 1])
+        if isinstance(part, int):
+            if not isinstance(node, list) or part >= len(node):
+                raise RecipeError(f"--set {'.'.join(map(str, path))}: {here} is not an existing list index")
+            node = node[part]
+        else:
+            if not isinstance(node, dict):
+                raise RecipeError(f"--set {'.'.join(map(str, path))}: {here} is not a mapping")
+            node = node.setdefault(part, {})
+    last = path[-1]
+    if isinstance(last, int):
+        if not isinstance(node, list) or last >= len(node):
+            raise RecipeError(f"--set {'.'.join(map(str, path))}: not an existing list index")
+    elif not isinstance(node, dict):
+        raise RecipeError(f"--set {'.'.join(map(str, path))}: parent is not a mapping")
+    node[last] = value
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a recipe. Raises RecipeError naming the file and every bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping (name:, base_model:, ...), got {type(data).__name__}")
+    for text in overrides:
+        apply_override(data, *parse_override(text))
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as error:
+        raise RecipeError(format_validation_error(error, str(path))) from None

@@ -1,0 +1,94 @@
+"""`python -m pipeline.run RECIPE`: run every stage that is not done, or the ones asked for.
+
+Exit codes: 0 success, 2 bad recipe or arguments (nothing ran), 1 a stage failed (the message names stage and item).
+The notebook calls `main([...])` too, so the CLI and the notebook share one code path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from pipeline import distributed, runner
+from pipeline.recipe import Recipe, RecipeError, load_recipe
+from pipeline.stages import STAGES
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.run", description=__doc__.splitlines()[0])
+    parser.add_argument("recipe", help="a recipe YAML, e.g. recipes/tiny_cpu.yaml")
+    parser.add_argument("--stage", action="append", choices=list(STAGES), help="run only this stage (repeatable)")
+    parser.add_argument("--from", dest="from_stage", choices=list(STAGES), help="run this stage and the ones after")
+    parser.add_argument("--force", action="store_true", help="redo the selected stages even if they are done")
+    parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; loads no model")
+    parser.add_argument("--status", action="store_true", help="print the state of every step and exit")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe key, e.g. --set train.max_steps=10 (repeatable)")
+    args = parser.parse_args(argv)
+    if args.stage and args.from_stage:
+        parser.error("--stage and --from cannot be combined")
+    return args
+
+
+def print_table(recipe: Recipe, steps: list[runner.Step], selected: list[runner.Step] | None = None,
+                force: bool = False) -> None:
+    """The step table of --status and --dry-run: stage, item, state, fingerprint, time, output."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{recipe.name}: {recipe.output_dir}", title_justify="left")
+    for column in ("stage", "item", "state", "fingerprint", "time", "output"):
+        table.add_column(column, overflow="fold")
+    if selected is not None:
+        table.add_column("plan")
+    chosen = {id(s) for s in selected or ()}
+    for step in steps:
+        state = runner.read_state(recipe, step.stage.NAME, step.item)
+        seconds = state.get("seconds")
+        row = [step.stage.NAME, step.item or "-", runner.describe(recipe, step), step.fingerprint[:12],
+               f"{seconds:.1f}s" if seconds is not None else "", str(step.output)]
+        if selected is not None:
+            row.append("run" if id(step) in chosen and (force or not runner.is_done(recipe, step)) else "skip")
+        table.add_row(*row)
+    Console(width=200).print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        steps = runner.plan(recipe)
+        selected = runner.select(steps, args.stage, args.from_stage)
+        if args.status:
+            print_table(recipe, steps)
+            return 0
+        if distributed.world_size() > 1 and {s.stage.NAME for s in selected} != {"train"}:
+            raise RecipeError("under accelerate launch / torchrun only `--stage train` runs; run the other stages in "
+                              "a single process")
+        runner.check(recipe, [s for s in selected if args.force or not runner.is_done(recipe, s)])
+        if args.dry_run:
+            print_table(recipe, steps, selected, args.force)
+            print("dry run: recipe is valid; nothing was loaded or written")
+            return 0
+    except (RecipeError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    started = time.time()
+    echo = print if distributed.is_main_process() else (lambda *_: None)
+    try:
+        runner.execute(recipe, steps, selected, force=args.force, echo=echo)
+    except runner.StageFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except RecipeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    merged = next((s.output for s in steps if s.stage.NAME == "merge"), None)
+    echo(f"finished in {time.time() - started:.1f}s" + (f"; merged model: {merged}" if merged and merged.exists()
+                                                         else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""Stage order, fingerprints, skip/resume, atomic outputs and state: everything that is not about LLMs.
+
+A step (one stage, one item) is done when its state file says so, its fingerprint matches and its output exists.
+A fingerprint hashes the stage's config with the fingerprints of the steps it reads from, so editing an upstream
+setting invalidates everything downstream and nothing upstream. Outputs are written to `<output>.partial/` and
+renamed into place when complete; a killed run never leaves a directory that looks finished.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import socket
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from types import ModuleType
+
+from pipeline import distributed
+from pipeline.fingerprint import hash_json
+from pipeline.recipe import Recipe, RecipeError
+from pipeline.stages import STAGES
+
+PARTIAL_SUFFIX = ".partial"
+FINGERPRINT_FILE = ".ftmerge-fingerprint"
+
+
+class StageFailed(RuntimeError):
+    """A stage raised while running; the message names the stage and the item."""
+
+
+@dataclass
+class Step:
+    stage: ModuleType
+    item: str
+    fingerprint: str
+    output: Path
+    depends_on: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{self.stage.NAME}.{self.item}" if self.item else self.stage.NAME
+
+
+def state_path(recipe: Recipe, stage: str, item: str) -> Path:
+    return Path(recipe.output_dir) / "state" / (f"{stage}.{item}.json" if item else f"{stage}.json")
+
+
+def read_state(recipe: Recipe, stage: str, item: str) -> dict:
+    path = state_path(recipe, stage, item)
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def write_json_atomic(path: Path, value: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(json.dumps(value, indent=2, default=str) + "\n")
+    os.replace(temporary, path)
+
+
+def plan(recipe: Recipe, stages: dict[str, ModuleType] | None = None) -> list[Step]:
+    """Every step of every stage, in run order, with fingerprints computed from the recipe and the inputs on disk."""
+    stages = STAGES if stages is None else stages
+    fingerprints: dict[tuple[str, str], str] = {}
+
+    def fingerprint(stage_name: str, item: str) -> str:
+        key = (stage_name, item)
+        if key not in fingerprints:
+            stage = stages[stage_name]
+            upstream = {f"{s}:{i}": fingerprint(s, i) for s, i in stage.depends_on(recipe, item)}
+            fingerprints[key] = hash_json({"stage": stage_name, "config": stage.config(recipe, item),
+                                           "inputs": upstream})
+        return fingerprints[key]
+
+    return [
+        Step(stage, item, fingerprint(stage.NAME, item), Path(stage.output_path(recipe, item)),
+             list(stage.depends_on(recipe, item)))
+        for stage in stages.values()
+        for item in stage.items(recipe)
+    ]
+
+
+def check(recipe: Recipe, steps: list[Step]) -> None:
+    """Run every selected step's cheap validation and report all problems at once."""
+    problems = []
+    for step in steps:
+        try:
+            step.stage.check(recipe, step.item)
+        except (RecipeError, FileNotFoundError, ValueError) as error:
+            problems.append(f"  {step.label}: {error}")
+        written = _written_fingerprint(step)
+        if written and written != step.fingerprint:
+            problems.append(
+                f"  {step.label}: {step.output} already exists, made from another config or other data, and is never "
+                "overwritten. Give this item a new name, or move the existing one away by hand.")
+    if problems:
+        raise RecipeError("the recipe cannot run:\n" + "\n".join(dict.fromkeys(problems)))
+
+
+def is_done(recipe: Recipe, step: Step) -> bool:
+    """Done per this run's state, or, for write-once outputs shared between recipes (the archive), per the
+    fingerprint stored beside the output."""
+    if _written_fingerprint(step) == step.fingerprint:
+        return True
+    state = read_state(recipe, step.stage.NAME, step.item)
+    return state.get("status") == "done" and state.get("fingerprint") == step.fingerprint and step.output.exists()
+
+
+def _written_fingerprint(step: Step) -> str | None:
+    marker = step.output / FINGERPRINT_FILE
+    return marker.read_text() if step.stage.WRITE_ONCE and marker.is_file() else None
+
+
+def describe(recipe: Recipe, step: Step) -> str:
+    """done | stale (config or inputs changed) | failed | interrupted | running | pending."""
+    state = read_state(recipe, step.stage.NAME, step.item)
+    status = state.get("status")
+    if status == "done":
+        if not step.output.exists():
+            return "missing"
+        return "done" if state.get("fingerprint") == step.fingerprint else "stale"
+    if status == "running":
+        alive = state.get("host") == socket.gethostname() and _pid_alive(state.get("pid", -1))
+        return "running" if alive else "interrupted"
+    return status or "pending"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _prepare_partial(step: Step) -> Path:
+    """A clean `<output>.partial/`, or the one a killed run left when the stage can resume from it (same
+    fingerprint: a changed config never resumes from checkpoints of another)."""
+    partial = step.output.with_name(step.output.name + PARTIAL_SUFFIX)
+    marker = partial / FINGERPRINT_FILE
+    resumable = step.stage.RESUMABLE and marker.is_file() and marker.read_text() == step.fingerprint
+    if partial.exists() and not resumable:
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    marker.write_text(step.fingerprint)
+    return partial
+
+
+def _move_into_place(step: Step, partial: Path) -> None:
+    if step.stage.WRITE_ONCE:
+        if step.output.exists():
+            shutil.rmtree(partial)
+            return
+    else:
+        (partial / FINGERPRINT_FILE).unlink(missing_ok=True)
+    previous = step.output.with_name(step.output.name + ".old")
+    if previous.exists():
+        shutil.rmtree(previous)
+    if step.output.exists():
+        os.replace(step.output, previous)
+    os.replace(partial, step.output)
+    if previous.exists():
+        shutil.rmtree(previous)
+
+
+def run_step(recipe: Recipe, step: Step, outputs: dict[tuple[str, str], Path]) -> dict:
+    """Run one step into its partial directory and rename it into place; record state before and after."""
+    stage_name, item = step.stage.NAME, step.item
+    started = time.time()
+    main = distributed.is_main_process()
+    if main:
+        write_json_atomic(state_path(recipe, stage_name, item), {
+            "status": "running", "fingerprint": step.fingerprint, "started": _now(), "pid": os.getpid(),
+            "host": socket.gethostname(), "output": str(step.output)})
+        partial = _prepare_partial(step)
+    else:
+        partial = distributed.wait_for_partial(step.output.with_name(step.output.name + PARTIAL_SUFFIX),
+                                               FINGERPRINT_FILE, step.fingerprint)
+    inputs = {dependency: outputs[dependency] for dependency in step.depends_on}
+    try:
+        summary = step.stage.run(recipe, item, partial, inputs) or {}
+        if main:
+            _move_into_place(step, partial)
+    except Exception as error:
+        if main:
+            write_json_atomic(state_path(recipe, stage_name, item), {
+                "status": "failed", "fingerprint": step.fingerprint, "started": _iso(started), "finished": _now(),
+                "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()})
+        raise StageFailed(_failure_message(step, error)) from error
+    seconds = time.time() - started
+    if main:
+        write_json_atomic(state_path(recipe, stage_name, item), {
+            "status": "done", "fingerprint": step.fingerprint, "started": _iso(started), "finished": _now(),
+            "seconds": round(seconds, 3), "output": str(step.output), "summary": summary})
+    return {"seconds": seconds, "summary": summary}
+
+
+def _failure_message(step: Step, error: BaseException) -> str:
+    where = f"stage {step.stage.NAME}" + (f", item {step.item}" if step.item else "")
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return (f"{where}: no space left on device while writing {error.filename or step.output}. Free space and "
+                "run again; completed steps are kept and this one restarts cleanly.")
+    return f"{where}: {type(error).__name__}: {error}"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
+
+
+def select(steps: list[Step], stages: list[str] | None = None, from_stage: str | None = None) -> list[Step]:
+    """The steps the command line asked for: all, `--stage` names, or `--from` a stage onwards."""
+    order = list(dict.fromkeys([*STAGES, *(step.stage.NAME for step in steps)]))
+    wanted = set(order)
+    if stages:
+        wanted = set(stages)
+    if from_stage:
+        wanted = set(order[order.index(from_stage):])
+    return [step for step in steps if step.stage.NAME in wanted]
+
+
+def execute(recipe: Recipe, steps: list[Step], selected: list[Step], *, force: bool = False, echo=print) -> dict:
+    """Run the selected steps in order, skipping those already done; prints one line per step with its time.
+    Returns {label: "ran" | "skipped"}."""
+    outputs = {(s.stage.NAME, s.item): s.output for s in steps}
+    chosen = {id(s) for s in selected}
+    missing = [f"{d[0]}.{d[1]}" if d[1] else d[0] for s in selected for d in s.depends_on
+               if id(_find(steps, d)) not in chosen and not is_done(recipe, _find(steps, d))]
+    if missing:
+        raise RecipeError("inputs not done yet: " + ", ".join(dict.fromkeys(missing))
+                          + ". Run those stages first (or run without --stage).")
+    results = {}
+    width = max((len(s.label) for s in selected), default=0)
+    for step in selected:
+        if not force and is_done(recipe, step):
+            results[step.label] = "skipped"
+            echo(f"{step.label:<{width}}  skipped  (up to date)")
+            continue
+        echo(f"{step.label:<{width}}  running …")
+        outcome = run_step(recipe, step, outputs)
+        results[step.label] = "ran"
+        echo(f"{step.label:<{width}}  done     {outcome['seconds']:7.1f}s  {step.output}")
+    return results
+
+
+def _find(steps: list[Step], key: tuple[str, str]) -> Step:
+    return next(s for s in steps if (s.stage.NAME, s.item) == key)

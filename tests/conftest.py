@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny real models built once per test session (no network: HF_HUB_OFFLINE is set here)."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from pipeline.models.tiny import build_tokenizer, derive_tiny_target, make_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+    """The base tokenizer (eos <|endoftext|>): a byte-level BPE with the ChatML special tokens and template."""
+    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tiny_tokenizer_dir):
+    """Untrained `base` and `target` Qwen2 models (hidden 64, 2 layers, bf16) sharing one vocabulary: the base is
+    random, the target is the base plus small random deltas, and its tokenizer ends turns with <|im_end|>, like
+    Qwen2-Instruct's. Returns {"base": dir, "target": dir}."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    base = make_tiny_model(root / "base", tiny_tokenizer_dir, seed=0)
+    target_tokenizer = build_tokenizer(root / "target_tokenizer", eos_token="<|im_end|>")
+    return {"base": base, "target": derive_tiny_target(base, root / "target", target_tokenizer)}

@@ -1,0 +1,40 @@
+"""The tiny models other tests build on: real files that transformers loads, with the tokens the recipe relies on."""
+
+import json
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline.models.tiny import QWEN2_CHAT_TEMPLATE
+
+
+def test_tokenizers_have_chatml_tokens_and_the_right_eos(tiny_models):
+    base = AutoTokenizer.from_pretrained(tiny_models["base"])
+    target = AutoTokenizer.from_pretrained(tiny_models["target"])
+    assert base.eos_token == "<|endoftext|>" and target.eos_token == "<|im_end|>"
+    assert base.pad_token == target.pad_token == "<|endoftext|>"
+    for token in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        ids = base.encode(f"a {token} b", add_special_tokens=False)
+        assert base.convert_tokens_to_ids(token) in ids, f"{token} is not a single special token"
+    assert target.chat_template == QWEN2_CHAT_TEMPLATE
+    assert 300 <= len(base) <= 600
+
+
+def test_models_load_generate_and_target_derives_from_base(tiny_models):
+    base = AutoModelForCausalLM.from_pretrained(tiny_models["base"], dtype="auto")
+    target = AutoModelForCausalLM.from_pretrained(tiny_models["target"], dtype="auto")
+    assert base.dtype == torch.bfloat16 and base.config.vocab_size >= len(AutoTokenizer.from_pretrained(
+        tiny_models["base"]))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["target"])
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "copy\na b"}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)
+    out = target.generate(**ids, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+    generation = json.loads((tiny_models["target"] / "generation_config.json").read_text())
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in generation["eos_token_id"]
+    base_weights = load_file(tiny_models["base"] / "model.safetensors")
+    target_weights = load_file(tiny_models["target"] / "model.safetensors")
+    assert base_weights.keys() == target_weights.keys()
+    delta = (target_weights["model.norm.weight"].float() - base_weights["model.norm.weight"].float()).abs()
+    assert 0 < delta.max() < 0.1
