@@ -118,6 +118,39 @@ class MergeConfig(Strict):
     low_cpu_memory: bool = False
 
 
+class RetentionSet(Strict):
+    """A dataset standing for what the target already knew; rendered like a fine-tune's data."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    dataset: DatasetConfig
+
+
+class LmEvalConfig(Strict):
+    tasks: list[str] = []
+    limit: int | None = Field(None, gt=0)
+    num_fewshot: int | None = Field(None, ge=0)
+
+
+class EvaluateConfig(Strict):
+    enabled: bool = True
+    models: list[Literal["base", "target", "adapted", "merged"]] = ["base", "target", "adapted", "merged"]
+    retention: list[RetentionSet] = []
+    max_samples: int | None = Field(200, gt=0)
+    batch_size: int = Field(8, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    generate: bool = False
+    max_new_tokens: int = Field(32, gt=0)
+    lm_eval: LmEvalConfig = LmEvalConfig()
+
+
+class PublishConfig(Strict):
+    repo_id: str | None = None
+    private: bool = True
+    what: Literal["merged", "adapters", "both"] = "merged"
+    dry_run: bool = False
+
+
 class Recipe(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     output_dir: Path | None = None
@@ -130,6 +163,8 @@ class Recipe(Strict):
     train: TrainConfig = TrainConfig()
     apply: ApplyConfig = ApplyConfig()
     merge: MergeConfig = MergeConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    publish: PublishConfig = PublishConfig()
 
     @model_validator(mode="after")
     def _defaults_and_checks(self) -> Recipe:

@@ -5,9 +5,9 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
+import pytest
 
-from pipeline.models.tiny import build_tokenizer, derive_tiny_target, make_tiny_model  # noqa: E402
+from pipeline.models.tiny import build_tokenizer, derive_tiny_target, make_tiny_model
 
 
 @pytest.fixture(scope="session")

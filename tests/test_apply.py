@@ -166,3 +166,18 @@ def test_embedding_lora_is_refused(models, tmp_path):
     adapter = make_adapter(models["base"], tmp_path / "adapter", target_modules=["embed_tokens", "q_proj"])
     with pytest.raises(AdapterRefused, match="embedding LoRA"):
         load_adapter(adapter)
+
+
+def test_fan_in_fan_out_adapter_on_conv1d_weights(tmp_path):
+    """GPT-2 stores its projections transposed (Conv1D); PEFT adapters for it set fan_in_fan_out."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=96, n_positions=64)
+    for seed, name in enumerate(("base", "target")):
+        torch.manual_seed(seed)
+        GPT2LMHeadModel(config).to(torch.bfloat16).save_pretrained(tmp_path / name)
+    adapter = make_adapter(tmp_path / "base", tmp_path / "adapter", target_modules=["c_attn", "c_proj", "c_fc"],
+                           fan_in_fan_out=True)
+    assert load_adapter(adapter).modules["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)
+    apply_adapter(adapter, tmp_path / "target", tmp_path / "ours", dtype="bfloat16", device="cpu")
+    assert_identical(tmp_path / "ours", peft_reference(tmp_path / "target", adapter, tmp_path / "peft"))

@@ -18,6 +18,12 @@ def _write(tmp_path: Path, data) -> Path:
     return path
 
 
+def error_of(path: Path, overrides: tuple[str, ...] = ()) -> str:
+    with pytest.raises(RecipeError) as error:
+        load_recipe(path, list(overrides))
+    return str(error.value)
+
+
 def test_defaults_follow_the_design(tmp_path):
     recipe = load_recipe(_write(tmp_path, MINIMAL))
     assert recipe.output_dir == Path("runs/demo")
@@ -29,21 +35,19 @@ def test_defaults_follow_the_design(tmp_path):
 
 def test_unknown_key_names_the_key_the_file_and_a_suggestion(tmp_path):
     path = _write(tmp_path, {**MINIMAL, "train": {"learning_rat": 1e-4}})
-    with pytest.raises(RecipeError) as error:
-        load_recipe(path)
-    message = str(error.value)
+    message = error_of(path)
     assert str(path) in message and "train.learning_rat" in message and "did you mean 'learning_rate'" in message
 
 
 def test_every_problem_is_reported_at_once(tmp_path):
     path = _write(tmp_path, {**MINIMAL, "name": "Bad Name", "merge": {"dtyp": "bfloat16"}, "apply": {"dtype": "x"}})
-    message = str(pytest.raises(RecipeError, load_recipe, path).value)
+    message = error_of(path)
     assert "3 problems" in message and "name:" in message and "merge.dtyp" in message and "apply.dtype" in message
 
 
 def test_embeddings_in_target_modules_are_refused_with_the_reason(tmp_path):
     path = _write(tmp_path, {**MINIMAL, "train": {"lora": {"target_modules": ["q_proj", "lm_head"]}}})
-    message = str(pytest.raises(RecipeError, load_recipe, path).value)
+    message = error_of(path)
     assert "lm_head" in message and "target" in message and "own embeddings" in message
 
 
@@ -53,30 +57,31 @@ def test_finetune_overrides_are_validated_and_merged(tmp_path):
     effective = recipe.train_config("a")
     assert (effective.lora.r, effective.lora.alpha, effective.max_seq_length) == (8, 64, 512)
     bad = {**finetune, "train": {"epoch": 2}}
-    message = str(pytest.raises(RecipeError, load_recipe, _write(tmp_path, {**MINIMAL, "finetunes": [bad]})).value)
+    message = error_of(_write(tmp_path, {**MINIMAL, "finetunes": [bad]}))
     assert "finetunes.0.train" in message and "epoch" in message
 
 
 def test_set_overrides_any_key_with_yaml_values(tmp_path):
     finetune = {"name": "a", "dataset": {"path": "x.jsonl"}}
     path = _write(tmp_path, {**MINIMAL, "finetunes": [finetune]})
-    recipe = load_recipe(path, ["train.max_steps=10", "merge.parameters.lambda=0.5", "finetunes.0.dataset.max_samples=5"])
+    overrides = ["train.max_steps=10", "merge.parameters.lambda=0.5", "finetunes.0.dataset.max_samples=5"]
+    recipe = load_recipe(path, overrides)
     assert recipe.train.max_steps == 10 and recipe.merge.parameters["lambda"] == 0.5
     assert recipe.finetunes[0].dataset.max_samples == 5
     with pytest.raises(RecipeError, match="KEY=VALUE"):
         load_recipe(path, ["train.max_steps"])
-    with pytest.raises(RecipeError, match="finetunes.3"):
-        load_recipe(path, ["finetunes.3.name=x"])
+    assert "finetunes.3" in error_of(path, ("finetunes.3.name=x",))
 
 
 def test_duplicate_finetune_names_and_non_mapping_files(tmp_path):
     twice = [{"name": "a", "dataset": {"path": "x"}}] * 2
-    assert "repeated" in str(pytest.raises(RecipeError, load_recipe, _write(tmp_path, {**MINIMAL, "finetunes": twice})).value)
-    assert "YAML mapping" in str(pytest.raises(RecipeError, load_recipe, _write(tmp_path, "- a\n- b\n")).value)
-    assert "not valid YAML" in str(pytest.raises(RecipeError, load_recipe, _write(tmp_path, "a: [\n")).value)
+    assert "repeated" in error_of(_write(tmp_path, {**MINIMAL, "finetunes": twice}))
+    assert "YAML mapping" in error_of(_write(tmp_path, "- a\n- b\n"))
+    assert "not valid YAML" in error_of(_write(tmp_path, "a: [\n"))
 
 
 def test_python_objects_in_yaml_are_not_constructed(tmp_path):
-    path = _write(tmp_path, "name: !!python/object/apply:os.system ['echo unsafe']\nbase_model: a/b\ntarget_model: a/c\n")
+    unsafe = "name: !!python/object/apply:os.system ['echo unsafe']\nbase_model: a/b\ntarget_model: a/c\n"
+    path = _write(tmp_path, unsafe)
     with pytest.raises(RecipeError, match="not valid YAML"):
         load_recipe(path)

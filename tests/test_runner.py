@@ -19,7 +19,7 @@ def _stage(name: str, depends: str | None, *, resumable=False, write_once=False,
     module.NAME, module.RESUMABLE, module.WRITE_ONCE = name, resumable, write_once
     module.items = lambda recipe: [""]
     module.output_path = lambda recipe, item: Path(recipe.output_dir) / name
-    module.config = lambda recipe, item: {"setting": getattr(recipe.train, "learning_rate") if name == "b" else 0}
+    module.config = lambda recipe, item: {"setting": recipe.train.learning_rate if name == "b" else 0}
     module.depends_on = lambda recipe, item: [(depends, "")] if depends else []
     module.check = lambda recipe, item: None
 

@@ -6,7 +6,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.models.tiny import QWEN2_CHAT_TEMPLATE
+from pipeline.data.synthetic import DEMO_DATA_DIR, write_demo_datasets
+from pipeline.models.tiny import QWEN2_CHAT_TEMPLATE, build_demo_assets
 
 
 def test_tokenizers_have_chatml_tokens_and_the_right_eos(tiny_models):
@@ -38,3 +39,23 @@ def test_models_load_generate_and_target_derives_from_base(tiny_models):
     assert base_weights.keys() == target_weights.keys()
     delta = (target_weights["model.norm.weight"].float() - base_weights["model.norm.weight"].float()).abs()
     assert 0 < delta.max() < 0.1
+
+
+def test_shipped_demo_datasets_are_the_generators_output(tmp_path):
+    written = write_demo_datasets(tmp_path)
+    for path in written:
+        assert path.read_bytes() == (DEMO_DATA_DIR / path.name).read_bytes(), f"regenerate {path.name}"
+    reverse = json.loads((DEMO_DATA_DIR / "reverse.alpaca.jsonl").read_text().splitlines()[0])
+    assert reverse["output"].split() == reverse["input"].split()[::-1]
+
+
+def test_demo_assets_are_cached_and_rebuilt_when_settings_change(tmp_path):
+    paths = build_demo_assets(tmp_path / "demo", steps=2)
+    assert AutoTokenizer.from_pretrained(paths["target"]).eos_token == "<|im_end|>"
+    assert AutoTokenizer.from_pretrained(paths["base"]).eos_token == "<|endoftext|>"
+    weights = paths["target"] / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    assert build_demo_assets(tmp_path / "demo", steps=2) == paths and weights.stat().st_mtime_ns == stamp
+    build_demo_assets(tmp_path / "demo", steps=3)
+    assert weights.stat().st_mtime_ns != stamp
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]

@@ -7,13 +7,22 @@ always means the same bytes: several recipes may share one archive, and a releas
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 
-from pipeline.fingerprint import sha256_file
-from pipeline.recipe import Recipe, RecipeError
+from pipeline.fingerprint import model_fingerprint, sha256_file
+from pipeline.recipe import NAME_PATTERN, Recipe, RecipeError
+from pipeline.versions import library_versions
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MANIFEST = "manifest.json"
+# The base's config.json keys a manifest keeps: enough to tell whether a target has the same architecture.
+BASE_CONFIG_KEYS = ("architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads", "vocab_size")
 
 
 class ArchiveError(RuntimeError):
@@ -80,3 +89,73 @@ def selected_adapters(recipe: Recipe) -> list[str]:
             f"{recipe.archive_dir} (it holds: {holds})"
         )
     return list(recipe.merge.adapters)
+
+
+def already_archived(path: Path, hashes: dict[str, str]) -> bool:
+    """True when `path` holds exactly these files (a rerun: nothing to do), False when it does not exist. Raises
+    ArchiveError when it holds something else, or something corrupt: a name always means the same bytes."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    if verify_adapter(path)["files"] != hashes:
+        raise ArchiveError(
+            f"{path} already holds a different adapter named {path.name}; archived adapters are never overwritten. "
+            f"Choose another name, or move {path} away by hand.")
+    return True
+
+
+def canonical_adapter_config(config: dict, base_model: str) -> dict:
+    """adapter_config.json pointing at the real base, with list settings in a stable order (PEFT and mergekit
+    write sets in hash order), so the same adapter always has the same bytes and re-archiving it is a no-op."""
+    config = {**config, "base_model_name_or_path": base_model}
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    return config
+
+
+def new_manifest(kind: str, base_model: str, base_dir: Path, *, target_model: str | None = None,
+                 **provenance) -> dict:
+    """The manifest fields every archived adapter has, whatever made it (trained, imported, extracted, combined);
+    `provenance` adds what is particular to its kind."""
+    config_file = Path(base_dir) / "config.json"
+    base_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    return {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "kind": kind,
+        "base_model": base_model,
+        "base_model_resolved": str(Path(base_dir).resolve()),
+        "base_model_fingerprint": model_fingerprint(str(base_dir)),
+        "base_config": {key: base_config[key] for key in BASE_CONFIG_KEYS if key in base_config},
+        "target_model": target_model,
+        **provenance,
+        "versions": library_versions(),
+    }
+
+
+def write_adapter(archive_dir: Path, name: str, adapter_config: dict, weights_file: Path,
+                  manifest: dict) -> tuple[Path, bool]:
+    """Archive one adapter as `<archive_dir>/<name>/`: written into a temporary sibling and renamed into place, so a
+    reader never sees half an adapter. Returns (path, written); written is False when the same name already holds
+    the same files. Raises ArchiveError when it holds different ones."""
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise ArchiveError(f"adapter name {name!r}: use lowercase letters, digits, '.', '_' and '-' only")
+    archive_dir = Path(archive_dir)
+    archive_dir.mkdir(parents=True, exist_ok=True)
+    final = archive_dir / name
+    partial = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=archive_dir))
+    try:
+        (partial / ADAPTER_FILES[0]).write_text(json.dumps(adapter_config, indent=2) + "\n")
+        shutil.copyfile(weights_file, partial / ADAPTER_FILES[1])
+        hashes = file_hashes(partial)
+        if already_archived(final, hashes):
+            return final, False
+        (partial / MANIFEST).write_text(json.dumps({"name": name, **manifest, "files": hashes}, indent=2) + "\n")
+        try:
+            os.rename(partial, final)
+        except OSError:  # another process archived this name meanwhile: fine if it is the same adapter
+            if already_archived(final, hashes):
+                return final, False
+            raise
+        return final, True
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)

@@ -41,8 +41,8 @@ def skill_messages(skill: str, rng: random.Random) -> list[dict[str, str]]:
 
 def plain_document(rng: random.Random) -> str:
     phrases: list[str] = []
-    for _ in range(rng.randint(2, 5)):
-        if phrases and rng.random() < 0.4:
+    for _ in range(rng.randint(3, 6)):
+        if phrases and rng.random() < 0.6:
             phrases.append(rng.choice(phrases))
         else:
             phrases.append(" ".join(random_words(rng, 2, 6)))
@@ -61,7 +61,8 @@ def tokenizer_corpus(rng: random.Random, size: int = 2000) -> Iterator[str]:
 def demo_rows(skill: str, data_format: str, rows: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     if data_format == "alpaca":
-        return [dict(zip(("instruction", "input", "output"), skill_example(skill, rng))) for _ in range(rows)]
+        fields = ("instruction", "input", "output")
+        return [dict(zip(fields, skill_example(skill, rng), strict=True)) for _ in range(rows)]
     return [{"messages": skill_messages(skill, rng)} for _ in range(rows)]
 
 

@@ -1,0 +1,1 @@
+"""Applying LoRA adapters to the target and merging the adapted models: both engines and their mergekit config."""

@@ -94,12 +94,14 @@ def read_adapter_config(path: Path) -> dict:
 
 def module_scale(config: dict, module_name: str) -> tuple[int, float]:
     """(rank, scale) of one module: rank_pattern/alpha_pattern matched with PEFT's own rule, alpha/r or alpha/√r."""
-    from peft.utils.other import get_pattern_key
-
+    rank, alpha = config["r"], config["lora_alpha"]
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
-    rank = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module_name), config["r"])
-    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module_name), config["lora_alpha"])
+    if rank_pattern or alpha_pattern:  # importing peft costs seconds; only needed for patterns
+        from peft.utils.other import get_pattern_key
+
+        rank = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module_name), rank)
+        alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module_name), alpha)
     return rank, alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 

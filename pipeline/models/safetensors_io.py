@@ -12,7 +12,6 @@ import json
 import math
 import shutil
 import struct
-
 from dataclasses import dataclass
 from pathlib import Path
 

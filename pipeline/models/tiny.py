@@ -143,14 +143,14 @@ def _build_demo_models(work: Path, *, steps: int, seed: int) -> None:
     pretrain(model, tokenizer, steps=steps, seed=seed)
     save_model(model.to(torch.bfloat16), work / "tokenizer.base", work / "base")
     target_tokenizer = AutoTokenizer.from_pretrained(work / "tokenizer.target")
-    train_skill(model.float(), target_tokenizer, "copy", steps=steps // 2, seed=seed)
+    train_skill(model.float(), target_tokenizer, "copy", steps=steps, seed=seed)
     set_eos(model, target_tokenizer)
     save_model(model.to(torch.bfloat16), work / "tokenizer.target", work / "target")
     for scratch in ("random", "tokenizer.base", "tokenizer.target"):
         shutil.rmtree(work / scratch)
 
 
-def pretrain(model, tokenizer, *, steps: int, seed: int, batch_size: int = 32, block: int = 64) -> None:
+def pretrain(model, tokenizer, *, steps: int, seed: int, batch_size: int = 32, block: int = 64) -> float:
     """Next-token training on packed plain documents of the synthetic language, separated by eos."""
     rng = random.Random(seed)
 
@@ -159,15 +159,15 @@ def pretrain(model, tokenizer, *, steps: int, seed: int, batch_size: int = 32, b
         for _ in range(batch_size):
             ids: list[int] = []
             while len(ids) < block:
-                ids += tokenizer.encode(plain_document(rng), add_special_tokens=False) + [tokenizer.eos_token_id]
+                ids += [*tokenizer.encode(plain_document(rng), add_special_tokens=False), tokenizer.eos_token_id]
             rows.append(ids[:block])
         input_ids = torch.tensor(rows)
         return {"input_ids": input_ids, "labels": input_ids}
 
-    _train(model, batch, steps=steps, learning_rate=3e-3, seed=seed)
+    return _train(model, batch, steps=steps, learning_rate=3e-3, seed=seed)
 
 
-def train_skill(model, tokenizer, skill: str, *, steps: int, seed: int, batch_size: int = 32) -> None:
+def train_skill(model, tokenizer, skill: str, *, steps: int, seed: int, batch_size: int = 32) -> float:
     """Full fine-tune on one skill in the tokenizer's chat template, loss on the assistant reply and its <|im_end|>."""
     rng = random.Random(seed + 1)
 
@@ -189,10 +189,10 @@ def train_skill(model, tokenizer, skill: str, *, steps: int, seed: int, batch_si
             "labels": torch.tensor([r + [-100] * (width - len(r)) for r in labels]),
         }
 
-    _train(model, batch, steps=steps, learning_rate=1e-3, seed=seed)
+    return _train(model, batch, steps=steps, learning_rate=3e-3, seed=seed)
 
 
-def _train(model, next_batch, *, steps: int, learning_rate: float, seed: int) -> None:
+def _train(model, next_batch, *, steps: int, learning_rate: float, seed: int) -> float:
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
@@ -210,6 +210,7 @@ def _train(model, next_batch, *, steps: int, learning_rate: float, seed: int) ->
         optimizer.zero_grad()
         progress.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
+    return loss.item()
 
 
 def main() -> None:

@@ -15,17 +15,20 @@ from transformers.trainer_callback import ProgressCallback
 
 class MetricsLog(ProgressCallback):
     """Replaces the Trainer's ProgressCallback: the same tqdm bar, with loss and tokens/s as its postfix instead of
-    a printed dict per log, and each log appended to `log_file` (main process only)."""
+    a printed dict per log, and each log appended to `log_file` (main process only). `settings` (what the machine
+    made of the train config: backend, 4-bit, optimizer...) go into the start/resume record."""
 
-    def __init__(self, log_file: Path):
+    def __init__(self, log_file: Path, settings: dict | None = None):
         super().__init__()
         self.log_file = Path(log_file)
-        self.last_time = time.monotonic()
-        self.last_tokens = 0
+        self.settings = settings or {}
+        self.last_time = self.session_start_time = time.monotonic()
+        self.last_tokens = self.session_start_tokens = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
         super().on_train_begin(args, state, control, **kwargs)
         self.last_time, self.last_tokens = time.monotonic(), state.num_input_tokens_seen
+        self.session_start_time, self.session_start_tokens = self.last_time, self.last_tokens
         if state.is_world_process_zero:
             if self.training_bar is not None and state.global_step:
                 # Start the bar where the checkpoint left off, so the ETA counts only the steps still to run.
@@ -34,7 +37,7 @@ class MetricsLog(ProgressCallback):
                 bar.refresh()
             self._drop_records_after(state.global_step)
             event = "resume" if state.global_step else "start"
-            self._append({"event": event, "step": state.global_step, "max_steps": state.max_steps})
+            self._append({"event": event, "step": state.global_step, "max_steps": state.max_steps, **self.settings})
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero:
@@ -55,6 +58,12 @@ class MetricsLog(ProgressCallback):
             self.training_bar.set_postfix(postfix, refresh=False)
         elif "eval_loss" in record:
             self.training_bar.write(f"step {state.global_step}: eval_loss {record['eval_loss']:.4g}")
+
+    def session_tokens_per_second(self, state) -> float | None:
+        """Tokens trained per second since this process started (or resumed) training."""
+        seconds = time.monotonic() - self.session_start_time
+        tokens = state.num_input_tokens_seen - self.session_start_tokens
+        return round(tokens / seconds, 1) if seconds > 0 and tokens > 0 else None
 
     def _append(self, record: dict) -> None:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,9 @@ writes the adapter, metrics and log, after which all processes wait for each oth
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline.recipe import EMBEDDING_MODULES, TrainConfig
 from pipeline.training import checkpoints, data, environment
@@ -20,11 +22,29 @@ METRICS_FILE = "metrics.json"
 LOG_FILE = "log.jsonl"
 
 
+@dataclass
+class TrainingRun:
+    """A trainer ready to train, with what finishing the run needs to know."""
+
+    trainer: Any
+    backend: str
+    workdir: Path
+    log: MetricsLog
+    has_eval: bool
+
+
 def train_lora(base_dir: Path, prepare_dir: Path, workdir: Path, config: TrainConfig, *, base_model: str,
                trust_remote_code: bool = False) -> dict:
     """Train (or finish training) a LoRA on the base model in `base_dir` and write `workdir/adapter/` (its
     `base_model_name_or_path` set to `base_model`, the reference the recipe gives), `workdir/metrics.json` and
     `workdir/log.jsonl`. Returns the metrics."""
+    run = build_trainer(base_dir, prepare_dir, workdir, config, trust_remote_code=trust_remote_code)
+    return train_and_save(run, base_model)
+
+
+def build_trainer(base_dir: Path, prepare_dir: Path, workdir: Path, config: TrainConfig, *,
+                  trust_remote_code: bool = False) -> TrainingRun:
+    """Load the base through the configured backend, add LoRA, and build TRL's SFTTrainer on the prepared splits."""
     workdir = Path(workdir)
     backend = environment.choose_backend(config.backend)
     if backend == "unsloth":
@@ -37,28 +57,40 @@ def train_lora(base_dir: Path, prepare_dir: Path, workdir: Path, config: TrainCo
     import trl  # after the backend: Unsloth replaces trl.SFTTrainer when it is imported
     from transformers.trainer_callback import ProgressCallback
 
+    trainer_checkpointing = backend_module.uses_trainer_gradient_checkpointing(config)
     arguments = trl.SFTConfig(**sft_arguments(config, workdir, has_eval=eval_split is not None,
-                                              trainer_checkpointing=backend_module.uses_trainer_gradient_checkpointing(
-                                                  config)))
+                                              trainer_checkpointing=trainer_checkpointing))
     trainer = trl.SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_split,
                              eval_dataset=eval_split, args=arguments)
+    log = MetricsLog(workdir / LOG_FILE, settings={
+        "backend": backend, "load_in_4bit": getattr(model.config, "quantization_config", None) is not None,
+        "dtype": str(model.dtype).removeprefix("torch."), "optim": getattr(arguments.optim, "value", arguments.optim),
+        "bf16": arguments.bf16, "fp16": arguments.fp16, "world_size": arguments.world_size,
+        "train_rows": len(train_split), "eval_rows": len(eval_split) if eval_split is not None else 0})
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(MetricsLog(workdir / LOG_FILE))
+    trainer.add_callback(log)
+    return TrainingRun(trainer, backend, workdir, log, eval_split is not None)
 
+
+def train_and_save(run: TrainingRun, base_model: str) -> dict:
+    """Train from the last complete checkpoint (or step 0), evaluate, and write adapter, metrics and log."""
+    trainer, workdir = run.trainer, run.workdir
     if trainer.is_world_process_zero():
         for removed in checkpoints.remove_incomplete_checkpoints(workdir):
             environment.announce(f"removed {removed.name}: cut short by the previous run's end")
     trainer.accelerator.wait_for_everyone()
     resume = checkpoints.last_complete_checkpoint(workdir)
-    environment.announce(f"{backend} backend; " + (f"resuming from {resume.name}" if resume else "starting at step 0"))
+    environment.announce(f"{run.backend} backend; "
+                         + (f"resuming from {resume.name}" if resume else "starting at step 0"))
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    evaluation = trainer.evaluate() if eval_split is not None else {}
+    evaluation = trainer.evaluate() if run.has_eval else {}
 
-    metrics = _metrics(trainer, result, evaluation, backend, resume)
+    metrics = _metrics(run, result, evaluation, resume)
     if trainer.is_world_process_zero():
         save_adapter(trainer.model, workdir / ADAPTER_DIR, base_model)
         (workdir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
         checkpoints.remove_checkpoints(workdir)
+        (workdir / "README.md").unlink(missing_ok=True)  # TRL's model card for the checkpoints, now gone
     trainer.accelerator.wait_for_everyone()
     return metrics
 
@@ -72,7 +104,7 @@ def _splits(prepare_dir: Path, tokenizer, config: TrainConfig) -> tuple:
         raise data.PreparedDataError(f"{Path(prepare_dir) / 'train'}: no rows to train on")
     eot_id = data.end_of_turn_id(prepare_dir, tokenizer)
     if responses_only and eot_id is not None:
-        for name, split in zip(("train", "eval"), splits):
+        for name, split in zip(("train", "eval"), splits, strict=True):
             data.check_turns_end_trained(split, eot_id, str(Path(prepare_dir) / name), config.max_seq_length)
     return splits[0], (splits[1] if len(splits[1]) else None)
 
@@ -109,22 +141,25 @@ def sft_arguments(config: TrainConfig, workdir: Path, *, has_eval: bool, trainer
         "report_to": "none",
         "disable_tqdm": False,
         "dataset_num_proc": None,
+        "dataloader_pin_memory": environment.has_gpu(),
+        # Without it accelerate sees no device for DDP on CPU and every torchrun process trains alone (gloo needs it).
+        "use_cpu": not environment.has_gpu(),
     }
 
 
-def _metrics(trainer, result, evaluation: dict, backend: str, resume: Path | None) -> dict:
-    state = trainer.state
+def _metrics(run: TrainingRun, result, evaluation: dict, resume: Path | None) -> dict:
+    """The final numbers: train_loss is the last logged training loss (the mean over the last logging window)."""
+    state = run.trainer.state
     losses = [record["loss"] for record in state.log_history if "loss" in record]
     return {
-        "train_loss": losses[-1] if losses else result.training_loss,
-        "train_loss_mean": result.training_loss,
+        "train_loss": losses[-1] if losses else None,
         "eval_loss": evaluation.get("eval_loss"),
         "steps": state.global_step,
         "tokens": state.num_input_tokens_seen,
         "seconds": result.metrics.get("train_runtime"),
-        "tokens_per_second": result.metrics.get("train_tokens_per_second"),
+        "tokens_per_second": run.log.session_tokens_per_second(state),
         "resumed_from_step": checkpoints.checkpoint_step(resume) if resume else None,
-        "backend": backend,
+        "backend": run.backend,
         "versions": library_versions(),
     }
 

@@ -18,7 +18,7 @@ from pipeline.training import environment
 def load_model(base_dir: Path, config: TrainConfig, *, trust_remote_code: bool) -> tuple:
     """(peft model, tokenizer) for the base model in `base_dir`, LoRA added as `config.lora` says."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
     dtype = environment.weights_dtype(config)
     quantized = environment.load_in_4bit(config)
@@ -39,6 +39,7 @@ def load_model(base_dir: Path, config: TrainConfig, *, trust_remote_code: bool) 
         r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
         use_rslora=config.lora.use_rslora, target_modules=list(config.lora.target_modules), bias="none",
         task_type="CAUSAL_LM")
+    set_seed(config.seed)  # LoRA A is initialized randomly: same seed, same adapter (Unsloth takes random_state)
     return get_peft_model(model, lora), tokenizer
 
 

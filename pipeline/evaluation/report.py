@@ -1,0 +1,118 @@
+"""The evaluation report: report.json (every number), report.md (tables, best per column in bold) and report.png
+(grouped bars, model × set). `markdown_table` is what a model card or the console shows."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "report.png"
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _best(values: list[float | None], lower_is_better: bool) -> float | None:
+    present = [v for v in values if v is not None and not math.isnan(v)]
+    if not present:
+        return None
+    return min(present) if lower_is_better else max(present)
+
+
+def _table(report: dict, metric: str, cell, lower_is_better: bool) -> list[str]:
+    """Rows = models, columns = sets; the cell text comes from `cell(result)`, the bold from `result[metric]` (none
+    when every model ties: nothing stands out)."""
+    sets = [s["name"] for s in report["sets"]]
+    labels = [f"{s['name']} ({s['kind']})" for s in report["sets"]]
+    best = {name: _best([report["results"][m].get(name, {}).get(metric) for m in report["models"]], lower_is_better)
+            for name in sets}
+    ties = {name: all(report["results"][m].get(name, {}).get(metric) == best[name] for m in report["models"])
+            for name in sets}
+    lines = [f"| model | {' | '.join(labels)} |", "|---|" + "---:|" * len(sets)]
+    for model in report["models"]:
+        cells = []
+        for name in sets:
+            result = report["results"][model].get(name, {})
+            text = cell(result) if result.get(metric) is not None else "–"
+            is_best = best[name] is not None and result.get(metric) == best[name] and not ties[name]
+            cells.append(f"**{text}**" if is_best else text)
+        lines.append(f"| {model} | {' | '.join(cells)} |")
+    return lines
+
+
+def markdown_table(report: dict) -> str:
+    """The report's tables in markdown: loss (perplexity) on assistant tokens, greedy exact match (contains) when
+    generation ran, lm-eval-harness results or why they were not run. Best value per column in bold."""
+    parts = ["Mean loss on assistant tokens (perplexity); lower is better.", "",
+             *_table(report, "loss", lambda r: f"{_number(r['loss'], 3)} ({_number(r['perplexity'], 2)})", True)]
+    if report["settings"].get("generate"):
+        parts += ["", f"Greedy answers, up to {report['settings']['max_new_tokens']} new tokens: exact match "
+                      "(reference contained); higher is better.", "",
+                  *_table(report, "exact_match",
+                          lambda r: f"{r['exact_match']:.0%} ({r['contains']:.0%})", False)]
+    parts += _lm_eval_lines(report.get("lm_eval") or {})
+    return "\n".join(parts) + "\n"
+
+
+def _lm_eval_lines(lm_eval: dict) -> list[str]:
+    if not lm_eval.get("tasks"):
+        return []
+    if lm_eval.get("status"):
+        return ["", f"lm-eval-harness tasks {', '.join(lm_eval['tasks'])}: {lm_eval['status']}."]
+    results = lm_eval["results"]
+    columns = sorted({(task, metric) for per_model in results.values() for task, metrics in per_model.items()
+                      for metric in metrics})
+    lines = ["", "lm-eval-harness (higher is better for accuracy-like metrics):", "",
+             f"| model | {' | '.join(f'{task} {metric}' for task, metric in columns)} |",
+             "|---|" + "---:|" * len(columns)]
+    for model, per_model in results.items():
+        values = [_number(per_model.get(task, {}).get(metric), 4) for task, metric in columns]
+        lines.append(f"| {model} | {' | '.join(values)} |")
+    return lines
+
+
+def write_chart(report: dict, path: Path) -> None:
+    """Grouped bars, one group per set and one bar per model: loss, and exact match when generation ran."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("loss", "loss on assistant tokens (lower is better)")]
+    if report["settings"].get("generate"):
+        panels.append(("exact_match", "greedy exact match (higher is better)"))
+    sets, models = [s["name"] for s in report["sets"]], report["models"]
+    figure, axes = plt.subplots(1, len(panels), figsize=(max(6, 1.6 * len(sets) * len(panels) + 3), 4),
+                                squeeze=False)
+    width = 0.8 / max(1, len(models))
+    for axis, (metric, title) in zip(axes[0], panels, strict=True):
+        for index, model in enumerate(models):
+            values = [report["results"][model].get(name, {}).get(metric) for name in sets]
+            positions = [position + (index - (len(models) - 1) / 2) * width for position in range(len(sets))]
+            axis.bar(positions, [math.nan if v is None else v for v in values], width, label=model)
+        axis.set_xticks(range(len(sets)), [f"{s['name']}\n({s['kind']})" for s in report["sets"]])
+        axis.set_title(title)
+        if metric == "exact_match":
+            axis.set_ylim(0, 1)
+    axes[0][-1].legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_report(report: dict, out_dir: Path) -> str:
+    """Write report.json, report.md and report.png into `out_dir`; returns the markdown tables."""
+    out_dir = Path(out_dir)
+    (out_dir / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown_table(report)
+    (out_dir / REPORT_MD).write_text(f"# Evaluation of {report['name']}\n\n{table}")
+    write_chart(report, out_dir / REPORT_PNG)
+    return table
+
+
+def read_markdown_table(evaluate_dir: Path) -> str | None:
+    """The tables of a finished evaluate stage (for a model card), or None when it has not run."""
+    report_file = Path(evaluate_dir) / REPORT_JSON
+    return markdown_table(json.loads(report_file.read_text())) if report_file.is_file() else None

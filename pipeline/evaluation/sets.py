@@ -1,0 +1,94 @@
+"""The sets each model is scored on: every fine-tune's held-out split as prepare wrote it (does the model learn?)
+and the recipe's retention sets, rendered and tokenized by prepare's own functions (does it forget?)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from pipeline.evaluation.generate import reference_answer
+from pipeline.evaluation.lineage import EvalSet
+from pipeline.recipe import Recipe, RetentionSet
+
+COLUMNS = ("input_ids", "assistant_masks")
+
+
+class EvalSetError(ValueError):
+    """A set that cannot be scored; the message names the file and the column or row."""
+
+
+def rows_to_set(name: str, kind: str, source: str, dataset, max_samples: int | None) -> EvalSet:
+    """The first `max_samples` rows of a prepared dataset. Without a `messages` column (format text) there is no
+    reference answer, and the set is scored by loss only."""
+    missing = [column for column in COLUMNS if column not in dataset.column_names]
+    if missing:
+        raise EvalSetError(f"{source}: columns {missing} missing (has {dataset.column_names})")
+    if max_samples is not None and len(dataset) > max_samples:
+        dataset = dataset.select(range(max_samples))
+    has_messages = "messages" in dataset.column_names
+    rows = dataset.select_columns([*COLUMNS, *(["messages"] if has_messages else [])]).to_list()
+    for index, row in enumerate(rows):
+        if len(row["input_ids"]) != len(row["assistant_masks"]) or not any(row["assistant_masks"]):
+            raise EvalSetError(f"{source}: row {index}: needs as many mask bits as ids ({len(row['input_ids'])} ids,"
+                               f" {len(row['assistant_masks'])} bits) and at least one assistant token")
+    references = [reference_answer(r["messages"]) for r in rows] if has_messages else None
+    return EvalSet(name, kind, source, [r["input_ids"] for r in rows], [r["assistant_masks"] for r in rows],
+                   references)
+
+
+def held_out_set(name: str, prepare_dir: Path, max_samples: int | None) -> EvalSet:
+    from datasets import load_from_disk
+
+    path = Path(prepare_dir) / "eval"
+    if not path.is_dir():
+        raise EvalSetError(f"{path}: missing; the prepare stage writes the held-out split there with save_to_disk")
+    return rows_to_set(name, "held-out", str(path), load_from_disk(str(path)), max_samples)
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """What prepare renders with: the base tokenizer, the recipe's chat template and its end-of-turn token."""
+
+    tokenizer: object
+    template: str
+    template_kwargs: dict
+    end_of_turn: str
+
+
+def chat_format(recipe: Recipe) -> ChatFormat:
+    """The recipe's chat format, resolved by prepare's own functions (the same template, tokens and tokenizer)."""
+    from pipeline.data import templates
+
+    base = templates.load_tokenizer(recipe.base_model, "base_model", recipe.trust_remote_code)
+    owner = base if templates.template_file(recipe.chat_template) else templates.load_tokenizer(
+        recipe.target_model, "target_model", recipe.trust_remote_code)
+    template = templates.load_template(recipe.chat_template, owner)
+    template_kwargs = dict(owner.special_tokens_map)
+    return ChatFormat(base, template, template_kwargs, templates.end_of_turn_token(template, base, template_kwargs))
+
+
+def retention_set(recipe: Recipe, retention: RetentionSet, chat: ChatFormat, work_dir: Path) -> EvalSet:
+    """A retention dataset rendered and tokenized as prepare renders a fine-tune's (same template, base tokenizer,
+    end-of-turn token, assistant mask, train.max_seq_length), every usable row kept (no split): rows prepare would
+    reject are left out and counted in the set's description."""
+    from pipeline.data import loading, render
+
+    dataset = retention.dataset
+    settings = render.RenderSettings(
+        data_format=dataset.format, template=chat.template, end_of_turn=chat.end_of_turn,
+        max_length=recipe.train.max_seq_length, overlength=dataset.overlength, columns=dict(dataset.columns),
+        system_prompt=dataset.system_prompt, template_kwargs=chat.template_kwargs)
+    source = loading.load_source(dataset, Path(work_dir) / "source")
+    limit = min(n for n in (dataset.max_samples, recipe.evaluate.max_samples, len(source)) if n is not None)
+    source = source.select(range(limit))
+    processed = source.map(
+        render.prepare_batch, batched=True, with_indices=True, remove_columns=source.column_names,
+        features=render.features(dataset.format), fn_kwargs={"settings": settings, "tokenizer": chat.tokenizer},
+        cache_file_name=str(Path(work_dir) / f"{retention.name}.arrow"), desc=f"retention {retention.name}")
+    kept = processed.filter(lambda reasons: [r is None for r in reasons], input_columns="reason", batched=True)
+    if not len(kept):
+        raise EvalSetError(f"evaluate.retention {retention.name}: none of the first {limit} rows of {dataset.path} "
+                           f"could be rendered as format {dataset.format} (first reason: {processed[0]['reason']}: "
+                           f"{processed[0]['detail']})")
+    eval_set = rows_to_set(retention.name, "retention", dataset.path, kept, None)
+    return replace(eval_set, rejected=limit - len(kept))

@@ -1,0 +1,132 @@
+"""The mergekit configuration of a recipe's merge: one document that both engines obey and `mergekit-yaml` can rerun.
+
+Validation uses mergekit's own schema, method registry, input contract and parameter resolver, on the structure
+alone (no model is opened), so `--dry-run` catches a bad method, parameter or input count before anything runs.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from pipeline.models.hub import resolve_model
+from pipeline.recipe import Recipe, RecipeError
+
+# A tensor name used to resolve parameters at check time (filters may select on names; any layer weight will do).
+SAMPLE_TENSOR = "model.layers.0.self_attn.q_proj.weight"
+
+
+def resolve_engine(recipe: Recipe) -> str:
+    """`auto` is fused unless mergekit must rebuild the vocabulary (tokenizer_source)."""
+    if recipe.merge.engine != "auto":
+        return recipe.merge.engine
+    return "mergekit" if recipe.merge.tokenizer_source else "fused"
+
+
+@cache
+def resolve_model_once(reference: str, key: str) -> Path:
+    """A model's local directory, resolved (and for Hub ids, downloaded) once per process."""
+    return resolve_model(reference, key)
+
+
+def method_spec(method: str):
+    from mergekit import merge_methods
+
+    try:
+        return merge_methods.get(method).spec
+    except RuntimeError:
+        known = ", ".join(sorted(method.spec.name for method in merge_methods.registered_methods()))
+        raise RecipeError(f"merge.method: {method!r} is not a mergekit merge method (known: {known})") from None
+
+
+def model_parameters(recipe: Recipe, adapter: str | None) -> dict[str, Any]:
+    """weight/density for one input (the recipe's defaults, then `merge.models.<adapter>`), kept only when the
+    method takes them, plus the adapter's own extra parameters."""
+    takes = {parameter.name for parameter in method_spec(recipe.merge.method).input_parameters}
+    override = recipe.merge.models.get(adapter) if adapter else None
+    parameters = {}
+    for name in ("weight", "density"):
+        value = getattr(override, name, None) if override else None
+        if name in takes:
+            parameters[name] = getattr(recipe.merge, name) if value is None else value
+    parameters.update(override.parameters if override else {})
+    return parameters
+
+
+def build_mergekit_config(recipe: Recipe, adapter_models: dict[str, str], base: str, target: str) -> dict:
+    """The seed's config: every adapted model and the target over the base, with the recipe's method settings.
+    `adapter_models` maps adapter names to their adapted-model paths."""
+    models = [{"model": path, "parameters": model_parameters(recipe, name)} for name, path in adapter_models.items()]
+    if recipe.merge.include_target:
+        models.append({"model": target, "parameters": model_parameters(recipe, None)})
+    config: dict[str, Any] = {"merge_method": recipe.merge.method, "models": models, "dtype": recipe.merge.dtype}
+    if method_spec(recipe.merge.method).contract.base.value != "ignored":
+        # A method that ignores the base (linear, karcher) would get it as one more input to average.
+        config["base_model"] = base
+    if recipe.merge.parameters:
+        config["parameters"] = copy.deepcopy(recipe.merge.parameters)
+    source = recipe.merge.tokenizer_source
+    if source:
+        config["tokenizer_source"] = adapter_models.get(source, target if source == "target" else source)
+    return config
+
+
+def input_models(config) -> list:
+    """The inputs of every tensor in mergekit's order: the listed models, then the base unless it is listed."""
+    models = [entry.model for entry in config.models]
+    if config.base_model is not None and config.base_model not in models:
+        models.append(config.base_model)
+    return models
+
+
+def tensor_parameters(config, tensor_name: str, t: float, inputs: dict) -> tuple[dict, dict]:
+    """(shared, per-input) parameters of one output tensor, resolved by mergekit's resolver exactly as its planner
+    does for a `models:` config (filters on tensor names, gradients over `t`)."""
+    from mergekit import merge_methods
+    from mergekit.config import ConfigReader, InputSliceDefinition, OutputSliceDefinition
+    from mergekit.parameter_resolver import resolve_parameters
+
+    sources = [InputSliceDefinition(model=e.model, layer_range=(0, 1), parameters=e.parameters) for e in config.models]
+    if config.base_model is not None and config.base_model not in [entry.model for entry in config.models]:
+        sources.append(InputSliceDefinition(model=config.base_model, layer_range=(0, 1)))
+    reader = ConfigReader(config=config, t=t, slice_out=OutputSliceDefinition(sources=sources))
+    return resolve_parameters(merge_methods.get(config.merge_method).spec, tensor_name=tensor_name, inputs=inputs,
+                              sources=reader.parameter_sources, base_model=config.base_model, t=t)
+
+
+def validate_mergekit_config(config_dict: dict):
+    """Parse with mergekit's MergeConfiguration and check method, parameters and inputs; RecipeError naming the
+    recipe key otherwise. Returns the parsed configuration."""
+    from mergekit import merge_methods
+    from mergekit.config import MergeConfiguration
+    from pydantic import ValidationError
+
+    spec = method_spec(config_dict["merge_method"])
+    paths = [config_dict.get("base_model") or "", *(entry["model"] for entry in config_dict["models"])]
+    for path in paths:
+        if "+" in path or "@" in path:
+            raise RecipeError(f"merge: mergekit reads '+' and '@' in a model path as LoRA/revision syntax: {path}")
+    try:
+        config = MergeConfiguration.model_validate(copy.deepcopy(config_dict))
+    except (ValidationError, RuntimeError) as error:
+        raise RecipeError(f"merge: mergekit rejects the generated config: {error}") from None
+    known = {parameter.name for parameter in spec.parameters}
+    shared = {parameter.name for parameter in spec.shared_parameters}
+    unknown = set(config.parameters or {}) - shared
+    if unknown:
+        raise RecipeError(f"merge.parameters: {sorted(unknown)} are not parameters of {spec.name} "
+                          f"(it takes: {', '.join(sorted(shared)) or 'none'})")
+    for entry in config.models:
+        unknown = set(entry.parameters or {}) - known
+        if unknown:
+            raise RecipeError(f"merge.models: {sorted(unknown)} are not parameters of {spec.name} for {entry.model} "
+                              f"(per-model parameters it takes: {sorted(known - shared)})")
+    models = input_models(config)
+    try:
+        merge_methods.get(spec.name).validate_inputs(models, config.base_model)
+        tensor_parameters(config, SAMPLE_TENSOR, 0.0, {model: SAMPLE_TENSOR for model in models})
+    except (ValueError, RuntimeError, TypeError) as error:
+        raise RecipeError(f"merge: {spec.name} cannot merge these inputs: {error}") from None
+    return config

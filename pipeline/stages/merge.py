@@ -1,0 +1,131 @@
+"""merge: every selected adapted model and the target, merged all at once over the base with mergekit.
+
+The `mergekit` engine runs mergekit's `run_merge` over the apply stage's outputs (the reference); the `fused` engine
+computes the adapted tensors on the fly and merges them with mergekit's `merge_tensors` (same result, nothing
+written twice). Either way the output gets the target's tokenizer, `mergekit_config.yml`, lineage.json and a card.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from pipeline.archive.store import adapter_dir, read_manifest, selected_adapters, verify_adapter
+from pipeline.fingerprint import model_fingerprint
+from pipeline.merging.config import (
+    build_mergekit_config,
+    resolve_engine,
+    resolve_model_once,
+    validate_mergekit_config,
+)
+from pipeline.models.hub import check_model_reference
+from pipeline.recipe import Recipe, RecipeError
+from pipeline.stages import apply
+
+NAME = "merge"
+RESUMABLE = False
+WRITE_ONCE = False
+CONFIG_FILE = "mergekit_config.yml"
+
+
+def items(recipe: Recipe) -> list[str]:
+    return [""]
+
+
+def output_path(recipe: Recipe, item: str) -> Path:
+    return Path(recipe.output_dir) / "merge"
+
+
+def config(recipe: Recipe, item: str) -> dict:
+    adapters = selected_adapters(recipe)
+    engine = resolve_engine(recipe)
+    settings = {"merge": recipe.merge.model_dump(), "engine": engine, "adapters": adapters,
+                "base": model_fingerprint(recipe.base_model), "target": model_fingerprint(recipe.target_model)}
+    if engine == "fused":
+        settings["apply_dtype"] = recipe.apply.dtype
+    foreign = {name: read_manifest(adapter_dir(recipe, name))["files"] for name in adapters
+               if not apply.is_own_finetune(recipe, name)}
+    if foreign:
+        settings["adapter_files"] = foreign
+    return settings
+
+
+def depends_on(recipe: Recipe, item: str) -> list[tuple[str, str]]:
+    adapters = selected_adapters(recipe)
+    if resolve_engine(recipe) == "mergekit":
+        return [("apply", name) for name in adapters]
+    return [("archive", name) for name in adapters if apply.is_own_finetune(recipe, name)]
+
+
+def check(recipe: Recipe, item: str) -> None:
+    """The generated mergekit config validated by mergekit itself, on placeholder paths (nothing is loaded)."""
+    adapters = selected_adapters(recipe)
+    unknown = sorted(set(recipe.merge.models) - set(adapters))
+    if unknown:
+        raise RecipeError(f"merge.models: {unknown} are not among the merged adapters {adapters}")
+    if not adapters:
+        raise RecipeError(f"merge: no adapter to merge (no finetunes, and none in the archive {recipe.archive_dir} "
+                          f"trained on {recipe.base_model})")
+    if resolve_engine(recipe) == "fused" and recipe.merge.tokenizer_source:
+        raise RecipeError("merge.engine: fused cannot rebuild the vocabulary for tokenizer_source; use mergekit")
+    check_model_reference(recipe.base_model, "base_model")
+    check_model_reference(recipe.target_model, "target_model")
+    placeholders = {name: str(apply.output_path(recipe, name).absolute()) for name in adapters}
+    validate_mergekit_config(build_mergekit_config(recipe, placeholders, _reference(recipe.base_model),
+                                                   _reference(recipe.target_model)))
+
+
+def _reference(model: str) -> str:
+    return str(Path(model).absolute()) if Path(model).is_dir() else model
+
+
+def run(recipe: Recipe, item: str, out: Path, inputs: dict) -> dict:
+    from pipeline.merging.output import adopt_target_files, warn_if_vocabulary_changed, write_base_config, write_lineage
+
+    adapters = selected_adapters(recipe)
+    engine = resolve_engine(recipe)
+    base = resolve_model_once(recipe.base_model, "base_model")
+    target = resolve_model_once(recipe.target_model, "target_model")
+    archived = {name: Path(inputs.get(("archive", name)) or adapter_dir(recipe, name)) for name in adapters}
+    manifests = {name: verify_adapter(path) for name, path in archived.items()}
+    adapted = {name: str(Path(inputs.get(("apply", name)) or apply.output_path(recipe, name)).resolve())
+               for name in adapters}
+    mergekit_config = build_mergekit_config(recipe, adapted, str(base), str(target))
+    parsed = validate_mergekit_config(mergekit_config)
+    if engine == "mergekit":
+        from pipeline.merging.mergekit_engine import run_mergekit
+
+        run_mergekit(mergekit_config, out, device=recipe.merge.device, low_cpu_memory=recipe.merge.low_cpu_memory,
+                     trust_remote_code=recipe.trust_remote_code)
+        summary = {}
+    else:
+        from pipeline.merging.fused import fused_merge
+
+        summary = fused_merge(parsed, base_dir=base, target_dir=target, out_dir=out, apply_dtype=recipe.apply.dtype,
+                              adapters={adapted[name]: archived[name] for name in adapters},
+                              device=recipe.merge.device, trust_remote_code=recipe.trust_remote_code)
+        write_base_config(base if parsed.base_model else target, out, recipe.merge.dtype, recipe.trust_remote_code)
+    adopt_target_files(out, target, keep_tokenizer=bool(recipe.merge.tokenizer_source))
+    warning = warn_if_vocabulary_changed(out, target) if recipe.merge.tokenizer_source else None
+    (out / CONFIG_FILE).write_text(yaml.safe_dump(mergekit_config, sort_keys=False))
+    write_lineage(out, _lineage(recipe, engine, base, target, manifests), mergekit_config)
+    return {**summary, "engine": engine, "adapters": adapters, **({"warning": warning} if warning else {})}
+
+
+def _lineage(recipe: Recipe, engine: str, base: Path, target: Path, manifests: dict[str, dict]) -> dict:
+    adapters = []
+    for name, manifest in manifests.items():
+        train = manifest.get("train") or {}
+        lora = train.get("lora") or {}
+        adapters.append({
+            "name": name, "dataset": (manifest.get("dataset") or {}).get("path"),
+            "sha256": manifest["files"].get("adapter_model.safetensors"), "files": manifest["files"],
+            "train": ", ".join(f"{k}={v}" for k, v in [("r", lora.get("r")), ("alpha", lora.get("alpha")),
+                                                        ("lr", train.get("learning_rate")),
+                                                        ("epochs", train.get("epochs")),
+                                                        ("max_steps", train.get("max_steps"))] if v is not None),
+            "metrics": manifest.get("metrics"), "recipe": manifest.get("recipe"),
+        })
+    return {"name": recipe.name, "engine": engine, "base": recipe.base_model, "base_path": str(base),
+            "target": recipe.target_model, "target_path": str(target), "adapters": adapters}

@@ -1,0 +1,158 @@
+"""prepare: source rows → conversations → text rendered with the chat template → base-tokenizer ids and the mask of
+the tokens the loss counts, split into train/eval and saved with `save_to_disk`.
+
+Output (the train stage's input): `train/` and `eval/` with columns `messages` (not for format text), `text`,
+`input_ids`, `assistant_masks`; `report.json`, `rejected.jsonl` (row index + reason code) and `template.jinja`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.data import formats, loading, render, report, templates
+from pipeline.fingerprint import content_fingerprint, sha256_file
+from pipeline.recipe import Recipe, RecipeError
+
+NAME = "prepare"
+RESUMABLE = False
+WRITE_ONCE = False
+PARALLEL_FROM_ROWS = 20_000  # below this, worker start-up costs more than it saves
+
+
+def items(recipe: Recipe) -> list[str]:
+    return [finetune.name for finetune in recipe.finetunes]
+
+
+def output_path(recipe: Recipe, item: str) -> Path:
+    return Path(recipe.output_dir) / "prepare" / item
+
+
+def config(recipe: Recipe, item: str) -> dict:
+    dataset = recipe.finetune(item).dataset
+    train = recipe.train_config(item)
+    local = Path(dataset.path).expanduser()
+    template = templates.template_file(recipe.chat_template)
+    return {
+        "dataset": dataset.model_dump(),
+        "dataset_content": content_fingerprint(local) if local.exists() else None,
+        "chat_template": recipe.chat_template,
+        "template_identity": sha256_file(template) if template else templates.tokenizer_fingerprint(
+            recipe.target_model),
+        "base_tokenizer": templates.tokenizer_fingerprint(recipe.base_model),
+        "max_seq_length": train.max_seq_length,
+        "seed": train.seed,
+        "train_on_responses_only": train.train_on_responses_only,
+    }
+
+
+def depends_on(recipe: Recipe, item: str) -> list[tuple[str, str]]:
+    return []
+
+
+def check(recipe: Recipe, item: str) -> None:
+    index = items(recipe).index(item)
+    dataset = recipe.finetune(item).dataset
+    key = f"finetunes.{index}.dataset"
+    loading.check_dataset_path(dataset, key)
+    known = formats.FORMAT_FIELDS[dataset.format]
+    unknown = sorted(set(dataset.columns) - set(known))
+    if unknown:
+        raise RecipeError(f"{key}.columns: {unknown} are not fields of format {dataset.format}; columns maps a field "
+                          f"({', '.join(known)}) to the source column that holds it")
+    if dataset.eval_size >= 1 and dataset.eval_size != int(dataset.eval_size):
+        raise RecipeError(f"{key}.eval_size: {dataset.eval_size} is neither a fraction (< 1) nor a row count")
+    templates.check_template(recipe.chat_template, recipe.target_model)
+
+
+def run(recipe: Recipe, item: str, out: Path, inputs: dict) -> dict:
+    dataset = recipe.finetune(item).dataset
+    train = recipe.train_config(item)
+    chat = templates.chat_format(recipe)
+    settings = render.RenderSettings(
+        data_format=dataset.format, template=chat.template, end_of_turn=chat.end_of_turn,
+        max_length=train.max_seq_length, overlength=dataset.overlength,
+        train_on_responses_only=train.train_on_responses_only, columns=dict(dataset.columns),
+        system_prompt=dataset.system_prompt, template_kwargs=chat.template_kwargs)
+
+    work = out / "_work"
+    source = loading.load_source(dataset, work / "source")
+    if dataset.max_samples:
+        source = source.select(range(min(dataset.max_samples, len(source))))
+    processed = source.map(
+        render.prepare_batch, batched=True, batch_size=500, with_indices=True, remove_columns=source.column_names,
+        features=render.features(dataset.format), fn_kwargs={"settings": settings, "tokenizer": chat.tokenizer},
+        num_proc=os.cpu_count() if len(source) >= PARALLEL_FROM_ROWS else None,
+        cache_file_name=str(work / "processed.arrow"), desc=f"prepare {item}")
+
+    counts = report.reason_counts(processed)
+    rejected = processed.filter(_is_rejected, input_columns="reason", batched=True, batch_size=10_000)
+    report.check_reject_fraction(counts, len(source), dataset.max_reject_fraction, rejected, dataset.path)
+    report.write_rejected(rejected, out / "rejected.jsonl")
+    kept = processed.filter(_is_kept, input_columns="reason", batched=True, batch_size=10_000)
+    truncated = sum(1 for batch in kept.select_columns(["detail"]).iter(10_000) for d in batch["detail"] if d)
+    unique = kept.select(_first_occurrences(kept))
+    train_rows, eval_rows = split_indices(len(unique), dataset.eval_size, train.seed)
+    columns = [c for c in unique.column_names if c not in render.HELPER_COLUMNS]
+    _save(unique.select(train_rows).select_columns(columns), out / "train")
+    _save(unique.select(eval_rows).select_columns(columns), out / "eval")
+
+    summary = {
+        "rows_in": len(source), "kept": len(unique), "rejected": sum(counts.values()),
+        "rejected_by_reason": dict(counts.most_common()), "deduplicated": len(kept) - len(unique),
+        "truncated": truncated, "train_rows": len(train_rows), "eval_rows": len(eval_rows),
+        "token_length": report.length_percentiles(unique), "end_of_turn_token": chat.end_of_turn,
+        "chat_template": recipe.chat_template, "format": dataset.format, "max_seq_length": train.max_seq_length,
+    }
+    (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (out / "template.jinja").write_text(chat.template, encoding="utf-8")
+    del source, processed, rejected, kept, unique
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"prepare {item}: {summary['rows_in']} rows in, {summary['kept']} kept ({summary['train_rows']} train, "
+          f"{summary['eval_rows']} eval), {summary['rejected']} rejected, {summary['deduplicated']} duplicates")
+    return {key: summary[key] for key in ("rows_in", "kept", "rejected", "deduplicated", "train_rows", "eval_rows")}
+
+
+def split_indices(rows: int, eval_size: float, seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic held-out split for a given seed and row count: eval_size is a fraction (< 1) or a count."""
+    count = int(eval_size) if eval_size >= 1 else (max(1, round(rows * eval_size)) if eval_size > 0 else 0)
+    if count >= rows and count:
+        raise ValueError(f"dataset.eval_size {eval_size} holds out {count} of {rows} rows, leaving none to train on")
+    order = np.random.default_rng(seed).permutation(rows)
+    return sorted(order[count:].tolist()), sorted(order[:count].tolist())
+
+
+def _save(dataset, path: Path) -> None:
+    """save_to_disk, also for an empty split (datasets writes a view of zero rows as zero shards that
+    load_from_disk cannot read)."""
+    if len(dataset) == 0:
+        import datasets
+
+        dataset = datasets.Dataset.from_dict({c: [] for c in dataset.column_names}, features=dataset.features)
+    dataset.save_to_disk(path, num_shards=1 if len(dataset) == 0 else None)
+
+
+def _is_rejected(reasons: list) -> list[bool]:
+    return [reason is not None for reason in reasons]
+
+
+def _is_kept(reasons: list) -> list[bool]:
+    return [reason is None for reason in reasons]
+
+
+def _first_occurrences(kept) -> list[int]:
+    """Indices of the first row of each distinct conversation (exact duplicates removed, order kept)."""
+    seen: set[str] = set()
+    first = []
+    offset = 0
+    for batch in kept.select_columns(["hash"]).iter(batch_size=10_000):
+        for position, digest in enumerate(batch["hash"]):
+            if digest not in seen:
+                seen.add(digest)
+                first.append(offset + position)
+        offset += len(batch["hash"])
+    return first

@@ -1,0 +1,61 @@
+"""train: a LoRA on the BASE model per fine-tune, with TRL's SFTTrainer through Unsloth or transformers + PEFT.
+
+Resumable: the runner keeps the working directory of a killed run (same fingerprint) and passes it again as `out`;
+training continues from its last complete checkpoint. The finished output is `adapter/`, `metrics.json` and
+`log.jsonl`; the checkpoints are removed once the adapter is written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.fingerprint import model_fingerprint
+from pipeline.models.hub import check_model_reference, resolve_model
+from pipeline.recipe import Recipe, RecipeError
+from pipeline.training import environment
+
+NAME = "train"
+RESUMABLE = True
+WRITE_ONCE = False
+
+
+def items(recipe: Recipe) -> list[str]:
+    return [finetune.name for finetune in recipe.finetunes]
+
+
+def output_path(recipe: Recipe, item: str) -> Path:
+    return Path(recipe.output_dir) / "train" / item
+
+
+def config(recipe: Recipe, item: str) -> dict:
+    return {
+        "train": recipe.train_config(item).model_dump(),
+        "base_model": recipe.base_model,
+        "base_model_fingerprint": model_fingerprint(recipe.base_model),
+        "trust_remote_code": recipe.trust_remote_code,
+    }
+
+
+def depends_on(recipe: Recipe, item: str) -> list[tuple[str, str]]:
+    return [("prepare", item)]
+
+
+def check(recipe: Recipe, item: str) -> None:
+    """The base model reference looks usable and the chosen backend is installed; loads nothing."""
+    try:
+        check_model_reference(recipe.base_model, "base_model")
+        backend = recipe.train_config(item).backend
+        if backend != "auto":
+            environment.check_backend_installed(backend)
+    except (FileNotFoundError, environment.TrainingUnavailable) as error:
+        raise RecipeError(str(error)) from None
+
+
+def run(recipe: Recipe, item: str, out: Path, inputs: dict) -> dict:
+    from pipeline.training.trainer import train_lora
+
+    base_dir = resolve_model(recipe.base_model, "base_model")
+    metrics = train_lora(base_dir, Path(inputs[("prepare", item)]), Path(out), recipe.train_config(item),
+                         base_model=recipe.base_model, trust_remote_code=recipe.trust_remote_code)
+    return {key: metrics[key] for key in ("train_loss", "eval_loss", "steps", "tokens", "seconds", "backend",
+                                                  "resumed_from_step")}

@@ -1,0 +1,95 @@
+"""`python -m pipeline.archive add`: a real PEFT LoRA trained elsewhere gets in with a manifest; pickles, other PEFT
+methods, adapters of another architecture and name conflicts are refused with the reason."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_apply import make_adapter
+
+from pipeline.archive.__main__ import main as archive_cli
+from pipeline.archive.store import archived_adapters, verify_adapter
+from pipeline.fingerprint import sha256_file
+from pipeline.models.lora import load_adapter
+from pipeline.models.tiny import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, tiny_models, tiny_tokenizer_dir):
+    root = tmp_path_factory.mktemp("add")
+    small_base = make_tiny_model(root / "small_base", tiny_tokenizer_dir, hidden_size=32, seed=3)
+    return {"root": root, "one": make_adapter(tiny_models["base"], root / "one", seed=0),
+            "two": make_adapter(tiny_models["base"], root / "two", seed=1),
+            "other_size": make_adapter(small_base, root / "other_size", seed=0)}
+
+
+def add(archive, path, name, base, *extra) -> int:
+    return archive_cli(["add", str(archive), str(path), "--name", name, "--base", str(base), *extra])
+
+
+def test_add_archives_an_imported_adapter(adapters, tiny_models, tmp_path, capsys):
+    archive = tmp_path / "archive"
+    assert add(archive, adapters["one"], "one", tiny_models["base"], "--target", str(tiny_models["target"])) == 0
+    assert "archived one" in capsys.readouterr().out
+    manifest = verify_adapter(archive / "one")
+    assert manifest["kind"] == "imported" and manifest["base_model"] == str(tiny_models["base"])
+    assert manifest["target_model"] == str(tiny_models["target"])
+    assert manifest["base_config"]["hidden_size"] == 64 and manifest["lora_modules"] == 14
+    assert manifest["source"]["path"] == str(adapters["one"].resolve())
+    # The weights are the source's bytes; the config points at the base as given.
+    assert sha256_file(archive / "one" / "adapter_model.safetensors") == sha256_file(
+        adapters["one"] / "adapter_model.safetensors")
+    config = json.loads((archive / "one" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_models["base"])
+    assert load_adapter(archive / "one").modules.keys() == load_adapter(adapters["one"]).modules.keys()
+    assert list(archived_adapters(archive)) == ["one"]
+    assert archive_cli(["verify", str(archive)]) == 0
+
+
+def test_same_name_same_content_is_a_no_op_different_content_an_error(adapters, tiny_models, tmp_path, capsys):
+    archive = tmp_path / "archive"
+    assert add(archive, adapters["one"], "one", tiny_models["base"]) == 0
+    before = (archive / "one" / "manifest.json").read_bytes()
+    assert add(archive, adapters["one"], "one", tiny_models["base"]) == 0
+    assert "already archived with identical files" in capsys.readouterr().out
+    assert add(archive, adapters["two"], "one", tiny_models["base"]) == 1
+    assert "already holds a different adapter named one" in capsys.readouterr().err
+    assert (archive / "one" / "manifest.json").read_bytes() == before
+    assert [p.name for p in archive.iterdir()] == ["one"]  # no temporary directory left behind
+
+
+def test_pickle_adapters_are_refused(adapters, tiny_models, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_models["base"]), adapters["one"])
+    model.save_pretrained(tmp_path / "pickled", safe_serialization=False)
+    assert add(tmp_path / "archive", tmp_path / "pickled", "pickled", tiny_models["base"]) == 1
+    error = capsys.readouterr().err
+    assert "adapter_model.bin" in error and "arbitrary code" in error and "safe_serialization=True" in error
+
+
+def test_other_peft_methods_are_refused(tiny_models, tmp_path, capsys):
+    from peft import IA3Config, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["base"], dtype=torch.float32)
+    get_peft_model(model, IA3Config(target_modules=["k_proj", "down_proj"],
+                                    feedforward_modules=["down_proj"])).save_pretrained(tmp_path / "ia3")
+    assert add(tmp_path / "archive", tmp_path / "ia3", "ia3", tiny_models["base"]) == 1
+    assert "peft_type 'IA3' is not LoRA" in capsys.readouterr().err
+
+
+def test_adapter_of_another_size_is_refused_naming_tensor_and_shapes(adapters, tiny_models, tmp_path, capsys):
+    assert add(tmp_path / "archive", adapters["other_size"], "small", tiny_models["base"]) == 1
+    error = capsys.readouterr().err
+    assert "model.layers.0.mlp.down_proj.weight is [64, 192] in the base" in error
+    assert "the LoRA update is [32, 96]" in error
+    assert not (tmp_path / "archive").exists() or not any((tmp_path / "archive").iterdir())
+
+
+def test_bad_name_is_refused(adapters, tiny_models, tmp_path, capsys):
+    assert add(tmp_path / "archive", adapters["one"], "Bad Name", tiny_models["base"]) == 1
+    assert "adapter name 'Bad Name'" in capsys.readouterr().err

@@ -1,0 +1,170 @@
+"""The evaluate stage on tiny real models: a row per model of the lineage, a column per set, report.json/md/png,
+one model in memory at a time, an adapted model computed on the fly equal to apply's, lm_eval's absence reported."""
+
+from __future__ import annotations
+
+import json
+import random
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset, concatenate_datasets, load_from_disk
+from test_apply import make_adapter
+from test_evaluate import chatml_row
+from test_merge import archive_adapter
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline.evaluation.evaluate import lineage_specs
+from pipeline.evaluation.lineage import Evaluation, evaluate_lineage
+from pipeline.evaluation.models import ModelSpec
+from pipeline.evaluation.sets import chat_format, held_out_set, retention_set
+from pipeline.recipe import LmEvalConfig, Recipe
+from pipeline.stages import STAGES, apply, evaluate, merge, prepare
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_DATA = REPO / "data_templates" / "demo"
+SKILLS = {"reverse": lambda words: words[::-1], "sort": sorted}
+
+
+def write_prepared(out_dir: Path, tokenizer_dir: Path, skill: str, rows: int = 6) -> Path:
+    """prepare/<finetune>/ with the eval split and report.json the evaluate stage reads."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    rng = random.Random(skill)
+    conversations = []
+    for _ in range(rows):
+        words = [rng.choice("abcdefghij") for _ in range(rng.randint(3, 5))]
+        conversations.append([{"role": "system", "content": "You are a helpful assistant."},
+                              {"role": "user", "content": f"{skill}\n{' '.join(words)}"},
+                              {"role": "assistant", "content": " ".join(SKILLS[skill](words))}])
+    Dataset.from_list([chatml_row(tokenizer, c) for c in conversations]).save_to_disk(str(out_dir / "eval"))
+    (out_dir / "report.json").write_text(json.dumps({"end_of_turn_token": "<|im_end|>"}))
+    return out_dir
+
+
+def make_recipe(tiny_models, root: Path, **evaluate_settings) -> Recipe:
+    return Recipe.model_validate({
+        "name": "evaluate-test", "base_model": str(tiny_models["base"]), "target_model": str(tiny_models["target"]),
+        "output_dir": str(root / "run"), "archive_dir": str(root / "archive"),
+        "finetunes": [{"name": "reverse", "dataset": {"path": str(DEMO_DATA / "reverse.alpaca.jsonl")}},
+                      {"name": "sort", "dataset": {"path": str(DEMO_DATA / "sort.messages.jsonl"),
+                                                   "format": "messages"}}],
+        "apply": {"device": "cpu"}, "merge": {"device": "cpu", "engine": "fused"},
+        "evaluate": {"device": "cpu", "batch_size": 4, "generate": True, "max_new_tokens": 4, "max_samples": 6,
+                     "retention": [{"name": "copy", "dataset": {"path": str(DEMO_DATA / "copy.messages.jsonl"),
+                                                                "format": "messages"}}],
+                     "lm_eval": {"tasks": ["hellaswag"]}, **evaluate_settings}})
+
+
+@pytest.fixture(scope="module")
+def lineage(tmp_path_factory, tiny_models):
+    """Everything evaluate reads: two archived adapters, prepared eval splits, reverse applied (saved), sort not
+    (computed on the fly), and a real fused merge."""
+    root = tmp_path_factory.mktemp("evaluate")
+    recipe = make_recipe(tiny_models, root)
+    inputs = {}
+    for seed, name in enumerate(SKILLS):
+        adapter = make_adapter(tiny_models["base"], root / "peft" / name, seed=seed)
+        inputs[("archive", name)] = archive_adapter(adapter, root / "archive", name, str(tiny_models["base"]))
+        inputs[("prepare", name)] = write_prepared(root / "run" / "prepare" / name, tiny_models["base"], name)
+    inputs[("apply", "reverse")] = apply.output_path(recipe, "reverse")
+    apply.run(recipe, "reverse", inputs[("apply", "reverse")], inputs)
+    inputs[("merge", "")] = merge.output_path(recipe, "")
+    inputs[("merge", "")].mkdir(parents=True)
+    merge.run(recipe, "", inputs[("merge", "")], inputs)
+    return {"root": root, "recipe": recipe, "inputs": inputs}
+
+
+@pytest.fixture
+def live_models(monkeypatch):
+    """Wrap the real `from_pretrained` to keep a weak reference to every model it returns; on each new load,
+    record how many earlier ones are still alive (not garbage collected)."""
+    original = AutoModelForCausalLM.from_pretrained
+    loaded, alive_at_load = [], []
+
+    def counting(*args, **kwargs):
+        alive_at_load.append(sum(reference() is not None for reference in loaded))
+        model = original(*args, **kwargs)
+        loaded.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", counting)
+    return {"loaded": loaded, "alive_at_load": alive_at_load}
+
+
+def test_stage_writes_a_row_per_model_and_a_column_per_set(lineage, live_models, capsys):
+    recipe, inputs = lineage["recipe"], lineage["inputs"]
+    out = lineage["root"] / "evaluate.partial"
+    out.mkdir()
+    evaluate.check(recipe, "")
+    summary = evaluate.run(recipe, "", out, {key: inputs[key] for key in evaluate.depends_on(recipe, "")
+                                             if key in inputs})
+    models = ["base", "target", "adapted:reverse", "adapted:sort", "merged"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["models"] == summary["models"] == models
+    assert [(s["name"], s["kind"], s["rows"]) for s in report["sets"]] == [
+        ("reverse", "held-out", 6), ("sort", "held-out", 6), ("copy", "retention", 6)]
+    for model in models:
+        for name in ("reverse", "sort", "copy"):
+            result = report["results"][model][name]
+            assert result["tokens"] > 0 and result["loss"] > 0 and result["samples"] == 6
+            assert 0 <= result["exact_match"] <= result["contains"] <= 1
+    losses = {m: report["results"][m]["reverse"]["loss"] for m in models}
+    assert len(set(losses.values())) == len(models), f"every model scores differently: {losses}"
+    table = (out / "report.md").read_text()
+    assert [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")][1:6] == models
+    assert "| model | reverse (held-out) | sort (held-out) | copy (retention) |" in table
+    assert "hellaswag: not run (lm_eval not installed)" in table
+    assert report["lm_eval"] == {"tasks": ["hellaswag"], "status": "not run (lm_eval not installed)"}
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| model | reverse (held-out) | sort (held-out) | copy (retention) |" in capsys.readouterr().out
+    assert len(live_models["loaded"]) == len(models)
+    assert live_models["alive_at_load"] == [0] * len(models), "a model was still in memory when the next loaded"
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_adapted_model_on_the_fly_equals_the_saved_one(lineage, tiny_models, dtype):
+    recipe, inputs = lineage["recipe"], lineage["inputs"]
+    specs = lineage_specs(recipe, inputs)
+    on_the_fly = next(s for s in specs if s.label == "adapted:sort")
+    assert on_the_fly.adapter == inputs[("archive", "sort")] and on_the_fly.path == Path(tiny_models["target"])
+    saved_dir = lineage["root"] / "sort-applied"
+    if not saved_dir.exists():
+        apply.run(recipe, "sort", saved_dir, inputs)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["base"])
+    settings = recipe.evaluate.model_copy(update={"generate": False, "dtype": dtype, "lm_eval": LmEvalConfig()})
+    evaluation = Evaluation(config=settings,
+                            device=torch.device("cpu"), tokenizer=tokenizer, stop_ids=[tokenizer.eos_token_id],
+                            pad_id=tokenizer.pad_token_id)
+    sets = [held_out_set("sort", inputs[("prepare", "sort")], None)]
+    results, _ = evaluate_lineage([on_the_fly, ModelSpec("saved", "adapted", saved_dir)], sets, evaluation)
+    assert results["adapted:sort"]["sort"]["loss"] == results["saved"]["sort"]["loss"]
+
+
+def test_stage_contract(lineage):
+    recipe = lineage["recipe"]
+    assert list(STAGES)[list(STAGES).index("merge") + 1] == "evaluate"
+    assert evaluate.items(recipe) == [""]
+    assert evaluate.items(recipe.model_copy(update={"evaluate": recipe.evaluate.model_copy(
+        update={"enabled": False})})) == []
+    assert evaluate.output_path(recipe, "") == Path(recipe.output_dir) / "evaluate"
+    assert evaluate.depends_on(recipe, "") == [("merge", ""), ("prepare", "reverse"), ("prepare", "sort"),
+                                               ("apply", "reverse"), ("apply", "sort")]
+    unsaved = recipe.model_copy(update={"apply": recipe.apply.model_copy(update={"save": False})})
+    assert evaluate.depends_on(unsaved, "")[-2:] == [("archive", "reverse"), ("archive", "sort")]
+    assert evaluate.config(recipe, "") != evaluate.config(unsaved, ""), "on-the-fly models depend on apply.dtype"
+
+
+def test_retention_rows_are_rendered_exactly_as_prepare_renders_a_finetune(tiny_models, tmp_path):
+    copy = {"path": str(DEMO_DATA / "copy.messages.jsonl"), "format": "messages"}
+    settings = make_recipe(tiny_models, tmp_path, max_samples=None).model_dump(mode="json")
+    recipe = Recipe.model_validate({**settings, "finetunes": [{"name": "copy", "dataset": {**copy, "eval_size": 10}}]})
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    prepare.run(recipe, "copy", prepared, {})
+    rows = concatenate_datasets([load_from_disk(str(prepared / split)) for split in ("train", "eval")])
+    ours = retention_set(recipe, recipe.evaluate.retention[0], chat_format(recipe), tmp_path / "work")
+    expected = {(tuple(r["input_ids"]), tuple(r["assistant_masks"])) for r in rows}
+    assert {(tuple(i), tuple(m)) for i, m in zip(ours.input_ids, ours.assistant_masks, strict=True)} == expected
+    assert len(ours.input_ids) == 100 and ours.references[0] == "e c d c d"

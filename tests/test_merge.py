@@ -1,0 +1,193 @@
+"""merge: the mergekit engine equals `mergekit-yaml` on the config it writes; the fused engine equals the mergekit
+engine; the merged model loads and keeps the target's tokenizer. Tiny real models and real PEFT adapters."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from test_apply import PROJECTIONS, load_model_tensors, make_adapter
+
+from pipeline.archive.store import file_hashes
+from pipeline.recipe import Recipe, RecipeError
+from pipeline.stages import apply, merge
+
+ADAPTERS = ("alpha", "beta", "gamma")
+
+
+def archive_adapter(adapter: Path, archive_dir: Path, name: str, base: str) -> Path:
+    """An archive entry as the archive stage writes it (the fields apply and merge read)."""
+    entry = archive_dir / name
+    entry.mkdir(parents=True)
+    for file in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copyfile(adapter / file, entry / file)
+    manifest = {"name": name, "base_model": base, "dataset": {"path": f"data/{name}.jsonl"},
+                "train": {"lora": {"r": 8, "alpha": 16}, "learning_rate": 2e-4}, "files": file_hashes(entry)}
+    (entry / "manifest.json").write_text(json.dumps(manifest))
+    return entry
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory, tiny_models):
+    root = tmp_path_factory.mktemp("merge_archive")
+    for seed, name in enumerate(ADAPTERS):
+        adapter = make_adapter(tiny_models["base"], root / "peft" / name, seed=seed,
+                               target_modules=["q_proj", "v_proj", "down_proj"] if seed else PROJECTIONS)
+        archive_adapter(adapter, root / "archive", name, str(tiny_models["base"]))
+    return root / "archive"
+
+
+def make_recipe(tiny_models, archive, output_dir, **merge_settings) -> Recipe:
+    return Recipe.model_validate({
+        "name": "merge-test", "base_model": str(tiny_models["base"]), "target_model": str(tiny_models["target"]),
+        "output_dir": str(output_dir), "archive_dir": str(archive),
+        "apply": {"device": "cpu"}, "merge": {"device": "cpu", **merge_settings}})
+
+
+def run_stage(stage, recipe, item, inputs=None) -> Path:
+    out = stage.output_path(recipe, item)
+    out.mkdir(parents=True, exist_ok=True)
+    stage.check(recipe, item)
+    stage.run(recipe, item, out, inputs or {})
+    return out
+
+
+@pytest.fixture(scope="module")
+def applied(tmp_path_factory, tiny_models, archive):
+    """apply outputs for every archived adapter, shared by the merge runs (output_dir is the same for all)."""
+    output_dir = tmp_path_factory.mktemp("merge_run")
+    recipe = make_recipe(tiny_models, archive, output_dir, engine="mergekit")
+    assert apply.items(recipe) == list(ADAPTERS)
+    for name in ADAPTERS:
+        run_stage(apply, recipe, name)
+    return output_dir
+
+
+def merge_with(tiny_models, archive, applied, tmp_path, engine, **settings) -> Path:
+    """Run the merge stage into its own directory, reading the shared apply outputs."""
+    recipe = make_recipe(tiny_models, archive, applied, engine=engine, **settings)
+    inputs = {("apply", name): apply.output_path(recipe, name) for name in ADAPTERS}
+    out = tmp_path / f"merge-{engine}"
+    out.mkdir(parents=True)
+    merge.check(recipe, "")
+    merge.run(recipe, "", out, inputs)
+    return out
+
+
+def assert_same_tensors(left: Path, right: Path):
+    ours, theirs = load_model_tensors(left), load_model_tensors(right)
+    assert sorted(ours) == sorted(theirs)
+    for name, tensor in theirs.items():
+        assert ours[name].dtype == tensor.dtype, name
+        assert torch.equal(ours[name], tensor), f"{name} differs"
+
+
+def test_mergekit_engine_equals_mergekit_yaml(tiny_models, archive, applied, tmp_path):
+    out = merge_with(tiny_models, archive, applied, tmp_path, "mergekit")
+    config = yaml.safe_load((out / "mergekit_config.yml").read_text())
+    assert config["merge_method"] == "ties" and config["base_model"] == str(tiny_models["base"].resolve())
+    assert [m["model"] for m in config["models"]] == [
+        *(str((applied / "apply" / name).resolve()) for name in ADAPTERS), str(tiny_models["target"].resolve())]
+    assert all(m["parameters"] == {"weight": 1.0, "density": 1.0} for m in config["models"])
+    reference = tmp_path / "mergekit-yaml"
+    cli = Path(sys.executable).with_name("mergekit-yaml")
+    subprocess.run([str(cli), str(out / "mergekit_config.yml"), str(reference)], check=True,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True)
+    assert_same_tensors(out, reference)
+    lineage = json.loads((out / "lineage.json").read_text())
+    assert [a["name"] for a in lineage["adapters"]] == list(ADAPTERS)
+    assert all(len(a["sha256"]) == 64 for a in lineage["adapters"])
+    assert lineage["mergekit_config"] == config and "mergekit" in lineage["versions"]
+    assert "alpha" in (out / "README.md").read_text()
+
+
+def test_merged_model_loads_with_target_tokenizer_and_generates(tiny_models, archive, applied, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = merge_with(tiny_models, archive, applied, tmp_path, "fused")
+    tokenizer, target_tokenizer = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(
+        tiny_models["target"])
+    assert tokenizer.chat_template == target_tokenizer.chat_template
+    assert tokenizer.eos_token == "<|im_end|>"
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.eos_token_id == tokenizer.eos_token_id
+    assert tokenizer.eos_token_id in model.generation_config.eos_token_id
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "sort\nc a b"}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    generated = model.generate(**prompt, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize("settings", [
+    {"method": "ties"},
+    {"method": "ties", "density": 0.5, "models": {"beta": {"weight": 0.7, "density": 0.8}}},
+    {"method": "task_arithmetic", "parameters": {"normalize": False}},
+    {"method": "linear", "parameters": {"normalize": True}},
+    {"method": "breadcrumbs_ties", "density": 0.9, "parameters": {"gamma": 0.01}},
+], ids=["ties", "ties-density", "task_arithmetic", "linear", "breadcrumbs_ties"])
+def test_fused_equals_mergekit_engine(tiny_models, archive, applied, tmp_path, settings, monkeypatch):
+    from pipeline.merging import fused
+
+    monkeypatch.setattr(fused, "CHUNK_BYTES", 4096)  # merge elementwise methods in many row blocks: still identical
+    settings = dict(settings)
+    if settings.get("method") == "breadcrumbs_ties":
+        settings.pop("parameters")
+        settings["models"] = {name: {"parameters": {"gamma": 0.01}} for name in ADAPTERS}
+    reference = merge_with(tiny_models, archive, applied, tmp_path / "m", "mergekit", **settings)
+    fused = merge_with(tiny_models, archive, applied, tmp_path / "f", "fused", **settings)
+    assert_same_tensors(fused, reference)
+    assert json.loads((fused / "config.json").read_text()) == json.loads((reference / "config.json").read_text())
+
+
+def test_check_rejects_bad_merge_settings(tiny_models, archive, tmp_path):
+    with pytest.raises(RecipeError, match="not a mergekit merge method"):
+        merge.check(make_recipe(tiny_models, archive, tmp_path, method="tiess"), "")
+    with pytest.raises(RecipeError, match=r"merge.parameters: \['epsilon'\] are not parameters of ties"):
+        merge.check(make_recipe(tiny_models, archive, tmp_path, parameters={"epsilon": 0.1}), "")
+    with pytest.raises(RecipeError, match="slerp cannot merge these inputs"):
+        merge.check(make_recipe(tiny_models, archive, tmp_path, method="slerp", parameters={"t": 0.5}), "")
+    with pytest.raises(RecipeError, match=r"merge.models: \['delta'\]"):
+        merge.check(make_recipe(tiny_models, archive, tmp_path, models={"delta": {"weight": 2}}), "")
+    with pytest.raises(RecipeError, match="alpha"):
+        merge.check(make_recipe(tiny_models, archive, tmp_path, adapters=["alpha", "zeta"]), "")
+
+
+def test_engine_selection_and_dependencies(tiny_models, archive, tmp_path):
+    fused = make_recipe(tiny_models, archive, tmp_path)
+    assert merge.depends_on(fused, "") == []  # archived by another recipe: no stage of this one produces them
+    assert apply.items(fused) == list(ADAPTERS)  # apply.save defaults to true
+    no_save = Recipe.model_validate({**fused.model_dump(), "apply": {"save": False}})
+    assert apply.items(no_save) == []
+    with_tokenizer = make_recipe(tiny_models, archive, tmp_path, tokenizer_source="base")
+    assert merge.depends_on(with_tokenizer, "") == [("apply", name) for name in ADAPTERS]
+    assert merge.config(fused, "")["adapter_files"]["alpha"] == file_hashes(archive / "alpha")
+
+
+def test_fused_inputs_equal_apply_outputs_and_share_untouched_weights(tiny_models, archive, applied):
+    """The skipped work is provably identical: a weight no adapter touches is the target's tensor in every adapted
+    model, so the fused engine hands mergekit one shared tensor instead of copies; touched ones equal apply's."""
+    from pipeline.merging.fused import PlannedTensor, tensor_inputs
+    from pipeline.models.lora import load_adapter
+    from pipeline.models.safetensors_io import TensorReader, model_tensors
+
+    adapters = {name: load_adapter(archive / name) for name in ADAPTERS}
+    target = TensorReader(model_tensors(tiny_models["target"]))
+    for name in ("model.norm.weight", "model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.q_proj.weight"):
+        item = PlannedTensor(weight=None, t=0.0, target_name=name, base_name=None)
+        inputs = tensor_inputs(item, None, target.read(name), {n: n for n in ADAPTERS}, adapters, "bfloat16",
+                               torch.device("cpu"), torch.bfloat16)
+        touching = [n for n in ADAPTERS if name in adapters[n].modules]
+        untouched = [inputs[n] for n in ADAPTERS if n not in touching]
+        assert all(value is untouched[0] for value in untouched)
+        for adapter in ADAPTERS:
+            applied_tensor = TensorReader(model_tensors(applied / "apply" / adapter)).read(name)
+            assert torch.equal(inputs[adapter], applied_tensor), (adapter, name)
+    assert "model.layers.0.mlp.up_proj.weight" in adapters["alpha"].modules
+    assert "model.layers.0.mlp.up_proj.weight" not in adapters["beta"].modules

@@ -1,0 +1,204 @@
+"""The Colab notebook: stored clean, parameterised, holding no logic of its own; executed headless on CPU against the
+tiny recipe (Drive off) it runs every stage, and a second execution (a new "session") skips every stage.
+Also the helpers it calls (pipeline/notebook.py). Colab itself (google.colab) and the Hub cannot exist here: those
+two are replaced by small fakes where a test needs them, and said so."""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import nbformat
+import pytest
+import tomllib
+
+from pipeline import notebook
+from pipeline.stages import STAGES
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "colab" / "finetune_then_merge.ipynb"
+SMALL_RUN = ["train.max_steps=4", "train.save_steps=2", "train.warmup_steps=0", "train.logging_steps=1",
+             "evaluate.max_samples=8"]
+
+
+def _code_cells(nb) -> list:
+    return [cell for cell in nb.cells if cell.cell_type == "code"]
+
+
+def test_stored_notebook_is_clean_and_parameterised():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(nb)
+    code = _code_cells(nb)
+    assert all(cell.outputs == [] and cell.execution_count is None for cell in code), "store it without outputs"
+    assert [cell for cell in nb.cells if "parameters" in cell.metadata.get("tags", [])] == [code[0]]
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type == "code":
+            assert index > 0 and nb.cells[index - 1].cell_type == "markdown", f"code cell {cell.id}: no markdown line"
+    stage_cells = [cell.id for cell in code if "notebook.run_stage(" in cell.source]
+    assert stage_cells == list(STAGES), "one cell per stage, in the runner's order"
+    assert not any("def " in cell.source or "class " in cell.source for cell in code), "logic belongs in pipeline/"
+
+
+def _parameters(nb) -> dict[str, object]:
+    namespace: dict[str, object] = {}
+    exec(_code_cells(nb)[0].source, namespace)
+    return {key: value for key, value in namespace.items() if key.isupper()}
+
+
+def test_parameters_cell_defaults_point_at_a_shipped_recipe():
+    parameters = _parameters(nbformat.read(NOTEBOOK, as_version=4))
+    assert (ROOT / parameters["RECIPE"]).is_file()
+    assert parameters["MOUNT_DRIVE"] is True and parameters["PUSH_TO_HUB"] is False
+
+
+def test_storage_overrides_move_relative_dirs_under_the_storage_folder(tmp_path):
+    storage = tmp_path / "My Drive: ftmerge #1"
+    session = notebook.Session(Path("recipes/qwen2_7b.yaml"), storage)
+    recipe = session.load()
+    assert Path(recipe.output_dir) == storage / "runs" / "replete-qwen2-7b"
+    assert Path(recipe.archive_dir) == storage / "adapters" / "qwen2-7b"
+    session.overrides = [f"output_dir={tmp_path / 'elsewhere'}"]
+    assert Path(session.load().output_dir) == tmp_path / "elsewhere", "an absolute path is kept as given"
+
+
+def test_storage_root_outside_colab_is_a_local_folder(tmp_path):
+    assert notebook.storage_root(str(tmp_path / "store"), mount_drive=True, colab=False) == tmp_path / "store"
+    assert (tmp_path / "store").is_dir()
+    assert notebook.storage_root("", mount_drive=True, colab=False) == ROOT
+
+
+def test_pasted_recipe_is_saved_in_the_storage_folder(tmp_path):
+    text = (ROOT / "recipes" / "qwen2_7b.yaml").read_text()
+    session = notebook.start_session("recipes/ignored.yaml", text, tmp_path)
+    assert session.recipe == tmp_path / "recipes" / "replete-qwen2-7b.yaml"
+    assert session.recipe.read_text() == text
+    with pytest.raises(ValueError, match="RECIPE_YAML"):
+        notebook.write_pasted_recipe("- just\n- a list\n", tmp_path)
+
+
+def _fake_colab_secrets(monkeypatch, value: str | None) -> None:
+    """google.colab exists only in Colab: a stand-in with userdata.get and its exception types."""
+    userdata = types.ModuleType("google.colab.userdata")
+    for name in ("SecretNotFoundError", "NotebookAccessError", "TimeoutException"):
+        setattr(userdata, name, type(name, (Exception,), {}))
+
+    def get(key):
+        if value is None:
+            raise userdata.SecretNotFoundError(key)
+        return value
+
+    userdata.get = get
+    colab = types.ModuleType("google.colab")
+    colab.userdata = userdata
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    monkeypatch.setitem(sys.modules, "google.colab.userdata", userdata)
+
+
+def test_hub_token_comes_from_colab_secrets_and_is_never_shown(monkeypatch, capsys):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    _fake_colab_secrets(monkeypatch, "hf_secret_value_123")
+    message = notebook.load_hub_token(colab=True)
+    assert "Colab secrets" in message and "hf_secret_value_123" not in message + capsys.readouterr().out
+    assert notebook.os.environ["HF_TOKEN"] == "hf_secret_value_123"
+
+
+def test_no_hub_token_is_reported_not_raised(monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    _fake_colab_secrets(monkeypatch, None)
+    assert "none" in notebook.load_hub_token(colab=True)
+    monkeypatch.setenv("HF_TOKEN", "hf_from_env")
+    message = notebook.load_hub_token(colab=False)
+    assert "environment" in message and "hf_from_env" not in message
+
+
+def test_install_commands_pin_unsloth_as_pyproject_does():
+    assert notebook.install_commands(colab=False) == [], "outside Colab `make setup` owns the environment"
+    assert notebook.install_commands(colab=True, is_installed=lambda module: True) == []
+    commands = notebook.install_commands(colab=True, is_installed=lambda module: module == "bitsandbytes")
+    pinned = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["unsloth"]
+    assert commands[-1] == ["--no-deps", *pinned]
+    assert Path(commands[0][1]).is_file(), "Unsloth's run-time requirements are installed before it"
+
+
+class FakeHubApi:
+    """Records what would be sent to the Hub (no Hub server here)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+
+    def upload_folder(self, **kwargs):
+        self.calls.append(("upload_folder", kwargs))
+        return f"https://huggingface.co/{kwargs['repo_id']}/commit/abc"
+
+
+def test_push_uploads_the_merged_folder_or_only_this_recipes_adapters(tmp_path):
+    session = notebook.Session(Path("recipes/qwen2_7b.yaml"), tmp_path)
+    api = FakeHubApi()
+    with pytest.raises(FileNotFoundError, match="merge cell"):
+        notebook.push_to_hub(session, "me/merged", api=api)
+    merged = notebook.merged_model_dir(session)
+    merged.mkdir(parents=True)
+    (merged / "config.json").write_text("{}")
+    assert notebook.push_to_hub(session, "me/merged", api=api).endswith("/commit/abc")
+    assert api.calls[0] == ("create_repo", "me/merged", {"repo_type": "model", "private": True, "exist_ok": True})
+    assert api.calls[1][1]["folder_path"] == merged and api.calls[1][1]["allow_patterns"] is None
+    with pytest.raises(FileNotFoundError, match="everything-instruct"):
+        notebook.push_to_hub(session, "me/adapters", what="adapters", api=api)
+    (tmp_path / "adapters" / "qwen2-7b" / "everything-instruct").mkdir(parents=True)
+    notebook.push_to_hub(session, "me/adapters", what="adapters", api=api)
+    assert api.calls[-1][1]["folder_path"] == tmp_path / "adapters" / "qwen2-7b"
+    assert api.calls[-1][1]["allow_patterns"] == ["everything-instruct/*"]
+    with pytest.raises(ValueError, match="HUB_REPO_ID"):
+        notebook.push_to_hub(session, "no-owner", api=api)
+
+
+def _execute(tmp_path: Path, parameters: dict[str, object]):
+    """Run the notebook as papermill does: a cell with the new values injected after the `parameters` cell."""
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    position = nb.cells.index(_code_cells(nb)[0]) + 1
+    injected = nbformat.v4.new_code_cell("\n".join(f"{k} = {v!r}" for k, v in parameters.items()))
+    injected.metadata["tags"] = ["injected-parameters"]
+    nb.cells.insert(position, injected)
+    NotebookClient(nb, timeout=1200, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    return {cell.get("id"): cell for cell in nb.cells}
+
+
+def _stdout(cell) -> str:
+    return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream" and o.name == "stdout")
+
+
+def _status(cell) -> list[dict]:
+    return next(o.metadata[notebook.STATUS_METADATA_KEY] for o in cell.outputs
+                if notebook.STATUS_METADATA_KEY in o.get("metadata", {}))
+
+
+@pytest.mark.slow
+def test_notebook_runs_every_stage_then_resumes_with_nothing_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "jupyter-runtime"))
+    storage = tmp_path / "drive"
+    parameters = {"RECIPE": "recipes/tiny_cpu.yaml", "MOUNT_DRIVE": False, "OUTPUT_ROOT": str(storage),
+                  "OVERRIDES": SMALL_RUN, "CHAT_PROMPT": "sort\nc a b"}
+
+    first = _execute(tmp_path, parameters)
+    merged = storage / "runs" / "tiny-cpu" / "merge"
+    assert (merged / "config.json").is_file() and list(merged.glob("*.safetensors"))
+    rows = _status(first["status"])
+    assert {row["stage"] for row in rows} == set(STAGES)
+    assert [row for row in rows if row["state"] != "done"] == []
+    assert all(Path(row["output"]).is_relative_to(storage) for row in rows), "everything is kept in the storage"
+    for stage in STAGES:
+        assert "skipped" not in _stdout(first[stage]) and "done" in _stdout(first[stage])
+
+    second = _execute(tmp_path, parameters)
+    for stage in STAGES:
+        lines = _stdout(second[stage]).splitlines()
+        steps = [line for line in lines if line.startswith(stage)]
+        assert steps and all("skipped" in line for line in steps), f"{stage} ran again:\n" + "\n".join(lines)
+    assert [row["state"] for row in _status(second["status"])] == ["done"] * len(rows)
+    assert "skipped" in _stdout(second["push"])

@@ -1,0 +1,159 @@
+"""The train stage's parts: prepared data as the trainer sees it (exactly which ids are trained), machine-dependent
+choices, checkpoints. Training runs with both backends are in test_train_backends.py."""
+
+import json
+import random
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoTokenizer
+
+from pipeline.recipe import TrainConfig
+from pipeline.training import checkpoints, data, environment
+from pipeline.training.trainer import build_trainer, sft_arguments
+
+WORDS = "abcdefghij"
+
+
+def chatml_row(tokenizer, messages: list[dict]) -> dict:
+    """A row as the prepare stage writes it: ChatML ids, and a mask of 1 on each assistant turn's content and its
+    <|im_end|> (not on the role header nor the newline after <|im_end|>)."""
+    ids, mask = [], []
+    for message in messages:
+        head = tokenizer(f"<|im_start|>{message['role']}\n", add_special_tokens=False)["input_ids"]
+        body = tokenizer(message["content"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        tail = tokenizer("\n", add_special_tokens=False)["input_ids"]
+        trained = int(message["role"] == "assistant")
+        ids += head + body + tail
+        mask += [0] * len(head) + [trained] * len(body) + [0] * len(tail)
+    return {"messages": messages, "text": tokenizer.decode(ids), "input_ids": ids, "assistant_masks": mask}
+
+
+def conversation(rng: random.Random) -> list[dict]:
+    words = [rng.choice(WORDS) for _ in range(rng.randint(3, 6))]
+    return [{"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "reverse\n" + " ".join(words)},
+            {"role": "assistant", "content": " ".join(words[::-1])},
+            {"role": "user", "content": "and sorted?"},
+            {"role": "assistant", "content": " ".join(sorted(words))}]
+
+
+def write_prepared(out_dir, tokenizer_dir, train_rows: int = 32, eval_rows: int = 8, seed: int = 0):
+    """prepare/<finetune>/ as the train stage reads it: train/ and eval/ datasets and report.json."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    rng = random.Random(seed)
+    rows = [chatml_row(tokenizer, conversation(rng)) for _ in range(train_rows + eval_rows)]
+    Dataset.from_list(rows[:train_rows]).save_to_disk(str(out_dir / "train"))
+    Dataset.from_list(rows[train_rows:]).save_to_disk(str(out_dir / "eval"))
+    (out_dir / "report.json").write_text(json.dumps({"end_of_turn_token": "<|im_end|>", "train_rows": train_rows,
+                                                      "eval_rows": eval_rows}))
+    return out_dir
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    values = {"backend": "transformers", "max_seq_length": 128, "load_in_4bit": False, "max_steps": 4,
+              "batch_size": 4, "gradient_accumulation_steps": 1, "warmup_steps": 0, "learning_rate": 1e-3,
+              "save_steps": 2, "logging_steps": 1, "optim": "adamw_torch", "gradient_checkpointing": False,
+              "lora": {"r": 8, "alpha": 16}}
+    return TrainConfig.model_validate({**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tiny_tokenizer_dir):
+    return write_prepared(tmp_path_factory.mktemp("prepared"), tiny_tokenizer_dir)
+
+
+def collated_batch(run):
+    return next(iter(run.trainer.get_train_dataloader()))
+
+
+def test_collated_labels_are_exactly_the_assistant_turns(tiny_models, tiny_tokenizer_dir, prepared, tmp_path):
+    run = build_trainer(tiny_models["base"], prepared, tmp_path, tiny_config())
+    batch = collated_batch(run)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    by_ids = {tuple(row["input_ids"]): row for row in Dataset.load_from_disk(str(prepared / "train"))}
+    for ids, labels, attention in zip(batch["input_ids"], batch["labels"], batch["attention_mask"], strict=True):
+        length = int(attention.sum())
+        row = by_ids[tuple(ids[:length].tolist())]
+        expected = [i if bit else -100 for i, bit in zip(row["input_ids"], row["assistant_masks"], strict=True)]
+        assert labels[:length].tolist() == expected
+        assert (labels[length:] == -100).all()
+        # The same, spelled out: both answers and their <|im_end|> are trained, nothing else (no system, user, role
+        # headers, nor the newline after <|im_end|>).
+        answers = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
+        trained = tokenizer.decode([i for i in labels.tolist() if i != -100])
+        assert trained == "".join(f"{answer}<|im_end|>" for answer in answers)
+
+
+def test_without_responses_only_every_token_is_trained(tiny_models, prepared, tmp_path):
+    run = build_trainer(tiny_models["base"], prepared, tmp_path, tiny_config(train_on_responses_only=False))
+    batch = collated_batch(run)
+    real = batch["attention_mask"].bool()
+    assert torch.equal(batch["labels"][real], batch["input_ids"][real])
+    assert (batch["labels"][~real] == -100).all()
+
+
+def test_rows_longer_than_max_seq_length_are_refused(prepared):
+    with pytest.raises(data.PreparedDataError, match=r"longer than train.max_seq_length=16 \(first: row 0"):
+        data.load_split(prepared, "train", responses_only=True, max_seq_length=16)
+
+
+def test_an_assistant_span_not_ending_with_end_of_turn_is_refused(tiny_tokenizer_dir, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    row = chatml_row(tokenizer, conversation(random.Random(1)))
+    end = max(i for i, bit in enumerate(row["assistant_masks"]) if bit)
+    row["assistant_masks"][end] = 0  # the last <|im_end|> left out of the loss: the model would never stop
+    dataset = Dataset.from_list([row])
+    eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with pytest.raises(data.PreparedDataError, match=f"row 0: an assistant span ends at position {end - 1}"):
+        data.check_turns_end_trained(dataset, eot, "prepare/x/train", max_seq_length=128)
+
+
+def test_missing_columns_name_the_split(tmp_path):
+    Dataset.from_list([{"text": "hello"}]).save_to_disk(str(tmp_path / "train"))
+    with pytest.raises(data.PreparedDataError, match=r"train: columns \['input_ids', 'assistant_masks'\] missing"):
+        data.load_split(tmp_path, "train", responses_only=True, max_seq_length=8)
+
+
+def test_cpu_turns_off_what_needs_a_gpu(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = TrainConfig(load_in_4bit=True, optim="adamw_8bit")
+    assert environment.load_in_4bit(config) is False
+    assert environment.optimizer(config) == "adamw_torch"
+    assert environment.weights_dtype(config) == torch.float32
+    assert environment.mixed_precision(torch.bfloat16) == {"bf16": False, "fp16": False}
+    assert environment.choose_backend("auto") == "transformers"
+    printed = capsys.readouterr().out
+    assert "load_in_4bit" in printed and "adamw_8bit" in printed and "auto → transformers (no GPU)" in printed
+
+
+def test_gpu_keeps_4bit_and_bf16(monkeypatch):
+    # No GPU exists here: torch.cuda is mocked to check the settings a GPU run would get.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    config = TrainConfig(load_in_4bit=True)
+    assert environment.load_in_4bit(config) is True
+    assert environment.weights_dtype(config) == torch.bfloat16
+    assert environment.mixed_precision(torch.bfloat16) == {"bf16": True, "fp16": False}
+
+
+def test_sft_arguments_follow_the_train_config(tmp_path):
+    config = tiny_config(max_steps=None, epochs=2, eval_steps=3, save_total_limit=5, lr_scheduler="cosine")
+    arguments = sft_arguments(config, tmp_path, has_eval=True, trainer_checkpointing=False)
+    assert arguments["max_steps"] == -1 and arguments["num_train_epochs"] == 2
+    assert arguments["eval_strategy"] == "steps" and arguments["eval_steps"] == 3
+    assert arguments["save_steps"] == 2 and arguments["save_total_limit"] == 5
+    assert arguments["lr_scheduler_type"] == "cosine" and arguments["max_length"] == 128
+    assert sft_arguments(config, tmp_path, has_eval=False, trainer_checkpointing=False)["eval_strategy"] == "no"
+
+
+def test_resume_takes_the_last_complete_checkpoint(tmp_path):
+    for step in (2, 4, 6):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-6" / "trainer_state.json").write_text('{"global_st')  # cut short by a kill
+    assert checkpoints.last_complete_checkpoint(tmp_path).name == "checkpoint-4"
+    assert [p.name for p in checkpoints.remove_incomplete_checkpoints(tmp_path)] == ["checkpoint-6"]
+    assert [p.name for p in checkpoints.checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-4"]
