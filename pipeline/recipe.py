@@ -110,7 +110,8 @@ class MergeConfig(Strict):
     weight: float = 1.0
     density: float = 1.0
     models: dict[str, MergeModelOverride] = {}
-    parameters: dict[str, Any] = {"normalize": True, "int8_mask": True}
+    # None: the seed's {normalize: true, int8_mask: true}, kept where the method takes them (linear takes neither)
+    parameters: dict[str, Any] | None = None
     tokenizer_source: str | None = None
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     engine: Literal["auto", "fused", "mergekit"] = "auto"
@@ -261,7 +262,9 @@ def apply_override(data: dict, path: list[str | int], value: Any) -> None:
         else:
             if not isinstance(node, dict):
                 raise RecipeError(f"--set {'.'.join(map(str, path))}: {here} is not a mapping")
-            node = node.setdefault(part, {})
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
     last = path[-1]
     if isinstance(last, int):
         if not isinstance(node, list) or last >= len(node):

@@ -191,3 +191,13 @@ def test_fused_inputs_equal_apply_outputs_and_share_untouched_weights(tiny_model
             assert torch.equal(inputs[adapter], applied_tensor), (adapter, name)
     assert "model.layers.0.mlp.up_proj.weight" in adapters["alpha"].modules
     assert "model.layers.0.mlp.up_proj.weight" not in adapters["beta"].modules
+
+
+def test_default_parameters_are_the_seeds_where_the_method_takes_them(tiny_models, archive, tmp_path):
+    from pipeline.merging.config import merge_parameters
+
+    assert merge_parameters(make_recipe(tiny_models, archive, tmp_path)) == {"normalize": True, "int8_mask": True}
+    linear = make_recipe(tiny_models, archive, tmp_path, method="linear")
+    assert merge_parameters(linear) == {"normalize": True}  # linear has no int8_mask
+    merge.check(linear, "")
+    assert merge_parameters(make_recipe(tiny_models, archive, tmp_path, parameters={})) == {}

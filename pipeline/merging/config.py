@@ -16,6 +16,7 @@ from pipeline.recipe import Recipe, RecipeError
 
 # A tensor name used to resolve parameters at check time (filters may select on names; any layer weight will do).
 SAMPLE_TENSOR = "model.layers.0.self_attn.q_proj.weight"
+SEED_PARAMETERS = {"normalize": True, "int8_mask": True}
 
 
 def resolve_engine(recipe: Recipe) -> str:
@@ -55,6 +56,14 @@ def model_parameters(recipe: Recipe, adapter: str | None) -> dict[str, Any]:
     return parameters
 
 
+def merge_parameters(recipe: Recipe) -> dict[str, Any]:
+    """`merge.parameters` as written, or by default the seed's normalize/int8_mask where the method takes them."""
+    if recipe.merge.parameters is not None:
+        return copy.deepcopy(recipe.merge.parameters)
+    shared = {parameter.name for parameter in method_spec(recipe.merge.method).shared_parameters}
+    return {name: value for name, value in SEED_PARAMETERS.items() if name in shared}
+
+
 def build_mergekit_config(recipe: Recipe, adapter_models: dict[str, str], base: str, target: str) -> dict:
     """The seed's config: every adapted model and the target over the base, with the recipe's method settings.
     `adapter_models` maps adapter names to their adapted-model paths."""
@@ -65,8 +74,9 @@ def build_mergekit_config(recipe: Recipe, adapter_models: dict[str, str], base: 
     if method_spec(recipe.merge.method).contract.base.value != "ignored":
         # A method that ignores the base (linear, karcher) would get it as one more input to average.
         config["base_model"] = base
-    if recipe.merge.parameters:
-        config["parameters"] = copy.deepcopy(recipe.merge.parameters)
+    parameters = merge_parameters(recipe)
+    if parameters:
+        config["parameters"] = parameters
     source = recipe.merge.tokenizer_source
     if source:
         config["tokenizer_source"] = adapter_models.get(source, target if source == "target" else source)

@@ -19,6 +19,6 @@ outputs and state, so a stage only computes:
                                    path; returns a JSON-able summary kept in the state file
 """
 
-from pipeline.stages import apply, archive, evaluate, merge, prepare, train
+from pipeline.stages import apply, archive, evaluate, merge, prepare, publish, train
 
-STAGES = {module.NAME: module for module in (prepare, train, archive, apply, merge, evaluate)}
+STAGES = {module.NAME: module for module in (prepare, train, archive, apply, merge, evaluate, publish)}

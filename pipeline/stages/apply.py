@@ -12,7 +12,6 @@ from pipeline.archive.store import adapter_dir, read_manifest, selected_adapters
 from pipeline.fingerprint import model_fingerprint
 from pipeline.merging.config import resolve_engine
 from pipeline.models.hub import check_model_reference, resolve_model
-from pipeline.models.lora import read_adapter_config
 from pipeline.recipe import Recipe, RecipeError
 
 NAME = "apply"
@@ -49,6 +48,8 @@ def depends_on(recipe: Recipe, item: str) -> list[tuple[str, str]]:
 def check(recipe: Recipe, item: str) -> None:
     """The target reference, and for adapters already archived by another recipe, that their config is a LoRA
     that can be applied to another model (reads only adapter_config.json)."""
+    from pipeline.models.lora import read_adapter_config  # imports torch: keep --status and --dry-run fast
+
     check_model_reference(recipe.target_model, "target_model")
     if not is_own_finetune(recipe, item):
         try:

@@ -57,5 +57,5 @@ def run(recipe: Recipe, item: str, out: Path, inputs: dict) -> dict:
     base_dir = resolve_model(recipe.base_model, "base_model")
     metrics = train_lora(base_dir, Path(inputs[("prepare", item)]), Path(out), recipe.train_config(item),
                          base_model=recipe.base_model, trust_remote_code=recipe.trust_remote_code)
-    return {key: metrics[key] for key in ("train_loss", "eval_loss", "steps", "tokens", "seconds", "backend",
-                                                  "resumed_from_step")}
+    kept = ("train_loss", "eval_loss", "steps", "tokens", "seconds", "backend", "resumed_from_step")
+    return {key: metrics[key] for key in kept}

@@ -7,11 +7,13 @@ behaved differently on a laptop than on the rented GPU it was written for.
 from __future__ import annotations
 
 import importlib.util
-
-import torch
+from typing import TYPE_CHECKING
 
 from pipeline import distributed
 from pipeline.recipe import TrainConfig
+
+if TYPE_CHECKING:  # torch is imported where it is used, so `--status` and `--dry-run` start fast
+    import torch
 
 BACKENDS = ("unsloth", "transformers")
 GPU_ONLY_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_bnb_8bit", "lion_8bit",
@@ -30,6 +32,8 @@ def announce(message: str) -> None:
 
 
 def has_gpu() -> bool:
+    import torch
+
     return torch.cuda.is_available()
 
 
@@ -72,6 +76,8 @@ def load_in_4bit(config: TrainConfig) -> bool:
 
 def weights_dtype(config: TrainConfig) -> torch.dtype:
     """`auto` → bf16 where the GPU supports it, fp16 on older GPUs, float32 on CPU."""
+    import torch
+
     if config.dtype != "auto":
         return getattr(torch, config.dtype)
     if not has_gpu():
@@ -81,6 +87,8 @@ def weights_dtype(config: TrainConfig) -> torch.dtype:
 
 def mixed_precision(dtype: torch.dtype) -> dict[str, bool]:
     """bf16/fp16 autocast flags for the Trainer: only on a GPU, matching the weights' dtype."""
+    import torch
+
     if not has_gpu():
         return {"bf16": False, "fp16": False}
     return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}

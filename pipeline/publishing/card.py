@@ -1,0 +1,138 @@
+"""The model card (README.md) of a published merge or set of adapters: front matter the Hub indexes, where every
+weight came from, the mergekit config, the evaluation table when there is one, and how to run it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from pipeline.models.hub import HUB_ID
+from pipeline.recipe import Recipe
+
+
+def is_hub_id(reference: str) -> bool:
+    """A Hub id the card may name in `base_model` (the Hub rejects a card whose base_model is a local path)."""
+    return bool(HUB_ID.match(reference)) and not Path(reference).exists()
+
+
+def find_license(target_dir: Path | None, target_model: str, token: str | None = None) -> str | None:
+    """The target's license: from its local README.md front matter, else from its card on the Hub; None when
+    neither can be read (offline, no card, no license field)."""
+    from huggingface_hub import ModelCard
+    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.repocard import metadata_load
+
+    readme = Path(target_dir) / "README.md" if target_dir else None
+    if readme is not None and readme.is_file():
+        return (metadata_load(readme) or {}).get("license")
+    if not is_hub_id(target_model):
+        return None
+    try:
+        return ModelCard.load(target_model, token=token).data.license
+    except (OSError, ValueError, EntryNotFoundError):
+        return None
+
+
+def origin(adapter: dict, manifest: dict) -> str:
+    """Where an adapter came from, in one line, by the kind its manifest records."""
+    kind = manifest.get("kind", "trained")
+    if kind == "extracted":
+        extraction = manifest.get("extraction", {})
+        error = extraction.get("reconstruction_error_max")
+        return (f"extracted from `{extraction.get('model')}` at rank {extraction.get('rank')}"
+                + (f" (max relative reconstruction error {error:.3f})" if error is not None else ""))
+    if kind == "combined":
+        combination = manifest.get("combination", {})
+        parts = ", ".join(f"{s['name']} × {s['weight']}" for s in combination.get("sources", []))
+        return f"PEFT `{combination.get('combination_type')}` of {parts}"
+    if kind == "imported":
+        return f"imported (trained on `{manifest.get('source', {}).get('base_model_name_or_path')}`)"
+    return f"dataset `{adapter.get('dataset')}`"
+
+
+def front_matter(recipe: Recipe, method: str, license_name: str | None) -> dict:
+    merged = recipe.publish.what != "adapters"
+    bases = [recipe.target_model, recipe.base_model] if merged else [recipe.base_model]
+    data = {"license": license_name} if license_name else {}
+    hub_bases = [base for base in bases if is_hub_id(base)]
+    if hub_bases:
+        data.update(base_model=hub_bases, base_model_relation="merge" if merged else "adapter")
+    data["library_name"] = "transformers" if merged else "peft"
+    data["tags"] = list(dict.fromkeys(["merge", "mergekit", "lora", method]))
+    return data
+
+
+def lineage_section(lineage: dict, manifests: dict[str, dict], method: str) -> str:
+    rows = "\n".join(
+        f"| {a['name']} | {manifests.get(a['name'], {}).get('kind', 'trained')} | "
+        f"{origin(a, manifests.get(a['name'], {}))} | `{a.get('sha256')}` | {a.get('train') or '–'} |"
+        for a in lineage["adapters"])
+    return f"""## Lineage
+
+- **Base** (the adapters' training model): `{lineage['base']}`
+- **Target** (the model the adapters are applied to): `{lineage['target']}`
+- **Merge**: mergekit `{method}` of every adapted model and the target, over the base (engine: {lineage['engine']})
+
+| adapter | kind | origin | sha256 of adapter_model.safetensors | training |
+|---|---|---|---|---|
+{rows}
+"""
+
+
+def usage_section(recipe: Recipe, adapter_names: list[str]) -> str:
+    repo_id = recipe.publish.repo_id
+    parts = ["## Usage"]
+    if recipe.publish.what != "adapters":
+        parts.append(f"""With transformers:
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model_id = "{repo_id}"
+tokenizer = AutoTokenizer.from_pretrained(model_id)
+model = AutoModelForCausalLM.from_pretrained(model_id, dtype="auto")
+messages = [{{"role": "user", "content": "Hello!"}}]
+inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                       return_dict=True).to(model.device)
+output = model.generate(**inputs, max_new_tokens=64)
+print(tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```""")
+    if recipe.publish.what != "merged" and adapter_names:
+        parts.append(f"""Each LoRA adapter is in `adapters/<name>/`; it was trained on the base and is meant to be applied
+to the target, with PEFT:
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+target = AutoModelForCausalLM.from_pretrained("{recipe.target_model}", dtype="auto")
+model = PeftModel.from_pretrained(target, "{repo_id}", subfolder="adapters/{adapter_names[0]}")
+```""")
+    return "\n\n".join(parts) + "\n"
+
+
+def model_card(recipe: Recipe, lineage: dict, mergekit_yaml: str, manifests: dict[str, dict],
+               evaluation: str | None, license_name: str | None) -> str:
+    """README.md for the published folder. `manifests` are the archived adapters' (name → manifest), for kinds."""
+    method = lineage.get("mergekit_config", {}).get("merge_method") or recipe.merge.method
+    names = [adapter["name"] for adapter in lineage["adapters"]]
+    what = {"merged": "a merged model", "adapters": "LoRA adapters", "both": "a merged model and its LoRA adapters"}
+    sections = [
+        f"---\n{yaml.safe_dump(front_matter(recipe, method, license_name), sort_keys=False)}---",
+        f"# {recipe.publish.repo_id.split('/')[-1]}",
+        f"{what[recipe.publish.what]} made with ftmerge from the recipe `{recipe.name}`: {len(names)} LoRA "
+        f"fine-tune(s) of `{lineage['base']}`, each applied to `{lineage['target']}`, then merged all at once with "
+        f"mergekit's `{method}` over the base. The tokenizer, chat template and generation config are the target's.",
+        lineage_section(lineage, manifests, method),
+    ]
+    if evaluation:
+        sections.append(f"## Evaluation\n\nFrom ftmerge's evaluate stage, on each fine-tune's held-out split and the "
+                        f"retention sets.\n\n{evaluation.strip()}\n")
+    if recipe.publish.what != "adapters":
+        sections.append(f"## mergekit configuration\n\n```yaml\n{mergekit_yaml.rstrip()}\n```\n")
+    sections.append(usage_section(recipe, names))
+    versions = lineage.get("versions") or {}
+    if versions:
+        sections.append("Library versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".\n")
+    return "\n\n".join(section.rstrip("\n") for section in sections) + "\n"

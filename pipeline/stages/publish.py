@@ -1,0 +1,90 @@
+"""publish (opt-in with `publish.repo_id`): the merged model and/or the adapters, with a model card, to the Hub.
+
+The folder is assembled in `<output_dir>/publish/` exactly as the repo will hold it, then uploaded in one commit;
+with `publish.dry_run` it is only assembled. The token comes from HF_TOKEN or the cached login and is never
+printed, logged or written: it goes from huggingface_hub's lookup straight into the HfApi client.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.archive.store import adapter_dir, verify_adapter
+from pipeline.recipe import Recipe, RecipeError
+
+NAME = "publish"
+RESUMABLE = False
+WRITE_ONCE = False
+
+
+def items(recipe: Recipe) -> list[str]:
+    return [""] if recipe.publish.repo_id else []
+
+
+def output_path(recipe: Recipe, item: str) -> Path:
+    return Path(recipe.output_dir) / "publish"
+
+
+def config(recipe: Recipe, item: str) -> dict:
+    return {"publish": recipe.publish.model_dump(), "target_model": recipe.target_model}
+
+
+def depends_on(recipe: Recipe, item: str) -> list[tuple[str, str]]:
+    from pipeline.stages import STAGES
+
+    evaluated = recipe.evaluate.enabled and "evaluate" in STAGES
+    return [("merge", "")] + ([("evaluate", "")] if evaluated else [])
+
+
+def check(recipe: Recipe, item: str) -> None:
+    """A valid repo id; unless dry_run, the Hub reachable and a token present, before any stage does work."""
+    from huggingface_hub.utils import validate_repo_id
+
+    from pipeline.publishing.upload import hub_offline, hub_token
+
+    try:
+        validate_repo_id(recipe.publish.repo_id)
+    except ValueError as error:
+        raise RecipeError(f"publish.repo_id: {error}") from None
+    if recipe.publish.dry_run:
+        return
+    if hub_offline():
+        raise RecipeError("publish: HF_HUB_OFFLINE is set, so nothing can be uploaded. Unset it, or set "
+                          "publish.dry_run: true to only write the folder and card under <output_dir>/publish/.")
+    if not hub_token():
+        raise RecipeError("publish: no Hugging Face token. Set HF_TOKEN or run `hf auth login` (a token with write "
+                          "access), or set publish.dry_run: true to only write the folder and card.")
+
+
+def run(recipe: Recipe, item: str, out: Path, inputs: dict) -> dict:
+    from pipeline.publishing.card import find_license, model_card
+    from pipeline.publishing.folder import CARD, EVALUATION_CHART, assemble_folder, published_files
+    from pipeline.publishing.upload import hub_token, upload_folder
+
+    merged = Path(inputs[("merge", "")])
+    lineage = json.loads((merged / "lineage.json").read_text())
+    names = [adapter["name"] for adapter in lineage["adapters"]]
+    manifests = {name: verify_adapter(adapter_dir(recipe, name)) for name in names}
+    what = recipe.publish.what
+    evaluate_dir = Path(inputs.get(("evaluate", "")) or Path(recipe.output_dir) / "evaluate")
+    assemble_folder(out, merged if what != "adapters" else None,
+                    {name: adapter_dir(recipe, name) for name in names} if what != "merged" else {},
+                    evaluate_dir / "report.png")
+    token = None if recipe.publish.dry_run else hub_token()
+    report = evaluate_dir / "report.md"
+    evaluation = report.read_text().split("\n", 1)[-1] if report.is_file() else None  # without its title
+    if evaluation and (out / EVALUATION_CHART).is_file():
+        evaluation += f"\n![evaluation chart]({EVALUATION_CHART})\n"
+    (out / CARD).write_text(model_card(
+        recipe, lineage, (merged / "mergekit_config.yml").read_text(), manifests, evaluation,
+        find_license(lineage.get("target_path"), recipe.target_model, token)))
+    summary = {"repo_id": recipe.publish.repo_id, "what": what, "files": published_files(out),
+               "folder": str(output_path(recipe, item))}
+    if recipe.publish.dry_run:
+        print(f"publish: dry run, nothing uploaded; the folder that would be: {summary['folder']}")
+        return {**summary, "dry_run": True}
+    result = upload_folder(out, recipe.publish.repo_id, private=recipe.publish.private, token=token,
+                           commit_message=f"ftmerge: {recipe.name} ({what})")
+    print(f"publish: uploaded {len(summary['files'])} files to {result['repo_url']}")
+    return {**summary, **result, "dry_run": False}
