@@ -75,8 +75,12 @@ def _combine(args: argparse.Namespace) -> int:
                                       density=args.density, svd_rank=args.svd_rank, seed=args.seed))
 
 
-def _comma_list(convert):
-    return lambda text: [convert(part.strip()) for part in text.split(",") if part.strip()]
+def names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def numbers(text: str) -> list[float]:
+    return [float(part) for part in names(text)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,8 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--target", help="the model it is meant to be applied to, recorded in the manifest")
     add.set_defaults(handler=_add)
 
-    extract = commands.add_parser("extract", help="a full fine-tune minus its base, as a LoRA (mergekit)",
-                                  description="Loads one tensor pair at a time; embeddings and norms are excluded.")
+    extract = commands.add_parser(
+        "extract", help="a full fine-tune minus its base, as a LoRA (mergekit)",
+        description="mergekit reads both models tensor by tensor (neither is loaded whole). Embeddings and norms are "
+                    "left out by default: they would overwrite the target's.")
     extract.add_argument("archive_dir", type=Path)
     extract.add_argument("--model", required=True, help="the fine-tuned model (Hub id or local dir)")
     extract.add_argument("--base", required=True, help=base_help)
@@ -113,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="PEFT combines adapters inside a model: this loads the base model in its stored dtype "
                     "(on a 7B base, about 15 GB of RAM). Only the combined adapter is saved.")
     combine.add_argument("archive_dir", type=Path)
-    combine.add_argument("--adapters", required=True, type=_comma_list(str), help="archived names, e.g. a,b")
-    combine.add_argument("--weights", required=True, type=_comma_list(float), help="one per adapter, e.g. 0.6,0.4")
+    combine.add_argument("--adapters", required=True, type=names, help="archived names, e.g. a,b")
+    combine.add_argument("--weights", required=True, type=numbers, help="one per adapter, e.g. 0.6,0.4")
     combine.add_argument("--method", default="linear", help="a PEFT combination_type: linear (same ranks), cat, "
                          "ties, svd, ties_svd, dare_linear, dare_ties, magnitude_prune, ... (default linear)")
     combine.add_argument("--density", type=float, help="fraction kept by ties/dare/magnitude_prune methods")

@@ -61,18 +61,19 @@ def combine_adapters(archive_dir: Path, sources: list[str], weights: list[float]
     # PEFT adapter names become module keys, which cannot hold '.', so sources are loaded by position.
     peft_names = [f"source_{index}" for index in range(len(sources))]
     model = PeftModel.from_pretrained(model, archive_dir / sources[0], adapter_name=peft_names[0])
-    for source, peft_name in zip(sources[1:], peft_names[1:]):
+    for source, peft_name in zip(sources[1:], peft_names[1:], strict=True):
         model.load_adapter(archive_dir / source, adapter_name=peft_name)
     torch.manual_seed(seed)
     model.add_weighted_adapter(peft_names, weights, COMBINED, combination_type=method, density=density,
                                svd_rank=svd_rank)
     targets = {manifest.get("target_model") for manifest in manifests.values()}
-    manifest = new_manifest("combined", base_model, base_dir, target_model=targets.pop() if len(targets) == 1 else None,
-                            combination={"tool": "peft add_weighted_adapter", "combination_type": method,
-                                         "density": density, "svd_rank": svd_rank, "seed": seed,
-                                         "sources": [{"name": source, "weight": weight, "kind": manifests[source].get(
-                                             "kind"), "files": manifests[source]["files"]}
-                                                     for source, weight in zip(sources, weights)]})
+    combination = {"tool": "peft add_weighted_adapter", "combination_type": method, "density": density,
+                   "svd_rank": svd_rank, "seed": seed,
+                   "sources": [{"name": source, "weight": weight, "kind": manifests[source].get("kind"),
+                                "files": manifests[source]["files"]}
+                               for source, weight in zip(sources, weights, strict=True)]}
+    manifest = new_manifest("combined", base_model, base_dir, combination=combination,
+                            target_model=targets.pop() if len(targets) == 1 else None)
     with tempfile.TemporaryDirectory(prefix="ftmerge-combine-") as work:
         model.save_pretrained(work, selected_adapters=[COMBINED])
         saved = Path(work) / COMBINED

@@ -60,13 +60,16 @@ def _relative(numerator: torch.Tensor, denominator: torch.Tensor) -> float | Non
 def compare_with_finetune(adapter: LoraAdapter, model_dir: Path, base_dir: Path) -> tuple[dict, dict]:
     """One pass over the fine-tune's tensors. Returns (reconstruction_error, left_out): per LoRA module
     ||W_ft - W_base - scale·B@A|| / ||W_ft - W_base|| (None when the fine-tune did not change it), and for every
-    other tensor the fine-tune changed, ||W_ft - W_base|| and its ratio to ||W_base||."""
+    other tensor the fine-tune changed, ||W_ft - W_base|| and its ratio to ||W_base|| (or both shapes, when the
+    fine-tune resized it or the base lacks it)."""
     model_tensor_infos, base_tensor_infos = model_tensors(model_dir), model_tensors(base_dir)
     errors, left_out = {}, {}
     with TensorReader(model_tensor_infos) as finetuned, TensorReader(base_tensor_infos) as base:
         for name in tqdm(list(model_tensor_infos), desc="reconstruction error", unit="tensor", leave=False):
-            if name not in base_tensor_infos:
-                left_out[name] = {"not_in_base": True}
+            if name not in base_tensor_infos or base_tensor_infos[name].shape != model_tensor_infos[name].shape:
+                base_shape = base_tensor_infos[name].shape if name in base_tensor_infos else None
+                left_out[name] = {"shape": list(model_tensor_infos[name].shape),
+                                  "base_shape": list(base_shape) if base_shape else None}
                 continue
             base_weight = base.read(name).float()
             delta = finetuned.read(name).float() - base_weight

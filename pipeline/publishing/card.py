@@ -99,8 +99,8 @@ output = model.generate(**inputs, max_new_tokens=64)
 print(tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 ```""")
     if recipe.publish.what != "merged" and adapter_names:
-        parts.append(f"""Each LoRA adapter is in `adapters/<name>/`; it was trained on the base and is meant to be applied
-to the target, with PEFT:
+        parts.append(f"""Each LoRA adapter is in `adapters/<name>/`. It was trained on the base and is meant to be
+applied to the target, with PEFT:
 
 ```python
 from peft import PeftModel
@@ -117,13 +117,14 @@ def model_card(recipe: Recipe, lineage: dict, mergekit_yaml: str, manifests: dic
     """README.md for the published folder. `manifests` are the archived adapters' (name → manifest), for kinds."""
     method = lineage.get("mergekit_config", {}).get("merge_method") or recipe.merge.method
     names = [adapter["name"] for adapter in lineage["adapters"]]
-    what = {"merged": "a merged model", "adapters": "LoRA adapters", "both": "a merged model and its LoRA adapters"}
+    contents = {"merged": "A merged model", "adapters": "LoRA adapters",
+                "both": "A merged model and the LoRA adapters it was made from"}[recipe.publish.what]
     sections = [
         f"---\n{yaml.safe_dump(front_matter(recipe, method, license_name), sort_keys=False)}---",
         f"# {recipe.publish.repo_id.split('/')[-1]}",
-        f"{what[recipe.publish.what]} made with ftmerge from the recipe `{recipe.name}`: {len(names)} LoRA "
-        f"fine-tune(s) of `{lineage['base']}`, each applied to `{lineage['target']}`, then merged all at once with "
-        f"mergekit's `{method}` over the base. The tokenizer, chat template and generation config are the target's.",
+        f"{contents}, made with ftmerge from the recipe `{recipe.name}`: {len(names)} LoRA fine-tune(s) of "
+        f"`{lineage['base']}`, each applied to `{lineage['target']}`, then merged all at once with mergekit's "
+        f"`{method}` over the base. The tokenizer, chat template and generation config are the target's.",
         lineage_section(lineage, manifests, method),
     ]
     if evaluation:

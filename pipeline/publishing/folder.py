@@ -1,6 +1,7 @@
 """The folder that is uploaded, exactly as the Hub repo will hold it: the merged model at the top level and/or each
-adapter under `adapters/<name>/`, plus the model card. Weight files are hard links where the filesystem allows it,
-so a dry run or a kept copy of a 15 GB model costs no disk space."""
+adapter under `adapters/<name>/`, plus the model card. The merged model's weights are hard links where the
+filesystem allows it, so a dry run or a kept copy of a 15 GB model costs no disk space; adapters are small and
+copied, so nothing done to the folder can reach the append-only archive."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ CARD = "README.md"
 EVALUATION_CHART = "evaluation.png"
 
 
-def link_or_copy(source: Path, destination: Path) -> None:
+def link_or_copy(source: Path, destination: Path, *, link: bool = False) -> None:
     destination.parent.mkdir(parents=True, exist_ok=True)
-    if source.suffix == ".safetensors":
+    if link:
         try:
             os.link(source, destination)
             return
@@ -33,7 +34,7 @@ def assemble_folder(out_dir: Path, merged_dir: Path | None, adapter_dirs: dict[s
     if merged_dir is not None:
         for file in sorted(Path(merged_dir).iterdir()):
             if file.is_file() and file.name != CARD and not file.name.startswith("."):
-                link_or_copy(file, out_dir / file.name)
+                link_or_copy(file, out_dir / file.name, link=file.suffix == ".safetensors")
     for name, adapter in adapter_dirs.items():
         for file_name in ADAPTER_FILES:
             link_or_copy(Path(adapter) / file_name, out_dir / "adapters" / name / file_name)

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import json
 import shutil
-from datetime import datetime, timezone
 from pathlib import Path
 
-from pipeline.archive.store import ADAPTER_FILES, MANIFEST, ArchiveError, file_hashes, verify_adapter
-from pipeline.fingerprint import model_fingerprint
+from pipeline.archive.store import (
+    ADAPTER_FILES,
+    MANIFEST,
+    ArchiveError,
+    already_archived,
+    canonical_adapter_config,
+    file_hashes,
+    new_manifest,
+)
+from pipeline.models.hub import resolve_model
 from pipeline.recipe import Recipe
-from pipeline.versions import library_versions
 
 NAME = "archive"
 RESUMABLE = False
 WRITE_ONCE = True
-BASE_CONFIG_KEYS = ("architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads", "num_key_value_heads", "vocab_size")
 
 
 def items(recipe: Recipe) -> list[str]:
@@ -46,18 +50,13 @@ def run(recipe: Recipe, item: str, out: Path, inputs: dict) -> dict:
     for name in ADAPTER_FILES:
         if not (adapter / name).is_file():
             raise ArchiveError(f"{adapter}: {name} missing; the train stage did not write a PEFT adapter")
-    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
-    adapter_config["base_model_name_or_path"] = recipe.base_model
+    adapter_config = canonical_adapter_config(json.loads((adapter / "adapter_config.json").read_text()),
+                                              recipe.base_model)
     (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
     shutil.copyfile(adapter / "adapter_model.safetensors", out / "adapter_model.safetensors")
     hashes = file_hashes(out)
     final = output_path(recipe, item)
-    if final.exists():
-        existing = verify_adapter(final)
-        if existing["files"] != hashes:
-            raise ArchiveError(
-                f"{final} already holds a different adapter named {item}; archived adapters are never overwritten. "
-                f"Rename the fine-tune (finetunes[].name) or move {final} away by hand.")
+    if already_archived(final, hashes):
         return {"adapter": str(final), "already_archived": True}
     manifest = _manifest(recipe, item, Path(inputs[("prepare", item)]), Path(inputs[("train", item)]), hashes, out)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -72,27 +71,19 @@ def _manifest(recipe: Recipe, item: str, prepared: Path, trained: Path, hashes: 
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     report_file = prepared / "report.json"
     report = json.loads(report_file.read_text()) if report_file.is_file() else {}
-    base = Path(recipe.base_model)
-    base_config = json.loads((base / "config.json").read_text()) if (base / "config.json").is_file() else {}
     marker = out / ".ftmerge-fingerprint"
     return {
         "name": item,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **new_manifest("trained", recipe.base_model, resolve_model(recipe.base_model, "base_model"),
+                       target_model=recipe.target_model),
         "recipe": recipe.name,
         "fingerprint": marker.read_text() if marker.is_file() else None,
-        "kind": "trained",
-        "base_model": recipe.base_model,
-        "base_model_resolved": str(base.resolve()) if base.is_dir() else recipe.base_model,
-        "base_model_fingerprint": model_fingerprint(recipe.base_model),
-        "base_config": {key: base_config[key] for key in BASE_CONFIG_KEYS if key in base_config},
-        "target_model": recipe.target_model,
         "dataset": {**finetune.dataset.model_dump(),
-                    "content_fingerprint": prepare.config(recipe, item).get("data_fingerprint"),
+                    "content_fingerprint": prepare.config(recipe, item)["dataset_content"],
                     "rows": {k: report.get(k) for k in ("rows_in", "kept", "train_rows", "eval_rows") if k in report}},
         "chat_template": recipe.chat_template,
         "train": recipe.train_config(item).model_dump(),
         "metrics": {k: metrics.get(k) for k in ("train_loss", "eval_loss", "steps", "seconds", "backend")
                     if k in metrics},
-        "versions": library_versions(),
         "files": hashes,
     }

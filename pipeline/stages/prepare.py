@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data import formats, loading, render, report, templates
+from pipeline.data import formats, loading, templates
 from pipeline.fingerprint import content_fingerprint, sha256_file
 from pipeline.recipe import Recipe, RecipeError
 
@@ -70,6 +70,8 @@ def check(recipe: Recipe, item: str) -> None:
 
 
 def run(recipe: Recipe, item: str, out: Path, inputs: dict) -> dict:
+    from pipeline.data import render, report  # import datasets/pyarrow only when preparing: --status stays fast
+
     dataset = recipe.finetune(item).dataset
     train = recipe.train_config(item)
     chat = templates.chat_format(recipe)

@@ -67,13 +67,14 @@ def run(recipe: Recipe, item: str, out: Path, inputs: dict) -> dict:
     names = [adapter["name"] for adapter in lineage["adapters"]]
     manifests = {name: verify_adapter(adapter_dir(recipe, name)) for name in names}
     what = recipe.publish.what
-    evaluate_dir = Path(inputs.get(("evaluate", "")) or Path(recipe.output_dir) / "evaluate")
+    # Only an evaluation of this very merge (a dependency, so never stale) goes into the card.
+    evaluate_dir = Path(inputs[("evaluate", "")]) if ("evaluate", "") in inputs else None
     assemble_folder(out, merged if what != "adapters" else None,
                     {name: adapter_dir(recipe, name) for name in names} if what != "merged" else {},
-                    evaluate_dir / "report.png")
+                    evaluate_dir / "report.png" if evaluate_dir else None)
     token = None if recipe.publish.dry_run else hub_token()
-    report = evaluate_dir / "report.md"
-    evaluation = report.read_text().split("\n", 1)[-1] if report.is_file() else None  # without its title
+    report = evaluate_dir / "report.md" if evaluate_dir else None
+    evaluation = report.read_text().split("\n", 1)[-1] if report and report.is_file() else None  # without title
     if evaluation and (out / EVALUATION_CHART).is_file():
         evaluation += f"\n![evaluation chart]({EVALUATION_CHART})\n"
     (out / CARD).write_text(model_card(
