@@ -30,7 +30,10 @@ test: setup
 	$(PY) -m ruff check pipeline tests bench
 	$(PY) -m pytest -q
 
+# Benchmarks print ratios against the reference tools; each takes minutes and builds its models under /tmp.
 bench: setup
+	$(PY) bench/prepare.py
+	$(PY) bench/train.py
 	$(PY) bench/apply.py
 	$(PY) bench/merge.py
 

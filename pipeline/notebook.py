@@ -281,31 +281,13 @@ def chat(session: Session, prompt: str, max_new_tokens: int = 48) -> str:
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def push_to_hub(session: Session, repo_id: str, what: str = "merged", private: bool = True, api=None) -> str:
-    """Upload the merged model, or only this recipe's adapters from the archive (one folder each), to a Hub model
-    repository, created when missing. The token is huggingface_hub's (HF_TOKEN from cell 3); never printed."""
-    from huggingface_hub import HfApi, get_token
-
-    if what not in ("merged", "adapters"):
-        raise ValueError(f"PUSH_WHAT: expected 'merged' or 'adapters', got {what!r}")
-    if not repo_id or "/" not in repo_id:
-        raise ValueError(f"HUB_REPO_ID: expected 'user-or-org/name', got {repo_id!r}")
-    if api is None:
-        if get_token() is None:
-            raise PermissionError(f"no Hub token: add a Colab secret or environment variable {HUB_TOKEN_NAME} "
-                                  "with write access, then run the token cell again")
-        api = HfApi()
-    recipe = session.load()
-    if what == "merged":
-        folder, patterns = merged_model_dir(session), None
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"no merged model in {folder}: run the merge cell first")
-    else:
-        folder, patterns = Path(recipe.archive_dir), [f"{f.name}/*" for f in recipe.finetunes]
-        missing = [f.name for f in recipe.finetunes if not (folder / f.name).is_dir()]
-        if missing:
-            raise FileNotFoundError(f"adapters {missing} are not in the archive {folder}: run the archive cell first")
-    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    commit = api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=folder, allow_patterns=patterns,
-                               ignore_patterns=["*.ftmerge-*"], commit_message=f"ftmerge: {recipe.name} ({what})")
-    return str(getattr(commit, "commit_url", commit))
+def push_to_hub(session: Session, repo_id: str = "", what: str = "merged", private: bool = True) -> None:
+    """The publish stage (model card + one upload with huggingface_hub) for the merged model, the adapters or both;
+    `repo_id` overrides the recipe's `publish.repo_id`. The token is huggingface_hub's (HF_TOKEN from cell 3)."""
+    settings = [f"publish.what={what}", f"publish.private={str(private).lower()}"]
+    if repo_id:
+        settings.append(f"publish.repo_id={json.dumps(repo_id)}")
+    publishing = Session(session.recipe, session.storage, [*session.overrides, *settings])
+    if not publishing.load().publish.repo_id:
+        raise ValueError("HUB_REPO_ID: give the Hub repository to push to, e.g. 'your-name/qwen2-7b-merged'")
+    run_stage(publishing, "publish")

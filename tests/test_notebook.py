@@ -1,7 +1,8 @@
 """The Colab notebook: stored clean, parameterised, holding no logic of its own; executed headless on CPU against the
 tiny recipe (Drive off) it runs every stage, and a second execution (a new "session") skips every stage.
-Also the helpers it calls (pipeline/notebook.py). Colab itself (google.colab) and the Hub cannot exist here: those
-two are replaced by small fakes where a test needs them, and said so."""
+Also the helpers it calls (pipeline/notebook.py). Colab itself (google.colab) cannot exist here: a small stand-in
+replaces its secrets API where a test needs it. The Hub neither: the push cell runs the publish stage with
+`publish.dry_run`, which assembles the folder and card without uploading."""
 
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def test_stored_notebook_is_clean_and_parameterised():
         if cell.cell_type == "code":
             assert index > 0 and nb.cells[index - 1].cell_type == "markdown", f"code cell {cell.id}: no markdown line"
     stage_cells = [cell.id for cell in code if "notebook.run_stage(" in cell.source]
-    assert stage_cells == list(STAGES), "one cell per stage, in the runner's order"
+    assert [*stage_cells, "publish"] == list(STAGES), "one cell per stage, in the runner's order; publish is cell 7"
+    assert "notebook.push_to_hub(" in code[-1].source
     assert not any("def " in cell.source or "class " in cell.source for cell in code), "logic belongs in pipeline/"
 
 
@@ -121,39 +123,10 @@ def test_install_commands_pin_unsloth_as_pyproject_does():
     assert Path(commands[0][1]).is_file(), "Unsloth's run-time requirements are installed before it"
 
 
-class FakeHubApi:
-    """Records what would be sent to the Hub (no Hub server here)."""
-
-    def __init__(self):
-        self.calls = []
-
-    def create_repo(self, repo_id, **kwargs):
-        self.calls.append(("create_repo", repo_id, kwargs))
-
-    def upload_folder(self, **kwargs):
-        self.calls.append(("upload_folder", kwargs))
-        return f"https://huggingface.co/{kwargs['repo_id']}/commit/abc"
-
-
-def test_push_uploads_the_merged_folder_or_only_this_recipes_adapters(tmp_path):
+def test_push_needs_a_repository(tmp_path):
     session = notebook.Session(Path("recipes/qwen2_7b.yaml"), tmp_path)
-    api = FakeHubApi()
-    with pytest.raises(FileNotFoundError, match="merge cell"):
-        notebook.push_to_hub(session, "me/merged", api=api)
-    merged = notebook.merged_model_dir(session)
-    merged.mkdir(parents=True)
-    (merged / "config.json").write_text("{}")
-    assert notebook.push_to_hub(session, "me/merged", api=api).endswith("/commit/abc")
-    assert api.calls[0] == ("create_repo", "me/merged", {"repo_type": "model", "private": True, "exist_ok": True})
-    assert api.calls[1][1]["folder_path"] == merged and api.calls[1][1]["allow_patterns"] is None
-    with pytest.raises(FileNotFoundError, match="everything-instruct"):
-        notebook.push_to_hub(session, "me/adapters", what="adapters", api=api)
-    (tmp_path / "adapters" / "qwen2-7b" / "everything-instruct").mkdir(parents=True)
-    notebook.push_to_hub(session, "me/adapters", what="adapters", api=api)
-    assert api.calls[-1][1]["folder_path"] == tmp_path / "adapters" / "qwen2-7b"
-    assert api.calls[-1][1]["allow_patterns"] == ["everything-instruct/*"]
     with pytest.raises(ValueError, match="HUB_REPO_ID"):
-        notebook.push_to_hub(session, "no-owner", api=api)
+        notebook.push_to_hub(session, "")
 
 
 def _execute(tmp_path: Path, parameters: dict[str, object]):
@@ -183,22 +156,24 @@ def test_notebook_runs_every_stage_then_resumes_with_nothing_to_do(tmp_path, mon
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "jupyter-runtime"))
     storage = tmp_path / "drive"
     parameters = {"RECIPE": "recipes/tiny_cpu.yaml", "MOUNT_DRIVE": False, "OUTPUT_ROOT": str(storage),
-                  "OVERRIDES": SMALL_RUN, "CHAT_PROMPT": "sort\nc a b"}
+                  "OVERRIDES": [*SMALL_RUN, "publish.dry_run=true"], "CHAT_PROMPT": "sort\nc a b",
+                  "PUSH_TO_HUB": True, "HUB_REPO_ID": "someone/tiny-cpu-merged", "PUSH_WHAT": "both"}
+    cells = {stage: stage for stage in STAGES} | {"publish": "push"}
 
     first = _execute(tmp_path, parameters)
-    merged = storage / "runs" / "tiny-cpu" / "merge"
-    assert (merged / "config.json").is_file() and list(merged.glob("*.safetensors"))
+    run = storage / "runs" / "tiny-cpu"
+    assert (run / "merge" / "config.json").is_file() and list((run / "merge").glob("*.safetensors"))
+    assert (run / "publish" / "README.md").is_file(), "the push cell ran the publish stage (dry run: no upload)"
     rows = _status(first["status"])
-    assert {row["stage"] for row in rows} == set(STAGES)
+    assert {row["stage"] for row in rows} == set(STAGES) - {"publish"}, "publish is opt-in: cell 7"
     assert [row for row in rows if row["state"] != "done"] == []
     assert all(Path(row["output"]).is_relative_to(storage) for row in rows), "everything is kept in the storage"
-    for stage in STAGES:
-        assert "skipped" not in _stdout(first[stage]) and "done" in _stdout(first[stage])
+    for stage, cell in cells.items():
+        assert "skipped" not in _stdout(first[cell]) and "done" in _stdout(first[cell]), stage
 
     second = _execute(tmp_path, parameters)
-    for stage in STAGES:
-        lines = _stdout(second[stage]).splitlines()
+    for stage, cell in cells.items():
+        lines = _stdout(second[cell]).splitlines()
         steps = [line for line in lines if line.startswith(stage)]
         assert steps and all("skipped" in line for line in steps), f"{stage} ran again:\n" + "\n".join(lines)
     assert [row["state"] for row in _status(second["status"])] == ["done"] * len(rows)
-    assert "skipped" in _stdout(second["push"])
