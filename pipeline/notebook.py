@@ -230,10 +230,7 @@ def status_rows(session: Session) -> list[dict]:
     from pipeline import runner
 
     recipe = session.load()
-    return [{"stage": step.stage.NAME, "item": step.item, "state": runner.describe(recipe, step),
-             "fingerprint": step.fingerprint[:12],
-             "seconds": runner.read_state(recipe, step.stage.NAME, step.item).get("seconds"),
-             "output": str(step.output)} for step in runner.plan(recipe)]
+    return runner.status_rows(recipe, runner.plan(recipe))
 
 
 def show_status(session: Session) -> None:

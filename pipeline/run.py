@@ -43,11 +43,10 @@ def print_table(recipe: Recipe, steps: list[runner.Step], selected: list[runner.
     if selected is not None:
         table.add_column("plan")
     chosen = {id(s) for s in selected or ()}
-    for step in steps:
-        state = runner.read_state(recipe, step.stage.NAME, step.item)
-        seconds = state.get("seconds")
-        row = [step.stage.NAME, step.item or "-", runner.describe(recipe, step), step.fingerprint[:12],
-               f"{seconds:.1f}s" if seconds is not None else "", str(step.output)]
+    for step, status in zip(steps, runner.status_rows(recipe, steps), strict=True):
+        seconds = status["seconds"]
+        row = [status["stage"], status["item"] or "-", status["state"], status["fingerprint"],
+               f"{seconds:.1f}s" if seconds is not None else "", status["output"]]
         if selected is not None:
             row.append("run" if id(step) in chosen and (force or not runner.is_done(recipe, step)) else "skip")
         table.add_row(*row)

@@ -132,6 +132,14 @@ def describe(recipe: Recipe, step: Step) -> str:
     return status or "pending"
 
 
+def status_rows(recipe: Recipe, steps: list[Step]) -> list[dict]:
+    """Every step as data, the rows of `--status`: stage, item, state, fingerprint, seconds, output."""
+    return [{"stage": step.stage.NAME, "item": step.item, "state": describe(recipe, step),
+             "fingerprint": step.fingerprint[:12],
+             "seconds": read_state(recipe, step.stage.NAME, step.item).get("seconds"), "output": str(step.output)}
+            for step in steps]
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
