@@ -168,6 +168,20 @@ def test_embedding_lora_is_refused(models, tmp_path):
         load_adapter(adapter)
 
 
+def test_truncated_or_garbled_adapter_is_refused_before_writing(models, tmp_path):
+    """LoRA matrices are read only when applied, so a cut-off file must be caught when the adapter is opened."""
+    adapter = make_adapter(models["base"], tmp_path / "adapter", target_modules=["q_proj", "v_proj"])
+    weights = adapter / "adapter_model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[:-100])
+    with pytest.raises(AdapterRefused, match=r"truncated .* before the data of base_model\.model\..*lora_"):
+        apply_adapter(adapter, models["target"], tmp_path / "out", device="cpu")
+    assert not (tmp_path / "out").exists()
+    weights.write_bytes(b"\xff" * 64)
+    with pytest.raises(AdapterRefused, match="not a valid safetensors header"):
+        load_adapter(adapter)
+
+
 def test_fan_in_fan_out_adapter_on_conv1d_weights(tmp_path):
     """GPT-2 stores its projections transposed (Conv1D); PEFT adapters for it set fan_in_fan_out."""
     from transformers import GPT2Config, GPT2LMHeadModel

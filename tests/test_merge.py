@@ -201,3 +201,39 @@ def test_default_parameters_are_the_seeds_where_the_method_takes_them(tiny_model
     assert merge_parameters(linear) == {"normalize": True}  # linear has no int8_mask
     merge.check(linear, "")
     assert merge_parameters(make_recipe(tiny_models, archive, tmp_path, parameters={})) == {}
+
+
+def test_fused_writes_shards_as_they_fill_with_an_index(tiny_models, archive, applied, tmp_path, monkeypatch):
+    """A 7B merge spans several shards: the fused engine's sharded output equals the mergekit engine's."""
+    from pipeline.merging import fused
+    from pipeline.models.safetensors_io import INDEX_FILE
+
+    monkeypatch.setitem(fused.fused_merge.__kwdefaults__, "max_shard_bytes", 40_000)
+    sharded = merge_with(tiny_models, archive, applied, tmp_path / "f", "fused")
+    shards = sorted(sharded.glob("*.safetensors"))
+    assert len(shards) > 2 and shards[0].name == f"model-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((sharded / INDEX_FILE).read_text())
+    assert set(index["weight_map"].values()) == {shard.name for shard in shards}
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in load_model_tensors(sharded).values())
+    assert_same_tensors(sharded, merge_with(tiny_models, archive, applied, tmp_path / "m", "mergekit"))
+
+
+def test_tokenizer_source_goes_to_mergekit_and_warns_when_the_vocabulary_shrinks(tiny_models, archive, applied,
+                                                                                 tmp_path):
+    """The tiny target's embedding has more rows than its tokenizer has tokens (as Qwen2.5's 152064 vs 151665):
+    mergekit rebuilds embed_tokens/lm_head to the tokenizer's length, and the summary says so."""
+    from transformers import AutoTokenizer
+
+    recipe = make_recipe(tiny_models, archive, applied, tokenizer_source="target")
+    inputs = {("apply", name): apply.output_path(recipe, name) for name in ADAPTERS}
+    out = tmp_path / "merge"
+    out.mkdir()
+    merge.check(recipe, "")
+    summary = merge.run(recipe, "", out, inputs)
+    rows = len(AutoTokenizer.from_pretrained(tiny_models["target"]))
+    target_rows = json.loads((tiny_models["target"] / "config.json").read_text())["vocab_size"]
+    assert summary["engine"] == "mergekit" and rows < target_rows
+    assert f"from {target_rows} (target) to {rows}" in summary["warning"]
+    assert load_model_tensors(out)["model.embed_tokens.weight"].shape[0] == rows
+    with pytest.raises(RecipeError, match="fused cannot rebuild the vocabulary"):
+        merge.check(make_recipe(tiny_models, archive, applied, tokenizer_source="target", engine="fused"), "")

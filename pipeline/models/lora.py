@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+
+from pipeline.models.safetensors_io import TensorInfo, read_header, read_tensor
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -37,11 +38,13 @@ class AdapterRefused(ValueError):
 
 @dataclass(frozen=True)
 class LoraModule:
-    """One LoRA-adapted linear layer, named by the weight it updates in the model."""
+    """One LoRA-adapted linear layer, named by the weight it updates in the model. A and B stay in the adapter file
+    until `delta` reads them: a 72B model's adapter is gigabytes in float32, and holding it whole would make memory
+    grow with the depth of the model instead of staying at the size of one tensor."""
 
     weight_name: str
-    lora_A: torch.Tensor
-    lora_B: torch.Tensor
+    lora_A: TensorInfo
+    lora_B: TensorInfo
     scale: float
     fan_in_fan_out: bool
 
@@ -53,7 +56,8 @@ class LoraModule:
     def delta(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """scale·(B@A) in float32, the same operations in the same order as PEFT's `get_delta_weight` (which upcasts
         bf16/fp16 adapters to float32 when loading them)."""
-        product = self.lora_B.to(device, torch.float32) @ self.lora_A.to(device, torch.float32)
+        lora_A, lora_B = read_tensor(self.lora_A), read_tensor(self.lora_B)
+        product = lora_B.to(device, torch.float32) @ lora_A.to(device, torch.float32)
         return (product.T if self.fan_in_fan_out else product) * self.scale
 
 
@@ -69,10 +73,6 @@ class LoraAdapter:
     path: Path
     config: dict
     modules: dict[str, LoraModule]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(m.lora_A.nbytes + m.lora_B.nbytes for m in self.modules.values())
 
 
 def read_adapter_config(path: Path) -> dict:
@@ -112,19 +112,26 @@ def load_adapter(path: Path) -> LoraAdapter:
     weights_file = path / ADAPTER_WEIGHTS
     if not weights_file.is_file():
         raise FileNotFoundError(f"{path}: no {ADAPTER_WEIGHTS} (only safetensors adapters are read, never pickles)")
-    state = load_file(weights_file)
-    embedding = next((key for key in state if "lora_embedding" in key), None)
+    try:
+        entries = read_header(weights_file)
+    except ValueError as error:
+        raise AdapterRefused(str(error)) from None
+    size = weights_file.stat().st_size
+    truncated = next((info.name for info in entries.values() if info.end > size), None)
+    if truncated:
+        raise AdapterRefused(f"{weights_file}: truncated ({size} bytes) before the data of {truncated}")
+    embedding = next((key for key in entries if "lora_embedding" in key), None)
     if embedding:
         raise AdapterRefused(f"{weights_file}: {embedding} is an embedding LoRA; it was trained on the base's "
                              "embedding table, which the target's (often retrained) embeddings do not match, and "
                              "PEFT saves the whole base embedding with it. Keep LoRA on the projection layers.")
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state.items():
+    pairs: dict[str, dict[str, TensorInfo]] = {}
+    for key, info in entries.items():
         match = KEY.match(key)
         if match is None:
             raise AdapterRefused(f"{weights_file}: {key} is not a LoRA A/B matrix (full weights, biases or DoRA "
                                  "magnitudes of the base cannot be applied to a different model)")
-        pairs.setdefault(match["module"], {})[match["part"]] = tensor
+        pairs.setdefault(match["module"], {})[match["part"]] = info
     modules = {}
     for module_name, pair in pairs.items():
         if set(pair) != {"A", "B"}:

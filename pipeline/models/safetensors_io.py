@@ -49,14 +49,19 @@ class TensorInfo:
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """The tensors of one safetensors file, in the order of their data."""
     path = Path(path)
-    with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-    header.pop("__metadata__", None)
-    data_start = 8 + length
-    infos = [TensorInfo(name, path, TORCH_DTYPES[entry["dtype"]], tuple(entry["shape"]),
-                        data_start + entry["data_offsets"][0], data_start + entry["data_offsets"][1])
-             for name, entry in header.items()]
+    try:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > path.stat().st_size - 8:
+                raise ValueError(f"header length {length} exceeds the file")
+            header = json.loads(handle.read(length))
+        header.pop("__metadata__", None)
+        data_start = 8 + length
+        infos = [TensorInfo(name, path, TORCH_DTYPES[entry["dtype"]], tuple(entry["shape"]),
+                            data_start + entry["data_offsets"][0], data_start + entry["data_offsets"][1])
+                 for name, entry in header.items()]
+    except (struct.error, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: not a valid safetensors header ({error!r})") from None
     return {info.name: info for info in sorted(infos, key=lambda info: info.start)}
 
 
@@ -79,6 +84,24 @@ def model_tensors(model_dir: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
+def read_tensor(info: TensorInfo, handle=None) -> torch.Tensor:
+    """One tensor, read with `readinto` straight into its own storage (from `handle`, or the file opened for it)."""
+    if handle is None:
+        with open(info.file, "rb") as own:
+            return read_tensor(info, own)
+    tensor = torch.empty(info.shape, dtype=info.dtype)
+    if info.nbytes:
+        buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        handle.seek(info.start)
+        filled = 0
+        while filled < info.nbytes:
+            count = handle.readinto(buffer[filled:])
+            if not count:
+                raise OSError(f"{info.file}: truncated while reading {info.name}")
+            filled += count
+    return tensor
+
+
 class TensorReader:
     """Reads tensors by name with one open handle per file; each read allocates exactly that tensor."""
 
@@ -91,17 +114,7 @@ class TensorReader:
         handle = self._handles.get(info.file)
         if handle is None:
             handle = self._handles[info.file] = open(info.file, "rb")  # noqa: SIM115 (closed in close())
-        tensor = torch.empty(info.shape, dtype=info.dtype)
-        if info.nbytes:
-            buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-            handle.seek(info.start)
-            filled = 0
-            while filled < info.nbytes:
-                count = handle.readinto(buffer[filled:])
-                if not count:
-                    raise OSError(f"{info.file}: truncated while reading {name}")
-                filled += count
-        return tensor
+        return read_tensor(info, handle)
 
     def close(self) -> None:
         for handle in self._handles.values():
