@@ -28,12 +28,15 @@ def sha256_file(path: Path) -> str:
 
 
 def content_fingerprint(path: Path) -> str:
-    """sha256 over the bytes of a file, or of every file under a directory (names included)."""
+    """sha256 over the bytes of a file, or of every file under a directory (names included) outside hidden files
+    and directories, which the dataset loader skips too (a `.git/` or `.cache/` beside the data changes often)."""
     path = Path(path)
     if path.is_file():
         return sha256_file(path)
     digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+    files = (p for p in path.rglob("*") if p.is_file()
+             and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    for file in sorted(files):
         digest.update(str(file.relative_to(path)).encode() + b"\0" + sha256_file(file).encode())
     return digest.hexdigest()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
+# A fine-tune's outputs are written beside `<name>.partial` and `<name>.old`: a name ending so would be overwritten.
+RESERVED_SUFFIXES = (".partial", ".old")
 EMBEDDING_MODULES = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out")
 
 
@@ -89,6 +92,14 @@ class FinetuneConfig(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     dataset: DatasetConfig
     train: dict[str, Any] = {}
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, name: str) -> str:
+        if name.endswith(RESERVED_SUFFIXES):
+            raise ValueError(f"{name!r} ends with {' or '.join(RESERVED_SUFFIXES)}, which name the temporary and "
+                             "previous copies of another fine-tune's outputs; choose another name")
+        return name
 
 
 class ApplyConfig(Strict):
@@ -167,6 +178,12 @@ class Recipe(Strict):
     evaluate: EvaluateConfig = EvaluateConfig()
     publish: PublishConfig = PublishConfig()
 
+    @field_validator("output_dir", "archive_dir", "base_model", "target_model")
+    @classmethod
+    def _expand_home(cls, value: Path | str | None) -> Path | str | None:
+        """`~/runs/x` is the home directory, as for dataset paths, not a directory named `~` in the current one."""
+        return None if value is None else type(value)(os.path.expanduser(value))
+
     @model_validator(mode="after")
     def _defaults_and_checks(self) -> Recipe:
         if self.output_dir is None:
@@ -177,11 +194,15 @@ class Recipe(Strict):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"finetunes: names must be unique, repeated: {duplicates}")
+        problems = []
         for index, finetune in enumerate(self.finetunes):
             try:
                 self.train_config(finetune.name)
             except ValidationError as error:
-                raise ValueError(f"finetunes.{index}.train: {_first_error(error)}") from None
+                problems += [f"finetunes.{index}.train.{key}: {message}"
+                             for key, message in (_problem(item, TrainConfig) for item in error.errors())]
+        if problems:
+            raise ValueError("\n  ".join(problems))
         return self
 
     def train_config(self, finetune: str) -> TrainConfig:
@@ -203,11 +224,6 @@ def _deep_update(base: dict, overrides: dict) -> dict:
     return merged
 
 
-def _first_error(error: ValidationError) -> str:
-    first = error.errors()[0]
-    return f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
-
-
 def _known_keys(model: type[BaseModel], location: tuple) -> list[str]:
     """The keys the schema accepts at a location, for the "did you mean" hint."""
     for part in location:
@@ -227,19 +243,23 @@ def _known_keys(model: type[BaseModel], location: tuple) -> list[str]:
     return list(model.model_fields)
 
 
+def _problem(item: dict, schema: type[BaseModel]) -> tuple[str, str]:
+    """(key path, message) of one pydantic error, an unknown key with its "did you mean" hint from `schema`."""
+    location = tuple(item["loc"])
+    message = item["msg"].removeprefix("Value error, ")
+    if item["type"] == "extra_forbidden":
+        known = _known_keys(schema, location[:-1])
+        close = difflib.get_close_matches(str(location[-1]), known, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else (f"; known keys: {', '.join(known)}" if known else "")
+        message = f"unknown key{hint}"
+    return ".".join(str(p) for p in location), message
+
+
 def format_validation_error(error: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid recipe ({error.error_count()} problem{'s' * (error.error_count() > 1)})"]
-    for item in error.errors():
-        location = tuple(item["loc"])
-        key = ".".join(str(p) for p in location)
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            known = _known_keys(Recipe, location[:-1])
-            close = difflib.get_close_matches(str(location[-1]), known, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else (f"; known keys: {', '.join(known)}" if known else "")
-            message = f"unknown key{hint}"
-        lines.append(f"  {key or '(top level)'}: {message}")
-    return "\n".join(lines)
+    # checks across keys (Recipe's model validator) name their keys in the message, one problem per line
+    lines = "\n".join(f"  {key}: {message}" if key else f"  {message}"
+                      for key, message in (_problem(item, Recipe) for item in error.errors())).splitlines()
+    return "\n".join([f"{source}: invalid recipe ({len(lines)} problem{'s' * (len(lines) > 1)})", *lines])
 
 
 def parse_override(text: str) -> tuple[list[str | int], Any]:

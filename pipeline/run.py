@@ -11,6 +11,7 @@ import sys
 import time
 
 from pipeline import distributed, runner
+from pipeline.archive.store import ArchiveError
 from pipeline.recipe import Recipe, RecipeError, load_recipe
 from pipeline.stages import STAGES
 
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             print_table(recipe, steps, selected, args.force)
             print("dry run: recipe is valid; nothing was loaded or written")
             return 0
-    except (RecipeError, FileNotFoundError) as error:
+    except (RecipeError, FileNotFoundError, ArchiveError) as error:  # the archive is read to plan the merge
         print(f"error: {error}", file=sys.stderr)
         return 2
     started = time.time()

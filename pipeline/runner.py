@@ -8,6 +8,7 @@ renamed into place when complete; a killed run never leaves a directory that loo
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -61,8 +62,11 @@ def read_state(recipe: Recipe, stage: str, item: str) -> dict:
 def write_json_atomic(path: Path, value: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(value, indent=2, default=str) + "\n")
-    os.replace(temporary, path)
+    try:
+        temporary.write_text(json.dumps(value, indent=2, default=str) + "\n")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def plan(recipe: Recipe, stages: dict[str, ModuleType] | None = None) -> list[Step]:
@@ -95,11 +99,10 @@ def check(recipe: Recipe, steps: list[Step]) -> None:
             step.stage.check(recipe, step.item)
         except (RecipeError, FileNotFoundError, ValueError) as error:
             problems.append(f"  {step.label}: {error}")
-        written = _written_fingerprint(step)
-        if written and written != step.fingerprint:
+        if _conflicts(recipe, step):
             problems.append(
-                f"  {step.label}: {step.output} already exists, made from another config or other data, and is never "
-                "overwritten. Give this item a new name, or move the existing one away by hand.")
+                f"  {step.label}: {step.output} already exists, made from another config or other data (or added by "
+                "hand), and is never overwritten. Give this item a new name, or move the existing one away by hand.")
     if problems:
         raise RecipeError("the recipe cannot run:\n" + "\n".join(dict.fromkeys(problems)))
 
@@ -113,15 +116,25 @@ def is_done(recipe: Recipe, step: Step) -> bool:
     return state.get("status") == "done" and state.get("fingerprint") == step.fingerprint and step.output.exists()
 
 
+def _conflicts(recipe: Recipe, step: Step) -> bool:
+    """A write-once output exists that this step did not make: another fingerprint, or none at all (an adapter added
+    with `pipeline.archive add`, or by hand). Found before anything runs, not after hours of training."""
+    return (step.stage.WRITE_ONCE and step.output.exists() and _written_fingerprint(step) != step.fingerprint
+            and not is_done(recipe, step))
+
+
 def _written_fingerprint(step: Step) -> str | None:
     marker = step.output / FINGERPRINT_FILE
     return marker.read_text() if step.stage.WRITE_ONCE and marker.is_file() else None
 
 
 def describe(recipe: Recipe, step: Step) -> str:
-    """done | stale (config or inputs changed) | failed | interrupted | running | pending."""
+    """done | stale (config or inputs changed) | missing (done, output gone) | failed | interrupted | running |
+    pending."""
     state = read_state(recipe, step.stage.NAME, step.item)
     status = state.get("status")
+    if _written_fingerprint(step) == step.fingerprint:
+        return "done"
     if status == "done":
         if not step.output.exists():
             return "missing"
@@ -183,24 +196,22 @@ def run_step(recipe: Recipe, step: Step, outputs: dict[tuple[str, str], Path]) -
     stage_name, item = step.stage.NAME, step.item
     started = time.time()
     main = distributed.is_main_process()
-    if main:
-        write_json_atomic(state_path(recipe, stage_name, item), {
-            "status": "running", "fingerprint": step.fingerprint, "started": _now(), "pid": os.getpid(),
-            "host": socket.gethostname(), "output": str(step.output)})
-        partial = _prepare_partial(step)
-    else:
-        partial = distributed.wait_for_partial(step.output.with_name(step.output.name + PARTIAL_SUFFIX),
-                                               FINGERPRINT_FILE, step.fingerprint)
     inputs = {dependency: outputs[dependency] for dependency in step.depends_on}
     try:
+        if main:
+            write_json_atomic(state_path(recipe, stage_name, item), {
+                "status": "running", "fingerprint": step.fingerprint, "started": _now(), "pid": os.getpid(),
+                "host": socket.gethostname(), "output": str(step.output)})
+            partial = _prepare_partial(step)
+        else:
+            partial = distributed.wait_for_partial(step.output.with_name(step.output.name + PARTIAL_SUFFIX),
+                                                   FINGERPRINT_FILE, step.fingerprint)
         summary = step.stage.run(recipe, item, partial, inputs) or {}
         if main:
             _move_into_place(step, partial)
     except Exception as error:
         if main:
-            write_json_atomic(state_path(recipe, stage_name, item), {
-                "status": "failed", "fingerprint": step.fingerprint, "started": _iso(started), "finished": _now(),
-                "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()})
+            _record_failure(recipe, step, started, error)
         raise StageFailed(_failure_message(step, error)) from error
     seconds = time.time() - started
     if main:
@@ -208,6 +219,15 @@ def run_step(recipe: Recipe, step: Step, outputs: dict[tuple[str, str], Path]) -
             "status": "done", "fingerprint": step.fingerprint, "started": _iso(started), "finished": _now(),
             "seconds": round(seconds, 3), "output": str(step.output), "summary": summary})
     return {"seconds": seconds, "summary": summary}
+
+
+def _record_failure(recipe: Recipe, step: Step, started: float, error: BaseException) -> None:
+    """Best effort: on a full disk the state file cannot be written either, and the user must still see why the
+    stage failed (the `running` state left behind reads as interrupted)."""
+    with contextlib.suppress(OSError):
+        write_json_atomic(state_path(recipe, step.stage.NAME, step.item), {
+            "status": "failed", "fingerprint": step.fingerprint, "started": _iso(started), "finished": _now(),
+            "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()})
 
 
 def _failure_message(step: Step, error: BaseException) -> str:

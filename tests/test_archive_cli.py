@@ -93,3 +93,22 @@ def test_adapter_of_another_size_is_refused_naming_tensor_and_shapes(adapters, t
 def test_bad_name_is_refused(adapters, tiny_models, tmp_path, capsys):
     assert add(tmp_path / "archive", adapters["one"], "Bad Name", tiny_models["base"]) == 1
     assert "adapter name 'Bad Name'" in capsys.readouterr().err
+
+
+def test_a_damaged_manifest_is_named_not_a_traceback(adapters, tiny_models, tmp_path, capsys):
+    from pipeline import run
+
+    archive = tmp_path / "archive"
+    assert add(archive, adapters["one"], "one", tiny_models["base"]) == 0
+    (archive / "broken").mkdir()
+    (archive / "broken" / "manifest.json").write_text('{"name": ')  # cut short by a full disk
+    capsys.readouterr()
+    assert archive_cli(["verify", str(archive)]) == 1
+    out = capsys.readouterr()
+    assert "ok       one" in out.out and "CORRUPT" in out.out and "broken" in out.err
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({"name": "r", "base_model": str(tiny_models["base"]),
+                                  "target_model": str(tiny_models["target"]), "archive_dir": str(archive),
+                                  "output_dir": str(tmp_path / "run")}))
+    assert run.main([str(recipe), "--status"]) == 2
+    assert "broken/manifest.json: not an archive manifest" in capsys.readouterr().err

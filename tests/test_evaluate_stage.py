@@ -156,6 +156,17 @@ def test_stage_contract(lineage):
     assert evaluate.config(recipe, "") != evaluate.config(unsaved, ""), "on-the-fly models depend on apply.dtype"
 
 
+def test_retention_data_under_home_is_fingerprinted_by_content(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    data = tmp_path / "copy.messages.jsonl"
+    data.write_bytes((DEMO_DATA / "copy.messages.jsonl").read_bytes())
+    recipe = make_recipe(tiny_models, tmp_path, retention=[
+        {"name": "copy", "dataset": {"path": "~/copy.messages.jsonl", "format": "messages"}}])
+    before = evaluate.config(recipe, "")
+    data.write_text(data.read_text().replace("a", "b"))
+    assert evaluate.config(recipe, "") != before
+
+
 def test_retention_rows_are_rendered_exactly_as_prepare_renders_a_finetune(tiny_models, tmp_path):
     copy = {"path": str(DEMO_DATA / "copy.messages.jsonl"), "format": "messages"}
     settings = make_recipe(tiny_models, tmp_path, max_samples=None).model_dump(mode="json")

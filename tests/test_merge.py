@@ -159,6 +159,29 @@ def test_check_rejects_bad_merge_settings(tiny_models, archive, tmp_path):
         merge.check(make_recipe(tiny_models, archive, tmp_path, adapters=["alpha", "zeta"]), "")
 
 
+def test_listed_adapter_of_another_base_is_refused_before_anything_runs(tiny_models, archive, tmp_path):
+    other_base = {**tiny_models, "base": tiny_models["target"]}  # same shapes: only the manifest tells them apart
+    recipe = make_recipe(other_base, archive, tmp_path, adapters=["alpha"])
+    for stage, item in ((apply, "alpha"), (merge, "")):
+        with pytest.raises(RecipeError, match=r"alpha \(base .*\) were not trained on this recipe's base_model"):
+            stage.check(recipe, item)
+    assert merge.check(make_recipe(tiny_models, archive, tmp_path, adapters=["alpha"]), "") is None
+
+
+def test_fused_engine_refuses_an_adapter_whose_base_has_another_architecture(tiny_models, archive, tmp_path):
+    from pipeline.merging.adapted_model import IncompatibleAdapter
+
+    copied = tmp_path / "archive"
+    shutil.copytree(archive, copied)
+    manifest = json.loads((copied / "beta" / "manifest.json").read_text())
+    manifest["base_config"] = {"model_type": "qwen2", "num_attention_heads": 8}  # the tiny target has 4
+    (copied / "beta" / "manifest.json").write_text(json.dumps(manifest))
+    recipe = make_recipe(tiny_models, copied, tmp_path, engine="fused")
+    with pytest.raises(IncompatibleAdapter, match="beta: its base has num_attention_heads=8"):
+        run_stage(merge, recipe, "")
+    assert not list(merge.output_path(recipe, "").glob("*.safetensors"))
+
+
 def test_engine_selection_and_dependencies(tiny_models, archive, tmp_path):
     fused = make_recipe(tiny_models, archive, tmp_path)
     assert merge.depends_on(fused, "") == []  # archived by another recipe: no stage of this one produces them

@@ -144,6 +144,17 @@ def test_fingerprint_follows_file_content(tiny_models, tmp_path):
     assert hash_json(prepare.config(chatml, "ft")) != hash_json(prepare.config(recipe, "ft"))
 
 
+def test_directory_fingerprint_ignores_hidden_directories_the_loader_skips(tiny_models, tmp_path):
+    source = tmp_path / "data"
+    source.mkdir()
+    shutil.copy(EXAMPLES["alpaca"], source / "part-0.jsonl")
+    recipe = make_recipe(tiny_models, tmp_path, {"path": str(source), "format": "alpaca"})
+    before = hash_json(prepare.config(recipe, "ft"))
+    (source / ".git" / "objects").mkdir(parents=True)
+    (source / ".git" / "objects" / "pack").write_text("a clone's history changes without the data changing")
+    assert hash_json(prepare.config(recipe, "ft")) == before
+
+
 def test_checks_name_the_problem(tiny_models, tmp_path):
     missing = make_recipe(tiny_models, tmp_path, {"path": str(tmp_path / "nope.jsonl")})
     with pytest.raises(RecipeError, match=r"finetunes\.0\.dataset\.path: .*not found"):

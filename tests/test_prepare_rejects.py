@@ -74,3 +74,4 @@ def test_too_many_rejects_fail_with_reasons_and_examples(tiny_models, tmp_path):
     assert "10 of 11 rows rejected" in message and "missing_field: 10" in message
     assert message.count("  row ") == 3 and '"question": "q0"' in message
     assert not (out / "train").exists()
+    assert str(out / "rejected.jsonl") in message and len((out / "rejected.jsonl").read_text().splitlines()) == 10

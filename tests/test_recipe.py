@@ -85,3 +85,27 @@ def test_python_objects_in_yaml_are_not_constructed(tmp_path):
     path = _write(tmp_path, unsafe)
     with pytest.raises(RecipeError, match="not valid YAML"):
         load_recipe(path)
+
+
+def test_finetune_override_typos_get_a_hint_and_every_problem_is_listed(tmp_path):
+    finetunes = [{"name": "a", "dataset": {"path": "x.jsonl"}, "train": {"lerning_rate": 1e-4}},
+                 {"name": "b", "dataset": {"path": "y.jsonl"}, "train": {"lora": {"rr": 8}, "batch_size": "two"}}]
+    message = error_of(_write(tmp_path, {**MINIMAL, "finetunes": finetunes}))
+    assert "3 problems" in message and "(top level)" not in message
+    assert "finetunes.0.train.lerning_rate: unknown key; did you mean 'learning_rate'?" in message
+    assert "finetunes.1.train.lora.rr: unknown key; did you mean 'r'?" in message
+    assert "finetunes.1.train.batch_size:" in message
+
+
+def test_finetune_names_cannot_shadow_the_runners_temporary_and_previous_copies(tmp_path):
+    finetunes = [{"name": "a", "dataset": {"path": "x.jsonl"}}, {"name": "a.partial", "dataset": {"path": "y"}},
+                 {"name": "a.old", "dataset": {"path": "z"}}]
+    message = error_of(_write(tmp_path, {**MINIMAL, "finetunes": finetunes}))
+    assert "finetunes.1.name" in message and "finetunes.2.name" in message and ".partial or .old" in message
+
+
+def test_home_in_output_and_model_paths_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    recipe = load_recipe(_write(tmp_path, {**MINIMAL, "output_dir": "~/runs/demo", "base_model": "~/models/base"}))
+    assert recipe.output_dir == tmp_path / "runs" / "demo" and recipe.archive_dir == tmp_path / "runs/demo/adapters"
+    assert recipe.base_model == str(tmp_path / "models" / "base") and recipe.target_model == "org/target"

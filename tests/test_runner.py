@@ -3,6 +3,7 @@ resumable partial directories and write-once outputs. The real stages are exerci
 
 from __future__ import annotations
 
+import errno
 import types
 from pathlib import Path
 
@@ -124,3 +125,44 @@ def test_write_once_output_is_shared_and_never_replaced(tmp_path):
     with pytest.raises(RecipeError, match="already exists, made from another config"):
         runner.check(changed, steps)
     assert (tmp_path / "b" / "value.txt").read_text() == "ab"
+
+
+def test_write_once_output_made_elsewhere_is_refused_before_anything_runs(tmp_path):
+    CALLS.clear()
+    stages = {"a": _stage("a", None), "b": _stage("b", "a", write_once=True)}
+    (tmp_path / "b").mkdir(parents=True)
+    (tmp_path / "b" / "value.txt").write_text("added by hand")  # no fingerprint beside it: `archive add`, or by hand
+    recipe = _recipe(tmp_path)
+    with pytest.raises(RecipeError, match=r"b: .* already exists"):
+        runner.check(recipe, runner.plan(recipe, stages))
+    assert CALLS == []
+
+
+def test_write_once_output_shared_by_another_run_shows_as_done(tmp_path):
+    CALLS.clear()
+    stages = {"a": _stage("a", None), "b": _stage("b", "a", write_once=True)}
+    recipe = _recipe(tmp_path)
+    _run(recipe, stages)
+    (tmp_path / "state" / "b.json").unlink()  # this run never wrote it: another recipe sharing the archive did
+    assert [runner.describe(recipe, s) for s in runner.plan(recipe, stages)] == ["done", "done"]
+
+
+def test_full_disk_is_reported_even_when_the_failed_state_cannot_be_written(tmp_path, monkeypatch):
+    CALLS.clear()
+    stages = {"a": _stage("a", None)}
+
+    def full_disk(recipe, item, out, inputs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "weights.safetensors"))
+
+    def write_state(path, value):
+        if value["status"] == "failed":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        write_json_atomic(path, value)
+
+    stages["a"].run = full_disk
+    write_json_atomic = runner.write_json_atomic
+    monkeypatch.setattr(runner, "write_json_atomic", write_state)
+    with pytest.raises(runner.StageFailed, match=r"stage a: no space left on device while writing .*weights"):
+        _run(_recipe(tmp_path), stages)
+    assert runner.read_state(_recipe(tmp_path), "a", "")["status"] == "running"  # read as interrupted once we exit
+    assert not list((tmp_path / "state").glob(".*.tmp-*"))

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.archive.store import ArchiveError, archived_adapters, verify_adapter
+from pipeline.archive.store import ArchiveError, archived_adapters, archived_names, verify_adapter
 
 
 def list_adapters(archive_dir: Path) -> int:
@@ -35,7 +35,7 @@ def list_adapters(archive_dir: Path) -> int:
 
 def verify(archive_dir: Path) -> int:
     corrupt = []
-    for name in archived_adapters(archive_dir):
+    for name in archived_names(archive_dir):
         try:
             verify_adapter(archive_dir / name)
             print(f"ok       {name}")
@@ -133,13 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("list", "verify"):
-        if not args.archive_dir.is_dir():
-            print(f"error: archive not found: {args.archive_dir}", file=sys.stderr)
-            return 2
-        return list_adapters(args.archive_dir) if args.command == "list" else verify(args.archive_dir)
+    if args.command in ("list", "verify") and not args.archive_dir.is_dir():
+        print(f"error: archive not found: {args.archive_dir}", file=sys.stderr)
+        return 2
+    if args.command == "verify":
+        return verify(args.archive_dir)
     try:
-        return args.handler(args)
+        return list_adapters(args.archive_dir) if args.command == "list" else args.handler(args)
     except (ArchiveError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

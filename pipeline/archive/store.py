@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pipeline.fingerprint import model_fingerprint, sha256_file
-from pipeline.recipe import NAME_PATTERN, Recipe, RecipeError
+from pipeline.recipe import NAME_PATTERN, RESERVED_SUFFIXES, Recipe, RecipeError
 from pipeline.versions import library_versions
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -37,20 +37,29 @@ def read_manifest(path: Path) -> dict:
     manifest = Path(path) / MANIFEST
     if not manifest.is_file():
         raise ArchiveError(f"{path}: no {MANIFEST}; not an archived adapter")
-    return json.loads(manifest.read_text())
+    try:
+        data = json.loads(manifest.read_text())
+    except ValueError:  # cut short (a full disk) or edited by hand
+        data = None
+    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+        raise ArchiveError(f"{manifest}: not an archive manifest (a JSON object with `files`: name → sha256); the "
+                           "archive holds a damaged entry. Restore it from a backup, or move it out of the archive.")
+    return data
+
+
+def archived_names(archive_dir: Path) -> list[str]:
+    """The names of the complete adapters in the archive; partial writes (`*.partial`) are never listed."""
+    archive_dir = Path(archive_dir)
+    if not archive_dir.is_dir():
+        return []
+    return [entry.name for entry in sorted(archive_dir.iterdir())
+            if entry.is_dir() and (entry / MANIFEST).is_file() and not entry.name.startswith(".")
+            and not entry.name.endswith((".partial", ".old"))]
 
 
 def archived_adapters(archive_dir: Path) -> dict[str, dict]:
-    """Every complete adapter in the archive (name → manifest). Partial writes (`*.partial`) are never listed."""
-    archive_dir = Path(archive_dir)
-    if not archive_dir.is_dir():
-        return {}
-    found = {}
-    for entry in sorted(archive_dir.iterdir()):
-        complete = entry.is_dir() and (entry / MANIFEST).is_file()
-        if complete and not entry.name.startswith(".") and not entry.name.endswith((".partial", ".old")):
-            found[entry.name] = read_manifest(entry)
-    return found
+    """Every complete adapter in the archive (name → manifest). Raises ArchiveError at a damaged manifest."""
+    return {name: read_manifest(Path(archive_dir) / name) for name in archived_names(archive_dir)}
 
 
 def file_hashes(path: Path) -> dict[str, str]:
@@ -89,6 +98,21 @@ def selected_adapters(recipe: Recipe) -> list[str]:
             f"{recipe.archive_dir} (it holds: {holds})"
         )
     return list(recipe.merge.adapters)
+
+
+def check_trained_on_base(recipe: Recipe, names: list[str]) -> None:
+    """Refuse archived adapters (named in `merge.adapters`) that were trained on another base than the recipe's: the
+    merge takes the recipe's base as the reference its task vectors are measured from, and same-shaped models (Qwen2
+    and Qwen2.5) would pass every shape check. Compared as `merge.adapters: all` selects: by the base as named."""
+    own = {finetune.name for finetune in recipe.finetunes}
+    archive_dir = Path(recipe.archive_dir)
+    other = {name: read_manifest(archive_dir / name).get("base_model") for name in names if name not in own}
+    other = {name: base for name, base in other.items() if base != recipe.base_model}
+    if other:
+        listing = ", ".join(f"{name} (base {base})" for name, base in other.items())
+        raise RecipeError(f"merge.adapters: {listing} were not trained on this recipe's base_model "
+                          f"{recipe.base_model}. Leave them out, or archive them for this base (`python -m "
+                          "pipeline.archive add ... --base`) if it is the same model under another name.")
 
 
 def already_archived(path: Path, hashes: dict[str, str]) -> bool:
@@ -137,8 +161,9 @@ def write_adapter(archive_dir: Path, name: str, adapter_config: dict, weights_fi
     """Archive one adapter as `<archive_dir>/<name>/`: written into a temporary sibling and renamed into place, so a
     reader never sees half an adapter. Returns (path, written); written is False when the same name already holds
     the same files. Raises ArchiveError when it holds different ones."""
-    if not re.fullmatch(NAME_PATTERN, name):
-        raise ArchiveError(f"adapter name {name!r}: use lowercase letters, digits, '.', '_' and '-' only")
+    if not re.fullmatch(NAME_PATTERN, name) or name.endswith(RESERVED_SUFFIXES):
+        raise ArchiveError(f"adapter name {name!r}: use lowercase letters, digits, '.', '_' and '-' only, not "
+                           f"ending with {' or '.join(RESERVED_SUFFIXES)} (the archive never lists those)")
     archive_dir = Path(archive_dir)
     archive_dir.mkdir(parents=True, exist_ok=True)
     final = archive_dir / name

@@ -53,15 +53,21 @@ def resolve_device(setting: str) -> torch.device:
     return torch.device(setting)
 
 
+def check_architecture(adapter_name: str, base_config: dict | None, target_config: dict, target_name: str) -> None:
+    """Raise IncompatibleAdapter at the first architecture setting where the target differs from the adapter's base
+    (the manifest's `base_config`): same-shaped tensors do not make the same architecture."""
+    for key in ARCHITECTURE_KEYS:
+        if base_config and key in base_config and target_config.get(key) != base_config[key]:
+            raise IncompatibleAdapter(
+                f"adapter {adapter_name}: its base has {key}={base_config[key]!r} but the target {target_name} "
+                f"has {target_config.get(key)!r}; a LoRA only applies to a model of the same architecture")
+
+
 def check_compatibility(adapter: LoraAdapter, target_tensors: dict[str, TensorInfo], target_config: dict,
                         base_config: dict | None, target_name: str) -> None:
     """Raise IncompatibleAdapter at the first module missing from the target or of another shape, or the first
     architecture setting where the target differs from the adapter's base. Reads no weights."""
-    for key in ARCHITECTURE_KEYS:
-        if base_config and key in base_config and target_config.get(key) != base_config[key]:
-            raise IncompatibleAdapter(
-                f"adapter {adapter.path.name}: its base has {key}={base_config[key]!r} but the target {target_name} "
-                f"has {target_config.get(key)!r}; a LoRA only applies to a model of the same architecture")
+    check_architecture(adapter.path.name, base_config, target_config, target_name)
     for name, module in adapter.modules.items():
         info = target_tensors.get(name)
         if info is None:

@@ -27,9 +27,9 @@ def resolve_engine(recipe: Recipe) -> str:
 
 
 @cache
-def resolve_model_once(reference: str, key: str) -> Path:
+def resolve_model_once(reference: str, key: str, trust_remote_code: bool = False) -> Path:
     """A model's local directory, resolved (and for Hub ids, downloaded) once per process."""
-    return resolve_model(reference, key)
+    return resolve_model(reference, key, trust_remote_code=trust_remote_code)
 
 
 def method_spec(method: str):

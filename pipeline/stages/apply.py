@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.archive.store import adapter_dir, read_manifest, selected_adapters, verify_adapter
+from pipeline.archive.store import (
+    adapter_dir,
+    check_trained_on_base,
+    read_manifest,
+    selected_adapters,
+    verify_adapter,
+)
 from pipeline.fingerprint import model_fingerprint
 from pipeline.merging.config import resolve_engine
 from pipeline.models.hub import check_model_reference, resolve_model
@@ -46,12 +52,13 @@ def depends_on(recipe: Recipe, item: str) -> list[tuple[str, str]]:
 
 
 def check(recipe: Recipe, item: str) -> None:
-    """The target reference, and for adapters already archived by another recipe, that their config is a LoRA
-    that can be applied to another model (reads only adapter_config.json)."""
+    """The target reference, and for adapters already archived by another recipe, that they were trained on this
+    base and their config is a LoRA that can be applied to another model (reads only the JSON files)."""
     from pipeline.models.lora import read_adapter_config  # imports torch: keep --status and --dry-run fast
 
     check_model_reference(recipe.target_model, "target_model")
     if not is_own_finetune(recipe, item):
+        check_trained_on_base(recipe, [item])
         try:
             read_adapter_config(adapter_dir(recipe, item))
         except ValueError as error:

@@ -32,8 +32,9 @@ def _adapters(recipe: Recipe) -> list[str]:
 
 
 def _fingerprint_of(reference: str) -> str:
-    """Content of a local file or directory; a Hub id stands for itself."""
-    return content_fingerprint(Path(reference)) if Path(reference).exists() else reference
+    """Content of a local file or directory (`~` expanded, as the dataset is read); a Hub id stands for itself."""
+    local = Path(reference).expanduser()
+    return content_fingerprint(local) if local.exists() else reference
 
 
 def config(recipe: Recipe, item: str) -> dict:

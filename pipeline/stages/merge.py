@@ -7,11 +7,18 @@ written twice). Either way the output gets the target's tokenizer, `mergekit_con
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
 
-from pipeline.archive.store import adapter_dir, read_manifest, selected_adapters, verify_adapter
+from pipeline.archive.store import (
+    adapter_dir,
+    check_trained_on_base,
+    read_manifest,
+    selected_adapters,
+    verify_adapter,
+)
 from pipeline.fingerprint import model_fingerprint
 from pipeline.merging.config import (
     build_mergekit_config,
@@ -67,6 +74,7 @@ def check(recipe: Recipe, item: str) -> None:
     if not adapters:
         raise RecipeError(f"merge: no adapter to merge (no finetunes, and none in the archive {recipe.archive_dir} "
                           f"trained on {recipe.base_model})")
+    check_trained_on_base(recipe, adapters)
     if resolve_engine(recipe) == "fused" and recipe.merge.tokenizer_source:
         raise RecipeError("merge.engine: fused cannot rebuild the vocabulary for tokenizer_source; use mergekit")
     check_model_reference(recipe.base_model, "base_model")
@@ -81,6 +89,7 @@ def _reference(model: str) -> str:
 
 
 def run(recipe: Recipe, item: str, out: Path, inputs: dict) -> dict:
+    from pipeline.merging.adapted_model import check_architecture
     from pipeline.merging.output import adopt_target_files, warn_if_vocabulary_changed, write_base_config, write_lineage
 
     adapters = selected_adapters(recipe)
@@ -89,6 +98,9 @@ def run(recipe: Recipe, item: str, out: Path, inputs: dict) -> dict:
     target = resolve_model_once(recipe.target_model, "target_model")
     archived = {name: Path(inputs.get(("archive", name)) or adapter_dir(recipe, name)) for name in adapters}
     manifests = {name: verify_adapter(path) for name, path in archived.items()}
+    target_config = json.loads((target / "config.json").read_text())
+    for name, manifest in manifests.items():  # the fused engine checks shapes only
+        check_architecture(name, manifest.get("base_config"), target_config, str(target))
     adapted = {name: str(Path(inputs.get(("apply", name)) or apply.output_path(recipe, name)).resolve())
                for name in adapters}
     mergekit_config = build_mergekit_config(recipe, adapted, str(base), str(target))

@@ -93,8 +93,9 @@ def run(recipe: Recipe, item: str, out: Path, inputs: dict) -> dict:
 
     counts = report.reason_counts(processed)
     rejected = processed.filter(_is_rejected, input_columns="reason", batched=True, batch_size=10_000)
-    report.check_reject_fraction(counts, len(source), dataset.max_reject_fraction, rejected, dataset.path)
-    report.write_rejected(rejected, out / "rejected.jsonl")
+    report.write_rejected(rejected, out / "rejected.jsonl")  # first: when too many are rejected, the user reads it
+    report.check_reject_fraction(counts, len(source), dataset.max_reject_fraction, rejected, dataset.path,
+                                 out / "rejected.jsonl")
     kept = processed.filter(_is_kept, input_columns="reason", batched=True, batch_size=10_000)
     truncated = sum(1 for batch in kept.select_columns(["detail"]).iter(10_000) for d in batch["detail"] if d)
     unique = kept.select(_first_occurrences(kept))

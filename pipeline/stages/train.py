@@ -54,7 +54,7 @@ def check(recipe: Recipe, item: str) -> None:
 def run(recipe: Recipe, item: str, out: Path, inputs: dict) -> dict:
     from pipeline.training.trainer import train_lora
 
-    base_dir = resolve_model(recipe.base_model, "base_model")
+    base_dir = resolve_model(recipe.base_model, "base_model", trust_remote_code=recipe.trust_remote_code)
     metrics = train_lora(base_dir, Path(inputs[("prepare", item)]), Path(out), recipe.train_config(item),
                          base_model=recipe.base_model, trust_remote_code=recipe.trust_remote_code)
     kept = ("train_loss", "eval_loss", "steps", "tokens", "seconds", "backend", "resumed_from_step")
