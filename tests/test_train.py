@@ -128,14 +128,61 @@ def test_cpu_turns_off_what_needs_a_gpu(monkeypatch, capsys):
     assert "load_in_4bit" in printed and "adamw_8bit" in printed and "auto → transformers (no GPU)" in printed
 
 
-def test_gpu_keeps_4bit_and_bf16(monkeypatch):
-    # No GPU exists here: torch.cuda is mocked to check the settings a GPU run would get.
+def fake_gpu(monkeypatch, *, native_bf16: bool, bitsandbytes: bool = True) -> None:
+    """No GPU exists here: torch.cuda (and whether bitsandbytes is installed) is mocked to check the settings a GPU
+    run would get. Without native bf16 (a T4, a V100) torch still answers yes unless emulation is excluded."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: native_bf16 or including_emulation)
+    installed = environment.is_installed
+    monkeypatch.setattr(environment, "is_installed", lambda m: bitsandbytes if m == "bitsandbytes" else installed(m))
+
+
+def test_gpu_keeps_4bit_and_bf16(monkeypatch):
+    fake_gpu(monkeypatch, native_bf16=True)
     config = TrainConfig(load_in_4bit=True)
     assert environment.load_in_4bit(config) is True
     assert environment.weights_dtype(config) == torch.bfloat16
     assert environment.mixed_precision(torch.bfloat16) == {"bf16": True, "fp16": False}
+    assert environment.optimizer(config) == "adamw_8bit"
+
+
+def test_gpu_without_native_bf16_trains_in_fp16(monkeypatch, tmp_path):
+    # A T4: torch's emulated bf16 must not count, or Unsloth loads float16 under a bf16 Trainer and refuses it.
+    fake_gpu(monkeypatch, native_bf16=False)
+    config = tiny_config()
+    assert environment.weights_dtype(config) == torch.float16
+    arguments = sft_arguments(config, tmp_path, has_eval=False, trainer_checkpointing=False)
+    assert (arguments["bf16"], arguments["fp16"]) == (False, True)
+
+
+def test_mixed_precision_follows_the_dtype_the_model_was_loaded_in(monkeypatch, tmp_path):
+    # Asked for bf16 on a GPU without it, Unsloth loads float16; the Trainer must then use fp16.
+    fake_gpu(monkeypatch, native_bf16=False)
+    config = tiny_config(dtype="bfloat16")
+    model = torch.nn.Linear(2, 2)
+    model.config = type("Config", (), {"dtype": "float16"})()
+    dtype = environment.loaded_dtype(model, environment.weights_dtype(config))
+    assert dtype == torch.float16
+    arguments = sft_arguments(config, tmp_path, has_eval=False, trainer_checkpointing=False, dtype=dtype)
+    assert (arguments["bf16"], arguments["fp16"]) == (False, True)
+    model.config.dtype = None
+    assert environment.loaded_dtype(model, torch.bfloat16) == torch.bfloat16
+
+
+def test_gpu_4bit_without_bitsandbytes_is_an_error(monkeypatch):
+    fake_gpu(monkeypatch, native_bf16=True, bitsandbytes=False)
+    with pytest.raises(environment.TrainingUnavailable, match="needs bitsandbytes"):
+        environment.load_in_4bit(TrainConfig(load_in_4bit=True))
+    assert environment.optimizer(TrainConfig(optim="adamw_8bit")) == "adamw_torch"
+
+
+def test_fp16_turns_bf16_adapter_weights_to_float32():
+    # TRL leaves a quantized model's LoRA weights in bf16; CUDA's fp16 GradScaler cannot unscale their gradients.
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)).to(torch.bfloat16)
+    model[0].requires_grad_(False)
+    environment.fp16_ready(model)
+    assert model[0].weight.dtype == torch.bfloat16 and model[1].weight.dtype == torch.float32
 
 
 def test_sft_arguments_follow_the_train_config(tmp_path):

@@ -59,3 +59,18 @@ def test_run_writes_adapter_metrics_and_log_into_out(tiny_models, tiny_tokenizer
     assert sorted(p.name for p in out.iterdir()) == ["adapter", "log.jsonl", "metrics.json"]
     adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str(tiny_models["base"])
+
+
+@pytest.mark.parametrize("trust_remote_code", [False, True])
+def test_hub_download_takes_model_code_only_when_trusted(monkeypatch, tmp_path, trust_remote_code):
+    # No network here: snapshot_download is replaced to see what a Hub id would download.
+    import huggingface_hub
+
+    from pipeline.models.hub import resolve_model
+
+    asked = {}
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, allow_patterns: asked.update(patterns=allow_patterns) or str(tmp_path))
+    assert resolve_model("org/custom-model", "base_model", trust_remote_code=trust_remote_code) == tmp_path
+    assert "*.safetensors" in asked["patterns"] and ("*.py" in asked["patterns"]) is trust_remote_code
+    assert "*.bin" not in asked["patterns"]

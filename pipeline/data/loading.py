@@ -65,5 +65,5 @@ def load_source(dataset: DatasetConfig, cache_dir: Path):
         why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else str(error).splitlines()[0]
         raise DatasetUnavailable(
             f"dataset {dataset.path} (split {dataset.split}) cannot be loaded from the Hugging Face Hub: {why}. "
-            "Download it where there is network (`huggingface-cli download --repo-type dataset "
+            "Download it where there is network (`hf download --repo-type dataset "
             f"{dataset.path}`) or point dataset.path to local files.") from None

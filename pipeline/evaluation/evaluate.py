@@ -18,10 +18,11 @@ def lineage_specs(recipe: Recipe, inputs: dict) -> list[ModelSpec]:
     """The models `evaluate.models` asks for, in lineage order. An adapted model comes from apply's output when the
     run has one, else from the target plus its verified archived adapter."""
     wanted = recipe.evaluate.models
+    code = recipe.trust_remote_code
     specs = []
     if "base" in wanted:
-        specs.append(ModelSpec("base", "base", resolve_model(recipe.base_model, "base_model")))
-    target = resolve_model(recipe.target_model, "target_model")
+        specs.append(ModelSpec("base", "base", resolve_model(recipe.base_model, "base_model", trust_remote_code=code)))
+    target = resolve_model(recipe.target_model, "target_model", trust_remote_code=code)
     if "target" in wanted:
         specs.append(ModelSpec("target", "target", target))
     if "adapted" in wanted:

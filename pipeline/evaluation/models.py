@@ -34,7 +34,10 @@ def load_causal_lm(spec: ModelSpec, *, dtype: str, device: torch.device, trust_r
     from transformers import AutoModelForCausalLM
 
     load_dtype = torch_dtype(adapter_dtype) if spec.adapter else torch_dtype(dtype)
-    model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=load_dtype, trust_remote_code=trust_remote_code)
+    # On a GPU, straight there: a 7B in bf16 staged in CPU RAM first (15 GB) does not fit a Colab runtime's.
+    placement = {} if device.type == "cpu" else {"device_map": {"": device}}
+    model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=load_dtype, trust_remote_code=trust_remote_code,
+                                                 **placement)
     if spec.adapter is not None:
         from peft import PeftModel
 

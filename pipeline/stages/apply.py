@@ -70,7 +70,7 @@ def run(recipe: Recipe, item: str, out: Path, inputs: dict) -> dict:
 
     adapter = Path(inputs.get(("archive", item)) or adapter_dir(recipe, item))
     manifest = verify_adapter(adapter)
-    target = resolve_model(recipe.target_model, "target_model")
+    target = resolve_model(recipe.target_model, "target_model", trust_remote_code=recipe.trust_remote_code)
     summary = apply_adapter(adapter, target, out, dtype=recipe.apply.dtype, device=recipe.apply.device,
                             base_config=manifest.get("base_config"))
     return {**summary, "adapter": str(adapter), "target": str(target)}

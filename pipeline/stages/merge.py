@@ -94,8 +94,8 @@ def run(recipe: Recipe, item: str, out: Path, inputs: dict) -> dict:
 
     adapters = selected_adapters(recipe)
     engine = resolve_engine(recipe)
-    base = resolve_model_once(recipe.base_model, "base_model")
-    target = resolve_model_once(recipe.target_model, "target_model")
+    base = resolve_model_once(recipe.base_model, "base_model", recipe.trust_remote_code)
+    target = resolve_model_once(recipe.target_model, "target_model", recipe.trust_remote_code)
     archived = {name: Path(inputs.get(("archive", name)) or adapter_dir(recipe, name)) for name in adapters}
     manifests = {name: verify_adapter(path) for name, path in archived.items()}
     target_config = json.loads((target / "config.json").read_text())

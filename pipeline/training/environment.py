@@ -67,10 +67,14 @@ def check_backend_installed(backend: str) -> None:
 
 
 def load_in_4bit(config: TrainConfig) -> bool:
-    """4-bit needs bitsandbytes on CUDA; on CPU the LoRA trains on the unquantized base instead."""
+    """4-bit needs bitsandbytes on CUDA; on CPU the LoRA trains on the unquantized base instead. On a GPU without
+    bitsandbytes it is an error: Unsloth would quietly load the base in 16 bits, which a 7B does not fit in on a T4."""
     if config.load_in_4bit and not has_gpu():
         announce("load_in_4bit: true needs a GPU (bitsandbytes); training the unquantized base on CPU instead")
         return False
+    if config.load_in_4bit and not is_installed("bitsandbytes"):
+        raise TrainingUnavailable("train.load_in_4bit: true needs bitsandbytes (`pip install bitsandbytes`); install "
+                                  "it or set train.load_in_4bit: false")
     return config.load_in_4bit
 
 
@@ -82,7 +86,30 @@ def weights_dtype(config: TrainConfig) -> torch.dtype:
         return getattr(torch, config.dtype)
     if not has_gpu():
         return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # Native bf16 only (compute capability 8+): by default torch also says yes for a T4 or V100, which merely
+    # emulate it, and Unsloth (which asks for capability 8) would then load float16 under a bf16 Trainer.
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
+def loaded_dtype(model, fallback: torch.dtype) -> torch.dtype:
+    """The dtype the backend really loaded the base in, read where Unsloth's trainer checks it against bf16/fp16
+    (the config): Unsloth loads float16 when asked for bf16 on a GPU without it, and refuses a bf16 Trainer then."""
+    import torch
+
+    dtype = getattr(model.config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else fallback
+
+
+def fp16_ready(model) -> None:
+    """fp16 autocast scales gradients, and CUDA cannot unscale bfloat16 ones (NotImplementedError at the first
+    step); TRL casts a quantized model's LoRA weights to bfloat16, so under fp16 they become float32 instead."""
+    import torch
+
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype == torch.bfloat16:
+            parameter.data = parameter.data.float()
 
 
 def mixed_precision(dtype: torch.dtype) -> dict[str, bool]:

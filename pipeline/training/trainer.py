@@ -10,12 +10,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.recipe import EMBEDDING_MODULES, TrainConfig
 from pipeline.training import checkpoints, data, environment
 from pipeline.training.callbacks import MetricsLog
 from pipeline.versions import library_versions
+
+if TYPE_CHECKING:  # torch comes in with the backend
+    import torch
 
 ADAPTER_DIR = "adapter"
 METRICS_FILE = "metrics.json"
@@ -58,13 +61,16 @@ def build_trainer(base_dir: Path, prepare_dir: Path, workdir: Path, config: Trai
     from transformers.trainer_callback import ProgressCallback
 
     trainer_checkpointing = backend_module.uses_trainer_gradient_checkpointing(config)
+    dtype = environment.loaded_dtype(model, environment.weights_dtype(config))
     arguments = trl.SFTConfig(**sft_arguments(config, workdir, has_eval=eval_split is not None,
-                                              trainer_checkpointing=trainer_checkpointing))
+                                              trainer_checkpointing=trainer_checkpointing, dtype=dtype))
     trainer = trl.SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_split,
                              eval_dataset=eval_split, args=arguments)
+    if arguments.fp16:
+        environment.fp16_ready(trainer.model)
     log = MetricsLog(workdir / LOG_FILE, settings={
         "backend": backend, "load_in_4bit": getattr(model.config, "quantization_config", None) is not None,
-        "dtype": str(model.dtype).removeprefix("torch."), "optim": getattr(arguments.optim, "value", arguments.optim),
+        "dtype": str(dtype).removeprefix("torch."), "optim": getattr(arguments.optim, "value", arguments.optim),
         "bf16": arguments.bf16, "fp16": arguments.fp16, "world_size": arguments.world_size,
         "train_rows": len(train_split), "eval_rows": len(eval_split) if eval_split is not None else 0})
     trainer.remove_callback(ProgressCallback)
@@ -109,8 +115,10 @@ def _splits(prepare_dir: Path, tokenizer, config: TrainConfig) -> tuple:
     return splits[0], (splits[1] if len(splits[1]) else None)
 
 
-def sft_arguments(config: TrainConfig, workdir: Path, *, has_eval: bool, trainer_checkpointing: bool) -> dict:
-    """SFTConfig keyword arguments for a train config, adjusted to what this machine can do."""
+def sft_arguments(config: TrainConfig, workdir: Path, *, has_eval: bool, trainer_checkpointing: bool,
+                  dtype: torch.dtype | None = None) -> dict:
+    """SFTConfig keyword arguments for a train config, adjusted to what this machine can do; bf16/fp16 follow
+    `dtype`, the dtype the model was loaded in (default: the one the config asks for)."""
     evaluate_during = bool(config.eval_steps) and has_eval
     return {
         "output_dir": str(workdir),
@@ -124,7 +132,7 @@ def sft_arguments(config: TrainConfig, workdir: Path, *, has_eval: bool, trainer
         "per_device_eval_batch_size": config.batch_size,
         "gradient_accumulation_steps": config.gradient_accumulation_steps,
         "optim": environment.optimizer(config),
-        **environment.mixed_precision(environment.weights_dtype(config)),
+        **environment.mixed_precision(dtype or environment.weights_dtype(config)),
         "gradient_checkpointing": trainer_checkpointing,
         "max_length": config.max_seq_length,
         "packing": config.packing,

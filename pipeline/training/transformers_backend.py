@@ -29,7 +29,9 @@ def load_model(base_dir: Path, config: TrainConfig, *, trust_remote_code: bool) 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.bfloat16)
-        # One full copy per process under DDP: each rank's model on its own GPU.
+    if environment.has_gpu():
+        # Straight to the GPU, one full copy per process under DDP (each rank on its own): a 16-bit 7B staged in
+        # CPU RAM first does not fit a Colab runtime, and 4-bit weights cannot be moved after loading.
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
