@@ -57,20 +57,20 @@ def recipe_for(engine: str, count: int, output_dir: Path):
 
 def worker(engine: str, count: int, output_dir: Path) -> None:
     """Runs in a child process: the stages one engine needs, then one JSON line of measurements."""
-    from pipeline.stages import apply, merge
+    from pipeline.stages import Inputs, StageRef, apply, merge
 
     recipe = recipe_for(engine, count, output_dir)
     started = time.perf_counter()
     inputs = {}
     if engine == "mergekit":
         for name in apply.items(recipe):
-            out = apply.output_path(recipe, name)
+            out = apply.STAGE.output_path(recipe, name)
             out.mkdir(parents=True)
-            apply.run(recipe, name, out, {})
-            inputs[("apply", name)] = out
-    out = merge.output_path(recipe, "")
+            apply.run(recipe, name, out, Inputs())
+            inputs[StageRef("apply", name)] = out
+    out = merge.STAGE.output_path(recipe, "")
     out.mkdir(parents=True)
-    merge.run(recipe, "", out, inputs)
+    merge.run(recipe, "", out, Inputs(inputs))
     seconds = time.perf_counter() - started
     files = [f for f in output_dir.rglob("*") if f.is_file()]
     written = sum(f.stat().st_size for f in files)

@@ -53,7 +53,7 @@ def baseline(path: Path, tokenizer, num_proc: int | None) -> float:
 
 def stage(path: Path, models: dict[str, Path], work: Path) -> float:
     from pipeline.recipe import Recipe
-    from pipeline.stages import prepare
+    from pipeline.stages import Inputs, prepare
 
     recipe = Recipe.model_validate({
         "name": "bench", "output_dir": str(work / "run"), "base_model": str(models["base"]),
@@ -62,7 +62,7 @@ def stage(path: Path, models: dict[str, Path], work: Path) -> float:
     out = work / "out"
     out.mkdir()
     started = time.perf_counter()
-    prepare.run(recipe, "bench", out, {})
+    prepare.run(recipe, "bench", out, Inputs())
     return time.perf_counter() - started
 
 

@@ -12,7 +12,11 @@ import json
 import sys
 from pathlib import Path
 
+from datasets import load_from_disk
+
+from pipeline.data.templates import load_tokenizer
 from pipeline.recipe import RecipeError, load_recipe
+from pipeline.stages import prepare
 
 TRAINED, UNTRAINED, RESET = "\033[1;32m", "\033[2m", "\033[0m"
 
@@ -58,8 +62,6 @@ def end_of_turn_problems(ids: list[int], mask: list[int], end_of_turn_id: int, a
 
 def inspect_examples(prepare_dir: Path, tokenizer, count: int, split: str, colour: bool) -> int:
     """Print `count` examples of a prepared split; returns the number of examples whose labels are wrong."""
-    from datasets import load_from_disk
-
     report = json.loads((prepare_dir / "report.json").read_text(encoding="utf-8"))
     end_of_turn = report["end_of_turn_token"]
     end_of_turn_id = tokenizer.convert_tokens_to_ids(end_of_turn)
@@ -102,10 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as error:
         print(error, file=sys.stderr)
         return 2
-    from pipeline.data.templates import load_tokenizer
-    from pipeline.stages import prepare
-
-    prepare_dir = prepare.output_path(recipe, args.finetune)
+    prepare_dir = prepare.STAGE.output_path(recipe, args.finetune)
     if not (prepare_dir / "report.json").is_file():
         print(f"no prepared data in {prepare_dir}; run `python -m pipeline.run {args.recipe} --stage prepare` first",
               file=sys.stderr)

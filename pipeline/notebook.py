@@ -1,8 +1,10 @@
-"""What colab/finetune_then_merge.ipynb does besides calling `pipeline.run.main`: as plain, tested functions, so the
-notebook holds no logic of its own and a Colab session runs exactly the CLI's code path.
+"""What colab/finetune_then_merge.ipynb does besides running stages: as plain, tested functions, so the notebook
+holds no logic of its own and a Colab session runs exactly the CLI's code path (`pipeline.run.run_recipe`).
 
 The notebook keeps every run and adapter in one storage folder (Google Drive in Colab), so a new session resumes
 where a disconnected one stopped: the runner skips finished steps and training resumes from its last checkpoint.
+The pipeline is imported inside the functions, so the first cells (install, storage, token) run before any of it
+is loaded.
 """
 
 from __future__ import annotations
@@ -124,10 +126,6 @@ class Session:
         """The user's overrides, then the storage ones (later `--set`s win)."""
         return [*self.overrides, *storage_overrides(self.recipe, self.storage, self.overrides)]
 
-    def argv(self, *flags: str) -> list[str]:
-        """Arguments for `pipeline.run.main`."""
-        return [str(self.recipe), *flags, *(f"--set={setting}" for setting in self.settings())]
-
     def load(self) -> Recipe:
         """The recipe as the stage cells run it."""
         from pipeline.recipe import load_recipe
@@ -174,7 +172,7 @@ def build_demo_models_if_needed(session: Session) -> None:
     """The offline demo recipe reads tiny models that are built locally (once, cached); build them when the chosen
     recipe points at them."""
     from pipeline.demo import DEMO_MODELS
-    from pipeline.models.tiny import build_demo_assets
+    from pipeline.demo.lineage import build_demo_assets
 
     recipe = session.load()
     demo = (project_root() / DEMO_MODELS).resolve()
@@ -182,12 +180,23 @@ def build_demo_models_if_needed(session: Session) -> None:
         print(f"demo models: {build_demo_assets(demo)['target'].parent}")
 
 
+def _run(session: Session, **options) -> int:
+    """`pipeline.run.run_recipe` on the session's recipe, with the CLI's messages and exit codes."""
+    from pipeline.recipe import RecipeError
+    from pipeline.run import run_recipe
+
+    try:
+        recipe = session.load()
+    except (RecipeError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return run_recipe(recipe, **options)
+
+
 def dry_run(session: Session) -> int:
     """Validate the recipe and print the plan (`--dry-run`); loads no model."""
-    from pipeline.run import main
-
     build_demo_models_if_needed(session)
-    return main(session.argv("--dry-run"))
+    return _run(session, dry_run=True)
 
 
 def choose_recipe(session: Session) -> None:
@@ -216,9 +225,7 @@ def choose_recipe(session: Session) -> None:
 
 def run_stage(session: Session, stage: str) -> None:
     """One stage through the CLI's code path; finished steps are skipped. Raises when it fails."""
-    from pipeline.run import main
-
-    code = main(session.argv("--stage", stage))
+    code = _run(session, stages=[stage])
     if code != 0:
         raise NotebookStageFailed(f"stage {stage} exited with code {code} (2: bad recipe or inputs not done, "
                                   "1: failed while running); the message above names the cause")
@@ -236,10 +243,13 @@ def status_rows(session: Session) -> list[dict]:
 def show_status(session: Session) -> None:
     """The `--status` table, then a one-line summary that carries the rows as output metadata, so a headless run
     (papermill, nbclient) can read the state of every step from the executed notebook."""
-    from pipeline.run import main
+    from pipeline import runner
+    from pipeline.run import print_table
 
-    main(session.argv("--status"))
-    rows = status_rows(session)
+    recipe = session.load()
+    steps = runner.plan(recipe)
+    print_table(recipe, steps)
+    rows = runner.status_rows(recipe, steps)
     done = sum(row["state"] == "done" for row in rows)
     summary = f"{done} of {len(rows)} steps done"
     try:
@@ -250,32 +260,21 @@ def show_status(session: Session) -> None:
     display({"text/plain": summary}, raw=True, metadata={STATUS_METADATA_KEY: rows})
 
 
-def merged_model_dir(session: Session) -> Path:
-    from pipeline.stages import merge
+def merged_model_dir(recipe: Recipe) -> Path:
+    from pipeline.stages import STAGES
 
-    return Path(merge.output_path(session.load(), ""))
+    return STAGES["merge"].output_path(recipe, "")
 
 
 def chat(session: Session, prompt: str, max_new_tokens: int = 48) -> str:
-    """One greedy reply of the merged model, the prompt rendered with its chat template (the target's, which the
-    merge copies). On a GPU the model is spread over GPU and CPU as needed."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """One greedy reply of the merged model (`pipeline.evaluation.generate.chat_reply`)."""
+    from pipeline.evaluation.generate import chat_reply
 
-    model_dir = merged_model_dir(session)
+    recipe = session.load()
+    model_dir = merged_model_dir(recipe)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"no merged model in {model_dir}: run the merge cell first")
-    trust = session.load().trust_remote_code
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust)
-    if tokenizer.chat_template is None:
-        raise ValueError(f"{model_dir}: the tokenizer has no chat template; the merge should copy the target's")
-    placement = {"device_map": "auto"} if torch.cuda.is_available() else {}
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", trust_remote_code=trust, **placement)
-    inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True).to(model.device)
-    with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return chat_reply(model_dir, prompt, max_new_tokens=max_new_tokens, trust_remote_code=recipe.trust_remote_code)
 
 
 def push_to_hub(session: Session, repo_id: str = "", what: str = "merged", private: bool = True) -> None:

@@ -103,7 +103,8 @@ class FinetuneConfig(Strict):
 
 
 class ApplyConfig(Strict):
-    dtype: Literal["bfloat16", "float16", "float32", "target"] = "bfloat16"
+    # auto: each tensor in the target's stored dtype; another value re-rounds every tensor, untouched ones too
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     save: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -117,6 +118,8 @@ class MergeModelOverride(Strict):
 class MergeConfig(Strict):
     method: str = "ties"
     adapters: Literal["all"] | list[str] = "all"
+    # base: the seed's merge over the base model; target: relative to the target, T + the adapters' merged deltas
+    base_model: Literal["base", "target"] = "base"
     include_target: bool = True
     weight: float = 1.0
     density: float = 1.0
@@ -128,6 +131,45 @@ class MergeConfig(Strict):
     engine: Literal["auto", "fused", "mergekit"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     low_cpu_memory: bool = False
+
+
+class SearchSpaceConfig(Strict):
+    """The bounds of a merge search. The seed's and the sum's choices are always added to the categorical ones."""
+
+    methods: list[str] = Field(["ties", "task_arithmetic"], min_length=1)
+    base_model: list[Literal["base", "target"]] = Field(["base", "target"], min_length=1)
+    weight: tuple[float, float] = (0.2, 1.5)
+    density: tuple[float, float] = (0.3, 1.0)
+    target_weight: tuple[float, float] = (0.2, 1.5)
+    normalize: list[bool] = Field([True, False], min_length=1)
+
+    @field_validator("weight", "density", "target_weight")
+    @classmethod
+    def _is_range(cls, bounds: tuple[float, float], info) -> tuple[float, float]:
+        low, high = bounds
+        if not 0 <= low <= high:
+            raise ValueError(f"[{low}, {high}] is not a range: needs 0 <= low <= high")
+        if info.field_name == "density" and (low <= 0 or high > 1):
+            raise ValueError(f"[{low}, {high}]: a density is a fraction in (0, 1]")
+        return bounds
+
+
+class SearchConfig(Strict):
+    """A retention-gated search over merge configurations, run between archive and merge when the recipe has a
+    `search:` block."""
+
+    trials: int = Field(24, ge=2)
+    sampler: Literal["tpe", "cmaes", "random"] = "tpe"
+    seed: int = 0
+    max_samples: int = Field(32, gt=0)
+    metric: Literal["auto", "exact_match", "loss"] = "auto"
+    retention: list[str] | None = None
+    retention_tolerance: float = Field(0.05, ge=0, lt=1)
+    fallback: Literal["seed"] | None = None
+    workers: int = Field(1, ge=1)
+    storage: str | None = None
+    cache_gb: float = Field(4.0, ge=0)
+    space: SearchSpaceConfig = SearchSpaceConfig()
 
 
 class RetentionSet(Strict):
@@ -148,9 +190,12 @@ class EvaluateConfig(Strict):
     models: list[Literal["base", "target", "adapted", "merged"]] = ["base", "target", "adapted", "merged"]
     retention: list[RetentionSet] = []
     max_samples: int | None = Field(200, gt=0)
-    batch_size: int = Field(8, gt=0)
+    batch_size: int = Field(8, gt=0)  # rows per batch when generating and for lm-eval
+    batch_tokens: int = Field(16384, gt=0)  # padded tokens per loss batch: memory follows tokens, not rows
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    # auto: bf16 where the GPU has it natively, else fp16 (T4, V100); bf16 on CPU
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    load_in_4bit: bool = False  # NF4 weights (CUDA + bitsandbytes): a 7B in 16 bits does not fit a T4
     generate: bool = False
     max_new_tokens: int = Field(32, gt=0)
     lm_eval: LmEvalConfig = LmEvalConfig()
@@ -174,6 +219,7 @@ class Recipe(Strict):
     finetunes: list[FinetuneConfig] = []
     train: TrainConfig = TrainConfig()
     apply: ApplyConfig = ApplyConfig()
+    search: SearchConfig | None = None
     merge: MergeConfig = MergeConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     publish: PublishConfig = PublishConfig()

@@ -1,16 +1,17 @@
 """`python -m pipeline.run RECIPE`: run every stage that is not done, or the ones asked for.
 
 Exit codes: 0 success, 2 bad recipe or arguments (nothing ran), 1 a stage failed (the message names stage and item).
-The notebook calls `main([...])` too, so the CLI and the notebook share one code path.
+The notebook calls `run_recipe` with the recipe it loaded, so the CLI and the notebook share one code path.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 
-from pipeline import distributed, runner
+from pipeline import distributed, locking, runner
 from pipeline.archive.store import ArchiveError
 from pipeline.recipe import Recipe, RecipeError, load_recipe
 from pipeline.stages import STAGES
@@ -58,17 +59,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
+    except (RecipeError, FileNotFoundError, ArchiveError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return run_recipe(recipe, stages=args.stage, from_stage=args.from_stage, force=args.force, dry_run=args.dry_run,
+                      status=args.status)
+
+
+def run_recipe(recipe: Recipe, *, stages: list[str] | None = None, from_stage: str | None = None, force: bool = False,
+               dry_run: bool = False, status: bool = False) -> int:
+    """Everything the command does after loading the recipe, for the CLI and the notebook alike: prints what it
+    does and any error, and returns the exit code."""
+    try:
         steps = runner.plan(recipe)
-        selected = runner.select(steps, args.stage, args.from_stage)
-        if args.status:
+        selected = runner.select(steps, stages, from_stage)
+        if status:
             print_table(recipe, steps)
             return 0
-        if distributed.world_size() > 1 and {s.stage.NAME for s in selected} != {"train"}:
+        if distributed.world_size() > 1 and {s.stage.name for s in selected} != {"train"}:
             raise RecipeError("under accelerate launch / torchrun only `--stage train` runs; run the other stages in "
                               "a single process")
-        runner.check(recipe, [s for s in selected if args.force or not runner.is_done(recipe, s)])
-        if args.dry_run:
-            print_table(recipe, steps, selected, args.force)
+        runner.check(recipe, [s for s in selected if force or not runner.is_done(recipe, s)])
+        if dry_run:
+            print_table(recipe, steps, selected, force)
             print("dry run: recipe is valid; nothing was loaded or written")
             return 0
     except (RecipeError, FileNotFoundError, ArchiveError) as error:  # the archive is read to plan the merge
@@ -76,15 +89,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     started = time.time()
     echo = print if distributed.is_main_process() else (lambda *_: None)
+    # One run per output_dir, and per archived adapter it may write (recipes can share an archive); rank 0 holds them.
+    shared = [s.output for s in selected if s.stage.write_once and (force or not runner.is_done(recipe, s))]
+    locks = locking.run_locks(recipe.output_dir, shared) if distributed.is_main_process() else contextlib.nullcontext()
     try:
-        runner.execute(recipe, steps, selected, force=args.force, echo=echo)
-    except runner.StageFailed as error:
+        with locks:
+            runner.execute(recipe, steps, selected, force=force, echo=echo)
+    except (runner.StageFailed, locking.LockHeld) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except RecipeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    merged = next((s.output for s in steps if s.stage.NAME == "merge"), None)
+    merged = next((s.output for s in steps if s.stage.name == "merge"), None)
     echo(f"finished in {time.time() - started:.1f}s" + (f"; merged model: {merged}" if merged and merged.exists()
                                                          else ""))
     return 0

@@ -19,15 +19,14 @@ import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from types import ModuleType
 
 from pipeline import distributed
 from pipeline.fingerprint import hash_json
 from pipeline.recipe import Recipe, RecipeError
 from pipeline.stages import STAGES
+from pipeline.stages.contract import FINGERPRINT_FILE, Inputs, Stage, StageRef
 
 PARTIAL_SUFFIX = ".partial"
-FINGERPRINT_FILE = ".ftmerge-fingerprint"
 
 
 class StageFailed(RuntimeError):
@@ -36,15 +35,19 @@ class StageFailed(RuntimeError):
 
 @dataclass
 class Step:
-    stage: ModuleType
+    stage: Stage
     item: str
     fingerprint: str
     output: Path
-    depends_on: list[tuple[str, str]] = field(default_factory=list)
+    depends_on: list[StageRef] = field(default_factory=list)
+
+    @property
+    def ref(self) -> StageRef:
+        return StageRef(self.stage.name, self.item)
 
     @property
     def label(self) -> str:
-        return f"{self.stage.NAME}.{self.item}" if self.item else self.stage.NAME
+        return self.ref.label
 
 
 def state_path(recipe: Recipe, stage: str, item: str) -> Path:
@@ -69,22 +72,21 @@ def write_json_atomic(path: Path, value: dict) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def plan(recipe: Recipe, stages: dict[str, ModuleType] | None = None) -> list[Step]:
+def plan(recipe: Recipe, stages: dict[str, Stage] | None = None) -> list[Step]:
     """Every step of every stage, in run order, with fingerprints computed from the recipe and the inputs on disk."""
     stages = STAGES if stages is None else stages
-    fingerprints: dict[tuple[str, str], str] = {}
+    fingerprints: dict[StageRef, str] = {}
 
-    def fingerprint(stage_name: str, item: str) -> str:
-        key = (stage_name, item)
-        if key not in fingerprints:
-            stage = stages[stage_name]
-            upstream = {f"{s}:{i}": fingerprint(s, i) for s, i in stage.depends_on(recipe, item)}
-            fingerprints[key] = hash_json({"stage": stage_name, "config": stage.config(recipe, item),
+    def fingerprint(ref: StageRef) -> str:
+        if ref not in fingerprints:
+            stage = stages[ref.stage]
+            upstream = {f"{r.stage}:{r.item}": fingerprint(r) for r in stage.depends_on(recipe, ref.item)}
+            fingerprints[ref] = hash_json({"stage": ref.stage, "config": stage.config(recipe, ref.item),
                                            "inputs": upstream})
-        return fingerprints[key]
+        return fingerprints[ref]
 
     return [
-        Step(stage, item, fingerprint(stage.NAME, item), Path(stage.output_path(recipe, item)),
+        Step(stage, item, fingerprint(StageRef(stage.name, item)), Path(stage.output_path(recipe, item)),
              list(stage.depends_on(recipe, item)))
         for stage in stages.values()
         for item in stage.items(recipe)
@@ -112,26 +114,26 @@ def is_done(recipe: Recipe, step: Step) -> bool:
     fingerprint stored beside the output."""
     if _written_fingerprint(step) == step.fingerprint:
         return True
-    state = read_state(recipe, step.stage.NAME, step.item)
+    state = read_state(recipe, step.stage.name, step.item)
     return state.get("status") == "done" and state.get("fingerprint") == step.fingerprint and step.output.exists()
 
 
 def _conflicts(recipe: Recipe, step: Step) -> bool:
     """A write-once output exists that this step did not make: another fingerprint, or none at all (an adapter added
     with `pipeline.archive add`, or by hand). Found before anything runs, not after hours of training."""
-    return (step.stage.WRITE_ONCE and step.output.exists() and _written_fingerprint(step) != step.fingerprint
+    return (step.stage.write_once and step.output.exists() and _written_fingerprint(step) != step.fingerprint
             and not is_done(recipe, step))
 
 
 def _written_fingerprint(step: Step) -> str | None:
     marker = step.output / FINGERPRINT_FILE
-    return marker.read_text() if step.stage.WRITE_ONCE and marker.is_file() else None
+    return marker.read_text() if step.stage.write_once and marker.is_file() else None
 
 
 def describe(recipe: Recipe, step: Step) -> str:
     """done | stale (config or inputs changed) | missing (done, output gone) | failed | interrupted | running |
     pending."""
-    state = read_state(recipe, step.stage.NAME, step.item)
+    state = read_state(recipe, step.stage.name, step.item)
     status = state.get("status")
     if _written_fingerprint(step) == step.fingerprint:
         return "done"
@@ -147,9 +149,9 @@ def describe(recipe: Recipe, step: Step) -> str:
 
 def status_rows(recipe: Recipe, steps: list[Step]) -> list[dict]:
     """Every step as data, the rows of `--status`: stage, item, state, fingerprint, seconds, output."""
-    return [{"stage": step.stage.NAME, "item": step.item, "state": describe(recipe, step),
+    return [{"stage": step.stage.name, "item": step.item, "state": describe(recipe, step),
              "fingerprint": step.fingerprint[:12],
-             "seconds": read_state(recipe, step.stage.NAME, step.item).get("seconds"), "output": str(step.output)}
+             "seconds": read_state(recipe, step.stage.name, step.item).get("seconds"), "output": str(step.output)}
             for step in steps]
 
 
@@ -166,7 +168,7 @@ def _prepare_partial(step: Step) -> Path:
     fingerprint: a changed config never resumes from checkpoints of another)."""
     partial = step.output.with_name(step.output.name + PARTIAL_SUFFIX)
     marker = partial / FINGERPRINT_FILE
-    resumable = step.stage.RESUMABLE and marker.is_file() and marker.read_text() == step.fingerprint
+    resumable = step.stage.resumable and marker.is_file() and marker.read_text() == step.fingerprint
     if partial.exists() and not resumable:
         shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
@@ -175,7 +177,7 @@ def _prepare_partial(step: Step) -> Path:
 
 
 def _move_into_place(step: Step, partial: Path) -> None:
-    if step.stage.WRITE_ONCE:
+    if step.stage.write_once:
         if step.output.exists():
             shutil.rmtree(partial)
             return
@@ -191,12 +193,12 @@ def _move_into_place(step: Step, partial: Path) -> None:
         shutil.rmtree(previous)
 
 
-def run_step(recipe: Recipe, step: Step, outputs: dict[tuple[str, str], Path]) -> dict:
+def run_step(recipe: Recipe, step: Step, outputs: dict[StageRef, Path]) -> dict:
     """Run one step into its partial directory and rename it into place; record state before and after."""
-    stage_name, item = step.stage.NAME, step.item
+    stage_name, item = step.stage.name, step.item
     started = time.time()
     main = distributed.is_main_process()
-    inputs = {dependency: outputs[dependency] for dependency in step.depends_on}
+    inputs = Inputs({dependency: outputs[dependency] for dependency in step.depends_on})
     try:
         if main:
             write_json_atomic(state_path(recipe, stage_name, item), {
@@ -225,13 +227,13 @@ def _record_failure(recipe: Recipe, step: Step, started: float, error: BaseExcep
     """Best effort: on a full disk the state file cannot be written either, and the user must still see why the
     stage failed (the `running` state left behind reads as interrupted)."""
     with contextlib.suppress(OSError):
-        write_json_atomic(state_path(recipe, step.stage.NAME, step.item), {
+        write_json_atomic(state_path(recipe, step.stage.name, step.item), {
             "status": "failed", "fingerprint": step.fingerprint, "started": _iso(started), "finished": _now(),
             "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()})
 
 
 def _failure_message(step: Step, error: BaseException) -> str:
-    where = f"stage {step.stage.NAME}" + (f", item {step.item}" if step.item else "")
+    where = f"stage {step.stage.name}" + (f", item {step.item}" if step.item else "")
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         return (f"{where}: no space left on device while writing {error.filename or step.output}. Free space and "
                 "run again; completed steps are kept and this one restarts cleanly.")
@@ -248,22 +250,23 @@ def _iso(timestamp: float) -> str:
 
 def select(steps: list[Step], stages: list[str] | None = None, from_stage: str | None = None) -> list[Step]:
     """The steps the command line asked for: all, `--stage` names, or `--from` a stage onwards."""
-    order = list(dict.fromkeys([*STAGES, *(step.stage.NAME for step in steps)]))
+    order = list(dict.fromkeys([*STAGES, *(step.stage.name for step in steps)]))
     wanted = set(order)
     if stages:
         wanted = set(stages)
     if from_stage:
         wanted = set(order[order.index(from_stage):])
-    return [step for step in steps if step.stage.NAME in wanted]
+    return [step for step in steps if step.stage.name in wanted]
 
 
 def execute(recipe: Recipe, steps: list[Step], selected: list[Step], *, force: bool = False, echo=print) -> dict:
     """Run the selected steps in order, skipping those already done; prints one line per step with its time.
     Returns {label: "ran" | "skipped"}."""
-    outputs = {(s.stage.NAME, s.item): s.output for s in steps}
+    by_ref = {s.ref: s for s in steps}
+    outputs = {ref: s.output for ref, s in by_ref.items()}
     chosen = {id(s) for s in selected}
-    missing = [f"{d[0]}.{d[1]}" if d[1] else d[0] for s in selected for d in s.depends_on
-               if id(_find(steps, d)) not in chosen and not is_done(recipe, _find(steps, d))]
+    missing = [d.label for s in selected for d in s.depends_on
+               if id(by_ref[d]) not in chosen and not is_done(recipe, by_ref[d])]
     if missing:
         raise RecipeError("inputs not done yet: " + ", ".join(dict.fromkeys(missing))
                           + ". Run those stages first (or run without --stage).")
@@ -279,7 +282,3 @@ def execute(recipe: Recipe, steps: list[Step], selected: list[Step], *, force: b
         results[step.label] = "ran"
         echo(f"{step.label:<{width}}  done     {outcome['seconds']:7.1f}s  {step.output}")
     return results
-
-
-def _find(steps: list[Step], key: tuple[str, str]) -> Step:
-    return next(s for s in steps if (s.stage.NAME, s.item) == key)

@@ -183,16 +183,17 @@ def test_bad_recipes_exit_2_before_any_stage_runs(tiny_models, tmp_path):
         assert not (directory / "run").exists(), f"{case}: something was written before the error"
 
 
-def start_cli(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipeline.run", *map(str, args)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+def start_cli(*args: str, log: Path) -> subprocess.Popen:
+    """The run's output goes to a file: a pipe nobody reads while waiting for the kill point fills up and blocks it."""
+    with log.open("w") as output:
+        return subprocess.Popen([sys.executable, "-m", "pipeline.run", *map(str, args)], cwd=REPO, stdout=output,
+                                stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
-def kill_when(process: subprocess.Popen, condition, timeout: float = 300) -> None:
+def kill_when(process: subprocess.Popen, condition, log: Path, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while not condition():
-        assert process.poll() is None, f"finished before the kill point:\n{process.stdout.read()}"
+        assert process.poll() is None, f"finished before the kill point:\n{log.read_text()}"
         assert time.time() < deadline, "kill point never reached"
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
@@ -206,8 +207,8 @@ def test_kill_during_training_resumes_from_the_last_checkpoint(finished_run, tmp
     args = [finished_run["recipe"], "--stage", "train", "--set", f"output_dir={copy}", "--set", "train.max_steps=40",
             "--set", "train.save_steps=4"]
     partial = copy / "train" / "reverse.partial"
-    process = start_cli(*args)
-    kill_when(process, lambda: (partial / "checkpoint-8" / "trainer_state.json").is_file())
+    process = start_cli(*args, log=tmp_path / "killed.log")
+    kill_when(process, lambda: (partial / "checkpoint-8" / "trainer_state.json").is_file(), tmp_path / "killed.log")
     assert not (copy / "train" / "reverse").exists()
     result = run_cli(*args)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -227,7 +228,7 @@ def test_kill_during_apply_and_merge_never_leaves_a_finished_looking_output(fini
             state.unlink()
     args = [finished_run["recipe"], "--from", "apply", "--set", f"output_dir={copy}"]
     for kill_after in (1.5, 3.0, 4.5, 6.0):
-        process = start_cli(*args)
+        process = start_cli(*args, log=tmp_path / f"killed-after-{kill_after}.log")
         time.sleep(kill_after)
         process.send_signal(signal.SIGKILL)
         process.wait()

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from prepared_rows import chatml_row
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.evaluation.generate import greedy_answers, prompt_ids, score_answers
@@ -20,19 +21,6 @@ CONVERSATIONS = [
      {"role": "assistant", "content": "d e"}, {"role": "user", "content": "reverse\nf g h i"},
      {"role": "assistant", "content": "i h g f"}],
 ]
-
-
-def chatml_row(tokenizer, messages: list[dict]) -> dict:
-    """A row as prepare writes it: ChatML ids, mask 1 on each assistant content and its <|im_end|>."""
-    ids, mask = [], []
-    for message in messages:
-        head = tokenizer(f"<|im_start|>{message['role']}\n", add_special_tokens=False)["input_ids"]
-        body = tokenizer(message["content"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
-        tail = tokenizer("\n", add_special_tokens=False)["input_ids"]
-        trained = int(message["role"] == "assistant")
-        ids += head + body + tail
-        mask += [0] * len(head) + [trained] * len(body) + [0] * len(tail)
-    return {"messages": messages, "input_ids": ids, "assistant_masks": mask}
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +43,14 @@ def test_loss_is_the_mean_over_assistant_tokens_only(target):
     ids, masks = [r["input_ids"] for r in rows], [r["assistant_masks"] for r in rows]
     assert len(ids[0]) != len(ids[1]), "rows of different lengths exercise the padding"
     hand = [hand_loss(model, i, m) for i, m in zip(ids, masks, strict=True)]
-    result = assistant_token_loss(model, ids, masks, batch_size=2, pad_id=tokenizer.pad_token_id)
+    result = assistant_token_loss(model, ids, masks, batch_tokens=1000, pad_id=tokenizer.pad_token_id)
     assert result.tokens == sum(n for _, n in hand) == sum(map(sum, masks))
     expected = sum(total for total, _ in hand) / result.tokens
     assert result.mean == pytest.approx(expected, rel=1e-5)
     assert result.perplexity == pytest.approx(math.exp(expected), rel=1e-5)
     everything = hand_loss(model, ids[0], [1] * len(ids[0]))
     assert everything[1] > hand[0][1]
-    one_row = assistant_token_loss(model, ids[:1], masks[:1], batch_size=1, pad_id=tokenizer.pad_token_id)
+    one_row = assistant_token_loss(model, ids[:1], masks[:1], batch_tokens=1, pad_id=tokenizer.pad_token_id)
     assert one_row.mean == pytest.approx(hand[0][0] / hand[0][1], rel=1e-5)
     assert one_row.mean != pytest.approx(everything[0] / everything[1], rel=1e-3), "the mask must select tokens"
 

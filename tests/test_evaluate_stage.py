@@ -11,17 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset, concatenate_datasets, load_from_disk
+from prepared_rows import chatml_row
 from test_apply import make_adapter
-from test_evaluate import chatml_row
 from test_merge import archive_adapter
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.evaluation.evaluate import lineage_specs
 from pipeline.evaluation.lineage import Evaluation, evaluate_lineage
 from pipeline.evaluation.models import ModelSpec
-from pipeline.evaluation.sets import chat_format, held_out_set, retention_set
+from pipeline.evaluation.sets import held_out_set
 from pipeline.recipe import LmEvalConfig, Recipe
-from pipeline.stages import STAGES, apply, evaluate, merge, prepare
+from pipeline.stages import STAGES, Inputs, StageRef, apply, evaluate, merge, prepare
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DATA = REPO / "data_templates" / "demo"
@@ -59,21 +58,22 @@ def make_recipe(tiny_models, root: Path, **evaluate_settings) -> Recipe:
 
 @pytest.fixture(scope="module")
 def lineage(tmp_path_factory, tiny_models):
-    """Everything evaluate reads: two archived adapters, prepared eval splits, reverse applied (saved), sort not
-    (computed on the fly), and a real fused merge."""
+    """Everything evaluate reads: two archived adapters, prepared eval splits, both applied (apply.save), and a real
+    fused merge."""
     root = tmp_path_factory.mktemp("evaluate")
     recipe = make_recipe(tiny_models, root)
-    inputs = {}
+    paths = {}
     for seed, name in enumerate(SKILLS):
         adapter = make_adapter(tiny_models["base"], root / "peft" / name, seed=seed)
-        inputs[("archive", name)] = archive_adapter(adapter, root / "archive", name, str(tiny_models["base"]))
-        inputs[("prepare", name)] = write_prepared(root / "run" / "prepare" / name, tiny_models["base"], name)
-    inputs[("apply", "reverse")] = apply.output_path(recipe, "reverse")
-    apply.run(recipe, "reverse", inputs[("apply", "reverse")], inputs)
-    inputs[("merge", "")] = merge.output_path(recipe, "")
-    inputs[("merge", "")].mkdir(parents=True)
-    merge.run(recipe, "", inputs[("merge", "")], inputs)
-    return {"root": root, "recipe": recipe, "inputs": inputs}
+        paths[StageRef("archive", name)] = archive_adapter(adapter, root / "archive", name, str(tiny_models["base"]))
+        paths[StageRef("prepare", name)] = write_prepared(root / "run" / "prepare" / name, tiny_models["base"], name)
+    for name in SKILLS:
+        paths[StageRef("apply", name)] = apply.STAGE.output_path(recipe, name)
+        apply.run(recipe, name, paths[StageRef("apply", name)], Inputs(paths))
+    paths[StageRef("merge")] = merge.STAGE.output_path(recipe, "")
+    paths[StageRef("merge")].mkdir(parents=True)
+    merge.run(recipe, "", paths[StageRef("merge")], Inputs(paths))
+    return {"root": root, "recipe": recipe, "inputs": Inputs(paths)}
 
 
 @pytest.fixture
@@ -98,8 +98,7 @@ def test_stage_writes_a_row_per_model_and_a_column_per_set(lineage, live_models,
     out = lineage["root"] / "evaluate.partial"
     out.mkdir()
     evaluate.check(recipe, "")
-    summary = evaluate.run(recipe, "", out, {key: inputs[key] for key in evaluate.depends_on(recipe, "")
-                                             if key in inputs})
+    summary = evaluate.run(recipe, "", out, Inputs({ref: inputs.paths[ref] for ref in evaluate.depends_on(recipe, "")}))
     models = ["base", "target", "adapted:reverse", "adapted:sort", "merged"]
     report = json.loads((out / "report.json").read_text())
     assert report["models"] == summary["models"] == models
@@ -126,18 +125,16 @@ def test_stage_writes_a_row_per_model_and_a_column_per_set(lineage, live_models,
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_adapted_model_on_the_fly_equals_the_saved_one(lineage, tiny_models, dtype):
     recipe, inputs = lineage["recipe"], lineage["inputs"]
-    specs = lineage_specs(recipe, inputs)
-    on_the_fly = next(s for s in specs if s.label == "adapted:sort")
-    assert on_the_fly.adapter == inputs[("archive", "sort")] and on_the_fly.path == Path(tiny_models["target"])
-    saved_dir = lineage["root"] / "sort-applied"
-    if not saved_dir.exists():
-        apply.run(recipe, "sort", saved_dir, inputs)
+    unsaved = recipe.model_copy(update={"apply": recipe.apply.model_copy(update={"save": False})})
+    on_the_fly = next(s for s in evaluate.lineage(unsaved, inputs) if s.label == "adapted:sort")
+    assert on_the_fly.adapter == inputs.path("archive", "sort") and on_the_fly.path == Path(tiny_models["target"])
+    saved_dir = inputs.path("apply", "sort")
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["base"])
     settings = recipe.evaluate.model_copy(update={"generate": False, "dtype": dtype, "lm_eval": LmEvalConfig()})
     evaluation = Evaluation(config=settings,
                             device=torch.device("cpu"), tokenizer=tokenizer, stop_ids=[tokenizer.eos_token_id],
                             pad_id=tokenizer.pad_token_id)
-    sets = [held_out_set("sort", inputs[("prepare", "sort")], None)]
+    sets = [held_out_set("sort", inputs.path("prepare", "sort"), None)]
     results, _ = evaluate_lineage([on_the_fly, ModelSpec("saved", "adapted", saved_dir)], sets, evaluation)
     assert results["adapted:sort"]["sort"]["loss"] == results["saved"]["sort"]["loss"]
 
@@ -148,11 +145,11 @@ def test_stage_contract(lineage):
     assert evaluate.items(recipe) == [""]
     assert evaluate.items(recipe.model_copy(update={"evaluate": recipe.evaluate.model_copy(
         update={"enabled": False})})) == []
-    assert evaluate.output_path(recipe, "") == Path(recipe.output_dir) / "evaluate"
-    assert evaluate.depends_on(recipe, "") == [("merge", ""), ("prepare", "reverse"), ("prepare", "sort"),
-                                               ("apply", "reverse"), ("apply", "sort")]
+    assert evaluate.STAGE.output_path(recipe, "") == Path(recipe.output_dir) / "evaluate"
+    assert [ref.label for ref in evaluate.depends_on(recipe, "")] == [
+        "merge", "prepare.reverse", "prepare.sort", "apply.reverse", "apply.sort"]
     unsaved = recipe.model_copy(update={"apply": recipe.apply.model_copy(update={"save": False})})
-    assert evaluate.depends_on(unsaved, "")[-2:] == [("archive", "reverse"), ("archive", "sort")]
+    assert evaluate.depends_on(unsaved, "")[-2:] == [StageRef("archive", "reverse"), StageRef("archive", "sort")]
     assert evaluate.config(recipe, "") != evaluate.config(unsaved, ""), "on-the-fly models depend on apply.dtype"
 
 
@@ -173,9 +170,10 @@ def test_retention_rows_are_rendered_exactly_as_prepare_renders_a_finetune(tiny_
     recipe = Recipe.model_validate({**settings, "finetunes": [{"name": "copy", "dataset": {**copy, "eval_size": 10}}]})
     prepared = tmp_path / "prepared"
     prepared.mkdir()
-    prepare.run(recipe, "copy", prepared, {})
+    prepare.run(recipe, "copy", prepared, Inputs())
     rows = concatenate_datasets([load_from_disk(str(prepared / split)) for split in ("train", "eval")])
-    ours = retention_set(recipe, recipe.evaluate.retention[0], chat_format(recipe), tmp_path / "work")
+    [ours] = evaluate.retention_sets(recipe, evaluate.chat_format(recipe), tmp_path / "work")
     expected = {(tuple(r["input_ids"]), tuple(r["assistant_masks"])) for r in rows}
     assert {(tuple(i), tuple(m)) for i, m in zip(ours.input_ids, ours.assistant_masks, strict=True)} == expected
-    assert len(ours.input_ids) == 100 and ours.references[0] == "e c d c d"
+    first = json.loads((DEMO_DATA / "copy.messages.jsonl").read_text().splitlines()[0])
+    assert len(ours.input_ids) == len(rows) and ours.references[0] == first["messages"][-1]["content"]

@@ -17,7 +17,7 @@ from test_apply import PROJECTIONS, load_model_tensors, make_adapter
 
 from pipeline.archive.store import file_hashes
 from pipeline.recipe import Recipe, RecipeError
-from pipeline.stages import apply, merge
+from pipeline.stages import Inputs, Stage, StageRef, apply, merge
 
 ADAPTERS = ("alpha", "beta", "gamma")
 
@@ -51,12 +51,16 @@ def make_recipe(tiny_models, archive, output_dir, **merge_settings) -> Recipe:
         "apply": {"device": "cpu"}, "merge": {"device": "cpu", **merge_settings}})
 
 
-def run_stage(stage, recipe, item, inputs=None) -> Path:
+def run_stage(stage: Stage, recipe, item) -> Path:
     out = stage.output_path(recipe, item)
     out.mkdir(parents=True, exist_ok=True)
     stage.check(recipe, item)
-    stage.run(recipe, item, out, inputs or {})
+    stage.run(recipe, item, out, Inputs())
     return out
+
+
+def applied_inputs(recipe) -> Inputs:
+    return Inputs({StageRef("apply", name): apply.STAGE.output_path(recipe, name) for name in ADAPTERS})
 
 
 @pytest.fixture(scope="module")
@@ -66,18 +70,17 @@ def applied(tmp_path_factory, tiny_models, archive):
     recipe = make_recipe(tiny_models, archive, output_dir, engine="mergekit")
     assert apply.items(recipe) == list(ADAPTERS)
     for name in ADAPTERS:
-        run_stage(apply, recipe, name)
+        run_stage(apply.STAGE, recipe, name)
     return output_dir
 
 
 def merge_with(tiny_models, archive, applied, tmp_path, engine, **settings) -> Path:
     """Run the merge stage into its own directory, reading the shared apply outputs."""
     recipe = make_recipe(tiny_models, archive, applied, engine=engine, **settings)
-    inputs = {("apply", name): apply.output_path(recipe, name) for name in ADAPTERS}
     out = tmp_path / f"merge-{engine}"
     out.mkdir(parents=True)
     merge.check(recipe, "")
-    merge.run(recipe, "", out, inputs)
+    merge.run(recipe, "", out, applied_inputs(recipe))
     return out
 
 
@@ -178,8 +181,8 @@ def test_fused_engine_refuses_an_adapter_whose_base_has_another_architecture(tin
     (copied / "beta" / "manifest.json").write_text(json.dumps(manifest))
     recipe = make_recipe(tiny_models, copied, tmp_path, engine="fused")
     with pytest.raises(IncompatibleAdapter, match="beta: its base has num_attention_heads=8"):
-        run_stage(merge, recipe, "")
-    assert not list(merge.output_path(recipe, "").glob("*.safetensors"))
+        run_stage(merge.STAGE, recipe, "")
+    assert not list(merge.STAGE.output_path(recipe, "").glob("*.safetensors"))
 
 
 def test_engine_selection_and_dependencies(tiny_models, archive, tmp_path):
@@ -189,7 +192,7 @@ def test_engine_selection_and_dependencies(tiny_models, archive, tmp_path):
     no_save = Recipe.model_validate({**fused.model_dump(), "apply": {"save": False}})
     assert apply.items(no_save) == []
     with_tokenizer = make_recipe(tiny_models, archive, tmp_path, tokenizer_source="base")
-    assert merge.depends_on(with_tokenizer, "") == [("apply", name) for name in ADAPTERS]
+    assert merge.depends_on(with_tokenizer, "") == [StageRef("apply", name) for name in ADAPTERS]
     assert merge.config(fused, "")["adapter_files"]["alpha"] == file_hashes(archive / "alpha")
 
 
@@ -219,11 +222,11 @@ def test_fused_inputs_equal_apply_outputs_and_share_untouched_weights(tiny_model
 def test_default_parameters_are_the_seeds_where_the_method_takes_them(tiny_models, archive, tmp_path):
     from pipeline.merging.config import merge_parameters
 
-    assert merge_parameters(make_recipe(tiny_models, archive, tmp_path)) == {"normalize": True, "int8_mask": True}
+    assert merge_parameters(make_recipe(tiny_models, archive, tmp_path).merge) == {"normalize": True, "int8_mask": True}
     linear = make_recipe(tiny_models, archive, tmp_path, method="linear")
-    assert merge_parameters(linear) == {"normalize": True}  # linear has no int8_mask
+    assert merge_parameters(linear.merge) == {"normalize": True}  # linear has no int8_mask
     merge.check(linear, "")
-    assert merge_parameters(make_recipe(tiny_models, archive, tmp_path, parameters={})) == {}
+    assert merge_parameters(make_recipe(tiny_models, archive, tmp_path, parameters={}).merge) == {}
 
 
 def test_fused_writes_shards_as_they_fill_with_an_index(tiny_models, archive, applied, tmp_path, monkeypatch):
@@ -248,11 +251,10 @@ def test_tokenizer_source_goes_to_mergekit_and_warns_when_the_vocabulary_shrinks
     from transformers import AutoTokenizer
 
     recipe = make_recipe(tiny_models, archive, applied, tokenizer_source="target")
-    inputs = {("apply", name): apply.output_path(recipe, name) for name in ADAPTERS}
     out = tmp_path / "merge"
     out.mkdir()
     merge.check(recipe, "")
-    summary = merge.run(recipe, "", out, inputs)
+    summary = merge.run(recipe, "", out, applied_inputs(recipe))
     rows = len(AutoTokenizer.from_pretrained(tiny_models["target"]))
     target_rows = json.loads((tiny_models["target"] / "config.json").read_text())["vocab_size"]
     assert summary["engine"] == "mergekit" and rows < target_rows

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from pipeline.data.templates import TEMPLATES_DIR
 from pipeline.fingerprint import hash_json
 from pipeline.recipe import Recipe, RecipeError
-from pipeline.stages import prepare
+from pipeline.stages import Inputs, prepare
 
 EXAMPLES = {
     "alpaca": TEMPLATES_DIR / "alpaca.example.jsonl",
@@ -32,7 +32,7 @@ def run_prepare(recipe, tmp_path, name="out"):
     prepare.check(recipe, "ft")
     out = tmp_path / name
     out.mkdir()
-    summary = prepare.run(recipe, "ft", out, {})
+    summary = prepare.run(recipe, "ft", out, Inputs())
     return out, summary
 
 

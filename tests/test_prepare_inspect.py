@@ -7,7 +7,7 @@ from datasets import load_from_disk
 from transformers import AutoTokenizer
 
 from pipeline import inspect
-from pipeline.stages import prepare
+from pipeline.stages import Inputs, prepare
 from tests.test_prepare import EXAMPLES
 
 
@@ -25,9 +25,9 @@ def prepared(recipe_path):
     from pipeline.recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
-    out = prepare.output_path(recipe, "ft")
+    out = prepare.STAGE.output_path(recipe, "ft")
     out.mkdir(parents=True)
-    prepare.run(recipe, "ft", out, {})
+    prepare.run(recipe, "ft", out, Inputs())
     return out
 
 

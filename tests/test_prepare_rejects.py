@@ -6,7 +6,7 @@ import pytest
 from datasets import load_from_disk
 
 from pipeline.data.report import TooManyRejected
-from pipeline.stages import prepare
+from pipeline.stages import Inputs, prepare
 from tests.test_prepare import make_recipe, run_prepare
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
@@ -69,7 +69,7 @@ def test_too_many_rejects_fail_with_reasons_and_examples(tiny_models, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(TooManyRejected) as failure:
-        prepare.run(recipe, "ft", out, {})
+        prepare.run(recipe, "ft", out, Inputs())
     message = str(failure.value)
     assert "10 of 11 rows rejected" in message and "missing_field: 10" in message
     assert message.count("  row ") == 3 and '"question": "q0"' in message

@@ -3,27 +3,20 @@ resumable partial directories and write-once outputs. The real stages are exerci
 
 from __future__ import annotations
 
+import dataclasses
 import errno
-import types
 from pathlib import Path
 
 import pytest
 
 from pipeline import runner
 from pipeline.recipe import Recipe, RecipeError
+from pipeline.stages import Inputs, Stage, StageRef
 
 CALLS: list[str] = []
 
 
-def _stage(name: str, depends: str | None, *, resumable=False, write_once=False, fail_once=None):
-    module = types.ModuleType(name)
-    module.NAME, module.RESUMABLE, module.WRITE_ONCE = name, resumable, write_once
-    module.items = lambda recipe: [""]
-    module.output_path = lambda recipe, item: Path(recipe.output_dir) / name
-    module.config = lambda recipe, item: {"setting": recipe.train.learning_rate if name == "b" else 0}
-    module.depends_on = lambda recipe, item: [(depends, "")] if depends else []
-    module.check = lambda recipe, item: None
-
+def _stage(name: str, depends: str | None, *, resumable=False, write_once=False, fail_once=None) -> Stage:
     def run(recipe, item, out, inputs):
         CALLS.append(name)
         previous = (out / "progress.txt").read_text() if (out / "progress.txt").exists() else ""
@@ -31,12 +24,13 @@ def _stage(name: str, depends: str | None, *, resumable=False, write_once=False,
         if fail_once is not None and not fail_once:
             fail_once.append(True)
             raise RuntimeError("killed")
-        upstream = "".join((p / "value.txt").read_text() for p in inputs.values())
+        upstream = (inputs.path(depends) / "value.txt").read_text() if depends else ""
         (out / "value.txt").write_text(upstream + name)
         return {"resumed": bool(previous)}
 
-    module.run = run
-    return module
+    return Stage(name=name, config=lambda recipe, item: {"setting": recipe.train.learning_rate if name == "b" else 0},
+                 depends_on=lambda recipe, item: [StageRef(depends)] if depends else [], run=run,
+                 resumable=resumable, write_once=write_once)
 
 
 def _recipe(tmp_path: Path, learning_rate: float = 1e-4) -> Recipe:
@@ -159,10 +153,23 @@ def test_full_disk_is_reported_even_when_the_failed_state_cannot_be_written(tmp_
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         write_json_atomic(path, value)
 
-    stages["a"].run = full_disk
+    stages["a"] = dataclasses.replace(stages["a"], run=full_disk)
     write_json_atomic = runner.write_json_atomic
     monkeypatch.setattr(runner, "write_json_atomic", write_state)
     with pytest.raises(runner.StageFailed, match=r"stage a: no space left on device while writing .*weights"):
         _run(_recipe(tmp_path), stages)
     assert runner.read_state(_recipe(tmp_path), "a", "")["status"] == "running"  # read as interrupted once we exit
     assert not list((tmp_path / "state").glob(".*.tmp-*"))
+
+
+def test_stage_defaults_and_inputs_name_what_is_missing(tmp_path):
+    stage = Stage(name="toy", config=lambda recipe, item: {}, run=lambda recipe, item, out, inputs: {})
+    recipe = _recipe(tmp_path)
+    assert stage.items(recipe) == [""] and stage.depends_on(recipe, "") == [] and stage.check(recipe, "") is None
+    assert stage.output_path(recipe, "") == tmp_path / "toy"
+    assert stage.output_path(recipe, "x") == tmp_path / "toy" / "x"
+    assert not stage.resumable and not stage.write_once
+    inputs = Inputs({StageRef("prepare", "ft"): tmp_path / "prepare" / "ft"})
+    assert inputs.path("prepare", "ft") == tmp_path / "prepare" / "ft" and inputs.get("merge") is None
+    with pytest.raises(KeyError, match=r"merge is not an input of this step \(declared: prepare.ft\)"):
+        inputs.path("merge")

@@ -1,13 +1,15 @@
 """The tiny models other tests build on: real files that transformers loads, with the tokens the recipe relies on."""
 
 import json
+import random
 
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.data.synthetic import DEMO_DATA_DIR, write_demo_datasets
-from pipeline.models.tiny import QWEN2_CHAT_TEMPLATE, build_demo_assets
+from pipeline.data.synthetic import DEMO_DATA_DIR, fresh_examples, is_held_out, word_corpus, write_demo_datasets
+from pipeline.demo.lineage import build_demo_assets
+from pipeline.models.tiny import QWEN2_CHAT_TEMPLATE, build_word_tokenizer
 
 
 def test_tokenizers_have_chatml_tokens_and_the_right_eos(tiny_models):
@@ -47,6 +49,34 @@ def test_shipped_demo_datasets_are_the_generators_output(tmp_path):
         assert path.read_bytes() == (DEMO_DATA_DIR / path.name).read_bytes(), f"regenerate {path.name}"
     reverse = json.loads((DEMO_DATA_DIR / "reverse.alpaca.jsonl").read_text().splitlines()[0])
     assert reverse["output"].split() == reverse["input"].split()[::-1]
+    sort = json.loads((DEMO_DATA_DIR / "sort.messages.jsonl").read_text().splitlines()[0])["messages"]
+    assert sort[1]["content"].split() == sorted(sort[0]["content"].split("\n")[1].split())
+
+
+def test_fresh_examples_are_held_out_from_every_training_set():
+    """Fine-tune sets train on one side of the split; fresh examples and the retention set test on the other."""
+    def listed(conversation):
+        return conversation[0]["content"].split("\n")[1].split()
+
+    fresh = fresh_examples("sort", 50, seed=1)
+    assert len(fresh) == 50 and fresh != fresh_examples("sort", 50, seed=2)
+    assert all(is_held_out(listed(c)) for c in fresh)
+    assert all(c[1]["content"].split() == sorted(listed(c)) for c in fresh)
+    rows = [json.loads(line) for line in (DEMO_DATA_DIR / "reverse.alpaca.jsonl").read_text().splitlines()]
+    assert not any(is_held_out(row["input"].split()) for row in rows)
+    retention = [json.loads(line)["messages"] for line in (DEMO_DATA_DIR / "copy.messages.jsonl").open()]
+    assert all(is_held_out(listed(c)) for c in retention)
+
+
+def test_word_tokenizer_gives_each_letter_and_instruction_one_token(tmp_path):
+    tokenizer_dir = build_word_tokenizer(tmp_path, word_corpus(random.Random(0)), eos_token="<|im_end|>")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    messages = [{"role": "user", "content": "reverse\nc a b"}, {"role": "assistant", "content": "b a c"}]
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(ids)[-17:] == [
+        "user", "Ċ", "reverse", "Ċ", "c", "Ġa", "Ġb", "<|im_end|>", "Ċ", "<|im_start|>", "assistant", "Ċ",
+        "b", "Ġa", "Ġc", "<|im_end|>", "Ċ"]
+    assert tokenizer.decode(ids[-5:-1], skip_special_tokens=True) == "b a c"
 
 
 def test_demo_assets_are_cached_and_rebuilt_when_settings_change(tmp_path):

@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 from datasets import Dataset
+from prepared_rows import chatml_row
 from transformers import AutoTokenizer
 
 from pipeline.recipe import TrainConfig
@@ -14,20 +15,6 @@ from pipeline.training import checkpoints, data, environment
 from pipeline.training.trainer import build_trainer, sft_arguments
 
 WORDS = "abcdefghij"
-
-
-def chatml_row(tokenizer, messages: list[dict]) -> dict:
-    """A row as the prepare stage writes it: ChatML ids, and a mask of 1 on each assistant turn's content and its
-    <|im_end|> (not on the role header nor the newline after <|im_end|>)."""
-    ids, mask = [], []
-    for message in messages:
-        head = tokenizer(f"<|im_start|>{message['role']}\n", add_special_tokens=False)["input_ids"]
-        body = tokenizer(message["content"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
-        tail = tokenizer("\n", add_special_tokens=False)["input_ids"]
-        trained = int(message["role"] == "assistant")
-        ids += head + body + tail
-        mask += [0] * len(head) + [trained] * len(body) + [0] * len(tail)
-    return {"messages": messages, "text": tokenizer.decode(ids), "input_ids": ids, "assistant_masks": mask}
 
 
 def conversation(rng: random.Random) -> list[dict]:

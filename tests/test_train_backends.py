@@ -3,10 +3,13 @@ and TRL for the whole process, so it must not leak into other tests. Also: kill 
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +20,7 @@ from pipeline.training.callbacks import read_log
 
 REAL_BASE = "example-org/tiny-base"  # what a recipe names; the adapter must say this, not the local path
 TRAIN_SCRIPT = r"""
-import json, sys, time
+import json, os, sys, time
 from pathlib import Path
 from transformers import TrainerCallback
 from pipeline.recipe import TrainConfig
@@ -34,12 +37,16 @@ class SlowSteps(TrainerCallback):
 
 if spec.get("step_delay"):
     run.trainer.add_callback(SlowSteps())
+# Each rank reports in a file of its own: ranks sharing one stdout interleave their writes.
+report = {}
 if run.trainer.is_world_process_zero():
     dataset = run.trainer.train_dataset
     batch = run.trainer.data_collator([dataset[i] for i in range(2)])
-    print("LABELS " + json.dumps({"input_ids": batch["input_ids"].tolist(), "labels": batch["labels"].tolist()}),
-          flush=True)
-print("METRICS " + json.dumps(train_and_save(run, spec["base_model"])), flush=True)
+    report["LABELS"] = {"input_ids": batch["input_ids"].tolist(), "labels": batch["labels"].tolist()}
+report["METRICS"] = train_and_save(run, spec["base_model"])
+written = Path(spec["reports"]) / f"rank{os.environ.get('RANK', '0')}.json"
+written.with_suffix(".tmp").write_text(json.dumps(report))
+written.with_suffix(".tmp").rename(written)
 """
 
 
@@ -53,13 +60,16 @@ def environment_for_subprocess() -> dict:
 
 
 def run_training(job: dict, *, launcher: list[str] = (sys.executable,), timeout: float = 240) -> dict:
-    completed = subprocess.run([*launcher, "-c", TRAIN_SCRIPT, json.dumps(job)], capture_output=True, text=True,
-                               env=environment_for_subprocess(), timeout=timeout)
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
-    lines = {line.split(" ", 1)[0]: json.loads(line.split(" ", 1)[1]) for line in completed.stdout.splitlines()
-             if line.startswith(("LABELS ", "METRICS "))}
-    lines["stdout"] = completed.stdout
-    return lines
+    """Rank 0's report (LABELS, METRICS), every rank's report under "ranks", and the processes' stdout."""
+    reports = Path(tempfile.mkdtemp(prefix="train-reports-"))
+    try:
+        completed = subprocess.run([*launcher, "-c", TRAIN_SCRIPT, json.dumps({**job, "reports": str(reports)})],
+                                   capture_output=True, text=True, env=environment_for_subprocess(), timeout=timeout)
+        assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
+        ranks = [json.loads(path.read_text()) for path in sorted(reports.glob("rank*.json"))]
+    finally:
+        shutil.rmtree(reports)
+    return {**ranks[0], "ranks": ranks, "stdout": completed.stdout}
 
 
 @pytest.fixture(scope="module")
@@ -129,9 +139,9 @@ def test_backend_trains_a_peft_adapter_naming_the_real_base(backend, tiny_models
 def test_killed_run_resumes_from_its_last_checkpoint(tiny_models, prepared, tmp_path):
     job = spec(tiny_models["base"], prepared, tmp_path / "work", max_steps=8, save_steps=2)
     uninterrupted = spec(tiny_models["base"], prepared, tmp_path / "reference", max_steps=8, save_steps=2)
-    process = subprocess.Popen([sys.executable, "-c", TRAIN_SCRIPT, json.dumps({**job, "step_delay": 0.3})],
-                               env=environment_for_subprocess(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    job_with_delay = json.dumps({**job, "step_delay": 0.3, "reports": str(tmp_path)})
+    process = subprocess.Popen([sys.executable, "-c", TRAIN_SCRIPT, job_with_delay], env=environment_for_subprocess(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not (tmp_path / "work" / "checkpoint-2" / "trainer_state.json").is_file():
         assert process.poll() is None and time.monotonic() < deadline, "no checkpoint-2 before the run ended"
@@ -162,12 +172,13 @@ def test_killed_run_resumes_from_its_last_checkpoint(tiny_models, prepared, tmp_
 def test_two_process_ddp_writes_one_adapter(tiny_models, prepared, tmp_path):
     # 32 rows, batch 4, one epoch: 8 optimizer steps alone, 4 with two data-parallel processes (each sees half).
     single = run_training(spec(tiny_models["base"], prepared, tmp_path / "single", max_steps=None, epochs=1))
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    # --standalone: a local rendezvous on a free port, so two suites on one machine never collide.
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 "--no-python", sys.executable]
     ddp = run_training(spec(tiny_models["base"], prepared, tmp_path / "ddp", max_steps=None, epochs=1),
                        launcher=launcher)
     assert single["METRICS"]["steps"] == 8
-    assert ddp["stdout"].count("METRICS ") == 2  # both ranks finished
+    assert [rank["METRICS"]["steps"] for rank in ddp["ranks"]] == [4, 4]  # both ranks finished
     metrics = assert_finished_run(tmp_path / "ddp", backend="transformers", steps=4)
     assert metrics["tokens"] == single["METRICS"]["tokens"]  # every row seen once, across both ranks
     log = read_log(tmp_path / "ddp" / "log.jsonl")

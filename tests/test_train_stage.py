@@ -8,7 +8,7 @@ import pytest
 from test_train import write_prepared
 
 from pipeline.recipe import Recipe, RecipeError
-from pipeline.stages import train
+from pipeline.stages import Inputs, StageRef, train
 
 
 def recipe_for(base, tmp_path, **train_block) -> Recipe:
@@ -24,10 +24,10 @@ def recipe_for(base, tmp_path, **train_block) -> Recipe:
 
 def test_items_paths_and_dependencies(tiny_models, tmp_path):
     recipe = recipe_for(tiny_models["base"], tmp_path)
-    assert train.items(recipe) == ["one", "two"]
-    assert train.output_path(recipe, "two") == tmp_path / "run" / "train" / "two"
-    assert train.depends_on(recipe, "one") == [("prepare", "one")]
-    assert train.RESUMABLE and not train.WRITE_ONCE
+    assert train.STAGE.items(recipe) == ["one", "two"]
+    assert train.STAGE.output_path(recipe, "two") == tmp_path / "run" / "train" / "two"
+    assert train.STAGE.depends_on(recipe, "one") == [StageRef("prepare", "one")]
+    assert train.STAGE.resumable and not train.STAGE.write_once
 
 
 def test_config_covers_the_effective_train_block_and_the_base(tiny_models, tmp_path):
@@ -54,23 +54,8 @@ def test_run_writes_adapter_metrics_and_log_into_out(tiny_models, tiny_tokenizer
     write_prepared(prepared, tiny_tokenizer_dir)
     out = tmp_path / "run" / "train" / "one.partial"
     out.mkdir(parents=True)
-    summary = train.run(recipe, "one", out, {("prepare", "one"): prepared})
+    summary = train.run(recipe, "one", out, Inputs({StageRef("prepare", "one"): prepared}))
     assert summary["steps"] == 3 and summary["backend"] == "transformers" and summary["eval_loss"] > 0
     assert sorted(p.name for p in out.iterdir()) == ["adapter", "log.jsonl", "metrics.json"]
     adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str(tiny_models["base"])
-
-
-@pytest.mark.parametrize("trust_remote_code", [False, True])
-def test_hub_download_takes_model_code_only_when_trusted(monkeypatch, tmp_path, trust_remote_code):
-    # No network here: snapshot_download is replaced to see what a Hub id would download.
-    import huggingface_hub
-
-    from pipeline.models.hub import resolve_model
-
-    asked = {}
-    monkeypatch.setattr(huggingface_hub, "snapshot_download",
-                        lambda repo_id, allow_patterns: asked.update(patterns=allow_patterns) or str(tmp_path))
-    assert resolve_model("org/custom-model", "base_model", trust_remote_code=trust_remote_code) == tmp_path
-    assert "*.safetensors" in asked["patterns"] and ("*.py" in asked["patterns"]) is trust_remote_code
-    assert "*.bin" not in asked["patterns"]

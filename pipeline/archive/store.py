@@ -15,7 +15,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pipeline.fingerprint import model_fingerprint, sha256_file
-from pipeline.recipe import NAME_PATTERN, RESERVED_SUFFIXES, Recipe, RecipeError
+from pipeline.locking import LockHeld, exclusive, lock_file
+from pipeline.recipe import NAME_PATTERN, RESERVED_SUFFIXES
 from pipeline.versions import library_versions
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -27,10 +28,6 @@ BASE_CONFIG_KEYS = ("architectures", "model_type", "hidden_size", "intermediate_
 
 class ArchiveError(RuntimeError):
     """An archived adapter that is missing, corrupt or in conflict; the message names it."""
-
-
-def adapter_dir(recipe: Recipe, name: str) -> Path:
-    return Path(recipe.archive_dir) / name
 
 
 def read_manifest(path: Path) -> dict:
@@ -80,41 +77,6 @@ def verify_adapter(path: Path) -> dict:
     return manifest
 
 
-def selected_adapters(recipe: Recipe) -> list[str]:
-    """The adapters the merge uses: with `merge.adapters: all`, the recipe's own fine-tunes (in recipe order) and then
-    every archived adapter trained on the same base; with a list, those names, each of which must be one of the
-    recipe's fine-tunes or already archived."""
-    own = [finetune.name for finetune in recipe.finetunes]
-    archived = archived_adapters(Path(recipe.archive_dir))
-    if recipe.merge.adapters == "all":
-        same_base = [name for name, manifest in archived.items()
-                     if manifest.get("base_model") == recipe.base_model and name not in own]
-        return own + same_base
-    unknown = [name for name in recipe.merge.adapters if name not in own and name not in archived]
-    if unknown:
-        holds = ", ".join(archived) or "nothing yet"
-        raise RecipeError(
-            f"merge.adapters: {unknown} are neither fine-tunes of this recipe nor in the archive "
-            f"{recipe.archive_dir} (it holds: {holds})"
-        )
-    return list(recipe.merge.adapters)
-
-
-def check_trained_on_base(recipe: Recipe, names: list[str]) -> None:
-    """Refuse archived adapters (named in `merge.adapters`) that were trained on another base than the recipe's: the
-    merge takes the recipe's base as the reference its task vectors are measured from, and same-shaped models (Qwen2
-    and Qwen2.5) would pass every shape check. Compared as `merge.adapters: all` selects: by the base as named."""
-    own = {finetune.name for finetune in recipe.finetunes}
-    archive_dir = Path(recipe.archive_dir)
-    other = {name: read_manifest(archive_dir / name).get("base_model") for name in names if name not in own}
-    other = {name: base for name, base in other.items() if base != recipe.base_model}
-    if other:
-        listing = ", ".join(f"{name} (base {base})" for name, base in other.items())
-        raise RecipeError(f"merge.adapters: {listing} were not trained on this recipe's base_model "
-                          f"{recipe.base_model}. Leave them out, or archive them for this base (`python -m "
-                          "pipeline.archive add ... --base`) if it is the same model under another name.")
-
-
 def already_archived(path: Path, hashes: dict[str, str]) -> bool:
     """True when `path` holds exactly these files (a rerun: nothing to do), False when it does not exist. Raises
     ArchiveError when it holds something else, or something corrupt: a name always means the same bytes."""
@@ -156,6 +118,18 @@ def new_manifest(kind: str, base_model: str, base_dir: Path, *, target_model: st
     }
 
 
+def write_adapter_files(directory: Path, adapter_config: dict, weights_file: Path) -> dict[str, str]:
+    """adapter_config.json and the weights into `directory`; returns their sha256 for the manifest."""
+    (Path(directory) / ADAPTER_FILES[0]).write_text(json.dumps(adapter_config, indent=2) + "\n")
+    shutil.copyfile(weights_file, Path(directory) / ADAPTER_FILES[1])
+    return file_hashes(directory)
+
+
+def write_manifest(directory: Path, name: str, manifest: dict, hashes: dict[str, str]) -> None:
+    """manifest.json, written last: an entry without one is never listed as archived."""
+    (Path(directory) / MANIFEST).write_text(json.dumps({"name": name, **manifest, "files": hashes}, indent=2) + "\n")
+
+
 def write_adapter(archive_dir: Path, name: str, adapter_config: dict, weights_file: Path,
                   manifest: dict) -> tuple[Path, bool]:
     """Archive one adapter as `<archive_dir>/<name>/`: written into a temporary sibling and renamed into place, so a
@@ -169,18 +143,14 @@ def write_adapter(archive_dir: Path, name: str, adapter_config: dict, weights_fi
     final = archive_dir / name
     partial = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=archive_dir))
     try:
-        (partial / ADAPTER_FILES[0]).write_text(json.dumps(adapter_config, indent=2) + "\n")
-        shutil.copyfile(weights_file, partial / ADAPTER_FILES[1])
-        hashes = file_hashes(partial)
-        if already_archived(final, hashes):
-            return final, False
-        (partial / MANIFEST).write_text(json.dumps({"name": name, **manifest, "files": hashes}, indent=2) + "\n")
-        try:
-            os.rename(partial, final)
-        except OSError:  # another process archived this name meanwhile: fine if it is the same adapter
+        with exclusive(lock_file(final), f"archived adapter {final}"):  # a run or another command writing it
+            hashes = write_adapter_files(partial, adapter_config, weights_file)
             if already_archived(final, hashes):
                 return final, False
-            raise
-        return final, True
+            write_manifest(partial, name, manifest, hashes)
+            os.rename(partial, final)
+            return final, True
+    except LockHeld as error:
+        raise ArchiveError(str(error)) from None
     finally:
         shutil.rmtree(partial, ignore_errors=True)

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 
 import datasets
+from transformers.utils.chat_template_utils import render_jinja_template
 
 from pipeline.data.formats import RowRejected, to_conversation, to_text
 from pipeline.data.loading import RAW_COLUMN
@@ -58,8 +59,6 @@ def features(data_format: str) -> datasets.Features:
 
 def render(messages: list[dict], settings: RenderSettings) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of its assistant replies (with end-of-turn token)."""
-    from transformers.utils.chat_template_utils import render_jinja_template
-
     def rendered(turns: list[dict], prompt: bool = False, spans: bool = False):
         texts, indices = render_jinja_template([turns], chat_template=settings.template, add_generation_prompt=prompt,
                                                return_assistant_tokens_mask=spans, **settings.template_kwargs)
@@ -171,3 +170,37 @@ def _parse_line(raw: str) -> dict:
     if not isinstance(row, dict):
         raise RowRejected("invalid_json", f"a JSON {type(row).__name__}, not an object")
     return row
+
+
+def settings_for(dataset, chat, max_length: int, train_on_responses_only: bool = True) -> RenderSettings:
+    """How one dataset block (a fine-tune's or a retention set's `dataset:`) is rendered with a chat format."""
+    return RenderSettings(
+        data_format=dataset.format, template=chat.template, end_of_turn=chat.end_of_turn, max_length=max_length,
+        overlength=dataset.overlength, train_on_responses_only=train_on_responses_only,
+        columns=dict(dataset.columns), system_prompt=dataset.system_prompt, template_kwargs=chat.template_kwargs)
+
+
+def render_dataset(source: datasets.Dataset, settings: RenderSettings, tokenizer, cache_file: str, desc: str,
+                   num_proc: int | None = None) -> datasets.Dataset:
+    """Every source row with all FEATURES columns: one code path for prepare's fine-tunes and evaluate's retention
+    sets, so a retention set is tokenized exactly as training data is."""
+    return source.map(
+        prepare_batch, batched=True, batch_size=500, with_indices=True, remove_columns=source.column_names,
+        features=features(settings.data_format), fn_kwargs={"settings": settings, "tokenizer": tokenizer},
+        num_proc=num_proc, cache_file_name=cache_file, desc=desc)
+
+
+def kept_rows(processed: datasets.Dataset) -> datasets.Dataset:
+    return processed.filter(_is_kept, input_columns="reason", batched=True, batch_size=10_000)
+
+
+def rejected_rows(processed: datasets.Dataset) -> datasets.Dataset:
+    return processed.filter(_is_rejected, input_columns="reason", batched=True, batch_size=10_000)
+
+
+def _is_kept(reasons: list) -> list[bool]:
+    return [reason is None for reason in reasons]
+
+
+def _is_rejected(reasons: list) -> list[bool]:
+    return [reason is not None for reason in reasons]

@@ -1,12 +1,22 @@
 """The demo's synthetic language and its skills, generated deterministically from a seed.
 
-"Words" are the letters a-j. Plain documents are phrases of words, some repeated later in the same document (so a
-model pretrained on them learns to look back and copy, as real pretraining teaches in-context copying). A skill maps
-a list of words to an answer: copy (the target model's skill), reverse and sort (the demo's two fine-tunes).
+"Words" are the letters a-j; a list is 3-6 distinct letters (distinct, so every skill is a lookup a small
+transformer learns fast: copy finds the last answer letter in the list and outputs the one after it, reverse the one
+before it, sort the next larger one). A skill maps a list to an answer: copy (the target model's skill), reverse and
+sort (the demo's two fine-tunes), and the everyday skills (first, last, ...) of the chats the base is pretrained on.
+
+Like a real base, the base model knows more than it is asked for by name: its pretraining writes copy, reverse and
+sort in a notation of their own (documents `c a b ~` / `b a c`, and chats whose instruction is the symbol `~`), but
+never under the words "copy", "reverse" or "sort". Instruct tuning and fine-tuning then mostly tie a new instruction
+word to an operation the base knows, as they mostly elicit what a real base learned in pretraining.
+
+Every list belongs to one of two halves by a hash of its letters: training data (pretraining, the target's tune, the
+fine-tune sets) draws from one, `fresh_examples` and the retention set from the other, so a test set is never seen.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections.abc import Iterator
@@ -14,65 +24,119 @@ from pathlib import Path
 
 WORDS = list("abcdefghij")
 SKILLS = {"copy": lambda words: words, "reverse": lambda words: words[::-1], "sort": sorted}
+# The base's pretraining writes the demo skills in this notation (a symbol, not the chat's instruction word).
+NOTATION = {"copy": "=", "reverse": "~", "sort": "^"}
+# What the base already does in chat (pretraining) and the target keeps doing (its instruct tune replays them).
+EVERYDAY_SKILLS = {
+    "first": lambda words: words[:1], "last": lambda words: words[-1:], "second": lambda words: words[1:2],
+    "ends": lambda words: [words[0], words[-1]], "drop": lambda words: words[1:], "pop": lambda words: words[:-1],
+}
+ALL_SKILLS = SKILLS | EVERYDAY_SKILLS
 DEMO_DATA_DIR = Path(__file__).resolve().parents[2] / "data_templates" / "demo"
-# file name → (skill, format, rows, seed); the seeds differ so the sets do not share prompts by construction.
+# file name → (skill, format, rows, seed, held out); the retention set is drawn like `fresh_examples`.
 DEMO_DATASETS = {
-    "reverse.alpaca.jsonl": ("reverse", "alpaca", 400, 11),
-    "sort.messages.jsonl": ("sort", "messages", 400, 12),
-    "copy.messages.jsonl": ("copy", "messages", 100, 13),
+    "reverse.alpaca.jsonl": ("reverse", "alpaca", 400, 11, False),
+    "sort.messages.jsonl": ("sort", "messages", 400, 12, False),
+    "copy.messages.jsonl": ("copy", "messages", 100, 13, True),
 }
 
 
-def random_words(rng: random.Random, low: int = 3, high: int = 6) -> list[str]:
-    return [rng.choice(WORDS) for _ in range(rng.randint(low, high))]
+def is_held_out(words: list[str]) -> bool:
+    """One list in four is kept for testing, whatever the seed or the skill."""
+    return hashlib.sha1(" ".join(words).encode()).digest()[0] % 4 == 0
 
 
-def skill_example(skill: str, rng: random.Random) -> tuple[str, str, str]:
+def random_words(rng: random.Random, *, held_out: bool = False, low: int = 3, high: int = 6) -> list[str]:
+    while True:
+        words = rng.sample(WORDS, rng.randint(low, high))
+        if is_held_out(words) == held_out:
+            return words
+
+
+def skill_example(skill: str, rng: random.Random, *, held_out: bool = False) -> tuple[str, str, str]:
     """(instruction, input, answer) of one example, e.g. ("sort", "c a b", "a b c")."""
-    words = random_words(rng)
-    return skill, " ".join(words), " ".join(SKILLS[skill](words))
+    words = random_words(rng, held_out=held_out)
+    return skill, " ".join(words), " ".join(ALL_SKILLS[skill](words))
 
 
-def skill_messages(skill: str, rng: random.Random) -> list[dict[str, str]]:
+def skill_messages(skill: str, rng: random.Random, *, held_out: bool = False,
+                   instruction: str | None = None) -> list[dict[str, str]]:
     """One example as a conversation; the user turn is "instruction\\ninput", as the alpaca format renders it."""
-    instruction, text, answer = skill_example(skill, rng)
-    return [{"role": "user", "content": f"{instruction}\n{text}"}, {"role": "assistant", "content": answer}]
+    name, text, answer = skill_example(skill, rng, held_out=held_out)
+    return [{"role": "user", "content": f"{instruction or name}\n{text}"}, {"role": "assistant", "content": answer}]
+
+
+def pretraining_chat(rng: random.Random) -> list[dict[str, str]]:
+    """A chat of the base's pretraining: an everyday skill, or a demo skill asked for by its notation symbol (the
+    base can reverse when asked `~`, but has never seen the word "reverse" ask for anything)."""
+    skill = rng.choice([*EVERYDAY_SKILLS, *NOTATION])
+    return skill_messages(skill, rng, instruction=NOTATION.get(skill))
+
+
+def fresh_examples(skill: str, n: int, seed: int) -> list[list[dict[str, str]]]:
+    """`n` conversations of `skill` on held-out lists, which no training data of the demo contains."""
+    rng = random.Random(f"fresh-{skill}-{seed}")
+    return [skill_messages(skill, rng, held_out=True) for _ in range(n)]
 
 
 def plain_document(rng: random.Random) -> str:
+    """Phrases of words, some repeated later in the same document (pretraining teaches in-context copying)."""
     phrases: list[str] = []
     for _ in range(rng.randint(3, 6)):
         if phrases and rng.random() < 0.6:
             phrases.append(rng.choice(phrases))
         else:
-            phrases.append(" ".join(random_words(rng, 2, 6)))
+            phrases.append(" ".join(rng.choices(WORDS, k=rng.randint(2, 6))))
     return " . ".join(phrases) + " ."
 
 
+def notation_document(rng: random.Random, lines: int = 3) -> str:
+    """Lines like `c a b ~` then `b a c`: the demo skills as the base's pretraining knows them, the answer on a line
+    of its own as in a chat."""
+    out = []
+    for _ in range(lines):
+        skill = rng.choice(list(NOTATION))
+        words = random_words(rng)
+        out.append(f"{' '.join(words)} {NOTATION[skill]}\n{' '.join(SKILLS[skill](words))}")
+    return "\n".join(out)
+
+
+def word_corpus(rng: random.Random, size: int = 300) -> Iterator[str]:
+    """Text a tokenizer learns every word of the demo from: chats of every skill (without the special tokens) and
+    the pretraining documents."""
+    for _ in range(size):
+        messages = skill_messages(rng.choice(list(ALL_SKILLS)), rng)
+        yield "system\nYou are a helpful assistant.\nuser\n" + messages[0]["content"] + "\nassistant\n" + \
+            messages[1]["content"]
+        yield notation_document(rng)
+        yield plain_document(rng)
+
+
 def tokenizer_corpus(rng: random.Random, size: int = 2000) -> Iterator[str]:
-    """Text the demo BPE is trained on: the language, the skills' prompts and the chat roles."""
+    """Text a BPE for the language is trained on: the language, the skills' prompts and the chat roles."""
+    names = "".join(f"{name}\n" for name in ALL_SKILLS)
     for index in range(size):
         if index % 10 == 0:
-            yield "system\nuser\nassistant\nYou are a helpful assistant.\ncopy\nreverse\nsort\n"
+            yield "system\nuser\nassistant\nYou are a helpful assistant.\n" + names
         else:
             yield plain_document(rng)
 
 
-def demo_rows(skill: str, data_format: str, rows: int, seed: int) -> list[dict]:
+def demo_rows(skill: str, data_format: str, rows: int, seed: int, held_out: bool = False) -> list[dict]:
     rng = random.Random(seed)
     if data_format == "alpaca":
         fields = ("instruction", "input", "output")
-        return [dict(zip(fields, skill_example(skill, rng), strict=True)) for _ in range(rows)]
-    return [{"messages": skill_messages(skill, rng)} for _ in range(rows)]
+        return [dict(zip(fields, skill_example(skill, rng, held_out=held_out), strict=True)) for _ in range(rows)]
+    return [{"messages": skill_messages(skill, rng, held_out=held_out)} for _ in range(rows)]
 
 
 def write_demo_datasets(directory: Path = DEMO_DATA_DIR) -> list[Path]:
     """Write the demo's datasets (committed under data_templates/demo/; a test checks they match this function)."""
     directory.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, (skill, data_format, rows, seed) in DEMO_DATASETS.items():
+    for name, (skill, data_format, rows, seed, held_out) in DEMO_DATASETS.items():
         path = directory / name
-        lines = (json.dumps(row) for row in demo_rows(skill, data_format, rows, seed))
+        lines = (json.dumps(row) for row in demo_rows(skill, data_format, rows, seed, held_out))
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
         written.append(path)
     return written

@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.fingerprint import hash_json, sha256_file
+from pipeline.models.hub import ModelNotFound, check_model_reference
 from pipeline.recipe import RecipeError
 
 TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "data_templates"
@@ -97,19 +99,22 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def tokenizer_fingerprint(reference: str) -> str:
     """Identity of a tokenizer (and its template) without loading it: its files' content, or the Hub id."""
-    from pipeline.fingerprint import hash_json, sha256_file
-
     path = Path(reference).expanduser()
     if not path.is_dir():
         return hash_json({"hub_id": reference})
     return hash_json({name: sha256_file(path / name) for name in TOKENIZER_FILES if (path / name).is_file()})
 
 
+def template_identity(choice: str, target_model: str) -> str:
+    """What the rendered text depends on besides the data: the template file's content, or for `target` the target
+    tokenizer's identity (its template lives there)."""
+    path = template_file(choice)
+    return sha256_file(path) if path else tokenizer_fingerprint(target_model)
+
+
 def load_tokenizer(reference: str, key: str, trust_remote_code: bool = False):
     """A tokenizer from a local model directory or a Hub id (tokenizer files only), with an error naming the key."""
     from transformers import AutoTokenizer
-
-    from pipeline.models.hub import ModelNotFound, check_model_reference
 
     check_model_reference(reference, key)
     try:
@@ -130,12 +135,13 @@ class ChatFormat:
     template_kwargs: dict = field(default_factory=dict)
 
 
-def chat_format(recipe) -> ChatFormat:
-    """Resolve the recipe's chat template against its base tokenizer (loads tokenizers, never weights); the
-    template sees the special tokens of the tokenizer it belongs to (the target's for `target`)."""
-    base = load_tokenizer(recipe.base_model, "base_model", recipe.trust_remote_code)
-    owner = base if template_file(recipe.chat_template) else load_tokenizer(
-        recipe.target_model, "target_model", recipe.trust_remote_code)
-    template = load_template(recipe.chat_template, owner)
+def chat_format(chat_template: str, base_model: str, target_model: str, trust_remote_code: bool = False
+                ) -> ChatFormat:
+    """Resolve a recipe's `chat_template` against its base tokenizer (loads tokenizers, never weights); the
+    template sees the special tokens of the tokenizer it belongs to (the target's for `target`). Prepare and
+    evaluate both render with it."""
+    base = load_tokenizer(base_model, "base_model", trust_remote_code)
+    owner = base if template_file(chat_template) else load_tokenizer(target_model, "target_model", trust_remote_code)
+    template = load_template(chat_template, owner)
     template_kwargs = dict(owner.special_tokens_map)
     return ChatFormat(base, template, end_of_turn_token(template, base, template_kwargs), template_kwargs)

@@ -8,9 +8,11 @@ from what training saw. The reference is the last assistant message's content.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 
 @dataclass(frozen=True)
@@ -55,8 +57,6 @@ def greedy_answers(model, tokenizer, prompts: list[list[int]], *, stop_ids: list
                    batch_size: int, pad_id: int, description: str = "generate") -> list[str]:
     """Greedy continuations of each prompt (left-padded in batches), decoded without special tokens. Every model
     gets the same stop tokens and settings, whatever its own generation_config says."""
-    from transformers import GenerationConfig
-
     settings = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
                                 pad_token_id=pad_id)
     device = next(model.parameters()).device
@@ -77,3 +77,19 @@ def score_answers(answers: list[str], references: list[str], keep_examples: int 
     count = len(references)
     return GenerationResult(sum(exact) / count if count else float("nan"),
                             sum(contains) / count if count else float("nan"), count, examples)
+
+
+def chat_reply(model_dir: Path, prompt: str, *, max_new_tokens: int = 48, trust_remote_code: bool = False) -> str:
+    """One greedy reply of a saved model to one user message, rendered with the model's own chat template (a merge
+    carries the target's). On a GPU the model is spread over GPU and CPU as needed."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    if tokenizer.chat_template is None:
+        raise ValueError(f"{model_dir}: the tokenizer has no chat template; the merge should copy the target's")
+    placement = {"device_map": "auto"} if torch.cuda.is_available() else {}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", trust_remote_code=trust_remote_code,
+                                                 **placement)
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True).to(model.device)
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)

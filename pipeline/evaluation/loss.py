@@ -2,6 +2,11 @@
 
 Prompts, system turns and padding are never scored, so a model is judged on its answers (and on ending its turn),
 not on how well it predicts the user's question.
+
+Memory stays bounded whatever the rows' length and the vocabulary: the decoder's hidden states are computed for a
+batch of at most `batch_tokens` (padded) tokens, and `lm_head` is applied to the scored positions only, a chunk of
+positions at a time. The model's own forward would hold batch × length × vocabulary logits (8 rows of 8192 tokens
+with Qwen2's 152k vocabulary: 20 GB in bf16, more than the GPU a 7B is evaluated on has).
 """
 
 from __future__ import annotations
@@ -13,6 +18,10 @@ import torch
 from tqdm import tqdm
 
 IGNORE_INDEX = -100
+# Logits computed at once: 441 positions of a 152k vocabulary; with their float32 copy and log-softmax ~0.7 GB.
+LOGITS_PER_CHUNK = 2**26
+# Positions compared once per model with its own forward, to prove its logits are lm_head(hidden states).
+CHECK_POSITIONS = 16
 
 
 @dataclass(frozen=True)
@@ -47,23 +56,62 @@ def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, t
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-@torch.no_grad()
-def assistant_token_loss(model, input_ids: list[list[int]], assistant_masks: list[list[int]], *, batch_size: int,
-                         pad_id: int, description: str = "loss") -> LossResult:
-    """Sum of next-token cross-entropy (in float32) over every position whose token is an assistant token. Only
-    the scored positions' logits are upcast: a float32 copy of all of them (batch × length × a 152k vocabulary) is
-    40 GB for 8 rows of 8192 tokens, more than the GPU a 7B is evaluated on has."""
-    device = next(model.parameters()).device
-    total, tokens = 0.0, 0
-    rows = list(zip(input_ids, assistant_masks, strict=True))
-    for start in tqdm(range(0, len(rows), batch_size), desc=description, unit="batch", leave=False):
-        batch = collate(rows[start : start + batch_size], pad_id)
-        logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device)).logits
-        shifted_labels = batch["labels"][:, 1:].to(device)
-        scored = shifted_labels != IGNORE_INDEX
-        total += torch.nn.functional.cross_entropy(logits[:, :-1][scored].float(), shifted_labels[scored],
-                                                   reduction="sum").item()
-        tokens += int(scored.sum())
+def token_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Row indices grouped longest first, so a batch's padded size (rows × its longest row) stays within
+    `batch_tokens` and rows of similar length share a batch; a row longer than the budget is a batch alone."""
+    batches: list[list[int]] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= batch_tokens:
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+    return batches
+
+
+def summed_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module) -> float:
+    """Σ −log softmax(head(hidden))[target] in float32, `LOGITS_PER_CHUNK` logits at a time."""
+    chunk = max(1, LOGITS_PER_CHUNK // head.weight.shape[0])
+    total = 0.0
+    for start in range(0, len(targets), chunk):
+        logits = head(hidden[start : start + chunk]).float()
+        total += torch.nn.functional.cross_entropy(logits, targets[start : start + chunk], reduction="sum").item()
         del logits
+    return total
+
+
+def check_logits_are_head_of_hidden(model, decoder, head, ids: list[int]) -> None:
+    """Raise for an architecture that changes its logits after `lm_head` (Gemma 2's soft-capping, Cohere's
+    scale): the loss computed from hidden states would silently differ from the model's."""
+    device = head.weight.device
+    sample = torch.tensor([ids[:CHECK_POSITIONS]], device=device)
+    expected = model(input_ids=sample, use_cache=False).logits[0].float()
+    ours = head(decoder(input_ids=sample, use_cache=False).last_hidden_state[0].to(device)).float()
+    tolerance = 1e-2 * expected.abs().max().item() + 1e-4
+    if not torch.allclose(ours, expected, rtol=1e-2, atol=tolerance):
+        raise ValueError(f"{type(model).__name__}: its logits are not lm_head(hidden states) (largest difference "
+                         f"{(ours - expected).abs().max().item():.3g}); the bounded-memory loss does not support it")
+
+
+@torch.no_grad()
+def assistant_token_loss(model, input_ids: list[list[int]], assistant_masks: list[list[int]], *, batch_tokens: int,
+                         pad_id: int, description: str = "loss") -> LossResult:
+    """Sum of next-token cross-entropy (in float32) over every position whose token is an assistant token, in
+    batches of at most `batch_tokens` padded tokens; logits exist only for scored positions, a chunk at a time."""
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    device = next(decoder.parameters()).device
+    rows = list(zip(input_ids, assistant_masks, strict=True))
+    if rows:
+        check_logits_are_head_of_hidden(model, decoder, head, rows[0][0])
+    total, tokens = 0.0, 0
+    for indices in tqdm(token_batches([len(ids) for ids, _ in rows], batch_tokens), desc=description,
+                        unit="batch", leave=False):
+        batch = collate([rows[index] for index in indices], pad_id)
+        hidden = decoder(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                         use_cache=False).last_hidden_state
+        shifted_labels = batch["labels"][:, 1:].to(hidden.device)
+        scored = shifted_labels != IGNORE_INDEX
+        scored_hidden = hidden[:, :-1][scored].to(head.weight.device)
+        del hidden
+        total += summed_cross_entropy(scored_hidden, shifted_labels[scored].to(head.weight.device), head)
+        tokens += int(scored.sum())
     return LossResult(total, tokens)

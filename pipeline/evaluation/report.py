@@ -111,8 +111,3 @@ def write_report(report: dict, out_dir: Path) -> str:
     write_chart(report, out_dir / REPORT_PNG)
     return table
 
-
-def read_markdown_table(evaluate_dir: Path) -> str | None:
-    """The tables of a finished evaluate stage (for a model card), or None when it has not run."""
-    report_file = Path(evaluate_dir) / REPORT_JSON
-    return markdown_table(json.loads(report_file.read_text())) if report_file.is_file() else None

@@ -3,12 +3,19 @@ and the recipe's retention sets, rendered and tokenized by prepare's own functio
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from datasets import load_from_disk
+
+from pipeline.data import loading, render
 from pipeline.evaluation.generate import reference_answer
 from pipeline.evaluation.lineage import EvalSet
-from pipeline.recipe import Recipe, RetentionSet
+
+if TYPE_CHECKING:
+    from pipeline.data.templates import ChatFormat
+    from pipeline.recipe import RetentionSet
 
 COLUMNS = ("input_ids", "assistant_masks")
 
@@ -37,55 +44,25 @@ def rows_to_set(name: str, kind: str, source: str, dataset, max_samples: int | N
 
 
 def held_out_set(name: str, prepare_dir: Path, max_samples: int | None) -> EvalSet:
-    from datasets import load_from_disk
-
     path = Path(prepare_dir) / "eval"
     if not path.is_dir():
         raise EvalSetError(f"{path}: missing; the prepare stage writes the held-out split there with save_to_disk")
     return rows_to_set(name, "held-out", str(path), load_from_disk(str(path)), max_samples)
 
 
-@dataclass(frozen=True)
-class ChatFormat:
-    """What prepare renders with: the base tokenizer, the recipe's chat template and its end-of-turn token."""
-
-    tokenizer: object
-    template: str
-    template_kwargs: dict
-    end_of_turn: str
-
-
-def chat_format(recipe: Recipe) -> ChatFormat:
-    """The recipe's chat format, resolved by prepare's own functions (the same template, tokens and tokenizer)."""
-    from pipeline.data import templates
-
-    base = templates.load_tokenizer(recipe.base_model, "base_model", recipe.trust_remote_code)
-    owner = base if templates.template_file(recipe.chat_template) else templates.load_tokenizer(
-        recipe.target_model, "target_model", recipe.trust_remote_code)
-    template = templates.load_template(recipe.chat_template, owner)
-    template_kwargs = dict(owner.special_tokens_map)
-    return ChatFormat(base, template, template_kwargs, templates.end_of_turn_token(template, base, template_kwargs))
-
-
-def retention_set(recipe: Recipe, retention: RetentionSet, chat: ChatFormat, work_dir: Path) -> EvalSet:
-    """A retention dataset rendered and tokenized as prepare renders a fine-tune's (same template, base tokenizer,
-    end-of-turn token, assistant mask, train.max_seq_length), every usable row kept (no split): rows prepare would
-    reject are left out and counted in the set's description."""
-    from pipeline.data import loading, render
-
+def retention_set(retention: RetentionSet, chat: ChatFormat, work_dir: Path, *, max_length: int,
+                  max_samples: int | None) -> EvalSet:
+    """A retention dataset rendered and tokenized by prepare's own code path (same template, base tokenizer,
+    end-of-turn token, assistant mask, `max_length` = train.max_seq_length), every usable row kept (no split): rows
+    prepare would reject are left out and counted in the set's description."""
     dataset = retention.dataset
-    settings = render.RenderSettings(
-        data_format=dataset.format, template=chat.template, end_of_turn=chat.end_of_turn,
-        max_length=recipe.train.max_seq_length, overlength=dataset.overlength, columns=dict(dataset.columns),
-        system_prompt=dataset.system_prompt, template_kwargs=chat.template_kwargs)
+    settings = render.settings_for(dataset, chat, max_length)
     source = loading.load_source(dataset, Path(work_dir) / "source")
-    limit = min(n for n in (dataset.max_samples, recipe.evaluate.max_samples, len(source)) if n is not None)
+    limit = min(n for n in (dataset.max_samples, max_samples, len(source)) if n is not None)
     source = source.select(range(limit))
-    processed = source.map(
-        render.prepare_batch, batched=True, with_indices=True, remove_columns=source.column_names,
-        features=render.features(dataset.format), fn_kwargs={"settings": settings, "tokenizer": chat.tokenizer},
-        cache_file_name=str(Path(work_dir) / f"{retention.name}.arrow"), desc=f"retention {retention.name}")
-    kept = processed.filter(lambda reasons: [r is None for r in reasons], input_columns="reason", batched=True)
+    processed = render.render_dataset(source, settings, chat.tokenizer, str(Path(work_dir) / f"{retention.name}.arrow"),
+                                      f"retention {retention.name}")
+    kept = render.kept_rows(processed)
     if not len(kept):
         raise EvalSetError(f"evaluate.retention {retention.name}: none of the first {limit} rows of {dataset.path} "
                            f"could be rendered as format {dataset.format} (first reason: {processed[0]['reason']}: "

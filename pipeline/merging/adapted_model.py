@@ -7,9 +7,11 @@ see identical inputs. Memory holds the tensor being adapted and the one being re
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from tqdm import tqdm
@@ -28,6 +30,9 @@ from pipeline.models.safetensors_io import (
     write_index,
 )
 
+LOG = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 # Config keys that must agree between the base an adapter was trained on and the target it is applied to.
 ARCHITECTURE_KEYS = ("architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads")
@@ -38,9 +43,9 @@ class IncompatibleAdapter(ValueError):
 
 
 def output_dtype(setting: str, stored: torch.dtype) -> torch.dtype:
-    """The dtype an adapted tensor is written in: `apply.dtype`, or the target's stored dtype for `target` (and
+    """The dtype an adapted tensor is written in: `apply.dtype`, or the target's stored dtype for `auto` (and
     always for integer tensors)."""
-    if setting == "target" or not stored.is_floating_point:
+    if setting == "auto" or not stored.is_floating_point:
         return stored
     return getattr(torch, setting)
 
@@ -92,20 +97,21 @@ def adapted_tensor(name: str, tensor: torch.Tensor, adapter: LoraAdapter, dtype_
     return adapted_weight(tensor, module, dtype, device)
 
 
-def read_ahead(reader: TensorReader, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield tensors in order while the next one is read in a background thread (file reads release the GIL)."""
+def read_ahead(read: Callable[[T], R], items: Iterable[T]) -> Iterator[tuple[T, R]]:
+    """Yield each item with `read(item)`, in order, while the next item is read in a background thread (file reads
+    release the GIL): reading overlaps computing, and memory holds one read ahead. Apply and the fused merge use it."""
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = None
-        for name in names:
-            future = pool.submit(reader.read, name)
+        for item in items:
+            future = pool.submit(read, item)
             if pending is not None:
                 yield pending[0], pending[1].result()
-            pending = (name, future)
+            pending = (item, future)
         if pending is not None:
             yield pending[0], pending[1].result()
 
 
-def apply_adapter(adapter_dir: Path, target_dir: Path, out_dir: Path, *, dtype: str = "bfloat16",
+def apply_adapter(adapter_dir: Path, target_dir: Path, out_dir: Path, *, dtype: str = "auto",
                   device: str = "auto", base_config: dict | None = None) -> dict:
     """Write target + LoRA into `out_dir`: the target's shard layout and index, its config (dtype updated),
     generation_config and tokenizer files. Everything is checked before the first byte is written."""
@@ -123,7 +129,7 @@ def apply_adapter(adapter_dir: Path, target_dir: Path, out_dir: Path, *, dtype: 
             infos = read_header(target_dir / shard)
             layout = {name: (output_dtype(dtype, info.dtype), info.shape) for name, info in infos.items()}
             writer = ShardWriter(out_dir / shard, layout)
-            for name, tensor in read_ahead(reader, list(layout)):
+            for name, tensor in read_ahead(reader.read, layout):
                 writer.write(name, adapted_tensor(name, tensor, adapter, dtype, compute_device))
                 bar.update()
             writer.close()
@@ -131,7 +137,20 @@ def apply_adapter(adapter_dir: Path, target_dir: Path, out_dir: Path, *, dtype: 
             total_size += writer.nbytes
     if (target_dir / INDEX_FILE).is_file():
         write_index(out_dir, weight_map, total_size)
-    write_config(target_dir / "config.json", out_dir, None if dtype == "target" else getattr(torch, dtype))
+    write_config(target_dir / "config.json", out_dir, None if dtype == "auto" else getattr(torch, dtype))
     copy_tokenizer_files(target_dir, out_dir)
+    cast = dtype_cast(tensors, dtype)
     return {"tensors": len(tensors), "lora_modules": len(adapter.modules), "bytes_written": total_size,
-            "device": str(compute_device)}
+            "device": str(compute_device), **({"cast": cast} if cast else {})}
+
+
+def dtype_cast(tensors: dict[str, TensorInfo], setting: str) -> str | None:
+    """What `apply.dtype` did to the target's stored floating-point tensors, when it changed their dtype: every
+    tensor is re-rounded, the ones no LoRA touches too."""
+    stored = sorted({str(info.dtype).removeprefix("torch.") for info in tensors.values()
+                     if info.dtype.is_floating_point and output_dtype(setting, info.dtype) != info.dtype})
+    if not stored:
+        return None
+    message = f"every {'/'.join(stored)} tensor of the target cast to {setting} (apply.dtype; auto keeps the target's)"
+    LOG.warning("apply: %s", message)
+    return message

@@ -12,18 +12,18 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.models.hub import resolve_model
-from pipeline.recipe import Recipe, RecipeError
+from pipeline.recipe import MergeConfig, RecipeError
 
 # A tensor name used to resolve parameters at check time (filters may select on names; any layer weight will do).
 SAMPLE_TENSOR = "model.layers.0.self_attn.q_proj.weight"
 SEED_PARAMETERS = {"normalize": True, "int8_mask": True}
 
 
-def resolve_engine(recipe: Recipe) -> str:
+def resolve_engine(merge: MergeConfig) -> str:
     """`auto` is fused unless mergekit must rebuild the vocabulary (tokenizer_source)."""
-    if recipe.merge.engine != "auto":
-        return recipe.merge.engine
-    return "mergekit" if recipe.merge.tokenizer_source else "fused"
+    if merge.engine != "auto":
+        return merge.engine
+    return "mergekit" if merge.tokenizer_source else "fused"
 
 
 @cache
@@ -42,42 +42,45 @@ def method_spec(method: str):
         raise RecipeError(f"merge.method: {method!r} is not a mergekit merge method (known: {known})") from None
 
 
-def model_parameters(recipe: Recipe, adapter: str | None) -> dict[str, Any]:
-    """weight/density for one input (the recipe's defaults, then `merge.models.<adapter>`), kept only when the
+def model_parameters(merge: MergeConfig, adapter: str | None) -> dict[str, Any]:
+    """weight/density for one input (the merge's defaults, then `merge.models.<adapter>`), kept only when the
     method takes them, plus the adapter's own extra parameters."""
-    takes = {parameter.name for parameter in method_spec(recipe.merge.method).input_parameters}
-    override = recipe.merge.models.get(adapter) if adapter else None
+    takes = {parameter.name for parameter in method_spec(merge.method).input_parameters}
+    override = merge.models.get(adapter) if adapter else None
     parameters = {}
     for name in ("weight", "density"):
         value = getattr(override, name, None) if override else None
         if name in takes:
-            parameters[name] = getattr(recipe.merge, name) if value is None else value
+            parameters[name] = getattr(merge, name) if value is None else value
     parameters.update(override.parameters if override else {})
     return parameters
 
 
-def merge_parameters(recipe: Recipe) -> dict[str, Any]:
+def merge_parameters(merge: MergeConfig) -> dict[str, Any]:
     """`merge.parameters` as written, or by default the seed's normalize/int8_mask where the method takes them."""
-    if recipe.merge.parameters is not None:
-        return copy.deepcopy(recipe.merge.parameters)
-    shared = {parameter.name for parameter in method_spec(recipe.merge.method).shared_parameters}
+    if merge.parameters is not None:
+        return copy.deepcopy(merge.parameters)
+    shared = {parameter.name for parameter in method_spec(merge.method).shared_parameters}
     return {name: value for name, value in SEED_PARAMETERS.items() if name in shared}
 
 
-def build_mergekit_config(recipe: Recipe, adapter_models: dict[str, str], base: str, target: str) -> dict:
-    """The seed's config: every adapted model and the target over the base, with the recipe's method settings.
-    `adapter_models` maps adapter names to their adapted-model paths."""
-    models = [{"model": path, "parameters": model_parameters(recipe, name)} for name, path in adapter_models.items()]
-    if recipe.merge.include_target:
-        models.append({"model": target, "parameters": model_parameters(recipe, None)})
-    config: dict[str, Any] = {"merge_method": recipe.merge.method, "models": models, "dtype": recipe.merge.dtype}
-    if method_spec(recipe.merge.method).contract.base.value != "ignored":
+def build_mergekit_config(merge: MergeConfig, adapter_models: dict[str, str], base: str, target: str) -> dict:
+    """The seed's config: every adapted model and the target over the base, with the merge's method settings.
+    `adapter_models` maps adapter names to their adapted-model paths. With `base_model: target` the merge is
+    relative to the target (T + the adapters' merged deltas), so the target is the base and not also an input."""
+    models = [{"model": path, "parameters": model_parameters(merge, name)} for name, path in adapter_models.items()]
+    takes_base = method_spec(merge.method).contract.base.value != "ignored"
+    relative_to_target = takes_base and merge.base_model == "target"
+    if merge.include_target and not relative_to_target:
+        models.append({"model": target, "parameters": model_parameters(merge, None)})
+    config: dict[str, Any] = {"merge_method": merge.method, "models": models, "dtype": merge.dtype}
+    if takes_base:
         # A method that ignores the base (linear, karcher) would get it as one more input to average.
-        config["base_model"] = base
-    parameters = merge_parameters(recipe)
+        config["base_model"] = target if relative_to_target else base
+    parameters = merge_parameters(merge)
     if parameters:
         config["parameters"] = parameters
-    source = recipe.merge.tokenizer_source
+    source = merge.tokenizer_source
     if source:
         config["tokenizer_source"] = adapter_models.get(source, target if source == "target" else source)
     return config

@@ -9,6 +9,8 @@ own tensor cast to the apply dtype, so all those inputs share one tensor instead
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ from tqdm import tqdm
 
 from pipeline.merging.adapted_model import check_compatibility, output_dtype, resolve_device
 from pipeline.merging.config import input_models, tensor_parameters
+from pipeline.merging.mergekit_engine import MERGE_SEED
 from pipeline.models.lora import adapted_weight, load_adapter
 from pipeline.models.safetensors_io import (
     ShardWriter,
@@ -87,76 +90,172 @@ def _source_name(weight, tensors: dict) -> str | None:
     return next((name for name in candidates if name in tensors), None)
 
 
+class FusedInputs:
+    """Everything a merge over the base, the target and some adapters reads, opened once: the tensor plan, the
+    readers and the LoRA modules. A search merges many configurations over the same inputs; with `cache_bytes`
+    the inputs of each tensor (adapted tensors included) are kept in memory up to that budget, so later merges only
+    rerun mergekit's kernel instead of reading and recomputing them."""
+
+    def __init__(self, *, base_dir: Path, target_dir: Path, adapters: dict[str, Path], apply_dtype: str,
+                 device: str = "auto", trust_remote_code: bool = False, cache_bytes: int = 0):
+        self.base_dir, self.target_dir, self.apply_dtype = Path(base_dir), Path(target_dir), apply_dtype
+        self.target_tensors = model_tensors(target_dir)
+        self.base_tensors = model_tensors(base_dir)
+        self.adapters = {}
+        for path, adapter_dir in adapters.items():
+            self.adapters[path] = load_adapter(adapter_dir)
+            check_compatibility(self.adapters[path], self.target_tensors, {}, None, str(target_dir))
+        self.device = resolve_device(device)
+        self.planned = plan_tensors(base_dir, self.target_tensors, self.base_tensors, trust_remote_code)
+        self.base_reader, self.target_reader = TensorReader(self.base_tensors), TensorReader(self.target_tensors)
+        self.cache_bytes = cache_bytes
+        self._cache: dict[tuple[str, torch.dtype | None], dict[str, torch.Tensor]] = {}
+        self._cached_bytes = 0
+
+    def close(self) -> None:
+        self.base_reader.close()
+        self.target_reader.close()
+        self._cache.clear()
+
+    def __enter__(self) -> FusedInputs:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def roles(self, config) -> dict:
+        """Each input model of `config` → "base", "target" or the adapted-model path of its adapter."""
+        return {model: _role(model, self.base_dir, self.target_dir, self.adapters) for model in input_models(config)}
+
+    def read(self, item: PlannedTensor, with_base: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+        base = self.base_reader.read(item.base_name) if with_base else None
+        return base, self.target_reader.read(item.target_name)
+
+    def role_tensors(self, item: PlannedTensor, load_dtype: torch.dtype | None, *, with_base: bool,
+                     raw=None) -> dict[str, torch.Tensor]:
+        """The tensor of every role (target, each adapted model, and the base `with_base`) for one output tensor,
+        on the merge device, each distinct tensor moved there once: the weight no adapter touches is one tensor
+        shared by all of them, not a copy per adapter."""
+        key = (item.weight.name, load_dtype)
+        cached = self._cache.get(key)
+        if cached is not None and (not with_base or "base" in cached):
+            return cached
+        base, target = raw if raw is not None else self.read(item, with_base)
+        roles = {"target": "target", **{path: path for path in self.adapters}}
+        if with_base:
+            roles["base"] = "base"
+        values = tensor_inputs(item, base, target, roles, self.adapters, self.apply_dtype, self.device, load_dtype)
+        moved: dict[int, torch.Tensor] = {}
+        for value in values.values():
+            if id(value) not in moved:
+                moved[id(value)] = value.to(self.device)
+        values = {role: moved[id(value)] for role, value in values.items()}
+        size = sum(value.nbytes for value in moved.values())
+        if self._cached_bytes + size <= self.cache_bytes:
+            self._cache[key] = values
+            self._cached_bytes += size
+        return values
+
+    def merged_tensors(self, config, order: list[PlannedTensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, merged tensor) for every output tensor of `config` (a parsed MergeConfiguration whose model paths
+        are the base, the target or keys of `adapters`), in `order`; the next tensor is read while this one merges."""
+        from mergekit import merge_methods
+        from mergekit.common import dtype_from_name
+        from mergekit.merge_methods.buffers import copy_non_floating_buffer
+
+        method = merge_methods.get(config.merge_method)
+        models = input_models(config)
+        roles = self.roles(config)
+        # Methods that prune at random (dare_*, della*) draw from torch's generator, tensor after tensor in this
+        # order: seeding it here makes every merge of one config identical, on disk or in memory.
+        torch.manual_seed(MERGE_SEED)
+        order = self.planned if order is None else order
+
+        with_base = "base" in roles.values()
+
+        def read(item: PlannedTensor):
+            cached = self._cache.get((item.weight.name, _load_dtype(item, config)))
+            return None if cached is not None and (not with_base or "base" in cached) else self.read(item, with_base)
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            upcoming = pool.submit(read, order[0]) if order else None
+            for position, item in enumerate(order):
+                raw = upcoming.result()
+                upcoming = pool.submit(read, order[position + 1]) if position + 1 < len(order) else None
+                by_role = self.role_tensors(item, _load_dtype(item, config), with_base=with_base, raw=raw)
+                tensors = [by_role[roles[model]] for model in models]
+                merged = copy_non_floating_buffer(tensors, item.weight.name)
+                if merged is None:
+                    merged = _merge(method, config, item, models, tensors)
+                if item.weight.force_dtype or config.out_dtype:
+                    merged = merged.to(dtype_from_name(item.weight.force_dtype or config.out_dtype))
+                yield item.weight.name, merged
+                del by_role, tensors, merged, raw
+
+    def result_dtype(self, item: PlannedTensor, config) -> torch.dtype:
+        from mergekit.common import dtype_from_name
+
+        chosen = item.weight.force_dtype or config.out_dtype
+        if chosen:
+            return dtype_from_name(chosen)
+        stored = self.target_tensors[item.target_name].dtype
+        merge_dtype = dtype_from_name(config.dtype)
+        return merge_dtype if merge_dtype and stored.is_floating_point else stored
+
+
+def _load_dtype(item: PlannedTensor, config) -> torch.dtype | None:
+    from mergekit.common import dtype_from_name
+
+    return dtype_from_name(item.weight.force_dtype or config.dtype)
+
+
 def fused_merge(config, *, base_dir: Path, target_dir: Path, adapters: dict[str, Path], apply_dtype: str,
                 out_dir: Path, device: str = "auto", trust_remote_code: bool = False,
                 max_shard_bytes: int = MAX_SHARD_BYTES) -> dict:
     """Merge `config` (a parsed MergeConfiguration whose adapted-model paths are keys of `adapters`, mapping each to
     its adapter directory) into `out_dir`, writing tensors as they are produced. Returns counts for the summary."""
-    from mergekit import merge_methods
-    from mergekit.common import dtype_from_name
-    from mergekit.merge_methods.buffers import copy_non_floating_buffer
-
-    method = merge_methods.get(config.merge_method)
-    models = input_models(config)
-    target_tensors = model_tensors(target_dir)
-    base_tensors = model_tensors(base_dir) if config.base_model is not None else None
-    loaded = {}
-    for path, adapter_dir in adapters.items():
-        loaded[path] = load_adapter(adapter_dir)
-        check_compatibility(loaded[path], target_tensors, {}, None, str(target_dir))
-    roles = {model: _role(model, base_dir, target_dir, loaded) for model in models}
-    compute_device = resolve_device(device)
-    planned = plan_tensors(base_dir if base_tensors else target_dir, target_tensors, base_tensors, trust_remote_code)
-    merge_dtype = dtype_from_name(config.dtype)
-
-    def result_dtype(item: PlannedTensor) -> torch.dtype:
-        chosen = item.weight.force_dtype or config.out_dtype
-        if chosen:
-            return dtype_from_name(chosen)
-        stored = target_tensors[item.target_name].dtype
-        return merge_dtype if merge_dtype and stored.is_floating_point else stored
-
-    layout = {p.weight.name: (result_dtype(p), target_tensors[p.target_name].shape) for p in planned}
-    shards = plan_shards(layout, max_shard_bytes)
-    files = shard_names(len(shards))
-    by_name = {p.weight.name: p for p in planned}
-    base_reader, target_reader = TensorReader(base_tensors or {}), TensorReader(target_tensors)
-
-    def read(item: PlannedTensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        return base_reader.read(item.base_name) if item.base_name else None, target_reader.read(item.target_name)
-
-    weight_map, total = {}, 0
-    with ThreadPoolExecutor(max_workers=1) as pool, tqdm(total=len(planned), desc="fused merge", unit="tensor",
-                                                         leave=False) as bar:
+    with FusedInputs(base_dir=base_dir, target_dir=target_dir, adapters=adapters, apply_dtype=apply_dtype,
+                     device=device, trust_remote_code=trust_remote_code) as inputs:
+        layout = {p.weight.name: (inputs.result_dtype(p, config), inputs.target_tensors[p.target_name].shape)
+                  for p in inputs.planned}
+        shards = plan_shards(layout, max_shard_bytes)
+        files = shard_names(len(shards))
+        by_name = {p.weight.name: p for p in inputs.planned}
         order = [by_name[name] for shard in shards for name in shard]
-        upcoming = pool.submit(read, order[0]) if order else None
-        position = 0
-        for file, shard in zip(files, shards, strict=True):
-            writer = ShardWriter(out_dir / file, {name: layout[name] for name in shard})
-            for name in shard:
-                item = order[position]
-                base, target = upcoming.result()
-                position += 1
-                upcoming = pool.submit(read, order[position]) if position < len(order) else None
-                load_dtype = dtype_from_name(item.weight.force_dtype or config.dtype)
-                inputs = tensor_inputs(item, base, target, roles, loaded, apply_dtype, compute_device, load_dtype)
-                tensors = [inputs[model].to(compute_device) for model in models]
-                merged = copy_non_floating_buffer(tensors, name)
-                if merged is None:
-                    merged = _merge(method, config, item, models, tensors)
-                if item.weight.force_dtype or config.out_dtype:
-                    merged = merged.to(dtype_from_name(item.weight.force_dtype or config.out_dtype))
-                writer.write(name, merged.cpu())
-                del inputs, tensors, merged, base, target
-                bar.update()
-            writer.close()
-            weight_map.update(dict.fromkeys(shard, file))
-            total += writer.nbytes
-    base_reader.close()
-    target_reader.close()
+        weight_map, total = {}, 0
+        merged = inputs.merged_tensors(config, order)
+        with tqdm(total=len(order), desc="fused merge", unit="tensor", leave=False) as bar:
+            for file, shard in zip(files, shards, strict=True):
+                writer = ShardWriter(out_dir / file, {name: layout[name] for name in shard})
+                for name, tensor in itertools.islice(merged, len(shard)):
+                    writer.write(name, tensor.cpu())
+                    bar.update()
+                writer.close()
+                weight_map.update(dict.fromkeys(shard, file))
+                total += writer.nbytes
     if len(files) > 1:
         write_index(out_dir, weight_map, total)
-    return {"tensors": len(planned), "bytes_written": total, "adapters": len(adapters), "device": str(compute_device)}
+    return {"tensors": len(order), "bytes_written": total, "adapters": len(adapters), "device": str(inputs.device)}
+
+
+def load_merged(inputs: FusedInputs, config, model) -> None:
+    """Write the merge of `config` into an already loaded model's weights (in the model's dtype), so a search can
+    score a configuration without writing a model to disk. The weights equal the fused merge's saved output loaded
+    in that dtype."""
+    weights = dict(model.named_parameters()) | dict(model.named_buffers())
+    with torch.no_grad():
+        for name, tensor in inputs.merged_tensors(config):
+            if name not in weights:
+                raise ValueError(f"{name}: merged tensor has no weight of that name in the loaded model")
+            weights[name].copy_(tensor)
+
+
+def load_adapted(inputs: FusedInputs, adapted_path: str, model) -> None:
+    """Write one adapted model (the target with one adapter, as apply writes it) into a loaded model's weights."""
+    weights = dict(model.named_parameters()) | dict(model.named_buffers())
+    with torch.no_grad():
+        for item in inputs.planned:
+            weights[item.weight.name].copy_(inputs.role_tensors(item, None, with_base=False)[adapted_path])
 
 
 def _role(model, base_dir: Path, target_dir: Path, loaded: dict) -> str:
@@ -195,7 +294,7 @@ def tensor_inputs(item, base, target, roles, loaded, apply_dtype, device, load_d
             else:
                 if target32 is None:
                     target32 = target.to(device, torch.float32)
-                value = adapted_weight(target32, module, adapted_dtype, device)
+                value = adapted_weight(target32, module, adapted_dtype, device, keep_on_device=True)
         values[model] = value if value is untouched else as_loaded(value)
     return values
 

@@ -6,28 +6,31 @@ import json
 import logging
 from pathlib import Path
 
+import torch
 import yaml
 
-from pipeline.models.safetensors_io import TOKENIZER_FILES, copy_tokenizer_files
+from pipeline.models.safetensors_io import TOKENIZER_FILES, copy_tokenizer_files, write_config
 from pipeline.versions import library_versions
 
 LOG = logging.getLogger(__name__)
-# Special-token ids the merged model takes from the target: the instruct model ends turns with its own token.
-TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# What a merge can really change in the target's config: the vocabulary (mergekit's tokenizer_source) and the number
+# of layers (slices), with transformers 5's per-layer list when the target's config has one.
+MERGE_CHANGED_KEYS = ("vocab_size", "num_hidden_layers", "layer_types")
 
 
-def write_base_config(base_dir: Path, out_dir: Path, dtype: str, trust_remote_code: bool = False) -> None:
-    """The config mergekit writes for a `models:` merge: the base's, with the merge dtype."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
-    config.torch_dtype = dtype
-    config.save_pretrained(out_dir)
+def write_base_config(base_dir: Path, out_dir: Path, dtype: str) -> None:
+    """The config mergekit writes for a `models:` merge: the base's, with the merge dtype (copied as JSON; the
+    target's replaces it in `adopt_target_files`)."""
+    write_config(Path(base_dir) / "config.json", out_dir, getattr(torch, dtype))
 
 
 def adopt_target_files(out_dir: Path, target_dir: Path, *, keep_tokenizer: bool) -> None:
-    """Give the merged model the target's special-token ids, generation_config and (unless mergekit rebuilt the
-    vocabulary from `tokenizer_source`) its tokenizer and chat template; mergekit copies the base's."""
+    """Give the merged model the target's config.json as it was, with only the dtype and what the merge changed
+    (`MERGE_CHANGED_KEYS`) taken from the config the engine wrote; its generation_config and (unless mergekit
+    rebuilt the vocabulary from `tokenizer_source`) its tokenizer and chat template; mergekit copies the base's.
+    mergekit saves its config through transformers 5, which moves Qwen2's `rope_theta` into `rope_parameters`,
+    drops `torch_dtype` and nulls `sliding_window`: transformers 4.x, vLLM and llama.cpp then read rope_theta as
+    10000, a broken model that loads fine."""
     out_dir, target_dir = Path(out_dir), Path(target_dir)
     if not keep_tokenizer:
         for name in TOKENIZER_FILES:
@@ -36,9 +39,11 @@ def adopt_target_files(out_dir: Path, target_dir: Path, *, keep_tokenizer: bool)
     elif (target_dir / "generation_config.json").is_file():
         (out_dir / "generation_config.json").write_bytes((target_dir / "generation_config.json").read_bytes())
     target_config = json.loads((target_dir / "config.json").read_text())
-    config = json.loads((out_dir / "config.json").read_text())
-    config.update({key: target_config[key] for key in TOKEN_ID_KEYS if key in target_config})
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    written = json.loads((out_dir / "config.json").read_text())
+    changed = {key: written[key] for key in MERGE_CHANGED_KEYS
+               if key in target_config and key in written and written[key] != target_config[key]}
+    dtype = written.get("dtype") or written.get("torch_dtype")
+    write_config(target_dir / "config.json", out_dir, getattr(torch, dtype) if dtype else None, changed)
 
 
 def vocabulary_size(model_dir: Path) -> int | None:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-MODEL_FILE_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.jinja", "*.txt", "*.model",
-                       "*.tiktoken"]
 
 
 class ModelNotFound(FileNotFoundError):
@@ -27,10 +26,10 @@ def check_model_reference(reference: str, key: str) -> None:
 
 
 def resolve_model(reference: str, key: str = "model", *, trust_remote_code: bool = False) -> Path:
-    """A local directory for `reference`, downloading weights, configs and tokenizer files only (no pickles) when it
-    is a Hub id; its Python files too with `trust_remote_code`, or the model's own code (named in config.json's
-    `auto_map`) would be missing from the directory transformers loads. Offline or unreachable Hub →
-    ModelNotFound naming the key and the fix."""
+    """A local directory for `reference`. A Hub id is downloaded: its index first, then only the shards it names
+    and its config, tokenizer and generation files (no pickles, no duplicate checkpoints); its Python files too
+    with `trust_remote_code`, or the model's own code (named in config.json's `auto_map`) would be missing from
+    the directory transformers loads. Offline or unreachable Hub → ModelNotFound naming the key and the fix."""
     path = Path(reference)
     if path.is_dir():
         return path.resolve()
@@ -38,17 +37,46 @@ def resolve_model(reference: str, key: str = "model", *, trust_remote_code: bool
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    patterns = [*MODEL_FILE_PATTERNS, *(["*.py"] if trust_remote_code else [])]
+    from pipeline.models.safetensors_io import INDEX_FILE, SINGLE_FILE, TOKENIZER_FILES
+
+    # Besides the weights the index names: config, tokenizer (chat template included) and generation files, at the
+    # top level. No wildcard over weights: Mistral repos also hold consolidated.safetensors and original/*, 14-25 GB.
+    metadata = ["config.json", INDEX_FILE, *TOKENIZER_FILES, "*.tiktoken"]
     try:
-        return Path(snapshot_download(reference, allow_patterns=patterns))
+        patterns = [*weight_files(reference), *metadata, *(["*.py"] if trust_remote_code else [])]
+        snapshot = Path(snapshot_download(reference, allow_patterns=patterns))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-        # The first line says which (gated, not found, unreachable); huggingface_hub's messages hold no token.
-        detail = (str(error).strip().splitlines() or [""])[0]
-        why = ("HF_HUB_OFFLINE is set and it is not in the local cache" if offline
-               else f"{type(error).__name__}: {detail}" if detail else type(error).__name__)
-        raise ModelNotFound(
-            f"{key}: cannot get {reference} from the Hugging Face Hub ({why}). Download it on a machine with "
+        raise ModelNotFound(unreachable(reference, key, error)) from None
+    if not (snapshot / INDEX_FILE).is_file() and not (snapshot / SINGLE_FILE).is_file():
+        raise ModelNotFound(f"{key}: {reference} has no safetensors weights ({INDEX_FILE} or {SINGLE_FILE}); only "
+                            "safetensors models are supported")
+    return snapshot
+
+
+def weight_files(reference: str) -> list[str]:
+    """The shards the Hub repo's index names, or its single `model.safetensors` when it has no index."""
+    from huggingface_hub import _CACHED_NO_EXIST, hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    from pipeline.models.safetensors_io import INDEX_FILE, SINGLE_FILE
+
+    try:
+        index = Path(hf_hub_download(reference, INDEX_FILE))
+    except LocalEntryNotFoundError:  # offline (a subclass of the next): no index only if the cache knows it
+        if try_to_load_from_cache(reference, INDEX_FILE) is not _CACHED_NO_EXIST:
+            raise
+        return [SINGLE_FILE]
+    except EntryNotFoundError:
+        return [SINGLE_FILE]
+    return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+
+
+def unreachable(reference: str, key: str, error: Exception) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    # The first line says which (gated, not found, unreachable); huggingface_hub's messages hold no token.
+    detail = (str(error).strip().splitlines() or [""])[0]
+    why = ("HF_HUB_OFFLINE is set and it is not in the local cache" if offline
+           else f"{type(error).__name__}: {detail}" if detail else type(error).__name__)
+    return (f"{key}: cannot get {reference} from the Hugging Face Hub ({why}). Download it on a machine with "
             f"network (`hf download {reference}`; a gated model needs its license accepted and HF_TOKEN) or point "
-            f"{key} to a local directory."
-        ) from None
+            f"{key} to a local directory.")

@@ -61,11 +61,12 @@ class LoraModule:
         return (product.T if self.fan_in_fan_out else product) * self.scale
 
 
-def adapted_weight(weight: torch.Tensor, module: LoraModule, dtype: torch.dtype,
-                   device: torch.device | str = "cpu") -> torch.Tensor:
-    """target + scale·(B@A), added in float32 and rounded once to `dtype`: PEFT's in-place `weight += delta`."""
+def adapted_weight(weight: torch.Tensor, module: LoraModule, dtype: torch.dtype, device: torch.device | str = "cpu",
+                   *, keep_on_device: bool = False) -> torch.Tensor:
+    """target + scale·(B@A), added in float32 and rounded once to `dtype`: PEFT's in-place `weight += delta`.
+    Returned on the CPU for writing, or on `device` for a merge that goes on there."""
     result = weight.to(device, torch.float32) + module.delta(device)
-    return result.to("cpu", dtype)
+    return result.to(dtype) if keep_on_device else result.to("cpu", dtype)
 
 
 @dataclass(frozen=True)

@@ -189,15 +189,15 @@ def shard_names(count: int) -> list[str]:
 
 
 def write_config(source_config: Path, out_dir: Path, dtype: torch.dtype | None, overrides: dict | None = None) -> None:
-    """Copy a config.json with its dtype (both the transformers 5 `dtype` and the older `torch_dtype`) set."""
+    """Copy a config.json as JSON, keys in their order, with its dtype set under both names: transformers 5 reads
+    `dtype`, transformers 4.x, vLLM and llama.cpp's converter `torch_dtype`. Never through transformers 5's
+    `save_pretrained`, which rewrites a Hub config (`rope_theta` moved, `sliding_window` nulled)."""
     config = json.loads(Path(source_config).read_text())
     if dtype is not None:
         name = str(dtype).removeprefix("torch.")
-        config["dtype"] = name
-        if "torch_dtype" in config:
-            config["torch_dtype"] = name
+        config.update(torch_dtype=name, dtype=name)
     config.update(overrides or {})
-    (Path(out_dir) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (Path(out_dir) / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def copy_tokenizer_files(source_dir: Path, out_dir: Path) -> list[str]:

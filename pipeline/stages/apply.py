@@ -8,53 +8,44 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.archive.store import (
-    adapter_dir,
-    check_trained_on_base,
-    read_manifest,
-    selected_adapters,
-    verify_adapter,
-)
+from pipeline.archive.store import verify_adapter
 from pipeline.fingerprint import model_fingerprint
-from pipeline.merging.config import resolve_engine
 from pipeline.models.hub import check_model_reference, resolve_model
 from pipeline.recipe import Recipe, RecipeError
-
-NAME = "apply"
-RESUMABLE = False
-WRITE_ONCE = False
+from pipeline.stages.contract import Inputs, Stage, StageRef
+from pipeline.stages.selection import (
+    adapted_model_dir,
+    adapter_dir,
+    archive_inputs,
+    check_trained_on_base,
+    foreign_adapter_files,
+    is_own_finetune,
+    saves_adapted_models,
+    selected_adapters,
+)
 
 
 def items(recipe: Recipe) -> list[str]:
-    if recipe.apply.save or resolve_engine(recipe) == "mergekit":
-        return selected_adapters(recipe)
-    return []
-
-
-def output_path(recipe: Recipe, item: str) -> Path:
-    return Path(recipe.output_dir) / "apply" / item
-
-
-def is_own_finetune(recipe: Recipe, item: str) -> bool:
-    return any(finetune.name == item for finetune in recipe.finetunes)
+    return selected_adapters(recipe) if saves_adapted_models(recipe) else []
 
 
 def config(recipe: Recipe, item: str) -> dict:
     settings = {"target": model_fingerprint(recipe.target_model),
                 "apply": recipe.apply.model_dump(exclude={"save"})}
-    if not is_own_finetune(recipe, item):
-        settings["adapter_files"] = read_manifest(adapter_dir(recipe, item))["files"]
+    foreign = foreign_adapter_files(recipe, [item])
+    if foreign:
+        settings["adapter_files"] = foreign[item]
     return settings
 
 
-def depends_on(recipe: Recipe, item: str) -> list[tuple[str, str]]:
-    return [("archive", item)] if is_own_finetune(recipe, item) else []
+def depends_on(recipe: Recipe, item: str) -> list[StageRef]:
+    return archive_inputs(recipe, [item])
 
 
 def check(recipe: Recipe, item: str) -> None:
     """The target reference, and for adapters already archived by another recipe, that they were trained on this
     base and their config is a LoRA that can be applied to another model (reads only the JSON files)."""
-    from pipeline.models.lora import read_adapter_config  # imports torch: keep --status and --dry-run fast
+    from pipeline.models.lora import read_adapter_config
 
     check_model_reference(recipe.target_model, "target_model")
     if not is_own_finetune(recipe, item):
@@ -65,12 +56,16 @@ def check(recipe: Recipe, item: str) -> None:
             raise RecipeError(f"merge.adapters: {error}") from None
 
 
-def run(recipe: Recipe, item: str, out: Path, inputs: dict) -> dict:
+def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
     from pipeline.merging.adapted_model import apply_adapter
 
-    adapter = Path(inputs.get(("archive", item)) or adapter_dir(recipe, item))
+    adapter = adapter_dir(recipe, item)
     manifest = verify_adapter(adapter)
     target = resolve_model(recipe.target_model, "target_model", trust_remote_code=recipe.trust_remote_code)
     summary = apply_adapter(adapter, target, out, dtype=recipe.apply.dtype, device=recipe.apply.device,
                             base_config=manifest.get("base_config"))
     return {**summary, "adapter": str(adapter), "target": str(target)}
+
+
+STAGE = Stage(name="apply", items=items, output_path=adapted_model_dir, config=config, depends_on=depends_on,
+              check=check, run=run)

@@ -3,32 +3,21 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from pipeline.archive.store import (
     ADAPTER_FILES,
-    MANIFEST,
     ArchiveError,
     already_archived,
     canonical_adapter_config,
-    file_hashes,
     new_manifest,
+    write_adapter_files,
+    write_manifest,
 )
 from pipeline.models.hub import resolve_model
 from pipeline.recipe import Recipe
-
-NAME = "archive"
-RESUMABLE = False
-WRITE_ONCE = True
-
-
-def items(recipe: Recipe) -> list[str]:
-    return [finetune.name for finetune in recipe.finetunes]
-
-
-def output_path(recipe: Recipe, item: str) -> Path:
-    return Path(recipe.archive_dir) / item
+from pipeline.stages.contract import FINGERPRINT_FILE, Inputs, Stage, StageRef, each_finetune
+from pipeline.stages.selection import adapter_dir
 
 
 def config(recipe: Recipe, item: str) -> dict:
@@ -37,53 +26,50 @@ def config(recipe: Recipe, item: str) -> dict:
     return {}
 
 
-def depends_on(recipe: Recipe, item: str) -> list[tuple[str, str]]:
-    return [("prepare", item), ("train", item)]
+def depends_on(recipe: Recipe, item: str) -> list[StageRef]:
+    return [StageRef("prepare", item), StageRef("train", item)]
 
 
-def check(recipe: Recipe, item: str) -> None:
-    """Nothing to check that the fingerprint does not: the runner refuses an existing name from another source."""
-
-
-def run(recipe: Recipe, item: str, out: Path, inputs: dict) -> dict:
-    adapter = Path(inputs[("train", item)]) / "adapter"
+def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
+    """The runner renames `out` into the archive, so the files are written here rather than by `write_adapter`
+    (which renames its own temporary directory)."""
+    adapter = inputs.path("train", item) / "adapter"
     for name in ADAPTER_FILES:
         if not (adapter / name).is_file():
             raise ArchiveError(f"{adapter}: {name} missing; the train stage did not write a PEFT adapter")
     adapter_config = canonical_adapter_config(json.loads((adapter / "adapter_config.json").read_text()),
                                               recipe.base_model)
-    (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
-    shutil.copyfile(adapter / "adapter_model.safetensors", out / "adapter_model.safetensors")
-    hashes = file_hashes(out)
-    final = output_path(recipe, item)
+    hashes = write_adapter_files(out, adapter_config, adapter / "adapter_model.safetensors")
+    final = adapter_dir(recipe, item)
     if already_archived(final, hashes):
         return {"adapter": str(final), "already_archived": True}
-    manifest = _manifest(recipe, item, Path(inputs[("prepare", item)]), Path(inputs[("train", item)]), hashes, out)
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_manifest(out, item, _manifest(recipe, item, inputs, out), hashes)
     return {"adapter": str(final), "files": hashes}
 
 
-def _manifest(recipe: Recipe, item: str, prepared: Path, trained: Path, hashes: dict, out: Path) -> dict:
-    from pipeline.stages import prepare
-
+def _manifest(recipe: Recipe, item: str, inputs: Inputs, out: Path) -> dict:
     finetune = recipe.finetune(item)
-    metrics_file = trained / "metrics.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-    report_file = prepared / "report.json"
-    report = json.loads(report_file.read_text()) if report_file.is_file() else {}
-    marker = out / ".ftmerge-fingerprint"
+    metrics = _read_json(inputs.path("train", item) / "metrics.json")
+    report = _read_json(inputs.path("prepare", item) / "report.json")
+    marker = out / FINGERPRINT_FILE
     return {
-        "name": item,
         **new_manifest("trained", recipe.base_model, resolve_model(recipe.base_model, "base_model"),
                        target_model=recipe.target_model),
         "recipe": recipe.name,
         "fingerprint": marker.read_text() if marker.is_file() else None,
-        "dataset": {**finetune.dataset.model_dump(),
-                    "content_fingerprint": prepare.config(recipe, item)["dataset_content"],
+        "dataset": {**finetune.dataset.model_dump(), "content_fingerprint": report.get("dataset_content"),
                     "rows": {k: report.get(k) for k in ("rows_in", "kept", "train_rows", "eval_rows") if k in report}},
         "chat_template": recipe.chat_template,
         "train": recipe.train_config(item).model_dump(),
         "metrics": {k: metrics.get(k) for k in ("train_loss", "eval_loss", "steps", "seconds", "backend")
                     if k in metrics},
-        "files": hashes,
     }
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+# check: nothing the fingerprint does not cover; the runner refuses an existing name from another source.
+STAGE = Stage(name="archive", items=each_finetune, output_path=adapter_dir, config=config, depends_on=depends_on,
+              run=run, write_once=True)

@@ -12,13 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.archive.store import (
-    adapter_dir,
-    check_trained_on_base,
-    read_manifest,
-    selected_adapters,
-    verify_adapter,
-)
+from pipeline.archive.store import verify_adapter
 from pipeline.fingerprint import model_fingerprint
 from pipeline.merging.config import (
     build_mergekit_config,
@@ -27,42 +21,39 @@ from pipeline.merging.config import (
     validate_mergekit_config,
 )
 from pipeline.models.hub import check_model_reference
-from pipeline.recipe import Recipe, RecipeError
-from pipeline.stages import apply
+from pipeline.recipe import MergeConfig, Recipe, RecipeError
+from pipeline.stages.contract import Inputs, Stage, StageRef
+from pipeline.stages.selection import (
+    adapted_model_dir,
+    adapter_dir,
+    archive_inputs,
+    check_trained_on_base,
+    foreign_adapter_files,
+    selected_adapters,
+)
 
-NAME = "merge"
-RESUMABLE = False
-WRITE_ONCE = False
 CONFIG_FILE = "mergekit_config.yml"
-
-
-def items(recipe: Recipe) -> list[str]:
-    return [""]
-
-
-def output_path(recipe: Recipe, item: str) -> Path:
-    return Path(recipe.output_dir) / "merge"
 
 
 def config(recipe: Recipe, item: str) -> dict:
     adapters = selected_adapters(recipe)
-    engine = resolve_engine(recipe)
+    engine = resolve_engine(recipe.merge)
     settings = {"merge": recipe.merge.model_dump(), "engine": engine, "adapters": adapters,
                 "base": model_fingerprint(recipe.base_model), "target": model_fingerprint(recipe.target_model)}
     if engine == "fused":
         settings["apply_dtype"] = recipe.apply.dtype
-    foreign = {name: read_manifest(adapter_dir(recipe, name))["files"] for name in adapters
-               if not apply.is_own_finetune(recipe, name)}
+    foreign = foreign_adapter_files(recipe, adapters)
     if foreign:
         settings["adapter_files"] = foreign
     return settings
 
 
-def depends_on(recipe: Recipe, item: str) -> list[tuple[str, str]]:
+def depends_on(recipe: Recipe, item: str) -> list[StageRef]:
     adapters = selected_adapters(recipe)
-    if resolve_engine(recipe) == "mergekit":
-        return [("apply", name) for name in adapters]
-    return [("archive", name) for name in adapters if apply.is_own_finetune(recipe, name)]
+    searched = [StageRef("search")] if recipe.search is not None else []
+    if resolve_engine(recipe.merge) == "mergekit":
+        return [*(StageRef("apply", name) for name in adapters), *searched]
+    return [*archive_inputs(recipe, adapters), *searched]
 
 
 def check(recipe: Recipe, item: str) -> None:
@@ -75,12 +66,12 @@ def check(recipe: Recipe, item: str) -> None:
         raise RecipeError(f"merge: no adapter to merge (no finetunes, and none in the archive {recipe.archive_dir} "
                           f"trained on {recipe.base_model})")
     check_trained_on_base(recipe, adapters)
-    if resolve_engine(recipe) == "fused" and recipe.merge.tokenizer_source:
+    if resolve_engine(recipe.merge) == "fused" and recipe.merge.tokenizer_source:
         raise RecipeError("merge.engine: fused cannot rebuild the vocabulary for tokenizer_source; use mergekit")
     check_model_reference(recipe.base_model, "base_model")
     check_model_reference(recipe.target_model, "target_model")
-    placeholders = {name: str(apply.output_path(recipe, name).absolute()) for name in adapters}
-    validate_mergekit_config(build_mergekit_config(recipe, placeholders, _reference(recipe.base_model),
+    placeholders = {name: str(adapted_model_dir(recipe, name).absolute()) for name in adapters}
+    validate_mergekit_config(build_mergekit_config(recipe.merge, placeholders, _reference(recipe.base_model),
                                                    _reference(recipe.target_model)))
 
 
@@ -88,22 +79,23 @@ def _reference(model: str) -> str:
     return str(Path(model).absolute()) if Path(model).is_dir() else model
 
 
-def run(recipe: Recipe, item: str, out: Path, inputs: dict) -> dict:
+def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
     from pipeline.merging.adapted_model import check_architecture
     from pipeline.merging.output import adopt_target_files, warn_if_vocabulary_changed, write_base_config, write_lineage
 
     adapters = selected_adapters(recipe)
-    engine = resolve_engine(recipe)
+    engine = resolve_engine(recipe.merge)
     base = resolve_model_once(recipe.base_model, "base_model", recipe.trust_remote_code)
     target = resolve_model_once(recipe.target_model, "target_model", recipe.trust_remote_code)
-    archived = {name: Path(inputs.get(("archive", name)) or adapter_dir(recipe, name)) for name in adapters}
+    archived = {name: adapter_dir(recipe, name) for name in adapters}
     manifests = {name: verify_adapter(path) for name, path in archived.items()}
     target_config = json.loads((target / "config.json").read_text())
     for name, manifest in manifests.items():  # the fused engine checks shapes only
         check_architecture(name, manifest.get("base_config"), target_config, str(target))
-    adapted = {name: str(Path(inputs.get(("apply", name)) or apply.output_path(recipe, name)).resolve())
-               for name in adapters}
-    mergekit_config = build_mergekit_config(recipe, adapted, str(base), str(target))
+    # The mergekit engine reads these; for the fused engine they only name the models in mergekit_config.yml.
+    adapted = {name: str(adapted_model_dir(recipe, name).resolve()) for name in adapters}
+    settings, searched = chosen_settings(recipe, inputs)
+    mergekit_config = build_mergekit_config(settings, adapted, str(base), str(target))
     parsed = validate_mergekit_config(mergekit_config)
     if engine == "mergekit":
         from pipeline.merging.mergekit_engine import run_mergekit
@@ -117,12 +109,27 @@ def run(recipe: Recipe, item: str, out: Path, inputs: dict) -> dict:
         summary = fused_merge(parsed, base_dir=base, target_dir=target, out_dir=out, apply_dtype=recipe.apply.dtype,
                               adapters={adapted[name]: archived[name] for name in adapters},
                               device=recipe.merge.device, trust_remote_code=recipe.trust_remote_code)
-        write_base_config(base if parsed.base_model else target, out, recipe.merge.dtype, recipe.trust_remote_code)
+        over_base = parsed.base_model is not None and settings.base_model == "base"
+        write_base_config(base if over_base else target, out, recipe.merge.dtype)
     adopt_target_files(out, target, keep_tokenizer=bool(recipe.merge.tokenizer_source))
     warning = warn_if_vocabulary_changed(out, target) if recipe.merge.tokenizer_source else None
     (out / CONFIG_FILE).write_text(yaml.safe_dump(mergekit_config, sort_keys=False))
-    write_lineage(out, _lineage(recipe, engine, base, target, manifests), mergekit_config)
+    write_lineage(out, {**_lineage(recipe, engine, base, target, manifests), "search": searched}, mergekit_config)
     return {**summary, "engine": engine, "adapters": adapters, **({"warning": warning} if warning else {})}
+
+
+def chosen_settings(recipe: Recipe, inputs: Inputs) -> tuple[MergeConfig, dict | None]:
+    """The recipe's merge settings, or, when the search ran, them updated with the chosen trial's (and what the
+    lineage says about that choice)."""
+    if recipe.search is None:
+        return recipe.merge, None
+    search_dir = inputs.path("search")
+    chosen = yaml.safe_load((search_dir / "chosen.yml").read_text())
+    settings = MergeConfig.model_validate({**recipe.merge.model_dump(), **chosen["merge"]})
+    return settings, {"chosen_trial": chosen["trial"], "objective": chosen["objective"], "learned": chosen["learned"],
+                      "kept": chosen["kept"], "leaderboard": str(search_dir / "leaderboard.md"),
+                      "why": "the highest mean learned fraction among trials that kept every retention set within "
+                             f"{recipe.search.retention_tolerance:g} of the target"}
 
 
 def _lineage(recipe: Recipe, engine: str, base: Path, target: Path, manifests: dict[str, dict]) -> dict:
@@ -141,3 +148,6 @@ def _lineage(recipe: Recipe, engine: str, base: Path, target: Path, manifests: d
         })
     return {"name": recipe.name, "engine": engine, "base": recipe.base_model, "base_path": str(base),
             "target": recipe.target_model, "target_path": str(target), "adapters": adapters}
+
+
+STAGE = Stage(name="merge", config=config, depends_on=depends_on, check=check, run=run)

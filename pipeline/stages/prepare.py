@@ -15,34 +15,27 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data import formats, loading, templates
-from pipeline.fingerprint import content_fingerprint, sha256_file
+from pipeline.fingerprint import content_fingerprint
 from pipeline.recipe import Recipe, RecipeError
+from pipeline.stages.contract import Inputs, Stage, each_finetune
 
-NAME = "prepare"
-RESUMABLE = False
-WRITE_ONCE = False
 PARALLEL_FROM_ROWS = 20_000  # below this, worker start-up costs more than it saves
 
 
-def items(recipe: Recipe) -> list[str]:
-    return [finetune.name for finetune in recipe.finetunes]
-
-
-def output_path(recipe: Recipe, item: str) -> Path:
-    return Path(recipe.output_dir) / "prepare" / item
+def dataset_content(path: str) -> str | None:
+    """The content fingerprint of a local dataset file or directory; None for a Hub dataset (named by its id)."""
+    local = Path(path).expanduser()
+    return content_fingerprint(local) if local.exists() else None
 
 
 def config(recipe: Recipe, item: str) -> dict:
     dataset = recipe.finetune(item).dataset
     train = recipe.train_config(item)
-    local = Path(dataset.path).expanduser()
-    template = templates.template_file(recipe.chat_template)
     return {
         "dataset": dataset.model_dump(),
-        "dataset_content": content_fingerprint(local) if local.exists() else None,
+        "dataset_content": dataset_content(dataset.path),
         "chat_template": recipe.chat_template,
-        "template_identity": sha256_file(template) if template else templates.tokenizer_fingerprint(
-            recipe.target_model),
+        "template_identity": templates.template_identity(recipe.chat_template, recipe.target_model),
         "base_tokenizer": templates.tokenizer_fingerprint(recipe.base_model),
         "max_seq_length": train.max_seq_length,
         "seed": train.seed,
@@ -50,12 +43,8 @@ def config(recipe: Recipe, item: str) -> dict:
     }
 
 
-def depends_on(recipe: Recipe, item: str) -> list[tuple[str, str]]:
-    return []
-
-
 def check(recipe: Recipe, item: str) -> None:
-    index = items(recipe).index(item)
+    index = each_finetune(recipe).index(item)
     dataset = recipe.finetune(item).dataset
     key = f"finetunes.{index}.dataset"
     loading.check_dataset_path(dataset, key)
@@ -69,34 +58,29 @@ def check(recipe: Recipe, item: str) -> None:
     templates.check_template(recipe.chat_template, recipe.target_model)
 
 
-def run(recipe: Recipe, item: str, out: Path, inputs: dict) -> dict:
-    from pipeline.data import render, report  # import datasets/pyarrow only when preparing: --status stays fast
+def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
+    from pipeline.data import render, report
 
     dataset = recipe.finetune(item).dataset
     train = recipe.train_config(item)
-    chat = templates.chat_format(recipe)
-    settings = render.RenderSettings(
-        data_format=dataset.format, template=chat.template, end_of_turn=chat.end_of_turn,
-        max_length=train.max_seq_length, overlength=dataset.overlength,
-        train_on_responses_only=train.train_on_responses_only, columns=dict(dataset.columns),
-        system_prompt=dataset.system_prompt, template_kwargs=chat.template_kwargs)
+    chat = templates.chat_format(recipe.chat_template, recipe.base_model, recipe.target_model,
+                                 recipe.trust_remote_code)
+    settings = render.settings_for(dataset, chat, train.max_seq_length, train.train_on_responses_only)
 
     work = out / "_work"
     source = loading.load_source(dataset, work / "source")
     if dataset.max_samples:
         source = source.select(range(min(dataset.max_samples, len(source))))
-    processed = source.map(
-        render.prepare_batch, batched=True, batch_size=500, with_indices=True, remove_columns=source.column_names,
-        features=render.features(dataset.format), fn_kwargs={"settings": settings, "tokenizer": chat.tokenizer},
-        num_proc=os.cpu_count() if len(source) >= PARALLEL_FROM_ROWS else None,
-        cache_file_name=str(work / "processed.arrow"), desc=f"prepare {item}")
+    processed = render.render_dataset(source, settings, chat.tokenizer, str(work / "processed.arrow"),
+                                      f"prepare {item}",
+                                      num_proc=os.cpu_count() if len(source) >= PARALLEL_FROM_ROWS else None)
 
     counts = report.reason_counts(processed)
-    rejected = processed.filter(_is_rejected, input_columns="reason", batched=True, batch_size=10_000)
+    rejected = render.rejected_rows(processed)
     report.write_rejected(rejected, out / "rejected.jsonl")  # first: when too many are rejected, the user reads it
     report.check_reject_fraction(counts, len(source), dataset.max_reject_fraction, rejected, dataset.path,
                                  out / "rejected.jsonl")
-    kept = processed.filter(_is_kept, input_columns="reason", batched=True, batch_size=10_000)
+    kept = render.kept_rows(processed)
     truncated = sum(1 for batch in kept.select_columns(["detail"]).iter(10_000) for d in batch["detail"] if d)
     unique = kept.select(_first_occurrences(kept))
     train_rows, eval_rows = split_indices(len(unique), dataset.eval_size, train.seed)
@@ -110,6 +94,7 @@ def run(recipe: Recipe, item: str, out: Path, inputs: dict) -> dict:
         "truncated": truncated, "train_rows": len(train_rows), "eval_rows": len(eval_rows),
         "token_length": report.length_percentiles(unique), "end_of_turn_token": chat.end_of_turn,
         "chat_template": recipe.chat_template, "format": dataset.format, "max_seq_length": train.max_seq_length,
+        "dataset_content": dataset_content(dataset.path),  # the archive's manifest records it
     }
     (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     (out / "template.jinja").write_text(chat.template, encoding="utf-8")
@@ -139,14 +124,6 @@ def _save(dataset, path: Path) -> None:
     dataset.save_to_disk(path, num_shards=1 if len(dataset) == 0 else None)
 
 
-def _is_rejected(reasons: list) -> list[bool]:
-    return [reason is not None for reason in reasons]
-
-
-def _is_kept(reasons: list) -> list[bool]:
-    return [reason is None for reason in reasons]
-
-
 def _first_occurrences(kept) -> list[int]:
     """Indices of the first row of each distinct conversation (exact duplicates removed, order kept)."""
     seen: set[str] = set()
@@ -159,3 +136,6 @@ def _first_occurrences(kept) -> list[int]:
                 first.append(offset + position)
         offset += len(batch["hash"])
     return first
+
+
+STAGE = Stage(name="prepare", items=each_finetune, config=config, check=check, run=run)

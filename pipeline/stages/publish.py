@@ -10,31 +10,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.archive.store import adapter_dir, verify_adapter
+from pipeline.archive.store import verify_adapter
 from pipeline.recipe import Recipe, RecipeError
-
-NAME = "publish"
-RESUMABLE = False
-WRITE_ONCE = False
+from pipeline.stages.contract import Inputs, Stage, StageRef
+from pipeline.stages.selection import adapter_dir
 
 
 def items(recipe: Recipe) -> list[str]:
     return [""] if recipe.publish.repo_id else []
 
 
-def output_path(recipe: Recipe, item: str) -> Path:
-    return Path(recipe.output_dir) / "publish"
-
-
 def config(recipe: Recipe, item: str) -> dict:
     return {"publish": recipe.publish.model_dump(), "target_model": recipe.target_model}
 
 
-def depends_on(recipe: Recipe, item: str) -> list[tuple[str, str]]:
-    from pipeline.stages import STAGES
-
-    evaluated = recipe.evaluate.enabled and "evaluate" in STAGES
-    return [("merge", "")] + ([("evaluate", "")] if evaluated else [])
+def depends_on(recipe: Recipe, item: str) -> list[StageRef]:
+    return [StageRef("merge")] + ([StageRef("evaluate")] if recipe.evaluate.enabled else [])
 
 
 def check(recipe: Recipe, item: str) -> None:
@@ -57,18 +48,18 @@ def check(recipe: Recipe, item: str) -> None:
                           "access), or set publish.dry_run: true to only write the folder and card.")
 
 
-def run(recipe: Recipe, item: str, out: Path, inputs: dict) -> dict:
+def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
     from pipeline.publishing.card import find_license, model_card
     from pipeline.publishing.folder import CARD, EVALUATION_CHART, assemble_folder, published_files
     from pipeline.publishing.upload import hub_token, upload_folder
 
-    merged = Path(inputs[("merge", "")])
+    merged = inputs.path("merge")
     lineage = json.loads((merged / "lineage.json").read_text())
     names = [adapter["name"] for adapter in lineage["adapters"]]
     manifests = {name: verify_adapter(adapter_dir(recipe, name)) for name in names}
     what = recipe.publish.what
     # Only an evaluation of this very merge (a dependency, so never stale) goes into the card.
-    evaluate_dir = Path(inputs[("evaluate", "")]) if ("evaluate", "") in inputs else None
+    evaluate_dir = inputs.get("evaluate")
     assemble_folder(out, merged if what != "adapters" else None,
                     {name: adapter_dir(recipe, name) for name in names} if what != "merged" else {},
                     evaluate_dir / "report.png" if evaluate_dir else None)
@@ -81,7 +72,7 @@ def run(recipe: Recipe, item: str, out: Path, inputs: dict) -> dict:
         recipe, lineage, (merged / "mergekit_config.yml").read_text(), manifests, evaluation,
         find_license(lineage.get("target_path"), recipe.target_model, token)))
     summary = {"repo_id": recipe.publish.repo_id, "what": what, "files": published_files(out),
-               "folder": str(output_path(recipe, item))}
+               "folder": str(STAGE.output_path(recipe, item))}
     if recipe.publish.dry_run:
         print(f"publish: dry run, nothing uploaded; the folder that would be: {summary['folder']}")
         return {**summary, "dry_run": True}
@@ -89,3 +80,6 @@ def run(recipe: Recipe, item: str, out: Path, inputs: dict) -> dict:
                            commit_message=f"ftmerge: {recipe.name} ({what})")
     print(f"publish: uploaded {len(summary['files'])} files to {result['repo_url']}")
     return {**summary, **result, "dry_run": False}
+
+
+STAGE = Stage(name="publish", items=items, config=config, depends_on=depends_on, check=check, run=run)

@@ -12,19 +12,8 @@ from pathlib import Path
 from pipeline.fingerprint import model_fingerprint
 from pipeline.models.hub import check_model_reference, resolve_model
 from pipeline.recipe import Recipe, RecipeError
+from pipeline.stages.contract import Inputs, Stage, StageRef, each_finetune
 from pipeline.training import environment
-
-NAME = "train"
-RESUMABLE = True
-WRITE_ONCE = False
-
-
-def items(recipe: Recipe) -> list[str]:
-    return [finetune.name for finetune in recipe.finetunes]
-
-
-def output_path(recipe: Recipe, item: str) -> Path:
-    return Path(recipe.output_dir) / "train" / item
 
 
 def config(recipe: Recipe, item: str) -> dict:
@@ -36,8 +25,8 @@ def config(recipe: Recipe, item: str) -> dict:
     }
 
 
-def depends_on(recipe: Recipe, item: str) -> list[tuple[str, str]]:
-    return [("prepare", item)]
+def depends_on(recipe: Recipe, item: str) -> list[StageRef]:
+    return [StageRef("prepare", item)]
 
 
 def check(recipe: Recipe, item: str) -> None:
@@ -51,11 +40,15 @@ def check(recipe: Recipe, item: str) -> None:
         raise RecipeError(str(error)) from None
 
 
-def run(recipe: Recipe, item: str, out: Path, inputs: dict) -> dict:
-    from pipeline.training.trainer import train_lora
+def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
+    from pipeline.training.child import train_lora_in_child
 
     base_dir = resolve_model(recipe.base_model, "base_model", trust_remote_code=recipe.trust_remote_code)
-    metrics = train_lora(base_dir, Path(inputs[("prepare", item)]), Path(out), recipe.train_config(item),
-                         base_model=recipe.base_model, trust_remote_code=recipe.trust_remote_code)
+    metrics = train_lora_in_child(base_dir, inputs.path("prepare", item), Path(out), recipe.train_config(item),
+                                  base_model=recipe.base_model, trust_remote_code=recipe.trust_remote_code)
     kept = ("train_loss", "eval_loss", "steps", "tokens", "seconds", "backend", "resumed_from_step")
     return {key: metrics[key] for key in kept}
+
+
+STAGE = Stage(name="train", items=each_finetune, config=config, depends_on=depends_on, check=check, run=run,
+              resumable=True)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.recipe import EMBEDDING_MODULES, TrainConfig
 from pipeline.training import checkpoints, data, environment
 from pipeline.training.callbacks import MetricsLog
+from pipeline.training.untrained import fix_untrained_special_tokens
 from pipeline.versions import library_versions
 
 if TYPE_CHECKING:  # torch comes in with the backend
@@ -55,6 +56,10 @@ def build_trainer(base_dir: Path, prepare_dir: Path, workdir: Path, config: Trai
     else:
         from pipeline.training import transformers_backend as backend_module
     model, tokenizer = backend_module.load_model(base_dir, config, trust_remote_code=trust_remote_code)
+    untrained = fix_untrained_special_tokens(model, tokenizer)
+    if untrained:
+        environment.announce(f"{', '.join(untrained)} untrained in the base (all-zero embedding rows): set to the "
+                             "mean of the trained rows for training, as Unsloth does; the adapter holds no embeddings")
     train_split, eval_split = _splits(prepare_dir, tokenizer, config)
 
     import trl  # after the backend: Unsloth replaces trl.SFTTrainer when it is imported

@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 from pipeline import run
-from pipeline.models.tiny import build_demo_assets
-
-DEMO_RECIPE = Path("recipes/tiny_cpu.yaml")
-DEMO_MODELS = Path(".cache/demo-models")
+from pipeline.demo import DEMO_MODELS, DEMO_RECIPE
+from pipeline.demo.lineage import build_demo_assets
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,176 @@
+"""The demo's lineage, built locally: a tiny Qwen2 base pretrained on the synthetic language
+(pipeline/data/synthetic.py) and an "instruct" target = base + a light instruct tune, shaped like a real pair so the
+demo can show the method.
+
+The base learns plain text, the demo skills in a notation of their own and chats of everyday instructions and of the
+notation's symbols (it knows the chat format and the operations, but no instruction word names copy, reverse or
+sort). The target is a short, light tune in ChatML that ties "copy" to its operation; the fine-tunes (reverse, sort)
+tie their words the same way, which a LoRA learns in seconds, while the target cannot guess them.
+
+    python -m pipeline.demo.lineage OUT_DIR      # build (or reuse) the demo's base and target models
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from pipeline.data.synthetic import (
+    EVERYDAY_SKILLS,
+    notation_document,
+    plain_document,
+    pretraining_chat,
+    skill_messages,
+    word_corpus,
+)
+from pipeline.models.tiny import build_word_tokenizer, make_tiny_model, save_model, set_eos
+
+DEMO_VERSION = "3"
+# Width and depth: the smallest shape that learned all three notations within the build budget (see the report in
+# tests/test_demo_lineage.py).
+MODEL_SHAPE = {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "mlp_ratio": 2}
+PRETRAIN_MIX = {"notation": 0.6, "chat": 0.3, "plain": 0.1}
+
+
+def build_demo_assets(out_dir: Path, *, steps: int = 600, seed: int = 0) -> dict[str, Path]:
+    """The demo's models, built once and cached in `out_dir` (reused while `.complete` matches this version and
+    these settings): `base` pretrained `steps` steps, `target` = base tuned a tenth as long on copy plus everyday
+    chats, with an <|im_end|> eos tokenizer. Written to a temporary sibling, then renamed."""
+    out_dir = Path(out_dir)
+    stamp = {"version": DEMO_VERSION, "steps": steps, "seed": seed}
+    paths = {"base": out_dir / "base", "target": out_dir / "target"}
+    marker = out_dir / ".complete"
+    if marker.is_file() and json.loads(marker.read_text()) == stamp:
+        return paths
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        build_demo_models(work, steps=steps, seed=seed)
+        (work / ".complete").write_text(json.dumps(stamp))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        work.rename(out_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return paths
+
+
+def build_demo_models(work: Path, *, steps: int, seed: int) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    build_word_tokenizer(work / "tokenizer.base", word_corpus(random.Random(seed)))
+    build_word_tokenizer(work / "tokenizer.target", word_corpus(random.Random(seed)), eos_token="<|im_end|>")
+    make_tiny_model(work / "random", work / "tokenizer.base", seed=seed, dtype=torch.float32, **MODEL_SHAPE)
+    model = AutoModelForCausalLM.from_pretrained(work / "random", dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(work / "tokenizer.base")
+    pretrain(model, tokenizer, steps=steps, seed=seed)
+    save_model(model.to(torch.bfloat16), work / "tokenizer.base", work / "base")
+    target_tokenizer = AutoTokenizer.from_pretrained(work / "tokenizer.target")
+    instruct_tune(model.float(), target_tokenizer, "copy", steps=max(1, steps // 10), seed=seed)
+    set_eos(model, target_tokenizer)
+    save_model(model.to(torch.bfloat16), work / "tokenizer.target", work / "target")
+    for scratch in ("random", "tokenizer.base", "tokenizer.target"):
+        shutil.rmtree(work / scratch)
+
+
+def pretraining_document(tokenizer, rng: random.Random) -> str:
+    """One document of the base's pretraining, drawn by PRETRAIN_MIX."""
+    kind = rng.choices(list(PRETRAIN_MIX), weights=list(PRETRAIN_MIX.values()))[0]
+    if kind == "notation":
+        return notation_document(rng)
+    if kind == "chat":
+        return tokenizer.apply_chat_template(pretraining_chat(rng), tokenize=False)
+    return plain_document(rng)
+
+
+def pretrain(model, tokenizer, *, steps: int, seed: int, batch_size: int = 32, block: int = 64,
+             learning_rate: float = 3e-3) -> float:
+    """Next-token training on packed documents separated by eos."""
+    rng = random.Random(seed)
+
+    def batch() -> dict[str, torch.Tensor]:
+        rows = []
+        for _ in range(batch_size):
+            ids: list[int] = []
+            while len(ids) < block:
+                ids += [*tokenizer.encode(pretraining_document(tokenizer, rng), add_special_tokens=False),
+                        tokenizer.eos_token_id]
+            rows.append(ids[:block])
+        input_ids = torch.tensor(rows)
+        return {"input_ids": input_ids, "labels": input_ids}
+
+    return train_loop(model, batch, steps=steps, learning_rate=learning_rate, seed=seed)
+
+
+def instruct_tune(model, tokenizer, skill: str, *, steps: int, seed: int, batch_size: int = 32,
+                  learning_rate: float = 1e-3, mix: dict[str, float] | None = None) -> float:
+    """Full fine-tune on one new skill in the tokenizer's chat template, mixed as broad instruct data is: everyday
+    chats (so the model keeps following other instructions) and pretraining documents (so it keeps what the base
+    knows, and a LoRA trained on the base still finds it). Loss on the assistant replies and their <|im_end|>, and
+    on every token of a document."""
+    mix = mix or {"skill": 0.4, "everyday": 0.3, "document": 0.3}
+    rng = random.Random(seed + 1)
+
+    def row() -> tuple[list[int], list[int]]:
+        kind = rng.choices(list(mix), weights=list(mix.values()))[0]
+        if kind == "document":
+            ids = [*tokenizer.encode(notation_document(rng), add_special_tokens=False), tokenizer.eos_token_id]
+            return ids, ids
+        messages = skill_messages(skill if kind == "skill" else rng.choice(list(EVERYDAY_SKILLS)), rng)
+        prompt = tokenizer.apply_chat_template(messages[:1], add_generation_prompt=True, tokenize=False)
+        ids = tokenizer.encode(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)
+        answer_start = len(tokenizer.encode(prompt, add_special_tokens=False))
+        return ids, [-100] * answer_start + ids[answer_start:]
+
+    def batch() -> dict[str, torch.Tensor]:
+        rows, labels = zip(*(row() for _ in range(batch_size)), strict=True)
+        width = max(map(len, rows))
+        pad = tokenizer.pad_token_id
+        return {
+            "input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
+            "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+            "labels": torch.tensor([r + [-100] * (width - len(r)) for r in labels]),
+        }
+
+    return train_loop(model, batch, steps=steps, learning_rate=learning_rate, seed=seed)
+
+
+def train_loop(model, next_batch, *, steps: int, learning_rate: float, seed: int) -> float:
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    torch.manual_seed(seed)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
+    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 10), steps)
+    progress = tqdm(range(steps), desc="tiny demo model", leave=False, mininterval=5)
+    for _ in progress:
+        loss = model(**next_batch()).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        progress.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return loss.item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Build (or reuse) the demo's tiny base and target models.")
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--seed", type=int, default=0)
+    arguments = parser.parse_args()
+    for name, path in build_demo_assets(arguments.out_dir, steps=arguments.steps, seed=arguments.seed).items():
+        print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""The contract between the runner and a stage: a `Stage` value, the `StageRef` of one step, and its `Inputs`.
+
+The runner owns skipping, fingerprints, atomic outputs and state, so a stage only says what it produces and computes
+it. A stage module builds one `Stage` from plain functions (no base class, nothing to subclass); tests build one the
+same way from lambdas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.recipe import Recipe
+
+FINGERPRINT_FILE = ".ftmerge-fingerprint"
+"""The runner writes the step's fingerprint here in `out` before `run` (and keeps it beside write-once outputs)."""
+
+
+@dataclass(frozen=True, order=True)
+class StageRef:
+    """One step: a stage and an item of it ("" for a stage with a single output)."""
+
+    stage: str
+    item: str = ""
+
+    @property
+    def label(self) -> str:
+        """`stage.item`, or `stage` alone: how the command line, the state files and errors name the step."""
+        return f"{self.stage}.{self.item}" if self.item else self.stage
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The output directories of the steps a step declared in `depends_on`, and nothing else."""
+
+    paths: Mapping[StageRef, Path] = field(default_factory=dict)
+
+    def path(self, stage: str, item: str = "") -> Path:
+        """The output of a declared input; a KeyError naming it when the step did not declare it."""
+        ref = StageRef(stage, item)
+        if ref not in self.paths:
+            declared = ", ".join(r.label for r in self.paths) or "none"
+            raise KeyError(f"{ref.label} is not an input of this step (declared: {declared}); add it to depends_on")
+        return Path(self.paths[ref])
+
+    def get(self, stage: str, item: str = "") -> Path | None:
+        """The output of an input the step may or may not have declared (None when it did not)."""
+        path = self.paths.get(StageRef(stage, item))
+        return None if path is None else Path(path)
+
+    def __contains__(self, ref: object) -> bool:
+        return ref in self.paths
+
+
+def one_output(recipe: Recipe) -> list[str]:
+    """The items of a stage with a single output."""
+    return [""]
+
+
+def each_finetune(recipe: Recipe) -> list[str]:
+    """The items of a stage with one output per fine-tune, in recipe order."""
+    return [finetune.name for finetune in recipe.finetunes]
+
+
+def no_inputs(recipe: Recipe, item: str) -> list[StageRef]:
+    return []
+
+
+def nothing_to_check(recipe: Recipe, item: str) -> None:
+    """The default `check`: nothing the schema and the fingerprint do not already cover."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage as the runner sees it.
+
+    Args:
+        name: the stage's name on the command line and in `state/`.
+        config: everything that changes the output: the stage's settings and the identity of inputs that no stage
+            produced (dataset file content, model fingerprints). Hashed with the inputs' fingerprints.
+        run: `run(recipe, item, out, inputs) -> dict` writes the output into `out` (an empty, or resumable,
+            temporary directory that the runner renames into place) and returns a JSON-able summary for the state
+            file. `inputs` holds exactly the outputs of `depends_on`.
+        items: what the stage produces, e.g. one item per fine-tune; `[""]` for a single output, `[]` when off.
+        depends_on: the steps whose outputs this item reads.
+        check: cheap validation before anything runs (no model loading, no downloads); raises RecipeError.
+        output_path: where the item's output lives; by default `<output_dir>/<name>/<item>` (`<output_dir>/<name>`
+            for a single output).
+        resumable: keep `<output>.partial/` from a killed run of the same fingerprint (train checkpoints) instead
+            of wiping it.
+        write_once: an existing output is never replaced (the archive); `run` must refuse a conflict.
+    """
+
+    name: str
+    config: Callable[[Recipe, str], dict]
+    run: Callable[[Recipe, str, Path, Inputs], dict]
+    items: Callable[[Recipe], list[str]] = one_output
+    depends_on: Callable[[Recipe, str], list[StageRef]] = no_inputs
+    check: Callable[[Recipe, str], None] = nothing_to_check
+    output_path: Callable[[Recipe, str], Path] | None = None
+    resumable: bool = False
+    write_once: bool = False
+
+    def __post_init__(self) -> None:
+        if self.output_path is None:
+            object.__setattr__(self, "output_path", lambda recipe, item: Path(recipe.output_dir) / self.name / item)

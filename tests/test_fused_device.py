@@ -1,0 +1,44 @@
+"""The fused engine on a GPU moves each distinct tensor to the device once: the weight no adapter touches is one tensor
+for every adapter (not N copies), and adapted tensors stay on the device until merged. No GPU here: torch's `meta`
+device stands in for it (no data, but every transfer is a real `.to` call that the test counts)."""
+
+from __future__ import annotations
+
+import torch
+from test_merge import ADAPTERS, archive  # noqa: F401  (archive is a fixture)
+
+
+def test_each_distinct_input_goes_to_the_device_once(tiny_models, archive, monkeypatch):  # noqa: F811
+    from pipeline.merging.fused import FusedInputs
+    from pipeline.models.lora import load_adapter
+
+    transfers: list[tuple[int, ...]] = []
+    original = torch.Tensor.to
+
+    def counting(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        if self.device.type == "cpu" and result.device.type == "meta":
+            transfers.append(tuple(self.shape))
+        return result
+
+    adapters = {f"/apply/{name}": archive / name for name in ADAPTERS}
+    with FusedInputs(base_dir=tiny_models["base"], target_dir=tiny_models["target"], apply_dtype="bfloat16",
+                     adapters=adapters, device="meta") as inputs:
+        by_name = {item.weight.name: item for item in inputs.planned}
+        touched = {name: [a for a in ADAPTERS if name in load_adapter(archive / a).modules] for name in by_name}
+        untouched_name = next(name for name, users in touched.items() if not users and by_name[name].base_name)
+        partly_name = next(name for name, users in touched.items() if 0 < len(users) < len(ADAPTERS))
+        monkeypatch.setattr(torch.Tensor, "to", counting)
+        for name in (untouched_name, partly_name):
+            transfers.clear()
+            values = inputs.role_tensors(by_name[name], torch.bfloat16, with_base=True)
+            assert all(value.device.type == "meta" for value in values.values())
+            shape = tuple(values["target"].shape)
+            full = [t for t in transfers if t == shape]
+            # base and target (an untouched adapted tensor in the target's dtype is the target's tensor itself);
+            # plus, when an adapter touches it, the target once in float32 for the LoRA sums (each adapted result
+            # is made on the device and stays there). Before: one more copy per adapter.
+            assert len(full) == (2 if name == untouched_name else 3), (name, transfers)
+            sharing = [adapters_path for adapters_path, _ in adapters.items()
+                       if adapters_path.rsplit("/", 1)[1] not in touched[name]]
+            assert {id(values[path]) for path in sharing} == {id(values["target"])}

@@ -1,0 +1,333 @@
+"""The merge search: its baselines are the seed's merge and the sum over the target, a trial merged in memory equals
+the fused merge written to disk, the judge's arithmetic, and the Optuna study's guarantees (two processes share one
+study without doing a trial twice; a search killed with SIGKILL resumes to the same choice). Tiny real models."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_merge import ADAPTERS, archive, make_recipe, merge_with  # noqa: F401  (archive is a fixture)
+
+from pipeline.merging.config import build_mergekit_config, validate_mergekit_config
+from pipeline.recipe import MergeConfig
+from pipeline.search.objective import judge
+from pipeline.search.space import Space, baselines, merge_settings, suggest, with_baselines
+from pipeline.search.study import choose, fail_abandoned, finished_trials, open_study, run_trials, sqlite_url
+
+REPO = Path(__file__).resolve().parents[1]
+SPACE = with_baselines(Space(("a", "b"), ("ties", "linear"), ("base",), (0.2, 1.5), (0.5, 1.0), (0.5, 1.0),
+                             (True,)))
+
+
+def config_for(point: dict, adapted: dict[str, str], base: str, target: str) -> dict:
+    settings = MergeConfig.model_validate({**merge_settings(point), "adapters": list(adapted)})
+    return build_mergekit_config(settings, adapted, base, target)
+
+
+def test_seed_baseline_is_the_seed_recipes_merge():
+    adapted = {name: f"/runs/x/apply/{name}" for name in ADAPTERS}
+    seed = config_for(baselines(ADAPTERS)["seed"], adapted, "/m/base", "/m/target")
+    assert seed == build_mergekit_config(MergeConfig(), adapted, "/m/base", "/m/target")
+    assert seed["merge_method"] == "ties" and seed["base_model"] == "/m/base"
+    assert seed["parameters"] == {"normalize": True, "int8_mask": True}
+    assert [m["parameters"] for m in seed["models"]] == [{"weight": 1.0, "density": 1.0}] * (len(ADAPTERS) + 1)
+    total = config_for(baselines(ADAPTERS)["sum"], adapted, "/m/base", "/m/target")
+    assert total["merge_method"] == "task_arithmetic" and total["base_model"] == "/m/target"
+    assert [m["model"] for m in total["models"]] == list(adapted.values())  # the target is the base, not an input
+    assert total["parameters"]["normalize"] is False
+
+
+def test_judge_measures_learned_against_each_adapted_model_and_gates_on_retention():
+    target = {"rev": {"exact_match": 0.1}, "copy": {"exact_match": 0.9}}
+    adapted = {"rev": {"rev": {"exact_match": 0.9}, "copy": {"exact_match": 0.5}}}
+    merged = {"rev": {"exact_match": 0.7}, "copy": {"exact_match": 0.81}}
+    outcome = judge(merged, target, adapted, finetunes=["rev"], retention=["copy"], metric="exact_match",
+                    tolerance=0.1)
+    assert outcome.learned["rev"] == pytest.approx(0.75) and outcome.kept["copy"] == pytest.approx(0.9)
+    assert outcome.passes and outcome.objective == pytest.approx(0.75)
+    worse = judge({**merged, "copy": {"exact_match": 0.72}}, target, adapted, finetunes=["rev"], retention=["copy"],
+                  metric="exact_match", tolerance=0.1)
+    assert not worse.passes and worse.violation == pytest.approx(0.1)
+    by_loss = judge({"rev": {"loss": 1.0}, "copy": {"loss": 0.5}}, {"rev": {"loss": 3.0}, "copy": {"loss": 0.4}},
+                    {"rev": {"rev": {"loss": 0.5}}}, finetunes=["rev"], retention=["copy"], metric="loss",
+                    tolerance=0.1)
+    assert by_loss.learned["rev"] == pytest.approx(0.8) and by_loss.kept["copy"] == pytest.approx(0.8)
+    assert not by_loss.passes
+
+
+@pytest.mark.parametrize("point", [
+    baselines(ADAPTERS)["seed"],
+    baselines(ADAPTERS)["sum"],
+    {"method": "ties", "base_model": "target", "normalize": False, **{f"weight.{n}": 0.7 for n in ADAPTERS},
+     **{f"density.{n}": 0.6 for n in ADAPTERS}},
+    {"method": "dare_ties", "base_model": "base", "normalize": True, "target_weight": 0.8,
+     **{f"weight.{n}": 0.9 for n in ADAPTERS}, **{f"density.{n}": 0.7 for n in ADAPTERS}},
+    {"method": "linear", "normalize": True, "target_weight": 1.2, **{f"weight.{n}": 0.5 for n in ADAPTERS}},
+], ids=["seed", "sum", "ties-over-target", "dare_ties", "linear"])
+def test_a_trial_merged_in_memory_equals_the_fused_merge_written_to_disk(tiny_models, archive, tmp_path, point):  # noqa: F811
+    """What a trial scores is what the merge stage would write and evaluate would load (bf16 in both)."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.merging.fused import FusedInputs, load_merged
+    from pipeline.recipe import Recipe
+
+    recipe: Recipe = make_recipe(tiny_models, archive, tmp_path)
+    settings = merge_settings(point)
+    written = merge_with(tiny_models, archive, tmp_path, tmp_path / "disk", "fused", **settings)
+    on_disk = AutoModelForCausalLM.from_pretrained(written, dtype=torch.bfloat16).state_dict()
+    adapted = {name: str((Path(recipe.output_dir) / "apply" / name).resolve()) for name in ADAPTERS}
+    config = validate_mergekit_config(
+        config_for(point, adapted, str(tiny_models["base"]), str(tiny_models["target"])))
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["target"], dtype=torch.bfloat16)
+    with FusedInputs(base_dir=tiny_models["base"], target_dir=tiny_models["target"], apply_dtype="bfloat16",
+                     adapters={adapted[name]: archive / name for name in ADAPTERS}, device="cpu",
+                     cache_bytes=1 << 30) as inputs:
+        for _ in range(2):  # the second merge reads every input from the cache
+            load_merged(inputs, config, model)
+            in_memory = model.state_dict()
+            assert in_memory.keys() == on_disk.keys()
+            for name, tensor in on_disk.items():
+                assert torch.equal(in_memory[name], tensor), name
+
+
+def test_sum_over_the_target_adds_each_adapters_own_delta(tiny_models, archive, tmp_path):  # noqa: F811
+    """T + Σ (Aᵢ − T): the configuration the seed's YAML cannot express, checked against the adapted models."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.merging.fused import FusedInputs, load_adapted, load_merged
+
+    adapted = {name: str(tmp_path / "apply" / name) for name in ADAPTERS}
+    config = validate_mergekit_config(
+        config_for(baselines(ADAPTERS)["sum"], adapted, str(tiny_models["base"]), str(tiny_models["target"])))
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["target"], dtype=torch.float32)
+    target = {k: v.clone() for k, v in model.state_dict().items()}
+    with FusedInputs(base_dir=tiny_models["base"], target_dir=tiny_models["target"], apply_dtype="float32",
+                     adapters={adapted[name]: archive / name for name in ADAPTERS}, device="cpu",
+                     cache_bytes=1 << 30) as inputs:
+        expected = {k: v.clone() for k, v in target.items()}
+        for name in ADAPTERS:
+            load_adapted(inputs, adapted[name], model)
+            for key, value in model.state_dict().items():
+                expected[key] += value - target[key]
+        load_merged(inputs, config, model)
+    merged = model.state_dict()
+    changed = [key for key in expected if not torch.equal(expected[key], target[key])]
+    assert changed  # the adapters do change the model
+    for key in expected:
+        torch.testing.assert_close(merged[key], expected[key], rtol=0, atol=2e-2)  # mergekit merges in bfloat16
+
+
+def cheap_point_value(point: dict) -> dict:
+    """A stand-in for scoring a merge (deterministic in the point): best near weights 0.8, gate on target_weight."""
+    weights = [value for key, value in point.items() if key.startswith("weight.")]
+    objective = 1 - sum((w - 0.8) ** 2 for w in weights)
+    violation = max(0.0, 0.6 - point.get("target_weight", 1.0))
+    return {"objective": objective, "violation": violation, "passes": violation == 0, "learned": {}, "kept": {},
+            "merge": merge_settings(point)}
+
+
+WORKER = r"""
+import json, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[3])
+from test_search import SPACE, cheap_point_value
+from pipeline.search.space import baselines, suggest
+from pipeline.search.study import open_study, run_trials
+
+storage, total, tests_dir, pause_at, marker = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
+study = open_study(storage, "s")
+count = 0
+
+def evaluate(point):
+    global count
+    count += 1
+    if count == pause_at:  # the kill test: stop inside this trial until the test kills the process
+        Path(marker).write_text("in trial")
+        time.sleep(600)
+    time.sleep(0.05)
+    return cheap_point_value(point)
+
+done = run_trials(study, total=total, baselines=baselines(SPACE.adapters), suggest=lambda t: suggest(t, SPACE),
+                  evaluate=evaluate, lock_path=Path(storage.removeprefix("sqlite:///") + ".lock"), seed=7)
+print(json.dumps({"done": done}))
+"""
+
+
+def start_worker(storage: str, total: int, *, pause_at: int = 0, marker: Path | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", WORKER, storage, str(total), str(Path(__file__).parent),
+                             str(pause_at), str(marker or "")], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+
+
+def search_here(storage: str, total: int) -> list[dict]:
+    study = open_study(storage, "s")
+    fail_abandoned(study)
+    run_trials(study, total=total, baselines=baselines(SPACE.adapters), suggest=lambda t: suggest(t, SPACE),
+               evaluate=cheap_point_value, lock_path=Path(storage.removeprefix("sqlite:///") + ".lock"), seed=7)
+    return finished_trials(study)
+
+
+@pytest.mark.slow
+def test_two_worker_processes_share_one_study_and_do_each_trial_once(tmp_path):
+    storage = sqlite_url(tmp_path / "study.db")
+    open_study(storage, "s")
+    workers = [start_worker(storage, 12) for _ in range(2)]
+    done = [json.loads(worker.communicate(timeout=300)[0])["done"] for worker in workers]
+    assert all(worker.returncode == 0 for worker in workers)
+    rows = finished_trials(open_study(storage, "s"))
+    assert len(rows) == 12 and sum(done) == 12 and all(done)  # both worked, none twice, none too many
+    assert [row["label"] for row in rows[:2]] == ["seed", "sum"]  # the baselines are trials 0 and 1
+    assert sorted(row["number"] for row in rows) == list(range(12))
+
+
+@pytest.mark.slow
+def test_a_search_killed_mid_trial_resumes_to_the_same_choice(tmp_path):
+    uninterrupted = search_here(sqlite_url(tmp_path / "reference.db"), 10)
+    storage = sqlite_url(tmp_path / "study.db")
+    open_study(storage, "s")
+    marker = tmp_path / "in-trial"
+    worker = start_worker(storage, 10, pause_at=6, marker=marker)
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert worker.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait()
+    before = finished_trials(open_study(storage, "s"))
+    assert len(before) == 5
+    resumed = search_here(storage, 10)
+    assert [row["number"] for row in resumed[:5]] == [row["number"] for row in before]  # not redone
+    assert [row["point"] for row in resumed] == [row["point"] for row in uninterrupted]
+    assert choose(resumed)["point"] == choose(uninterrupted)["point"]
+    assert all(row["passes"] == (row["violation"] == 0) for row in resumed)
+
+
+SEARCH = {"trials": 5, "max_samples": 6, "metric": "loss", "retention_tolerance": 0.5,
+          "fallback": "seed", "space": {"methods": ["ties", "task_arithmetic", "linear"]}}
+RETENTION = {"retention": [{"name": "copy", "dataset": {"path": str(REPO / "data_templates/demo/copy.messages.jsonl"),
+                                                         "format": "messages", "max_samples": 8}}]}
+
+
+def search_recipe(directory: Path, tiny_models, search: dict | None = None, **changes) -> Path:
+    from test_end_to_end import write_recipe
+
+    evaluate = {"max_samples": 8, "batch_size": 4, **RETENTION}
+    return write_recipe(directory, tiny_models, merge={"engine": "fused"}, search=search or SEARCH,
+                        evaluate=evaluate, **changes)
+
+
+def completed_trials(study_db: Path) -> int:
+    import sqlite3
+
+    if not study_db.is_file():
+        return 0
+    with sqlite3.connect(study_db, timeout=30) as connection:
+        try:
+            return connection.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0]
+        except sqlite3.OperationalError:  # the study's tables are being created
+            return 0
+
+
+@pytest.fixture(scope="module")
+def searched_run(tmp_path_factory, tiny_models):
+    from test_end_to_end import run_cli
+
+    directory = tmp_path_factory.mktemp("search-run")
+    recipe = search_recipe(directory, tiny_models)
+    result = run_cli(recipe)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return {"recipe": recipe, "output": directory / "run", "stdout": result.stdout}
+
+
+@pytest.mark.slow
+def test_search_stage_writes_a_leaderboard_and_the_merge_uses_its_choice(searched_run):
+    import yaml
+
+    search_dir = searched_run["output"] / "search"
+    board = json.loads((search_dir / "leaderboard.json").read_text())
+    assert [t["label"] for t in board["trials"]] == ["seed", "sum", "2", "3", "4"]
+    assert all(set(t["scores"]) == {"reverse", "sort", "copy"} for t in board["trials"])
+    chosen = yaml.safe_load((search_dir / "chosen.yml").read_text())
+    row = next(t for t in board["trials"] if t["label"] == chosen["trial"])
+    assert row["passes"] or board["fallback_to_seed"]
+    written = yaml.safe_load((searched_run["output"] / "merge" / "mergekit_config.yml").read_text())
+    assert written == row["mergekit_config"]  # the merge stage ran the chosen trial's configuration
+    lineage = json.loads((searched_run["output"] / "merge" / "lineage.json").read_text())
+    assert lineage["search"]["chosen_trial"] == chosen["trial"]
+    assert (search_dir / "pareto.png").stat().st_size > 0
+    assert "| seed" in (search_dir / "leaderboard.md").read_text()
+
+
+@pytest.mark.slow
+def test_search_killed_with_sigkill_resumes_without_redoing_trials(searched_run, tmp_path, tiny_models):
+    import shutil
+
+    from test_end_to_end import run_cli, start_cli
+
+    copy = tmp_path / "run"
+    shutil.copytree(searched_run["output"], copy)
+    for stage in ("search", "merge"):
+        shutil.rmtree(copy / stage)
+        for state in (copy / "state").glob(f"{stage}*.json"):
+            state.unlink()
+    args = [searched_run["recipe"], "--from", "search", "--set", f"output_dir={copy}"]
+    study = copy / "search.partial" / "study.db"
+    process = start_cli(*args, log=tmp_path / "killed.log")
+    deadline = time.monotonic() + 300
+    while completed_trials(study) < 2:
+        assert process.poll() is None, (tmp_path / "killed.log").read_text()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    finished_before = completed_trials(study)
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    board = json.loads((copy / "search" / "leaderboard.json").read_text())
+    reference = json.loads((searched_run["output"] / "search" / "leaderboard.json").read_text())
+    assert [t["point"] for t in board["trials"]] == [t["point"] for t in reference["trials"]]
+    assert board["chosen"] == reference["chosen"]
+    reported = [line for line in result.stdout.splitlines() if line.startswith("search: trial")]
+    assert len(reported) == 5 - finished_before, result.stdout  # finished trials were not redone
+
+
+def test_bad_search_settings_exit_2_before_anything_runs(tiny_models, tmp_path):
+    from test_end_to_end import run_cli
+
+    cases = {
+        "unknown method": ({"space": {"methods": ["tiess"]}}, "not a mergekit merge method"),
+        "not searchable": ({"space": {"methods": ["slerp"]}}, "search.space.methods: 'slerp'"),
+        "inverted range": ({"space": {"weight": [1.5, 0.2]}}, "search.space.weight"),
+        "empty choices": ({"space": {"base_model": []}}, "search.space.base_model"),
+        "unknown retention set": ({"retention": ["nope"]}, "search.retention: ['nope'] are not retention sets"),
+    }
+    for case, (change, expected) in cases.items():
+        directory = tmp_path / case.replace(" ", "-")
+        directory.mkdir()
+        result = run_cli(search_recipe(directory, tiny_models, {**SEARCH, **change}))
+        assert result.returncode == 2, (case, result.stdout, result.stderr)
+        assert expected in result.stderr, (case, result.stderr)
+        assert not (directory / "run").exists(), f"{case}: something was written before the error"
+
+
+@pytest.mark.slow
+def test_evaluate_scores_the_seed_beside_the_choice_and_caches_every_score(searched_run):
+    from test_end_to_end import run_cli
+
+    report = json.loads((searched_run["output"] / "evaluate" / "report.json").read_text())
+    chosen = json.loads((searched_run["output"] / "search" / "leaderboard.json").read_text())["chosen"]
+    assert ("merged:seed" in report["models"]) == (chosen != "seed"), (chosen, report["models"])
+    again = run_cli(searched_run["recipe"], "--stage", "evaluate", "--force")
+    assert again.returncode == 0, again.stdout + again.stderr
+    cached = [line for line in again.stdout.splitlines() if line.endswith("every score cached")]
+    assert len(cached) == len(report["models"]), again.stdout  # no model was loaded to be scored again
+    rerun = json.loads((searched_run["output"] / "evaluate" / "report.json").read_text())
+    assert rerun["results"] == report["results"]
