@@ -98,14 +98,24 @@ def report(generate: bool = True, lm_eval: dict | None = None) -> dict:
 
 def test_markdown_table_marks_the_best_model_per_set():
     lines = markdown_table(report()).splitlines()
-    loss_rows = {line.split("|")[1].strip(): line for line in lines[:7] if line.startswith("| ")}
-    assert "| model | sort (held-out) | copy (retention) |" in lines
+    loss_table = lines.index("| model | sort (held-out) | copy (retention) |")
+    loss_rows = {line.split("|")[1].strip(): line for line in lines[loss_table:loss_table + 5] if line.startswith("| ")}
     assert loss_rows["merged"].split("|")[2].strip() == "**0.700 (2.01)**"
     assert loss_rows["target"].split("|")[3].strip() == "**0.500 (1.65)**"
     assert "**" not in loss_rows["base"]
-    exact_rows = [line for line in lines[7:] if line.startswith("| target") or line.startswith("| merged")]
+    exact_rows = [line for line in lines[loss_table + 5:] if line.startswith(("| target", "| merged"))]
     assert all("**90% (90%)**" in line for line in exact_rows), "ties are all marked"
     assert "Greedy" not in markdown_table(report(generate=False))
+
+
+def test_report_leads_with_what_the_merge_learned_and_kept():
+    lines = markdown_table(report()).splitlines()
+    assert lines[0].startswith("What did the merge learn?") and "exact match" in lines[0]
+    assert "| sort | 50% | – | 80% |" in lines  # target, its adapted model (not in this report), merged
+    kept = lines.index("| retention set | target | merged |")
+    assert lines[kept + 2] == "| copy | 90% | 90% |"
+    by_loss = markdown_table(report(generate=False)).splitlines()
+    assert "loss, lower is better" in by_loss[0] and "| sort | 2.500 | – | 0.700 |" in by_loss
 
 
 def test_lm_eval_not_installed_is_reported():

@@ -38,9 +38,9 @@ MODEL_SHAPE = {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "num_kv_head
 PRETRAIN_MIX = {"notation": 0.6, "chat": 0.3, "plain": 0.1}
 
 
-def build_demo_assets(out_dir: Path, *, steps: int = 600, seed: int = 0) -> dict[str, Path]:
+def build_demo_assets(out_dir: Path, *, steps: int = 1200, seed: int = 0) -> dict[str, Path]:
     """The demo's models, built once and cached in `out_dir` (reused while `.complete` matches this version and
-    these settings): `base` pretrained `steps` steps, `target` = base tuned a tenth as long on copy plus everyday
+    these settings): `base` pretrained `steps` steps, `target` = base tuned a twentieth as long on copy plus everyday
     chats, with an <|im_end|> eos tokenizer. Written to a temporary sibling, then renamed."""
     out_dir = Path(out_dir)
     stamp = {"version": DEMO_VERSION, "steps": steps, "seed": seed}
@@ -72,7 +72,7 @@ def build_demo_models(work: Path, *, steps: int, seed: int) -> None:
     pretrain(model, tokenizer, steps=steps, seed=seed)
     save_model(model.to(torch.bfloat16), work / "tokenizer.base", work / "base")
     target_tokenizer = AutoTokenizer.from_pretrained(work / "tokenizer.target")
-    instruct_tune(model.float(), target_tokenizer, "copy", steps=max(1, steps // 10), seed=seed)
+    instruct_tune(model.float(), target_tokenizer, "copy", steps=max(1, steps // 20), seed=seed)
     set_eos(model, target_tokenizer)
     save_model(model.to(torch.bfloat16), work / "tokenizer.target", work / "target")
     for scratch in ("random", "tokenizer.base", "tokenizer.target"):
@@ -165,7 +165,7 @@ def train_loop(model, next_batch, *, steps: int, learning_rate: float, seed: int
 def main() -> None:
     parser = argparse.ArgumentParser(description="Build (or reuse) the demo's tiny base and target models.")
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--seed", type=int, default=0)
     arguments = parser.parse_args()
     for name, path in build_demo_assets(arguments.out_dir, steps=arguments.steps, seed=arguments.seed).items():

@@ -53,7 +53,7 @@ class Evaluation:
     stop_ids: list[int]
     pad_id: int
     trust_remote_code: bool = False
-    adapter_dtype: str = "bfloat16"
+    adapter_dtype: str = "auto"
 
 
 def evaluate_set(model, label: str, eval_set: EvalSet, evaluation: Evaluation) -> dict:

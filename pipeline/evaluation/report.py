@@ -42,10 +42,47 @@ def _table(report: dict, metric: str, cell, lower_is_better: bool) -> list[str]:
     return lines
 
 
+def learned_and_kept(report: dict) -> list[str]:
+    """The two questions first: what each merge learned of each fine-tune (merged vs target vs its adapted model on
+    the held-out set) and what it kept of each retention set (merged vs target), in exact match when generation ran,
+    else in loss. Every merged model stands in its own column (the search's choice beside the seed's)."""
+    merged = [m for m in report["models"] if m.startswith("merged")]
+    if not merged or "target" not in report["models"]:
+        return []
+    metric = "exact_match" if report["settings"].get("generate") else "loss"
+
+    def value(model: str, name: str) -> str:
+        result = report["results"].get(model, {}).get(name, {})
+        number = result.get(metric)
+        if number is None:
+            return "–"
+        return f"{number:.0%}" if metric == "exact_match" else f"{number:.3f}"
+
+    unit = "greedy exact match, higher is better" if metric == "exact_match" else "loss, lower is better"
+    held_out = [s["name"] for s in report["sets"] if s["kind"] == "held-out"]
+    retention = [s["name"] for s in report["sets"] if s["kind"] == "retention"]
+    lines = []
+    if held_out:
+        lines += [f"What did the merge learn? Each fine-tune's held-out set ({unit}).", "",
+                  f"| fine-tune | target | its adapted model | {' | '.join(merged)} |",
+                  "|---|" + "---:|" * (2 + len(merged))]
+        lines += [f"| {name} | {value('target', name)} | {value(f'adapted:{name}', name)} | "
+                  + " | ".join(value(m, name) for m in merged) + " |" for name in held_out]
+        lines.append("")
+    if retention:
+        lines += [f"What did it keep? Each retention set ({unit}).", "",
+                  f"| retention set | target | {' | '.join(merged)} |", "|---|" + "---:|" * (1 + len(merged))]
+        lines += [f"| {name} | {value('target', name)} | " + " | ".join(value(m, name) for m in merged) + " |"
+                  for name in retention]
+        lines.append("")
+    return lines
+
+
 def markdown_table(report: dict) -> str:
-    """The report's tables in markdown: loss (perplexity) on assistant tokens, greedy exact match (contains) when
-    generation ran, lm-eval-harness results or why they were not run. Best value per column in bold."""
-    parts = ["Mean loss on assistant tokens (perplexity); lower is better.", "",
+    """The report's tables in markdown: what the merge learned and kept, loss (perplexity) on assistant tokens,
+    greedy exact match (contains) when generation ran, lm-eval-harness results or why they were not run. Best value
+    per column in bold."""
+    parts = [*learned_and_kept(report), "Mean loss on assistant tokens (perplexity); lower is better.", "",
              *_table(report, "loss", lambda r: f"{_number(r['loss'], 3)} ({_number(r['perplexity'], 2)})", True)]
     if report["settings"].get("generate"):
         parts += ["", f"Greedy answers, up to {report['settings']['max_new_tokens']} new tokens: exact match "

@@ -1,16 +1,21 @@
 """The fused engine: apply + merge in one pass over the base and target, with no adapted model ever written.
 
 For each output tensor (mergekit's own architecture definition says which, in its order), the base and target
-tensors are read once, each adapter's version is computed as the apply stage would, and the list goes to mergekit's
+tensors are read once, each adapter's version is computed as the apply stage would, and the inputs go to mergekit's
 `merge_tensors` with the parameters mergekit's resolver gives that tensor. The result equals apply + `run_merge`.
-Work that provably changes nothing is skipped: a weight no adapter touches is, in every adapted model, the target's
-own tensor cast to the apply dtype, so all those inputs share one tensor instead of being copies.
+
+Memory stays flat as adapters accumulate: elementwise methods merge a block of rows at a time, and each adapted
+input is computed for that block only (B[rows]@A), so `memory_budget` bounds all inputs of a block and the kernel's
+temporaries together, whatever their number. Reading, LoRA products and writing run in worker threads beside the
+kernel. Work that provably changes nothing is skipped: a weight no adapter touches is one shared tensor for every
+adapted model, and where every merged input is that one tensor, `merge_copies` computes mergekit's result from it.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +26,7 @@ from tqdm import tqdm
 from pipeline.merging.adapted_model import check_compatibility, output_dtype, resolve_device
 from pipeline.merging.config import input_models, tensor_parameters
 from pipeline.merging.mergekit_engine import MERGE_SEED
-from pipeline.models.lora import adapted_weight, load_adapter
+from pipeline.models.lora import LoraFactors, load_adapter
 from pipeline.models.safetensors_io import (
     ShardWriter,
     TensorReader,
@@ -34,9 +39,22 @@ from pipeline.models.safetensors_io import (
 MAX_SHARD_BYTES = 5 * 1000**3
 # Methods whose result at each element depends only on that element of each input (no pruning by magnitude or at
 # random when every density is 1): merging row blocks gives exactly the whole tensor's result, with the kernel's
-# temporaries (deltas, signs, masks: several times the tensor per input) sized by the block instead of the tensor.
+# temporaries sized by the block instead of the tensor.
 ELEMENTWISE_METHODS = ("linear", "task_arithmetic", "ties")
-CHUNK_BYTES = 64 * 1024**2
+# Of those, the ones `merge_copies` computes from one copy of an input repeated n times (linear sums float32
+# products, whose multiples are not exact).
+COPY_METHODS = ("task_arithmetic", "ties")
+# Merge dtypes whose values times any count below this are exact in float32 (8 and 11 significant bits), so a sum
+# of n equal terms, in whatever order a kernel adds them, is n times the term.
+EXACT_COUNTS = {torch.bfloat16: 2**16, torch.float16: 2**13}
+MEMORY_BUDGET = 1024**3
+# Per input on the CPU: TIES makes a dozen passes over each block, and blocks this small stay in the caches (measured
+# on the 0.5B shapes: 1.6x faster than 35 MB blocks; below ~64 KB the per-call overhead wins).
+CHUNK_BYTES = 1024**2
+# Bytes the kernel holds per input byte of a block beyond the input itself: deltas, signs, mask, masked deltas.
+KERNEL_COPIES = 4
+# MKL computes a one-row product with gemv, whose sums differ from the whole GEMM's: blocks have two rows or more.
+MIN_ROWS = 2
 
 
 @dataclass(frozen=True)
@@ -94,10 +112,12 @@ class FusedInputs:
     """Everything a merge over the base, the target and some adapters reads, opened once: the tensor plan, the
     readers and the LoRA modules. A search merges many configurations over the same inputs; with `cache_bytes`
     the inputs of each tensor (adapted tensors included) are kept in memory up to that budget, so later merges only
-    rerun mergekit's kernel instead of reading and recomputing them."""
+    rerun mergekit's kernel instead of reading and recomputing them. `memory_budget` bounds the inputs of a block of
+    rows and the kernel's temporaries (on `cuda`, GPU memory)."""
 
     def __init__(self, *, base_dir: Path, target_dir: Path, adapters: dict[str, Path], apply_dtype: str,
-                 device: str = "auto", trust_remote_code: bool = False, cache_bytes: int = 0):
+                 device: str = "auto", trust_remote_code: bool = False, cache_bytes: int = 0,
+                 memory_budget: int = MEMORY_BUDGET):
         self.base_dir, self.target_dir, self.apply_dtype = Path(base_dir), Path(target_dir), apply_dtype
         self.target_tensors = model_tensors(target_dir)
         self.base_tensors = model_tensors(base_dir)
@@ -108,7 +128,7 @@ class FusedInputs:
         self.device = resolve_device(device)
         self.planned = plan_tensors(base_dir, self.target_tensors, self.base_tensors, trust_remote_code)
         self.base_reader, self.target_reader = TensorReader(self.base_tensors), TensorReader(self.target_tensors)
-        self.cache_bytes = cache_bytes
+        self.cache_bytes, self.memory_budget = cache_bytes, memory_budget
         self._cache: dict[tuple[str, torch.dtype | None], dict[str, torch.Tensor]] = {}
         self._cached_bytes = 0
 
@@ -131,66 +151,93 @@ class FusedInputs:
         base = self.base_reader.read(item.base_name) if with_base else None
         return base, self.target_reader.read(item.target_name)
 
+    def factors(self, item: PlannedTensor, roles) -> dict[str, LoraFactors]:
+        """A and B of every adapter among `roles` that touches this tensor, read once for all its row blocks."""
+        return {path: adapter.modules[item.target_name].factors(self.device)
+                for path, adapter in self.adapters.items() if path in roles and item.target_name in adapter.modules}
+
+    def _all_roles(self, with_base: bool) -> dict[str, str]:
+        roles = {"target": "target", **{path: path for path in self.adapters}}
+        return {**roles, "base": "base"} if with_base else roles
+
     def role_tensors(self, item: PlannedTensor, load_dtype: torch.dtype | None, *, with_base: bool,
                      raw=None) -> dict[str, torch.Tensor]:
-        """The tensor of every role (target, each adapted model, and the base `with_base`) for one output tensor,
-        on the merge device, each distinct tensor moved there once: the weight no adapter touches is one tensor
-        shared by all of them, not a copy per adapter."""
+        """The whole tensor of every role (target, each adapted model, and the base `with_base`) for one output
+        tensor, on the merge device, each distinct tensor moved there once: the weight no adapter touches is one
+        tensor shared by all of them, not a copy per adapter. Kept in the cache when it fits."""
         key = (item.weight.name, load_dtype)
         cached = self._cache.get(key)
         if cached is not None and (not with_base or "base" in cached):
             return cached
         base, target = raw if raw is not None else self.read(item, with_base)
-        roles = {"target": "target", **{path: path for path in self.adapters}}
-        if with_base:
-            roles["base"] = "base"
-        values = tensor_inputs(item, base, target, roles, self.adapters, self.apply_dtype, self.device, load_dtype)
-        moved: dict[int, torch.Tensor] = {}
-        for value in values.values():
-            if id(value) not in moved:
-                moved[id(value)] = value.to(self.device)
-        values = {role: moved[id(value)] for role, value in values.items()}
-        size = sum(value.nbytes for value in moved.values())
+        values = _on_device(tensor_inputs(item, base, target, self._all_roles(with_base), self.adapters,
+                                          self.apply_dtype, self.device, load_dtype), self.device)
+        size = sum(value.nbytes for value in _distinct(values))
         if self._cached_bytes + size <= self.cache_bytes:
             self._cache[key] = values
             self._cached_bytes += size
         return values
 
+    def adapted_tensor(self, item: PlannedTensor, adapted_path: str) -> torch.Tensor:
+        """One adapted model's tensor, as apply writes it (only that adapter's product is computed)."""
+        _, target = self.read(item, with_base=False)
+        return tensor_inputs(item, None, target, {adapted_path: adapted_path}, self.adapters, self.apply_dtype,
+                             self.device, None)[adapted_path]
+
     def merged_tensors(self, config, order: list[PlannedTensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, merged tensor) for every output tensor of `config` (a parsed MergeConfiguration whose model paths
-        are the base, the target or keys of `adapters`), in `order`; the next tensor is read while this one merges."""
+        are the base, the target or keys of `adapters`), in `order`. One thread reads the next tensor while another
+        computes the adapted inputs of the next row block and this one runs mergekit's kernel."""
         from mergekit import merge_methods
-        from mergekit.common import dtype_from_name
-        from mergekit.merge_methods.buffers import copy_non_floating_buffer
 
         method = merge_methods.get(config.merge_method)
         models = input_models(config)
         roles = self.roles(config)
+        with_base = "base" in roles.values()
         # Methods that prune at random (dare_*, della*) draw from torch's generator, tensor after tensor in this
-        # order: seeding it here makes every merge of one config identical, on disk or in memory.
+        # order: seeding it here makes every merge of one config identical, on disk or in memory. They are never
+        # elementwise, so each of their tensors is one block merged on this thread, in order.
         torch.manual_seed(MERGE_SEED)
         order = self.planned if order is None else order
-
-        with_base = "base" in roles.values()
-
-        def read(item: PlannedTensor):
-            cached = self._cache.get((item.weight.name, _load_dtype(item, config)))
-            return None if cached is not None and (not with_base or "base" in cached) else self.read(item, with_base)
-
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            upcoming = pool.submit(read, order[0]) if order else None
+        if not order:
+            return
+        with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as products:
+            upcoming = reader.submit(self._tensor_work, order[0], config, method, models, roles, with_base)
             for position, item in enumerate(order):
-                raw = upcoming.result()
-                upcoming = pool.submit(read, order[position + 1]) if position + 1 < len(order) else None
-                by_role = self.role_tensors(item, _load_dtype(item, config), with_base=with_base, raw=raw)
-                tensors = [by_role[roles[model]] for model in models]
-                merged = copy_non_floating_buffer(tensors, item.weight.name)
-                if merged is None:
-                    merged = _merge(method, config, item, models, tensors)
-                if item.weight.force_dtype or config.out_dtype:
-                    merged = merged.to(dtype_from_name(item.weight.force_dtype or config.out_dtype))
-                yield item.weight.name, merged
-                del by_role, tensors, merged, raw
+                work = upcoming.result()
+                if position + 1 < len(order):
+                    upcoming = reader.submit(self._tensor_work, order[position + 1], config, method, models, roles,
+                                             with_base)
+                yield item.weight.name, work.merge_blocks(products)
+                del work
+
+    def _tensor_work(self, item: PlannedTensor, config, method, models: list, roles: dict,
+                     with_base: bool) -> TensorWork:
+        """Everything one output tensor's merge needs, read (or taken from the cache) and planned in blocks."""
+        load_dtype = _load_dtype(item, config)
+        merge = TensorMerge.resolve(method, config, item, models)
+        if self.cache_bytes:  # a search: whole tensors, kept for the next configuration when they fit
+            whole = self.role_tensors(item, load_dtype, with_base=with_base)
+            distinct = len(_distinct(whole))
+
+            def inputs(rows: slice | None) -> dict:
+                return _rows_of(whole, rows)
+        else:
+            base, target = self.read(item, with_base)
+            used = {roles[model]: roles[model] for model in models}
+            factors = self.factors(item, used)
+            distinct = len(factors) + 3  # the touched adapters' inputs, the untouched one, the target, the base
+
+            def inputs(rows: slice | None) -> dict:
+                return _on_device(tensor_inputs(item, base, target, used, self.adapters, self.apply_dtype,
+                                                self.device, load_dtype, rows=rows, factors=factors), self.device)
+        info = self.target_tensors[item.target_name]
+        blocks = [None]
+        if merge.elementwise and info.shape and info.dtype.is_floating_point:
+            itemsize = (load_dtype or info.dtype).itemsize
+            blocks = row_blocks(info.shape[0], block_rows(info.shape, itemsize, distinct, self.memory_budget,
+                                                          self.device))
+        return TensorWork(item, merge, [roles[model] for model in models], inputs, blocks, config)
 
     def result_dtype(self, item: PlannedTensor, config) -> torch.dtype:
         from mergekit.common import dtype_from_name
@@ -203,6 +250,158 @@ class FusedInputs:
         return merge_dtype if merge_dtype and stored.is_floating_point else stored
 
 
+@dataclass
+class TensorWork:
+    """One output tensor to merge: its inputs by row block (`inputs(rows)`, role → tensor) and the blocks."""
+
+    item: PlannedTensor
+    merge: TensorMerge
+    input_roles: list[str]
+    inputs: Callable[[slice | None], dict]
+    blocks: list[slice | None]
+    config: object
+
+    def merge_blocks(self, products: ThreadPoolExecutor) -> torch.Tensor:
+        """The merged tensor, block after block, the next block's inputs computed on `products` meanwhile."""
+        from mergekit.common import dtype_from_name
+        from mergekit.merge_methods.buffers import copy_non_floating_buffer
+
+        chosen = self.item.weight.force_dtype or self.config.out_dtype
+        out = None
+        pending = products.submit(self.inputs, self.blocks[0])
+        for index, rows in enumerate(self.blocks):
+            by_role = pending.result()
+            if index + 1 < len(self.blocks):
+                pending = products.submit(self.inputs, self.blocks[index + 1])
+            tensors = [by_role[role] for role in self.input_roles]
+            merged = copy_non_floating_buffer(tensors, self.item.weight.name)
+            if merged is None:
+                merged = self.merge(tensors)
+            if chosen:
+                merged = merged.to(dtype_from_name(chosen))
+            if rows is None:
+                return merged
+            if out is None:
+                out = merged.new_empty((self.blocks[-1].stop, *merged.shape[1:]))
+            out[rows] = merged
+            del by_role, tensors, merged
+        return out
+
+
+@dataclass(frozen=True)
+class TensorMerge:
+    """mergekit's method with the parameters its resolver gives one output tensor."""
+
+    method: object
+    name: str
+    models: list
+    parameters: dict
+    base_index: int | None
+    elementwise: bool
+
+    @classmethod
+    def resolve(cls, method, config, item: PlannedTensor, models: list) -> TensorMerge:
+        shared, per_input = tensor_parameters(config, item.weight.name, item.t,
+                                              dict.fromkeys(models, item.weight.name))
+        parameters = dict(shared)
+        for spec in method.spec.input_parameters:
+            parameters[spec.name] = {m: per_input[m][spec.name] for m in models if spec.name in per_input[m]}
+        base_index = models.index(config.base_model) if config.base_model in models else None
+        elementwise = method.spec.name in ELEMENTWISE_METHODS and all(
+            density >= 1 for density in parameters.get("density", {}).values())
+        return cls(method, item.weight.name, models, parameters, base_index, elementwise)
+
+    def __call__(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        from mergekit.merge_methods import merge_tensors
+
+        copies = self.copies(tensors)
+        if copies is not None:
+            value, weight = copies
+            return merge_copies(self.method.spec, tensors[self.base_index], value, len(tensors) - 1, weight,
+                                self.parameters)
+        return merge_tensors(tensors, self.method, parameters=self.parameters, ids=self.models,
+                             base_index=self.base_index, name=self.name)
+
+    def copies(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, float] | None:
+        """(tensor, weight) when every non-base input is that one tensor with that one weight, in a dtype where
+        `merge_copies` is exact; None otherwise."""
+        if not self.elementwise or self.method.spec.name not in COPY_METHODS or self.base_index is None:
+            return None
+        others = [tensor for index, tensor in enumerate(tensors) if index != self.base_index]
+        weights = set(self.parameters["weight"].values())
+        value, base = others[0], tensors[self.base_index]
+        exact = len(others) < EXACT_COUNTS.get(value.dtype, 0) and base.dtype == value.dtype
+        if exact and len(weights) == 1 and all(tensor is value for tensor in others):
+            return value, weights.pop()
+        return None
+
+
+def merge_copies(spec, base: torch.Tensor, value: torch.Tensor, count: int, weight: float,
+                 parameters: dict) -> torch.Tensor:
+    """mergekit's task_arithmetic or TIES (density 1) result for `count` copies of `value` with one `weight`, bit
+    for bit, at the cost of one input: the kernel's operations on one copy, with its two sums over the inputs
+    replaced by `count` times the term. In bfloat16/float16 every partial sum of equal terms is exact in float32
+    (8 or 11 significant bits times a count below EXACT_COUNTS), so the kernel's float32 sum is exactly that product
+    whatever its order, and both round once to the dtype. Adding +0.0 gives the sum's +0 for terms of -0.
+    tests/test_fused_scaling.py checks it against mergekit, special values included."""
+    shared = {p.name: p.default for p in spec.shared_parameters}
+    settings = shared | {name: setting for name, setting in parameters.items() if name in shared}
+    delta = value - base
+    scale = torch.tensor(weight, dtype=delta.dtype, device=delta.device)
+    product = delta * scale
+    one = torch.ones((), dtype=delta.dtype, device=delta.device)
+    if spec.name == "ties":
+        kept = (product > 0) | (product < 0)  # sign == majority sign: false for 0 and NaN
+        mixed = ((product * kept).float() * count + 0.0).to(delta.dtype)
+        divisor = torch.where(kept, (scale.float() * count).to(delta.dtype), one)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = (product.float() * count + 0.0).to(delta.dtype)
+        divisor = (scale.float() * count).to(delta.dtype).reshape(1)
+        divisor[divisor.abs() < 1e-8] = 1
+    if settings["normalize"]:
+        mixed /= divisor
+    if settings["lambda"] != 1:
+        mixed *= settings["lambda"]
+    return (base + mixed).to(base.dtype)
+
+
+def block_rows(shape: tuple[int, ...], itemsize: int, inputs: int, budget: int, device: torch.device) -> int:
+    """Rows per block so that `inputs` blocks and the kernel's temporaries fit `budget`, and on the CPU also the
+    caches: the budget is divided among the inputs, so more adapters make blocks smaller, not memory larger."""
+    per_input = budget // (inputs * (1 + KERNEL_COPIES))
+    if device.type == "cpu":
+        per_input = min(per_input, CHUNK_BYTES)
+    row_bytes = max(1, math.prod(shape[1:]) * itemsize)
+    return max(MIN_ROWS, per_input // row_bytes)
+
+
+def row_blocks(rows: int, per_block: int) -> list[slice]:
+    """Consecutive blocks of `per_block` rows; a remainder under MIN_ROWS joins the block before it."""
+    starts = list(range(0, rows, max(MIN_ROWS, per_block)))
+    if len(starts) > 1 and rows - starts[-1] < MIN_ROWS:
+        starts.pop()
+    return [slice(start, stop) for start, stop in zip(starts, [*starts[1:], rows], strict=True)]
+
+
+def _distinct(values: dict) -> list[torch.Tensor]:
+    return list({id(value): value for value in values.values()}.values())
+
+
+def _on_device(values: dict, device: torch.device) -> dict:
+    """The same mapping with each distinct tensor moved to `device` once (shared tensors stay shared)."""
+    moved = {id(value): value.to(device) for value in _distinct(values)}
+    return {role: moved[id(value)] for role, value in values.items()}
+
+
+def _rows_of(values: dict, rows: slice | None) -> dict:
+    """Rows of every tensor, each distinct tensor sliced once (shared tensors stay shared)."""
+    if rows is None:
+        return values
+    sliced = {id(value): value[rows] for value in _distinct(values)}
+    return {role: sliced[id(value)] for role, value in values.items()}
+
+
 def _load_dtype(item: PlannedTensor, config) -> torch.dtype | None:
     from mergekit.common import dtype_from_name
 
@@ -211,11 +410,12 @@ def _load_dtype(item: PlannedTensor, config) -> torch.dtype | None:
 
 def fused_merge(config, *, base_dir: Path, target_dir: Path, adapters: dict[str, Path], apply_dtype: str,
                 out_dir: Path, device: str = "auto", trust_remote_code: bool = False,
-                max_shard_bytes: int = MAX_SHARD_BYTES) -> dict:
+                max_shard_bytes: int = MAX_SHARD_BYTES, memory_budget: int = MEMORY_BUDGET) -> dict:
     """Merge `config` (a parsed MergeConfiguration whose adapted-model paths are keys of `adapters`, mapping each to
-    its adapter directory) into `out_dir`, writing tensors as they are produced. Returns counts for the summary."""
+    its adapter directory) into `out_dir`, writing tensors as they are produced (on a thread, while the next one
+    merges). Returns counts for the summary."""
     with FusedInputs(base_dir=base_dir, target_dir=target_dir, adapters=adapters, apply_dtype=apply_dtype,
-                     device=device, trust_remote_code=trust_remote_code) as inputs:
+                     device=device, trust_remote_code=trust_remote_code, memory_budget=memory_budget) as inputs:
         layout = {p.weight.name: (inputs.result_dtype(p, config), inputs.target_tensors[p.target_name].shape)
                   for p in inputs.planned}
         shards = plan_shards(layout, max_shard_bytes)
@@ -224,12 +424,18 @@ def fused_merge(config, *, base_dir: Path, target_dir: Path, adapters: dict[str,
         order = [by_name[name] for shard in shards for name in shard]
         weight_map, total = {}, 0
         merged = inputs.merged_tensors(config, order)
-        with tqdm(total=len(order), desc="fused merge", unit="tensor", leave=False) as bar:
+        with (tqdm(total=len(order), desc="fused merge", unit="tensor", leave=False) as bar,
+              ThreadPoolExecutor(max_workers=1) as disk):
             for file, shard in zip(files, shards, strict=True):
                 writer = ShardWriter(out_dir / file, {name: layout[name] for name in shard})
+                written = None
                 for name, tensor in itertools.islice(merged, len(shard)):
-                    writer.write(name, tensor.cpu())
+                    if written is not None:
+                        written.result()  # one tensor in flight: memory holds at most two outputs
+                    written = disk.submit(writer.write, name, tensor.cpu())
                     bar.update()
+                if written is not None:
+                    written.result()
                 writer.close()
                 weight_map.update(dict.fromkeys(shard, file))
                 total += writer.nbytes
@@ -255,7 +461,7 @@ def load_adapted(inputs: FusedInputs, adapted_path: str, model) -> None:
     weights = dict(model.named_parameters()) | dict(model.named_buffers())
     with torch.no_grad():
         for item in inputs.planned:
-            weights[item.weight.name].copy_(inputs.role_tensors(item, None, with_base=False)[adapted_path])
+            weights[item.weight.name].copy_(inputs.adapted_tensor(item, adapted_path))
 
 
 def _role(model, base_dir: Path, target_dir: Path, loaded: dict) -> str:
@@ -271,52 +477,38 @@ def _role(model, base_dir: Path, target_dir: Path, loaded: dict) -> str:
     raise ValueError(f"{path} is neither the base, the target nor an adapted model of this merge")
 
 
-def tensor_inputs(item, base, target, roles, loaded, apply_dtype, device, load_dtype) -> dict:
-    """Every input of one tensor, each as mergekit's loader would hand it over: the adapted models' as apply writes
-    them, then every input cast to the merge dtype. Adapters without this module all get one shared tensor."""
+def tensor_inputs(item, base, target, roles, loaded, apply_dtype, device, load_dtype, *,
+                  rows: slice | None = None, factors: dict[str, LoraFactors] | None = None) -> dict:
+    """Every input of one tensor (of its `rows`, or all of it), each as mergekit's loader would hand it over: the
+    adapted models' as apply writes them, then every input cast to the merge dtype. Adapters without this module
+    all get one shared tensor, and so does the target when its cast provably gives the same tensor. `factors`
+    (role → A and B) are read from the adapters when not given."""
 
     def as_loaded(value: torch.Tensor) -> torch.Tensor:
         return value.to(load_dtype) if load_dtype and value.dtype != load_dtype else value
 
+    if factors is None:
+        factors = {role: loaded[role].modules[item.target_name].factors(device) for role in roles.values()
+                   if role in loaded and item.target_name in loaded[role].modules}
+    if rows is not None:
+        base, target = None if base is None else base[rows], target[rows]
     adapted_dtype = output_dtype(apply_dtype, target.dtype)
     untouched = as_loaded(target.to(adapted_dtype))
+    # target → adapted dtype → merge dtype equals target → merge dtype when either cast is the identity.
+    loaded_target = untouched if adapted_dtype in (target.dtype, load_dtype) else as_loaded(target)
     target32 = None
     values = {}
     for model, role in roles.items():
         if role == "base":
-            value = base
+            values[model] = base
         elif role == "target":
-            value = target
+            values[model] = loaded_target
+        elif role not in factors:
+            values[model] = untouched
         else:
-            module = loaded[role].modules.get(item.target_name)
-            if module is None:
-                value = untouched
-            else:
-                if target32 is None:
-                    target32 = target.to(device, torch.float32)
-                value = adapted_weight(target32, module, adapted_dtype, device, keep_on_device=True)
-        values[model] = value if value is untouched else as_loaded(value)
+            if target32 is None:
+                target32 = target.to(device, torch.float32)
+            # target + scale·(B@A) in float32, rounded once: PEFT's in-place `weight += delta`, as apply computes it
+            values[model] = as_loaded((target32 + factors[role].delta(slice(None) if rows is None else rows))
+                                      .to(adapted_dtype))
     return values
-
-
-def _merge(method, config, item: PlannedTensor, models: list, tensors: list) -> torch.Tensor:
-    from mergekit.merge_methods import merge_tensors
-
-    shared, per_input = tensor_parameters(config, item.weight.name, item.t, dict.fromkeys(models, item.weight.name))
-    parameters = dict(shared)
-    for spec in method.spec.input_parameters:
-        parameters[spec.name] = {m: per_input[m][spec.name] for m in models if spec.name in per_input[m]}
-    base_index = models.index(config.base_model) if config.base_model in models else None
-
-    def merge(parts: list[torch.Tensor]) -> torch.Tensor:
-        return merge_tensors(parts, method, parameters=parameters, ids=models, base_index=base_index,
-                             name=item.weight.name)
-
-    first = tensors[0]
-    elementwise = method.spec.name in ELEMENTWISE_METHODS and all(
-        density >= 1 for density in parameters.get("density", {}).values())
-    if not elementwise or first.ndim == 0 or first.nbytes <= CHUNK_BYTES:
-        return merge(tensors)
-    rows = max(1, CHUNK_BYTES * first.shape[0] // first.nbytes)
-    return torch.cat([merge([tensor[start:start + rows] for tensor in tensors])
-                      for start in range(0, first.shape[0], rows)])

@@ -53,12 +53,34 @@ class LoraModule:
         shape = (self.lora_B.shape[0], self.lora_A.shape[1])
         return shape[::-1] if self.fan_in_fan_out else shape
 
-    def delta(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """scale·(B@A) in float32, the same operations in the same order as PEFT's `get_delta_weight` (which upcasts
-        bf16/fp16 adapters to float32 when loading them)."""
+    def factors(self, device: torch.device | str = "cpu") -> LoraFactors:
+        """A and B read from the adapter file, in float32 on `device` (PEFT upcasts bf16/fp16 adapters so)."""
         lora_A, lora_B = read_tensor(self.lora_A), read_tensor(self.lora_B)
-        product = lora_B.to(device, torch.float32) @ lora_A.to(device, torch.float32)
-        return (product.T if self.fan_in_fan_out else product) * self.scale
+        return LoraFactors(lora_A.to(device, torch.float32), lora_B.to(device, torch.float32), self.scale,
+                           self.fan_in_fan_out)
+
+    def delta(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """scale·(B@A) in float32, the same operations in the same order as PEFT's `get_delta_weight`."""
+        return self.factors(device).delta()
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """One module's A and B in memory (small: rank × the layer's sides), so the delta can be computed a block of
+    weight rows at a time without reading the adapter again."""
+
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scale: float
+    fan_in_fan_out: bool
+
+    def delta(self, rows: slice = slice(None)) -> torch.Tensor:
+        """scale·(B@A) for `rows` of the weight: B[rows]@A (A's columns with fan_in_fan_out). For blocks of two
+        rows or more MKL computes each element with the same sums as the whole product, so the blocks equal it bit
+        for bit (a single row goes through gemv and rounds differently; tests/test_fused_scaling.py checks both)."""
+        if self.fan_in_fan_out:
+            return (self.lora_B @ self.lora_A[:, rows]).T * self.scale
+        return (self.lora_B[rows] @ self.lora_A) * self.scale
 
 
 def adapted_weight(weight: torch.Tensor, module: LoraModule, dtype: torch.dtype, device: torch.device | str = "cpu",

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.search.space import uses_base
+
 OBJECTIVE_TEXT = ("maximize the mean over fine-tunes of learned = (merged − target) / (adapted − target) on each "
                   "fine-tune's held-out subset, subject to kept = merged / target ≥ 1 − tolerance on every retention "
                   "set")
@@ -30,7 +32,7 @@ def write_outputs(out: Path, rows: list[dict], chosen: dict | None, *, reference
 
 def describe(merge: dict) -> str:
     """`ties over base, normalize, target 1.00, reverse 0.80/d0.90, …` — a trial's configuration on one line."""
-    parts = [f"{merge['method']} over {merge['base_model']}"]
+    parts = [f"{merge['method']} over {merge['base_model']}" if uses_base(merge["method"]) else merge["method"]]
     parameters = merge.get("parameters") or {}
     if "normalize" in parameters:
         parts.append("normalize" if parameters["normalize"] else "no normalize")
@@ -53,7 +55,7 @@ def markdown(rows: list[dict], chosen: dict | None, *, metric: str, tolerance: f
                                                        else "."))
     else:
         lines.append(f"Chosen: **{chosen['label']}** ({describe(chosen['merge'])}).")
-    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["", "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 3) + "---|---|"]
     for row in sorted(rows, key=lambda r: r["number"]):
         mark = " ✔" if chosen is not None and row["number"] == chosen["number"] else ""
         cells = [f"{row['label']}{mark}", f"{row['objective']:.3f}",

@@ -189,7 +189,7 @@ def _seed_merge(recipe: Recipe, inputs: Inputs, target: Path, base_id: str, targ
     from pipeline.evaluation.models import InMemoryMerge, ModelSpec
 
     search_dir = inputs.get("search")
-    if search_dir is None:
+    if search_dir is None or recipe.evaluate.load_in_4bit:  # a merge cannot be written into 4-bit weights
         return None
     board = json.loads((search_dir / "leaderboard.json").read_text())
     seed = next((trial for trial in board["trials"] if trial["label"] == "seed"), None)

@@ -84,6 +84,9 @@ def check(recipe: Recipe, item: str) -> None:
                           " so what a merge learned cannot be measured")
     if search.metric == "exact_match" and not recipe.evaluate.generate:
         raise RecipeError("search.metric: exact_match scores greedy answers; set evaluate.generate: true")
+    if recipe.evaluate.load_in_4bit:
+        raise RecipeError("search: trials write each merge into the loaded target's weights, which a 4-bit model "
+                          "cannot hold; set evaluate.load_in_4bit: false for a search (or run it on a larger GPU)")
     if recipe.merge.tokenizer_source:
         raise RecipeError("search: trials are merged by the fused engine, which cannot rebuild the vocabulary for "
                           "merge.tokenizer_source")
