@@ -28,6 +28,7 @@ demo: setup
 
 test: setup
 	$(PY) -m ruff check pipeline tests bench
+	$(PY) -m ruff format --check pipeline tests bench
 	$(PY) -m pytest -q
 
 # Benchmarks print ratios against the reference tools; each takes minutes and builds its models under /tmp.
@@ -36,6 +37,7 @@ bench: setup
 	$(PY) bench/train.py
 	$(PY) bench/apply.py
 	$(PY) bench/merge.py
+	$(PY) bench/search.py
 
 clean:
 	rm -rf runs .cache

@@ -29,10 +29,18 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 def qwen2_05b_config(layers: int):
     from transformers import Qwen2Config
 
-    return Qwen2Config(architectures=["Qwen2ForCausalLM"],
-                       hidden_size=896, intermediate_size=4864, num_hidden_layers=layers, num_attention_heads=14,
-                       num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
-                       max_position_embeddings=32768, use_sliding_window=False)
+    return Qwen2Config(
+        architectures=["Qwen2ForCausalLM"],
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=layers,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+        use_sliding_window=False,
+    )
 
 
 def random_model(out_dir: Path, config, seed: int, like: Path | None = None) -> Path:
@@ -123,8 +131,13 @@ def worker(kind: str, target: Path, adapter: Path, out: Path) -> None:
 
 def measure(kind: str, target: Path, adapter: Path, out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    result = subprocess.run([sys.executable, __file__, "--worker", kind, str(target), str(adapter), str(out)],
-                            check=True, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        [sys.executable, __file__, "--worker", kind, str(target), str(adapter), str(out)],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -156,12 +169,14 @@ def bench(layers: int) -> dict:
     size = sum(f.stat().st_size for f in target.glob("*.safetensors"))
     stage_bandwidth = 2 * size / stage["seconds"]
     cp_bandwidth = copy_bandwidth(target, CACHE / "out-cp")
-    print(f"{layers} layers ({size / 1e9:.2f} GB): "
-          f"stage {stage['seconds']:.1f}s {stage['peak_rss'] / 1e9:.2f} GB | "
-          f"PEFT {peft['seconds']:.1f}s {peft['peak_rss'] / 1e9:.2f} GB | "
-          f"time {stage['seconds'] / peft['seconds']:.2f}x RSS {stage['peak_rss'] / peft['peak_rss']:.2f}x | "
-          f"stage {stage_bandwidth / 1e9:.2f} GB/s vs cp {cp_bandwidth / 1e9:.2f} GB/s | bit-identical: {same}",
-          flush=True)
+    print(
+        f"{layers} layers ({size / 1e9:.2f} GB): "
+        f"stage {stage['seconds']:.1f}s {stage['peak_rss'] / 1e9:.2f} GB | "
+        f"PEFT {peft['seconds']:.1f}s {peft['peak_rss'] / 1e9:.2f} GB | "
+        f"time {stage['seconds'] / peft['seconds']:.2f}x RSS {stage['peak_rss'] / peft['peak_rss']:.2f}x | "
+        f"stage {stage_bandwidth / 1e9:.2f} GB/s vs cp {cp_bandwidth / 1e9:.2f} GB/s | bit-identical: {same}",
+        flush=True,
+    )
     for name in ("out-stage", "out-peft", "out-cp"):
         shutil.rmtree(CACHE / name, ignore_errors=True)
     return {"layers": layers, "stage": stage, "peft": peft, "identical": same}
@@ -179,9 +194,11 @@ def main() -> None:
     results = [bench(layers) for layers in args.layers]
     if len(results) == 2:
         small, large = results
-        print(f"stage peak RSS {large['layers']} vs {small['layers']} layers: "
-              f"{large['stage']['peak_rss'] / small['stage']['peak_rss']:.2f}x; PEFT: "
-              f"{large['peft']['peak_rss'] / small['peft']['peak_rss']:.2f}x")
+        print(
+            f"stage peak RSS {large['layers']} vs {small['layers']} layers: "
+            f"{large['stage']['peak_rss'] / small['stage']['peak_rss']:.2f}x; PEFT: "
+            f"{large['peft']['peak_rss'] / small['peft']['peak_rss']:.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""Benchmark the merge: apply + the mergekit engine vs the fused engine, with 2 and 4 adapters, TIES.
+"""Benchmark the merge as the archive grows: apply + the mergekit engine vs the fused engine, TIES (seed parameters).
 
-    .venv/bin/python bench/merge.py                 # models cached under $TMPDIR/ftmerge-bench (see bench/apply.py)
+    .venv/bin/python bench/merge.py --adapters 1 4 8 16   # models cached under $TMPDIR/ftmerge-bench (bench/apply.py)
+    .venv/bin/python bench/merge.py --reference-up-to 8    # mergekit path above 8 adapters: reuse the 8 measurement
 
 Each path runs the real stages (apply.run, merge.run) in its own process. Prints wall time, peak RSS and bytes
-written of both, their ratios, and whether the merged tensors are identical.
+written of both, their ratios, whether the merged tensors are identical, the load average, the I/O floor (reading
+base and target once, writing the output once) and the scaling goals of issue #19.
 """
 
 from __future__ import annotations
@@ -49,10 +51,17 @@ def recipe_for(engine: str, count: int, output_dir: Path):
     from pipeline.recipe import Recipe
 
     base, target, archive_dir = archive(count)
-    return Recipe.model_validate({
-        "name": "bench", "base_model": str(base), "target_model": str(target), "output_dir": str(output_dir),
-        "archive_dir": str(archive_dir), "apply": {"device": "cpu"},
-        "merge": {"engine": engine, "device": "cpu", "parameters": {"normalize": True, "int8_mask": True}}})
+    return Recipe.model_validate(
+        {
+            "name": "bench",
+            "base_model": str(base),
+            "target_model": str(target),
+            "output_dir": str(output_dir),
+            "archive_dir": str(archive_dir),
+            "apply": {"device": "cpu"},
+            "merge": {"engine": engine, "device": "cpu", "parameters": {"normalize": True, "int8_mask": True}},
+        }
+    )
 
 
 def worker(engine: str, count: int, output_dir: Path) -> None:
@@ -75,45 +84,121 @@ def worker(engine: str, count: int, output_dir: Path) -> None:
     files = [f for f in output_dir.rglob("*") if f.is_file()]
     written = sum(f.stat().st_size for f in files)
     intermediate = sum(f.stat().st_size for f in files if out not in f.parents)
-    print(json.dumps({"seconds": seconds, "written": written, "intermediate": intermediate,
-                      "peak_rss": peak_rss()}))
+    print(json.dumps({"seconds": seconds, "written": written, "intermediate": intermediate, "peak_rss": peak_rss()}))
 
 
 def measure(engine: str, count: int) -> dict:
     output_dir = CACHE / f"merge-{engine}-{count}"
     shutil.rmtree(output_dir, ignore_errors=True)
-    result = subprocess.run([sys.executable, __file__, "--worker", engine, str(count), str(output_dir)], check=True,
-                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        [sys.executable, __file__, "--worker", engine, str(count), str(output_dir)],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     return {**json.loads(result.stdout.strip().splitlines()[-1]), "output": output_dir / "merge"}
 
 
-def bench(count: int) -> None:
+def io_floor() -> float:
+    """Seconds to read the base's and the target's weights once (from the page cache, as the runs do) and write
+    one output of the same size: what a merge cannot go below on this machine."""
+    base, target, _ = archive(1)
+    files = [*base.glob("*.safetensors"), *target.glob("*.safetensors")]
+    subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)  # warm, as before each run
+    buffer = bytearray(max(f.stat().st_size for f in files))
+    started = time.perf_counter()
+    for file in files:
+        with open(file, "rb") as handle:
+            handle.readinto(buffer)
+    out = CACHE / "floor.bin"
+    with open(out, "wb") as handle:
+        handle.write(memoryview(buffer)[: files[0].stat().st_size])
+    seconds = time.perf_counter() - started
+    out.unlink()
+    return seconds
+
+
+def bench(count: int, reference: dict | None) -> tuple[dict, dict]:
+    """One row: the fused engine, and the mergekit path unless `reference` (an earlier count's) is reused."""
     base, target, _ = archive(count)
     subprocess.run(f"cat {base}/*.safetensors {target}/*.safetensors > /dev/null", shell=True, check=True)
-    reference = measure("mergekit", count)
+    load = os.getloadavg()[0]
+    measured = reference is None
+    if measured:
+        reference = measure("mergekit", count)
     fused = measure("fused", count)
-    same = identical(fused["output"], reference["output"])
-    print(f"{count} adapters: apply+mergekit {reference['seconds']:.1f}s {reference['peak_rss'] / 1e9:.2f} GB "
-          f"{reference['written'] / 1e9:.2f} GB written | fused {fused['seconds']:.1f}s "
-          f"{fused['peak_rss'] / 1e9:.2f} GB {fused['written'] / 1e9:.2f} GB written | "
-          f"time {fused['seconds'] / reference['seconds']:.2f}x RSS {fused['peak_rss'] / reference['peak_rss']:.2f}x "
-          f"intermediate bytes {fused['intermediate']} vs {reference['intermediate']} | identical: {same}",
-          flush=True)
-    for result in (reference, fused):
-        shutil.rmtree(result["output"].parent, ignore_errors=True)
+    same = identical(fused["output"], reference["output"]) if measured else "n/a (mergekit path not rerun)"
+    label = f"{reference['count']} adapters, reused" if not measured else "this run"
+    print(
+        f"{count:2d} adapters (load {load:.1f}-{os.getloadavg()[0]:.1f}): apply+mergekit [{label}] "
+        f"{reference['seconds']:.1f}s {reference['peak_rss'] / 1e9:.2f} GB, intermediates "
+        f"{reference['intermediate'] / 1e9:.2f} GB | fused {fused['seconds']:.1f}s {fused['peak_rss'] / 1e9:.2f} GB, "
+        f"intermediates {fused['intermediate'] / 1e9:.2f} GB | time {fused['seconds'] / reference['seconds']:.2f}x "
+        f"RSS {fused['peak_rss'] / reference['peak_rss']:.2f}x | identical: {same}",
+        flush=True,
+    )
+    shutil.rmtree(fused["output"].parent, ignore_errors=True)
+    if measured:
+        shutil.rmtree(reference["output"].parent, ignore_errors=True)
+    return {**reference, "count": reference.get("count", count)}, fused
+
+
+def goals(rows: dict[int, tuple[dict, dict]]) -> None:
+    """Issue #19's goals, from the rows measured (a goal whose counts were not run is left out)."""
+
+    def ratio(count: int) -> float:
+        reference, fused = rows[count]
+        return fused["seconds"] / reference["seconds"]
+
+    checks = []
+    if 1 in rows and 8 in rows:
+        growth = rows[8][1]["peak_rss"] / rows[1][1]["peak_rss"]
+        checks.append(("fused peak RSS, 8 vs 1 adapter", f"{growth:.2f}x", "<= 1.25x", growth <= 1.25))
+    for count, limit in ((8, 0.35), (4, 0.45)):
+        if count in rows:
+            checks.append(
+                (
+                    f"fused time at {count} adapters vs mergekit path",
+                    f"{ratio(count):.2f}x",
+                    f"<= {limit}x",
+                    ratio(count) <= limit,
+                )
+            )
+    if 8 in rows and 16 in rows:
+        growth = rows[16][1]["peak_rss"] / rows[8][1]["peak_rss"]
+        checks.append(("fused peak RSS, 16 vs 8 adapters", f"{growth:.2f}x", "<= 1.0x (+2%)", growth <= 1.02))
+    for name, value, goal, met in checks:
+        print(f"goal: {name}: {value} (goal {goal}) {'met' if met else 'NOT met'}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", nargs=3, metavar=("ENGINE", "COUNT", "OUTPUT_DIR"))
-    parser.add_argument("--adapters", type=int, nargs="*", default=[2, 4])
+    parser.add_argument("--adapters", type=int, nargs="*", default=[1, 4, 8, 16])
+    parser.add_argument(
+        "--reference-up-to",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run the mergekit path (about 1.5 GB RSS per adapter) only up to N adapters and reuse "
+        "its largest measurement above that",
+    )
     args = parser.parse_args()
     if args.worker:
         engine, count, output_dir = args.worker
         worker(engine, int(count), Path(output_dir))
         return
-    for count in args.adapters:
-        bench(count)
+    print(
+        f"I/O floor (read base + target once, write the output once): {io_floor():.1f}s, load {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
+    rows, last_reference = {}, None
+    for count in sorted(args.adapters):
+        reuse = args.reference_up_to is not None and count > args.reference_up_to
+        rows[count] = bench(count, last_reference if reuse else None)
+        last_reference = rows[count][0]
+    goals(rows)
 
 
 if __name__ == "__main__":

@@ -42,8 +42,14 @@ def trials_worker(count: int) -> None:
     adapted = {name: str(CACHE / "apply" / name) for name in names}
     model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.bfloat16)
     seconds = []
-    with FusedInputs(base_dir=base, target_dir=target, apply_dtype="bfloat16", device="cpu", cache_bytes=16 << 30,
-                     adapters={adapted[name]: archive_dir / name for name in names}) as inputs:
+    with FusedInputs(
+        base_dir=base,
+        target_dir=target,
+        apply_dtype="bfloat16",
+        device="cpu",
+        cache_bytes=16 << 30,
+        adapters={adapted[name]: archive_dir / name for name in names},
+    ) as inputs:
         for index in range(count):
             point = {**baselines(tuple(names))["seed"], **{f"weight.{n}": 0.5 + 0.1 * index for n in names}}
             settings = MergeConfig.model_validate({**merge_settings(point), "adapters": names})
@@ -55,8 +61,13 @@ def trials_worker(count: int) -> None:
 
 
 def run_trials(count: int) -> dict:
-    result = subprocess.run([sys.executable, __file__, "--trials-worker", str(count)], check=True, text=True,
-                            capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        [sys.executable, __file__, "--trials-worker", str(count)],
+        check=True,
+        text=True,
+        capture_output=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -71,17 +82,21 @@ def main() -> None:
     base, target, _ = archive(ADAPTERS)
     subprocess.run(f"cat {base}/*.safetensors {target}/*.safetensors > /dev/null", shell=True, check=True)
     disk = measure("fused", ADAPTERS)
-    print(f"fused merge to disk ({ADAPTERS} adapters): {disk['seconds']:.1f}s, "
-          f"peak RSS {disk['peak_rss'] / 1e9:.2f} GB")
+    print(
+        f"fused merge to disk ({ADAPTERS} adapters): {disk['seconds']:.1f}s, peak RSS {disk['peak_rss'] / 1e9:.2f} GB"
+    )
     first_rss = None
     for count in args.trials:
         result = run_trials(count)
         first, later = result["seconds"][0], result["seconds"][1:]
         warm = sum(later) / len(later) if later else float("nan")
         first_rss = first_rss or result["peak_rss"]
-        print(f"{count} trials in memory: first {first:.1f}s ({first / disk['seconds']:.2f}x the disk merge), "
-              f"later {warm:.1f}s each ({warm / disk['seconds']:.2f}x) | peak RSS {result['peak_rss'] / 1e9:.2f} GB "
-              f"({result['peak_rss'] / first_rss:.2f}x the {args.trials[0]}-trial run)", flush=True)
+        print(
+            f"{count} trials in memory: first {first:.1f}s ({first / disk['seconds']:.2f}x the disk merge), "
+            f"later {warm:.1f}s each ({warm / disk['seconds']:.2f}x) | peak RSS {result['peak_rss'] / 1e9:.2f} GB "
+            f"({result['peak_rss'] / first_rss:.2f}x the {args.trials[0]}-trial run)",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

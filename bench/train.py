@@ -64,9 +64,20 @@ def build_inputs(hidden: int, layers: int, rows: int) -> tuple[Path, Path]:
 def train_config(backend: str, steps: int):
     from pipeline.recipe import TrainConfig
 
-    return TrainConfig(backend=backend, max_seq_length=256, load_in_4bit=False, max_steps=steps, batch_size=8,
-                       gradient_accumulation_steps=1, warmup_steps=0, learning_rate=1e-3, optim="adamw_torch",
-                       save_steps=10 * steps, logging_steps=10, lora={"r": 16, "alpha": 32})
+    return TrainConfig(
+        backend=backend,
+        max_seq_length=256,
+        load_in_4bit=False,
+        max_steps=steps,
+        batch_size=8,
+        gradient_accumulation_steps=1,
+        warmup_steps=0,
+        learning_rate=1e-3,
+        optim="adamw_torch",
+        save_steps=10 * steps,
+        logging_steps=10,
+        lora={"r": 16, "alpha": 32},
+    )
 
 
 def run_stage(base: Path, prepared: Path, work: Path, backend: str, steps: int) -> dict:
@@ -82,10 +93,17 @@ def run_plain(base: Path, prepared: Path, work: Path, backend: str, steps: int) 
     if backend == "unsloth":
         from unsloth import FastLanguageModel
 
-        model, tokenizer = FastLanguageModel.from_pretrained(str(base), max_seq_length=config.max_seq_length,
-                                                             dtype=None, load_in_4bit=False)
-        model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, target_modules=TARGET_MODULES,
-                                                 use_gradient_checkpointing="unsloth", random_state=config.seed)
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            str(base), max_seq_length=config.max_seq_length, dtype=None, load_in_4bit=False
+        )
+        model = FastLanguageModel.get_peft_model(
+            model,
+            r=16,
+            lora_alpha=32,
+            target_modules=TARGET_MODULES,
+            use_gradient_checkpointing="unsloth",
+            random_state=config.seed,
+        )
     else:
         import torch
         from peft import LoraConfig, get_peft_model
@@ -93,19 +111,34 @@ def run_plain(base: Path, prepared: Path, work: Path, backend: str, steps: int) 
 
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(base)
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGET_MODULES,
-                                                 task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGET_MODULES, task_type="CAUSAL_LM")
+        )
     from datasets import load_from_disk
     from trl import SFTConfig, SFTTrainer
 
-    arguments = SFTConfig(output_dir=str(work), max_steps=steps, per_device_train_batch_size=8, learning_rate=1e-3,
-                          warmup_steps=0, optim="adamw_torch", logging_steps=10, save_strategy="no",
-                          max_length=config.max_seq_length, report_to="none", use_cpu=True,
-                          gradient_checkpointing=backend == "transformers",
-                          include_num_input_tokens_seen="non_padding", seed=config.seed)
-    trainer = SFTTrainer(model=model, processing_class=tokenizer, args=arguments,
-                         train_dataset=load_from_disk(str(prepared / "train")).select_columns(
-                             ["input_ids", "assistant_masks"]))
+    arguments = SFTConfig(
+        output_dir=str(work),
+        max_steps=steps,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        warmup_steps=0,
+        optim="adamw_torch",
+        logging_steps=10,
+        save_strategy="no",
+        max_length=config.max_seq_length,
+        report_to="none",
+        use_cpu=True,
+        gradient_checkpointing=backend == "transformers",
+        include_num_input_tokens_seen="non_padding",
+        seed=config.seed,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        processing_class=tokenizer,
+        args=arguments,
+        train_dataset=load_from_disk(str(prepared / "train")).select_columns(["input_ids", "assistant_masks"]),
+    )
     result = trainer.train()
     model.save_pretrained(work / "adapter")
     return {"tokens": trainer.state.num_input_tokens_seen, "train_seconds": result.metrics["train_runtime"]}
@@ -115,9 +148,26 @@ def measure(side: str, base: Path, prepared: Path, backend: str, steps: int, thr
     work = Path(tempfile.mkdtemp(prefix=f"ftmerge-bench-train-{side}-"))
     started = time.perf_counter()
     completed = subprocess.run(
-        [sys.executable, __file__, "--side", side, "--base", str(base), "--prepared", str(prepared),
-         "--work", str(work), "--backend", backend, "--steps", str(steps)],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)})
+        [
+            sys.executable,
+            __file__,
+            "--side",
+            side,
+            "--base",
+            str(base),
+            "--prepared",
+            str(prepared),
+            "--work",
+            str(work),
+            "--backend",
+            backend,
+            "--steps",
+            str(steps),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)},
+    )
     wall = time.perf_counter() - started
     shutil.rmtree(work, ignore_errors=True)
     if completed.returncode != 0:
@@ -133,8 +183,12 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="OMP threads per side; on a shared 2-core machine more than 1 measures contention")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="OMP threads per side; on a shared 2-core machine more than 1 measures contention",
+    )
     parser.add_argument("--side", choices=["stage", "plain"], help=argparse.SUPPRESS)
     parser.add_argument("--base", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--prepared", type=Path, help=argparse.SUPPRESS)
@@ -151,8 +205,10 @@ def main() -> None:
             results[side].append(measure(side, base, prepared, args.backend, args.steps, args.threads))
     best = {side: max(runs, key=lambda r: r["tokens_per_second"]) for side, runs in results.items()}
     for side, result in best.items():
-        print(f"{side:>5}: {result['tokens']} tokens in {result['train_seconds']:.2f}s of training = "
-              f"{result['tokens_per_second']:.0f} tokens/s ({result['wall_seconds']:.1f}s wall with imports, load)")
+        print(
+            f"{side:>5}: {result['tokens']} tokens in {result['train_seconds']:.2f}s of training = "
+            f"{result['tokens_per_second']:.0f} tokens/s ({result['wall_seconds']:.1f}s wall with imports, load)"
+        )
     ratio = best["stage"]["tokens_per_second"] / best["plain"]["tokens_per_second"]
     print(f"stage / plain tokens/s: {ratio:.3f}  (overhead {100 * (1 - ratio):+.1f}%; target under 5%)")
     if best["stage"]["tokens"] != best["plain"]["tokens"]:

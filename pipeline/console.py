@@ -69,11 +69,18 @@ def progress(description: str, total: int | None = None, unit: str = "", complet
         task.finish()
 
 
-class tqdm:  # noqa: N801 - the name it stands in for
+class tqdm:
     """What this project's code uses of tqdm (iterate, `with`, update, set_postfix, close), drawn by `progress`."""
 
-    def __init__(self, iterable=None, desc: str | None = None, total: int | None = None, unit: str = "it",
-                 initial: int = 0, **_tqdm_options):
+    def __init__(
+        self,
+        iterable=None,
+        desc: str | None = None,
+        total: int | None = None,
+        unit: str = "it",
+        initial: int = 0,
+        **_tqdm_options,
+    ):
         if total is None and hasattr(iterable, "__len__"):
             total = len(iterable)
         self.iterable = iterable
@@ -221,18 +228,24 @@ class RichDisplay:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[unit]}"), TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
-                                 console=Console(file=screen), transient=True, redirect_stdout=False,
-                                 redirect_stderr=False)
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[unit]}"),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"),
+        )
+        self.progress = Progress(
+            *columns, console=Console(file=screen), transient=True, redirect_stdout=False, redirect_stderr=False
+        )
         self.tasks: dict[str, int] = {}
         self.lock = threading.Lock()
         self.progress.start()
 
     def start(self, key, description, total, unit, completed) -> None:
         with self.lock:
-            self.tasks[key] = self.progress.add_task(description, total=total, completed=completed, unit=unit,
-                                                     info="")
+            self.tasks[key] = self.progress.add_task(description, total=total, completed=completed, unit=unit, info="")
 
     def update(self, key, completed, info) -> None:
         with self.lock:
@@ -295,7 +308,8 @@ class _Run:
 
     @contextlib.contextmanager
     def redirected(self):
-        """fds 1 and 2, sys.stdout/sys.stderr and the logging handlers that held them, into the pump."""
+        """fds 1 and 2, sys.stdout/sys.stderr and the logging handlers that held them, into the pump; warnings and
+        records of loggers without a handler too (explicitly: a host such as pytest may have taken them over)."""
         read_end, write_end = os.pipe()
         pump = threading.Thread(target=self._pump, args=(read_end,), daemon=True, name="ftmerge-log-pump")
         pump.start()
@@ -312,9 +326,15 @@ class _Run:
         sys.stdout = sys.stderr = writer
         for handler in handlers:
             handler.setStream(writer)
+        catch_all = logging.StreamHandler(writer)
+        catch_all.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(catch_all)
+        logging.captureWarnings(True)
         try:
             yield
         finally:
+            logging.captureWarnings(False)
+            logging.getLogger().removeHandler(catch_all)
             writer.flush()
             for handler, stream in handlers.items():
                 handler.setStream(stream)
@@ -340,7 +360,7 @@ class _Run:
         *lines, tail = text.split("\n")
         for line in lines:
             if line.startswith(MARKER):
-                self._apply_marker(line[len(MARKER):])
+                self._apply_marker(line[len(MARKER) :])
             else:
                 self._library_output(line + "\n")
         if final or not (MARKER.startswith(tail) or tail.startswith(MARKER)):
@@ -380,7 +400,13 @@ class _Run:
 def _handlers_writing_to(streams) -> dict[logging.StreamHandler, TextIO]:
     """Logging handlers made before the run that write to the screen's Python streams (transformers makes its own at
     import): in a notebook those streams are the cell, so they are pointed at the pump for the run."""
-    loggers = [logging.getLogger(), *(logger for logger in logging.Logger.manager.loggerDict.values()
-                                      if isinstance(logger, logging.Logger))]
-    return {handler: handler.stream for logger in loggers for handler in logger.handlers
-            if type(handler) is logging.StreamHandler and any(handler.stream is s for s in streams)}
+    loggers = [
+        logging.getLogger(),
+        *(logger for logger in logging.Logger.manager.loggerDict.values() if isinstance(logger, logging.Logger)),
+    ]
+    return {
+        handler: handler.stream
+        for logger in loggers
+        for handler in logger.handlers
+        if type(handler) is logging.StreamHandler and any(handler.stream is s for s in streams)
+    }

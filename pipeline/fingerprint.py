@@ -34,8 +34,11 @@ def content_fingerprint(path: Path) -> str:
     if path.is_file():
         return sha256_file(path)
     digest = hashlib.sha256()
-    files = (p for p in path.rglob("*") if p.is_file()
-             and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    files = (
+        p
+        for p in path.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
     for file in sorted(files):
         digest.update(str(file.relative_to(path)).encode() + b"\0" + sha256_file(file).encode())
     return digest.hexdigest()

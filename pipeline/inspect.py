@@ -38,8 +38,9 @@ def show_tokens(pieces: list[str], mask: list[int], colour: bool) -> str:
     return "".join(parts)
 
 
-def end_of_turn_problems(ids: list[int], mask: list[int], end_of_turn_id: int, assistant_turns: int,
-                         truncated: bool) -> list[str]:
+def end_of_turn_problems(
+    ids: list[int], mask: list[int], end_of_turn_id: int, assistant_turns: int, truncated: bool
+) -> list[str]:
     """What is wrong with the labels of one example: each run of trained tokens must end with the end-of-turn token,
     one per assistant turn (the last may be cut by truncation)."""
     runs, start = [], None
@@ -52,8 +53,9 @@ def end_of_turn_problems(ids: list[int], mask: list[int], end_of_turn_id: int, a
     problems = []
     unterminated = [end for _, end in runs if ids[end - 1] != end_of_turn_id]
     if unterminated and not (truncated and unterminated == [runs[-1][1]]):
-        problems.append(f"{len(unterminated)} trained span(s) do not end with the end-of-turn token "
-                        f"(token {unterminated[0] - 1})")
+        problems.append(
+            f"{len(unterminated)} trained span(s) do not end with the end-of-turn token (token {unterminated[0] - 1})"
+        )
     trained_ends = sum(1 for i, m in zip(ids, mask, strict=True) if m and i == end_of_turn_id)
     if trained_ends < assistant_turns - truncated:
         problems.append(f"{assistant_turns} assistant turn(s) but only {trained_ends} trained end-of-turn token(s)")
@@ -80,8 +82,11 @@ def inspect_examples(prepare_dir: Path, tokenizer, count: int, split: str, colou
         truncated = len(ids) < len(tokenizer(row["text"], add_special_tokens=False)["input_ids"])
         problems = end_of_turn_problems(ids, mask, end_of_turn_id, turns, truncated)
         failures += bool(problems)
-        verdict = "; ".join(problems) if problems else f"ok: {turns} assistant turn(s), each ends with a trained " \
-            f"{end_of_turn}"
+        verdict = (
+            "; ".join(problems)
+            if problems
+            else f"ok: {turns} assistant turn(s), each ends with a trained {end_of_turn}"
+        )
         print(f"end-of-turn check: {'PROBLEM: ' if problems else ''}{verdict}")
     if not len(dataset):
         print(f"{prepare_dir / split} is empty")
@@ -99,15 +104,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         if args.finetune not in [f.name for f in recipe.finetunes]:
-            raise RecipeError(f"--finetune {args.finetune}: not in {args.recipe} (fine-tunes: "
-                              f"{', '.join(f.name for f in recipe.finetunes)})")
+            raise RecipeError(
+                f"--finetune {args.finetune}: not in {args.recipe} (fine-tunes: "
+                f"{', '.join(f.name for f in recipe.finetunes)})"
+            )
     except RecipeError as error:
         print(error, file=sys.stderr)
         return 2
     prepare_dir = prepare.STAGE.output_path(recipe, args.finetune)
     if not (prepare_dir / "report.json").is_file():
-        print(f"no prepared data in {prepare_dir}; run `python -m pipeline.run {args.recipe} --stage prepare` first",
-              file=sys.stderr)
+        print(
+            f"no prepared data in {prepare_dir}; run `python -m pipeline.run {args.recipe} --stage prepare` first",
+            file=sys.stderr,
+        )
         return 1
     tokenizer = load_tokenizer(recipe.base_model, "base_model", recipe.trust_remote_code)
     failures = inspect_examples(prepare_dir, tokenizer, args.n, args.split, colour=sys.stdout.isatty())

@@ -63,15 +63,26 @@ def exclusive(path: Path, what: str) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise LockHeld(f"{what} is in use by {describe(holder_of(path))} (lock {path}); wait for that run "
-                           "to finish, or stop it") from None
+            raise LockHeld(
+                f"{what} is in use by {describe(holder_of(path))} (lock {path}); wait for that run "
+                "to finish, or stop it"
+            ) from None
         except OSError as error:
             if error.errno not in NO_FLOCK or _alive_here(holder_of(path)):
-                raise LockHeld(f"{what} is in use by {describe(holder_of(path))} (lock {path}, a filesystem without "
-                               "flock: delete the file if that process is gone)") from None
+                raise LockHeld(
+                    f"{what} is in use by {describe(holder_of(path))} (lock {path}, a filesystem without "
+                    "flock: delete the file if that process is gone)"
+                ) from None
         handle.truncate(0)
-        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
+        handle.write(
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                }
+            )
+        )
         handle.flush()
         try:
             yield

@@ -49,8 +49,9 @@ def _extra_requirements(extra: str) -> list[str]:
     return [r.split(";")[0].strip() for r in importlib.metadata.requires("ftmerge") or [] if marker in r]
 
 
-def install_commands(colab: bool, is_installed=lambda module: importlib.util.find_spec(module) is not None
-                     ) -> list[list[str]]:
+def install_commands(
+    colab: bool, is_installed=lambda module: importlib.util.find_spec(module) is not None
+) -> list[list[str]]:
     """pip arguments for what a Colab runtime lacks: Unsloth pinned as in pyproject's `unsloth` extra, installed
     with --no-deps after its run-time requirements so Colab's CUDA torch and torchvision stay untouched, and
     bitsandbytes for 4-bit training. Outside Colab nothing is installed here (`make setup` owns the venv)."""
@@ -74,8 +75,14 @@ def install_missing(colab: bool | None = None) -> None:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", *arguments], check=True)
     if not commands:
         missing = [m for m in ("unsloth", "trl", "peft", "mergekit") if importlib.util.find_spec(m) is None]
-        print("nothing to install" + (f"; missing {missing}: run `make setup` in {project_root()}" if missing
-                                      else ": every requirement is importable"))
+        print(
+            "nothing to install"
+            + (
+                f"; missing {missing}: run `make setup` in {project_root()}"
+                if missing
+                else ": every requirement is importable"
+            )
+        )
 
 
 def storage_root(output_root: str = "", *, mount_drive: bool = True, colab: bool | None = None) -> Path:
@@ -110,8 +117,10 @@ def load_hub_token(colab: bool | None = None) -> str:
             return f"Hub token: from Colab secrets ({HUB_TOKEN_NAME})"
     if os.environ.get(HUB_TOKEN_NAME):
         return f"Hub token: from the environment ({HUB_TOKEN_NAME})"
-    return (f"Hub token: none; public models only. Add a secret named {HUB_TOKEN_NAME} (Colab: key icon on the "
-            "left) for gated models or to push to the Hub.")
+    return (
+        f"Hub token: none; public models only. Add a secret named {HUB_TOKEN_NAME} (Colab: key icon on the "
+        "left) for gated models or to push to the Hub."
+    )
 
 
 @dataclass
@@ -171,13 +180,16 @@ def start_session(recipe: str, recipe_yaml: str, storage: Path, overrides: list[
 def build_demo_models_if_needed(session: Session) -> None:
     """The offline demo recipe reads tiny models that are built locally (once, cached); build them when the chosen
     recipe points at them."""
+    from pipeline import console
     from pipeline.demo import DEMO_MODELS
     from pipeline.demo.lineage import build_demo_assets
 
     recipe = session.load()
     demo = (project_root() / DEMO_MODELS).resolve()
     if {Path(recipe.base_model).resolve(), Path(recipe.target_model).resolve()} & {demo / "base", demo / "target"}:
-        print(f"demo models: {build_demo_assets(demo)['target'].parent}")
+        with console.run_console(demo.parent, command="demo models"), console.progress("demo models (built once)"):
+            built = build_demo_assets(demo)
+        print(f"demo models: {built['target'].parent}")
 
 
 def _run(session: Session, **options) -> int:
@@ -227,8 +239,10 @@ def run_stage(session: Session, stage: str) -> None:
     """One stage through the CLI's code path; finished steps are skipped. Raises when it fails."""
     code = _run(session, stages=[stage])
     if code != 0:
-        raise NotebookStageFailed(f"stage {stage} exited with code {code} (2: bad recipe or inputs not done, "
-                                  "1: failed while running); the message above names the cause")
+        raise NotebookStageFailed(
+            f"stage {stage} exited with code {code} (2: bad recipe or inputs not done, "
+            "1: failed while running); the message above names the cause"
+        )
 
 
 def status_rows(session: Session) -> list[dict]:
@@ -268,13 +282,15 @@ def merged_model_dir(recipe: Recipe) -> Path:
 
 def chat(session: Session, prompt: str, max_new_tokens: int = 48) -> str:
     """One greedy reply of the merged model (`pipeline.evaluation.generate.chat_reply`)."""
+    from pipeline import console
     from pipeline.evaluation.generate import chat_reply
 
     recipe = session.load()
     model_dir = merged_model_dir(recipe)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"no merged model in {model_dir}: run the merge cell first")
-    return chat_reply(model_dir, prompt, max_new_tokens=max_new_tokens, trust_remote_code=recipe.trust_remote_code)
+    with console.run_console(recipe.output_dir, command="chat"):  # the model's loading messages go to the log
+        return chat_reply(model_dir, prompt, max_new_tokens=max_new_tokens, trust_remote_code=recipe.trust_remote_code)
 
 
 def push_to_hub(session: Session, repo_id: str = "", what: str = "merged", private: bool = True) -> None:

@@ -97,8 +97,10 @@ class FinetuneConfig(Strict):
     @classmethod
     def _not_reserved(cls, name: str) -> str:
         if name.endswith(RESERVED_SUFFIXES):
-            raise ValueError(f"{name!r} ends with {' or '.join(RESERVED_SUFFIXES)}, which name the temporary and "
-                             "previous copies of another fine-tune's outputs; choose another name")
+            raise ValueError(
+                f"{name!r} ends with {' or '.join(RESERVED_SUFFIXES)}, which name the temporary and "
+                "previous copies of another fine-tune's outputs; choose another name"
+            )
         return name
 
 
@@ -131,6 +133,9 @@ class MergeConfig(Strict):
     engine: Literal["auto", "fused", "mergekit"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     low_cpu_memory: bool = False
+    # GiB the fused merge's row blocks (every input's block and the kernel's temporaries) may hold at once, on the
+    # merge device: divided among the inputs, so memory stays flat however many adapters are merged.
+    memory_budget: float = Field(1.0, gt=0)
 
 
 class SearchSpaceConfig(Strict):
@@ -245,8 +250,10 @@ class Recipe(Strict):
             try:
                 self.train_config(finetune.name)
             except ValidationError as error:
-                problems += [f"finetunes.{index}.train.{key}: {message}"
-                             for key, message in (_problem(item, TrainConfig) for item in error.errors())]
+                problems += [
+                    f"finetunes.{index}.train.{key}: {message}"
+                    for key, message in (_problem(item, TrainConfig) for item in error.errors())
+                ]
         if problems:
             raise ValueError("\n  ".join(problems))
         return self
@@ -281,8 +288,12 @@ def _known_keys(model: type[BaseModel], location: tuple) -> list[str]:
         annotation = field.annotation
         candidates = [annotation, *getattr(annotation, "__args__", ())]
         nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
-        nested += [a for c in candidates for a in getattr(c, "__args__", ()) if isinstance(a, type)
-                   and issubclass(a, BaseModel)]
+        nested += [
+            a
+            for c in candidates
+            for a in getattr(c, "__args__", ())
+            if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
         if not nested:
             return []
         model = nested[0]
@@ -303,8 +314,10 @@ def _problem(item: dict, schema: type[BaseModel]) -> tuple[str, str]:
 
 def format_validation_error(error: ValidationError, source: str) -> str:
     # checks across keys (Recipe's model validator) name their keys in the message, one problem per line
-    lines = "\n".join(f"  {key}: {message}" if key else f"  {message}"
-                      for key, message in (_problem(item, Recipe) for item in error.errors())).splitlines()
+    lines = "\n".join(
+        f"  {key}: {message}" if key else f"  {message}"
+        for key, message in (_problem(item, Recipe) for item in error.errors())
+    ).splitlines()
     return "\n".join([f"{source}: invalid recipe ({len(lines)} problem{'s' * (len(lines) > 1)})", *lines])
 
 

@@ -2,6 +2,8 @@
 
 Exit codes: 0 success, 2 bad recipe or arguments (nothing ran), 1 a stage failed (the message names stage and item).
 The notebook calls `run_recipe` with the recipe it loaded, so the CLI and the notebook share one code path.
+The screen gets one line per step, progress bars and the results; the libraries' output goes to
+`<output_dir>/logs/run-*.log` (`--verbose`: to the screen too).
 """
 
 from __future__ import annotations
@@ -10,31 +12,46 @@ import argparse
 import contextlib
 import sys
 import time
+import traceback
+from pathlib import Path
 
-from pipeline import distributed, locking, runner
+from pipeline import console, distributed, locking, runner
 from pipeline.archive.store import ArchiveError
 from pipeline.recipe import Recipe, RecipeError, load_recipe
 from pipeline.stages import STAGES
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.run", description=__doc__.splitlines()[0])
+def parse_args(argv: list[str] | None, prog: str = "python -m pipeline.run") -> argparse.Namespace:
+    """The command's arguments; `ftmerge run` passes its own `prog`."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("recipe", help="a recipe YAML, e.g. recipes/tiny_cpu.yaml")
     parser.add_argument("--stage", action="append", choices=list(STAGES), help="run only this stage (repeatable)")
     parser.add_argument("--from", dest="from_stage", choices=list(STAGES), help="run this stage and the ones after")
     parser.add_argument("--force", action="store_true", help="redo the selected stages even if they are done")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; loads no model")
     parser.add_argument("--status", action="store_true", help="print the state of every step and exit")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe key, e.g. --set train.max_steps=10 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key, e.g. --set train.max_steps=10 (repeatable)",
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the libraries' output on the screen too (it is always in <output_dir>/logs/)",
+    )
     args = parser.parse_args(argv)
     if args.stage and args.from_stage:
         parser.error("--stage and --from cannot be combined")
     return args
 
 
-def print_table(recipe: Recipe, steps: list[runner.Step], selected: list[runner.Step] | None = None,
-                force: bool = False) -> None:
+def print_table(
+    recipe: Recipe, steps: list[runner.Step], selected: list[runner.Step] | None = None, force: bool = False
+) -> None:
     """The step table of --status and --dry-run: stage, item, state, fingerprint, time, output."""
     from rich.console import Console
     from rich.table import Table
@@ -47,27 +64,48 @@ def print_table(recipe: Recipe, steps: list[runner.Step], selected: list[runner.
     chosen = {id(s) for s in selected or ()}
     for step, status in zip(steps, runner.status_rows(recipe, steps), strict=True):
         seconds = status["seconds"]
-        row = [status["stage"], status["item"] or "-", status["state"], status["fingerprint"],
-               f"{seconds:.1f}s" if seconds is not None else "", status["output"]]
+        row = [
+            status["stage"],
+            status["item"] or "-",
+            status["state"],
+            status["fingerprint"],
+            f"{seconds:.1f}s" if seconds is not None else "",
+            status["output"],
+        ]
         if selected is not None:
             row.append("run" if id(step) in chosen and (force or not runner.is_done(recipe, step)) else "skip")
         table.add_row(*row)
     Console(width=200).print(table)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m pipeline.run") -> int:
+    args = parse_args(argv, prog)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
     except (RecipeError, FileNotFoundError, ArchiveError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    return run_recipe(recipe, stages=args.stage, from_stage=args.from_stage, force=args.force, dry_run=args.dry_run,
-                      status=args.status)
+    return run_recipe(
+        recipe,
+        stages=args.stage,
+        from_stage=args.from_stage,
+        force=args.force,
+        dry_run=args.dry_run,
+        status=args.status,
+        verbose=args.verbose,
+    )
 
 
-def run_recipe(recipe: Recipe, *, stages: list[str] | None = None, from_stage: str | None = None, force: bool = False,
-               dry_run: bool = False, status: bool = False) -> int:
+def run_recipe(
+    recipe: Recipe,
+    *,
+    stages: list[str] | None = None,
+    from_stage: str | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+    status: bool = False,
+    verbose: bool = False,
+) -> int:
     """Everything the command does after loading the recipe, for the CLI and the notebook alike: prints what it
     does and any error, and returns the exit code."""
     try:
@@ -77,8 +115,9 @@ def run_recipe(recipe: Recipe, *, stages: list[str] | None = None, from_stage: s
             print_table(recipe, steps)
             return 0
         if distributed.world_size() > 1 and {s.stage.name for s in selected} != {"train"}:
-            raise RecipeError("under accelerate launch / torchrun only `--stage train` runs; run the other stages in "
-                              "a single process")
+            raise RecipeError(
+                "under accelerate launch / torchrun only `--stage train` runs; run the other stages in a single process"
+            )
         runner.check(recipe, [s for s in selected if force or not runner.is_done(recipe, s)])
         if dry_run:
             print_table(recipe, steps, selected, force)
@@ -88,23 +127,48 @@ def run_recipe(recipe: Recipe, *, stages: list[str] | None = None, from_stage: s
         print(f"error: {error}", file=sys.stderr)
         return 2
     started = time.time()
-    echo = print if distributed.is_main_process() else (lambda *_: None)
+    main = distributed.is_main_process()
+    echo = console.say if main else (lambda *_: None)
     # One run per output_dir, and per archived adapter it may write (recipes can share an archive); rank 0 holds them.
     shared = [s.output for s in selected if s.stage.write_once and (force or not runner.is_done(recipe, s))]
-    locks = locking.run_locks(recipe.output_dir, shared) if distributed.is_main_process() else contextlib.nullcontext()
-    try:
-        with locks:
-            runner.execute(recipe, steps, selected, force=force, echo=echo)
-    except (runner.StageFailed, locking.LockHeld) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except RecipeError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    merged = next((s.output for s in steps if s.stage.name == "merge"), None)
-    echo(f"finished in {time.time() - started:.1f}s" + (f"; merged model: {merged}" if merged and merged.exists()
-                                                         else ""))
+    locks = locking.run_locks(recipe.output_dir, shared) if main else contextlib.nullcontext()
+    quiet = (
+        console.run_console(recipe.output_dir, verbose=verbose, command=" ".join(sys.argv))
+        if main
+        else contextlib.nullcontext()
+    )
+    with quiet as log:
+        try:
+            with locks:
+                runner.execute(recipe, steps, selected, force=force, echo=echo)
+        except (runner.StageFailed, locking.LockHeld) as error:
+            return _failed(error, log, 1)
+        except RecipeError as error:
+            return _failed(error, log, 2)
+        _show_results(steps, echo)
+        merged = next((s.output for s in steps if s.stage.name == "merge"), None)
+        echo(
+            f"finished in {time.time() - started:.1f}s"
+            + (f"; merged model: {merged}" if merged and merged.exists() else "")
+        )
     return 0
+
+
+def _failed(error: Exception, log: Path | None, code: int) -> int:
+    """One line on the screen naming the stage, the item and the log; the traceback goes to the log."""
+    traceback.print_exception(error, file=sys.stderr)
+    console.say(
+        f"error: {error}" + (f" (traceback: {log})" if log and isinstance(error, runner.StageFailed) else ""),
+        error=True,
+    )
+    return code
+
+
+def _show_results(steps: list[runner.Step], echo) -> None:
+    """The evaluate report's table, when there is one: what the run was for, at the end where it is seen."""
+    report = next((s.output / "report.md" for s in steps if s.stage.name == "evaluate"), None)
+    if report is not None and report.is_file():
+        echo(f"results ({report}):\n{report.read_text(encoding='utf-8').strip()}")
 
 
 if __name__ == "__main__":

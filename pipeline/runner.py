@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipeline import distributed
+from pipeline import console, distributed
 from pipeline.fingerprint import hash_json
 from pipeline.recipe import Recipe, RecipeError
 from pipeline.stages import STAGES
@@ -81,13 +81,19 @@ def plan(recipe: Recipe, stages: dict[str, Stage] | None = None) -> list[Step]:
         if ref not in fingerprints:
             stage = stages[ref.stage]
             upstream = {f"{r.stage}:{r.item}": fingerprint(r) for r in stage.depends_on(recipe, ref.item)}
-            fingerprints[ref] = hash_json({"stage": ref.stage, "config": stage.config(recipe, ref.item),
-                                           "inputs": upstream})
+            fingerprints[ref] = hash_json(
+                {"stage": ref.stage, "config": stage.config(recipe, ref.item), "inputs": upstream}
+            )
         return fingerprints[ref]
 
     return [
-        Step(stage, item, fingerprint(StageRef(stage.name, item)), Path(stage.output_path(recipe, item)),
-             list(stage.depends_on(recipe, item)))
+        Step(
+            stage,
+            item,
+            fingerprint(StageRef(stage.name, item)),
+            Path(stage.output_path(recipe, item)),
+            list(stage.depends_on(recipe, item)),
+        )
         for stage in stages.values()
         for item in stage.items(recipe)
     ]
@@ -104,7 +110,8 @@ def check(recipe: Recipe, steps: list[Step]) -> None:
         if _conflicts(recipe, step):
             problems.append(
                 f"  {step.label}: {step.output} already exists, made from another config or other data (or added by "
-                "hand), and is never overwritten. Give this item a new name, or move the existing one away by hand.")
+                "hand), and is never overwritten. Give this item a new name, or move the existing one away by hand."
+            )
     if problems:
         raise RecipeError("the recipe cannot run:\n" + "\n".join(dict.fromkeys(problems)))
 
@@ -121,8 +128,12 @@ def is_done(recipe: Recipe, step: Step) -> bool:
 def _conflicts(recipe: Recipe, step: Step) -> bool:
     """A write-once output exists that this step did not make: another fingerprint, or none at all (an adapter added
     with `pipeline.archive add`, or by hand). Found before anything runs, not after hours of training."""
-    return (step.stage.write_once and step.output.exists() and _written_fingerprint(step) != step.fingerprint
-            and not is_done(recipe, step))
+    return (
+        step.stage.write_once
+        and step.output.exists()
+        and _written_fingerprint(step) != step.fingerprint
+        and not is_done(recipe, step)
+    )
 
 
 def _written_fingerprint(step: Step) -> str | None:
@@ -149,10 +160,17 @@ def describe(recipe: Recipe, step: Step) -> str:
 
 def status_rows(recipe: Recipe, steps: list[Step]) -> list[dict]:
     """Every step as data, the rows of `--status`: stage, item, state, fingerprint, seconds, output."""
-    return [{"stage": step.stage.name, "item": step.item, "state": describe(recipe, step),
-             "fingerprint": step.fingerprint[:12],
-             "seconds": read_state(recipe, step.stage.name, step.item).get("seconds"), "output": str(step.output)}
-            for step in steps]
+    return [
+        {
+            "stage": step.stage.name,
+            "item": step.item,
+            "state": describe(recipe, step),
+            "fingerprint": step.fingerprint[:12],
+            "seconds": read_state(recipe, step.stage.name, step.item).get("seconds"),
+            "output": str(step.output),
+        }
+        for step in steps
+    ]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -201,13 +219,22 @@ def run_step(recipe: Recipe, step: Step, outputs: dict[StageRef, Path]) -> dict:
     inputs = Inputs({dependency: outputs[dependency] for dependency in step.depends_on})
     try:
         if main:
-            write_json_atomic(state_path(recipe, stage_name, item), {
-                "status": "running", "fingerprint": step.fingerprint, "started": _now(), "pid": os.getpid(),
-                "host": socket.gethostname(), "output": str(step.output)})
+            write_json_atomic(
+                state_path(recipe, stage_name, item),
+                {
+                    "status": "running",
+                    "fingerprint": step.fingerprint,
+                    "started": _now(),
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "output": str(step.output),
+                },
+            )
             partial = _prepare_partial(step)
         else:
-            partial = distributed.wait_for_partial(step.output.with_name(step.output.name + PARTIAL_SUFFIX),
-                                                   FINGERPRINT_FILE, step.fingerprint)
+            partial = distributed.wait_for_partial(
+                step.output.with_name(step.output.name + PARTIAL_SUFFIX), FINGERPRINT_FILE, step.fingerprint
+            )
         summary = step.stage.run(recipe, item, partial, inputs) or {}
         if main:
             _move_into_place(step, partial)
@@ -217,9 +244,18 @@ def run_step(recipe: Recipe, step: Step, outputs: dict[StageRef, Path]) -> dict:
         raise StageFailed(_failure_message(step, error)) from error
     seconds = time.time() - started
     if main:
-        write_json_atomic(state_path(recipe, stage_name, item), {
-            "status": "done", "fingerprint": step.fingerprint, "started": _iso(started), "finished": _now(),
-            "seconds": round(seconds, 3), "output": str(step.output), "summary": summary})
+        write_json_atomic(
+            state_path(recipe, stage_name, item),
+            {
+                "status": "done",
+                "fingerprint": step.fingerprint,
+                "started": _iso(started),
+                "finished": _now(),
+                "seconds": round(seconds, 3),
+                "output": str(step.output),
+                "summary": summary,
+            },
+        )
     return {"seconds": seconds, "summary": summary}
 
 
@@ -227,16 +263,26 @@ def _record_failure(recipe: Recipe, step: Step, started: float, error: BaseExcep
     """Best effort: on a full disk the state file cannot be written either, and the user must still see why the
     stage failed (the `running` state left behind reads as interrupted)."""
     with contextlib.suppress(OSError):
-        write_json_atomic(state_path(recipe, step.stage.name, step.item), {
-            "status": "failed", "fingerprint": step.fingerprint, "started": _iso(started), "finished": _now(),
-            "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()})
+        write_json_atomic(
+            state_path(recipe, step.stage.name, step.item),
+            {
+                "status": "failed",
+                "fingerprint": step.fingerprint,
+                "started": _iso(started),
+                "finished": _now(),
+                "error": f"{type(error).__name__}: {error}",
+                "traceback": traceback.format_exc(),
+            },
+        )
 
 
 def _failure_message(step: Step, error: BaseException) -> str:
     where = f"stage {step.stage.name}" + (f", item {step.item}" if step.item else "")
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-        return (f"{where}: no space left on device while writing {error.filename or step.output}. Free space and "
-                "run again; completed steps are kept and this one restarts cleanly.")
+        return (
+            f"{where}: no space left on device while writing {error.filename or step.output}. Free space and "
+            "run again; completed steps are kept and this one restarts cleanly."
+        )
     return f"{where}: {type(error).__name__}: {error}"
 
 
@@ -255,7 +301,7 @@ def select(steps: list[Step], stages: list[str] | None = None, from_stage: str |
     if stages:
         wanted = set(stages)
     if from_stage:
-        wanted = set(order[order.index(from_stage):])
+        wanted = set(order[order.index(from_stage) :])
     return [step for step in steps if step.stage.name in wanted]
 
 
@@ -265,11 +311,18 @@ def execute(recipe: Recipe, steps: list[Step], selected: list[Step], *, force: b
     by_ref = {s.ref: s for s in steps}
     outputs = {ref: s.output for ref, s in by_ref.items()}
     chosen = {id(s) for s in selected}
-    missing = [d.label for s in selected for d in s.depends_on
-               if id(by_ref[d]) not in chosen and not is_done(recipe, by_ref[d])]
+    missing = [
+        d.label
+        for s in selected
+        for d in s.depends_on
+        if id(by_ref[d]) not in chosen and not is_done(recipe, by_ref[d])
+    ]
     if missing:
-        raise RecipeError("inputs not done yet: " + ", ".join(dict.fromkeys(missing))
-                          + ". Run those stages first (or run without --stage).")
+        raise RecipeError(
+            "inputs not done yet: "
+            + ", ".join(dict.fromkeys(missing))
+            + ". Run those stages first (or run without --stage)."
+        )
     results = {}
     width = max((len(s.label) for s in selected), default=0)
     for step in selected:
@@ -277,8 +330,8 @@ def execute(recipe: Recipe, steps: list[Step], selected: list[Step], *, force: b
             results[step.label] = "skipped"
             echo(f"{step.label:<{width}}  skipped  (up to date)")
             continue
-        echo(f"{step.label:<{width}}  running …")
-        outcome = run_step(recipe, step, outputs)
+        with console.progress(step.label):  # a spinner with the elapsed time on a terminal; the line below ends it
+            outcome = run_step(recipe, step, outputs)
         results[step.label] = "ran"
         echo(f"{step.label:<{width}}  done     {outcome['seconds']:7.1f}s  {step.output}")
     return results

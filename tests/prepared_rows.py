@@ -6,8 +6,12 @@ from __future__ import annotations
 from pipeline.data import render
 from pipeline.data.templates import TEMPLATES_DIR
 
-CHATML = render.RenderSettings(data_format="messages", template=(TEMPLATES_DIR / "chatml.jinja").read_text(),
-                               end_of_turn="<|im_end|>", max_length=1_000_000)
+CHATML = render.RenderSettings(
+    data_format="messages",
+    template=(TEMPLATES_DIR / "chatml.jinja").read_text(),
+    end_of_turn="<|im_end|>",
+    max_length=1_000_000,
+)
 
 
 def chatml_row(tokenizer, messages: list[dict]) -> dict:

@@ -22,8 +22,7 @@ def make_adapter(base_dir, out_dir, seed=0, **lora_settings):
     from transformers import AutoModelForCausalLM
 
     settings = {"r": 8, "lora_alpha": 16, "target_modules": PROJECTIONS, **lora_settings}
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
-                           LoraConfig(**settings))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), LoraConfig(**settings))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -74,18 +73,30 @@ def models(tmp_path_factory, tiny_tokenizer_dir):
     from pipeline.models.tiny import save_model
 
     target = derive_tiny_target(base, root / "target", target_tokenizer)
-    save_model(AutoModelForCausalLM.from_pretrained(target, dtype="auto"), target_tokenizer, sharded_target,
-               max_shard_size="40KB")
-    return {"base": base, "target": target, "tied_base": tied_base,
-            "tied_target": derive_tiny_target(tied_base, root / "tied_target", target_tokenizer),
-            "sharded_target": sharded_target}
+    save_model(
+        AutoModelForCausalLM.from_pretrained(target, dtype="auto"),
+        target_tokenizer,
+        sharded_target,
+        max_shard_size="40KB",
+    )
+    return {
+        "base": base,
+        "target": target,
+        "tied_base": tied_base,
+        "tied_target": derive_tiny_target(tied_base, root / "tied_target", target_tokenizer),
+        "sharded_target": sharded_target,
+    }
 
 
-@pytest.mark.parametrize("lora", [
-    {},
-    {"use_rslora": True, "r": 4, "lora_alpha": 8},
-    {"rank_pattern": {"q_proj": 4, "layers.1.mlp.down_proj": 2}, "alpha_pattern": {"k_proj": 3, "o_proj": 32}},
-], ids=["plain", "rslora", "patterns"])
+@pytest.mark.parametrize(
+    "lora",
+    [
+        {},
+        {"use_rslora": True, "r": 4, "lora_alpha": 8},
+        {"rank_pattern": {"q_proj": 4, "layers.1.mlp.down_proj": 2}, "alpha_pattern": {"k_proj": 3, "o_proj": 32}},
+    ],
+    ids=["plain", "rslora", "patterns"],
+)
 def test_apply_equals_peft_merge_and_unload(models, tmp_path, lora):
     adapter = make_adapter(models["base"], tmp_path / "adapter", **lora)
     summary = apply_adapter(adapter, models["target"], tmp_path / "ours", dtype="bfloat16", device="cpu")
@@ -132,8 +143,11 @@ def test_shape_mismatch_is_reported_before_writing(models, tmp_path, tiny_tokeni
     adapter = make_adapter(other, tmp_path / "adapter", target_modules=["q_proj"])
     out = tmp_path / "out"
     out.mkdir()
-    with pytest.raises(IncompatibleAdapter, match=r"model\.layers\.0\.self_attn\.q_proj\.weight is \[64, 64\].*"
-                                                   r"\[32, 32\]"):
+    with pytest.raises(
+        IncompatibleAdapter,
+        match=r"model\.layers\.0\.self_attn\.q_proj\.weight is \[64, 64\].*"
+        r"\[32, 32\]",
+    ):
         apply_adapter(adapter, models["target"], out, device="cpu")
     assert list(out.iterdir()) == []
 
@@ -151,11 +165,14 @@ def test_missing_module_and_architecture_mismatch(models, tmp_path):
         apply_adapter(adapter, models["target"], tmp_path / "b", device="cpu")
 
 
-@pytest.mark.parametrize(("setting", "reason"), [
-    ({"use_dora": True}, "DoRA"),
-    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
-    ({"lora_bias": True}, "biases"),
-])
+@pytest.mark.parametrize(
+    ("setting", "reason"),
+    [
+        ({"use_dora": True}, "DoRA"),
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ({"lora_bias": True}, "biases"),
+    ],
+)
 def test_refusals_name_the_setting_and_why(models, tmp_path, setting, reason):
     adapter = make_adapter(models["base"], tmp_path / "adapter", target_modules=["q_proj", "v_proj"], **setting)
     with pytest.raises(AdapterRefused, match=reason):
@@ -190,8 +207,9 @@ def test_fan_in_fan_out_adapter_on_conv1d_weights(tmp_path):
     for seed, name in enumerate(("base", "target")):
         torch.manual_seed(seed)
         GPT2LMHeadModel(config).to(torch.bfloat16).save_pretrained(tmp_path / name)
-    adapter = make_adapter(tmp_path / "base", tmp_path / "adapter", target_modules=["c_attn", "c_proj", "c_fc"],
-                           fan_in_fan_out=True)
+    adapter = make_adapter(
+        tmp_path / "base", tmp_path / "adapter", target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True
+    )
     assert load_adapter(adapter).modules["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)
     apply_adapter(adapter, tmp_path / "target", tmp_path / "ours", dtype="bfloat16", device="cpu")
     assert_identical(tmp_path / "ours", peft_reference(tmp_path / "target", adapter, tmp_path / "peft"))

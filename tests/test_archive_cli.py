@@ -20,9 +20,12 @@ from pipeline.models.tiny import make_tiny_model
 def adapters(tmp_path_factory, tiny_models, tiny_tokenizer_dir):
     root = tmp_path_factory.mktemp("add")
     small_base = make_tiny_model(root / "small_base", tiny_tokenizer_dir, hidden_size=32, seed=3)
-    return {"root": root, "one": make_adapter(tiny_models["base"], root / "one", seed=0),
-            "two": make_adapter(tiny_models["base"], root / "two", seed=1),
-            "other_size": make_adapter(small_base, root / "other_size", seed=0)}
+    return {
+        "root": root,
+        "one": make_adapter(tiny_models["base"], root / "one", seed=0),
+        "two": make_adapter(tiny_models["base"], root / "two", seed=1),
+        "other_size": make_adapter(small_base, root / "other_size", seed=0),
+    }
 
 
 def add(archive, path, name, base, *extra) -> int:
@@ -40,7 +43,8 @@ def test_add_archives_an_imported_adapter(adapters, tiny_models, tmp_path, capsy
     assert manifest["source"]["path"] == str(adapters["one"].resolve())
     # The weights are the source's bytes; the config points at the base as given.
     assert sha256_file(archive / "one" / "adapter_model.safetensors") == sha256_file(
-        adapters["one"] / "adapter_model.safetensors")
+        adapters["one"] / "adapter_model.safetensors"
+    )
     config = json.loads((archive / "one" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(tiny_models["base"])
     assert load_adapter(archive / "one").modules.keys() == load_adapter(adapters["one"]).modules.keys()
@@ -77,8 +81,9 @@ def test_other_peft_methods_are_refused(tiny_models, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models["base"], dtype=torch.float32)
-    get_peft_model(model, IA3Config(target_modules=["k_proj", "down_proj"],
-                                    feedforward_modules=["down_proj"])).save_pretrained(tmp_path / "ia3")
+    get_peft_model(
+        model, IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])
+    ).save_pretrained(tmp_path / "ia3")
     assert add(tmp_path / "archive", tmp_path / "ia3", "ia3", tiny_models["base"]) == 1
     assert "peft_type 'IA3' is not LoRA" in capsys.readouterr().err
 
@@ -108,8 +113,16 @@ def test_a_damaged_manifest_is_named_not_a_traceback(adapters, tiny_models, tmp_
     out = capsys.readouterr()
     assert "ok       one" in out.out and "CORRUPT" in out.out and "broken" in out.err
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(json.dumps({"name": "r", "base_model": str(tiny_models["base"]),
-                                  "target_model": str(tiny_models["target"]), "archive_dir": str(archive),
-                                  "output_dir": str(tmp_path / "run")}))
+    recipe.write_text(
+        json.dumps(
+            {
+                "name": "r",
+                "base_model": str(tiny_models["base"]),
+                "target_model": str(tiny_models["target"]),
+                "archive_dir": str(archive),
+                "output_dir": str(tmp_path / "run"),
+            }
+        )
+    )
     assert run.main([str(recipe), "--status"]) == 2
     assert "broken/manifest.json: not an archive manifest" in capsys.readouterr().err

@@ -22,10 +22,18 @@ def archive(tmp_path_factory, tiny_models):
     root = tmp_path_factory.mktemp("combine")
     base = str(tiny_models["base"])
     import_adapter(root / "archive", make_adapter(tiny_models["base"], root / "a", seed=0), "a", base)
-    import_adapter(root / "archive", make_adapter(tiny_models["base"], root / "b", seed=1,
-                                                  target_modules=["q_proj", "v_proj", "down_proj"]), "b.v2", base)
-    import_adapter(root / "archive", make_adapter(tiny_models["target"], root / "t", seed=2), "on-target",
-                   str(tiny_models["target"]))
+    import_adapter(
+        root / "archive",
+        make_adapter(tiny_models["base"], root / "b", seed=1, target_modules=["q_proj", "v_proj", "down_proj"]),
+        "b.v2",
+        base,
+    )
+    import_adapter(
+        root / "archive",
+        make_adapter(tiny_models["target"], root / "t", seed=2),
+        "on-target",
+        str(tiny_models["target"]),
+    )
     return root / "archive"
 
 
@@ -35,8 +43,9 @@ def combined_by_hand(archive, base_dir, method, density):
     from peft.utils import get_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto"),
-                                      archive / "a", adapter_name="first")
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto"), archive / "a", adapter_name="first"
+    )
     model.load_adapter(archive / "b.v2", adapter_name="second")
     model.add_weighted_adapter(["first", "second"], WEIGHTS, "mix", combination_type=method, density=density)
     return get_peft_model_state_dict(model, adapter_name="mix")
@@ -45,8 +54,18 @@ def combined_by_hand(archive, base_dir, method, density):
 @pytest.mark.parametrize(("method", "density"), [("linear", None), ("cat", None), ("ties", 0.5), ("svd", None)])
 def test_combine_equals_peft_by_hand(archive, tiny_models, method, density):
     name = f"mix-{method}"
-    args = ["combine", str(archive), "--adapters", "a,b.v2", "--weights", "0.6,0.4", "--method", method,
-            "--name", name] + (["--density", str(density)] if density else [])
+    args = [
+        "combine",
+        str(archive),
+        "--adapters",
+        "a,b.v2",
+        "--weights",
+        "0.6,0.4",
+        "--method",
+        method,
+        "--name",
+        name,
+    ] + (["--density", str(density)] if density else [])
     assert archive_cli(args) == 0
     ours = load_file(archive / name / "adapter_model.safetensors")
     reference = combined_by_hand(archive, tiny_models["base"], method, density)
@@ -58,7 +77,9 @@ def test_combine_equals_peft_by_hand(archive, tiny_models, method, density):
     combination = manifest["combination"]
     assert combination["combination_type"] == method and combination["density"] == density
     assert [(s["name"], s["weight"], s["kind"]) for s in combination["sources"]] == [
-        ("a", 0.6, "imported"), ("b.v2", 0.4, "imported")]
+        ("a", 0.6, "imported"),
+        ("b.v2", 0.4, "imported"),
+    ]
     assert combination["sources"][0]["files"] == verify_adapter(archive / "a")["files"]
     assert len(load_adapter(archive / name).modules) == 14  # apply reads it: the union of both adapters' modules
 
@@ -68,11 +89,14 @@ def test_adapters_of_different_bases_are_not_combined(archive):
         combine_adapters(archive, ["a", "on-target"], WEIGHTS, "mixed-bases")
 
 
-@pytest.mark.parametrize(("extra", "message"), [
-    (["--weights", "0.6", "--method", "linear"], "1 weights for 2 adapters"),
-    (["--weights", "0.6,0.4", "--method", "ties"], "give --density"),
-    (["--weights", "0.6,0.4", "--method", "average"], "not a PEFT combination_type"),
-])
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--weights", "0.6", "--method", "linear"], "1 weights for 2 adapters"),
+        (["--weights", "0.6,0.4", "--method", "ties"], "give --density"),
+        (["--weights", "0.6,0.4", "--method", "average"], "not a PEFT combination_type"),
+    ],
+)
 def test_bad_requests_are_refused_before_loading_anything(archive, capsys, extra, message):
     assert archive_cli(["combine", str(archive), "--adapters", "a,b.v2", "--name", "bad", *extra]) == 1
     assert message in capsys.readouterr().err

@@ -24,13 +24,28 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DATA = REPO / "data_templates" / "demo"
-STEPS = ["prepare.reverse", "prepare.sort", "train.reverse", "train.sort", "archive.reverse", "archive.sort",
-         "apply.reverse", "apply.sort", "merge"]
+STEPS = [
+    "prepare.reverse",
+    "prepare.sort",
+    "train.reverse",
+    "train.sort",
+    "archive.reverse",
+    "archive.sort",
+    "apply.reverse",
+    "apply.sort",
+    "merge",
+]
 
 
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.run", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.run", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
 
 
 def write_recipe(directory: Path, models: dict, **changes) -> Path:
@@ -41,14 +56,39 @@ def write_recipe(directory: Path, models: dict, **changes) -> Path:
         "base_model": str(models["base"]),
         "target_model": str(models["target"]),
         "finetunes": [
-            {"name": "reverse", "dataset": {"path": str(DEMO_DATA / "reverse.alpaca.jsonl"), "format": "alpaca",
-                                            "max_samples": 64, "eval_size": 8}},
-            {"name": "sort", "dataset": {"path": str(DEMO_DATA / "sort.messages.jsonl"), "format": "messages",
-                                         "max_samples": 64, "eval_size": 8}},
+            {
+                "name": "reverse",
+                "dataset": {
+                    "path": str(DEMO_DATA / "reverse.alpaca.jsonl"),
+                    "format": "alpaca",
+                    "max_samples": 64,
+                    "eval_size": 8,
+                },
+            },
+            {
+                "name": "sort",
+                "dataset": {
+                    "path": str(DEMO_DATA / "sort.messages.jsonl"),
+                    "format": "messages",
+                    "max_samples": 64,
+                    "eval_size": 8,
+                },
+            },
         ],
-        "train": {"backend": "unsloth", "max_seq_length": 64, "load_in_4bit": False, "lora": {"r": 8, "alpha": 16},
-                  "max_steps": 4, "batch_size": 8, "gradient_accumulation_steps": 1, "warmup_steps": 0,
-                  "learning_rate": 1e-2, "optim": "adamw_torch", "save_steps": 2, "logging_steps": 1},
+        "train": {
+            "backend": "unsloth",
+            "max_seq_length": 64,
+            "load_in_4bit": False,
+            "lora": {"r": 8, "alpha": 16},
+            "max_steps": 4,
+            "batch_size": 8,
+            "gradient_accumulation_steps": 1,
+            "warmup_steps": 0,
+            "learning_rate": 1e-2,
+            "optim": "adamw_torch",
+            "save_steps": 2,
+            "logging_steps": 1,
+        },
         "apply": {"dtype": "bfloat16", "save": True},
         "merge": {"engine": "mergekit"},
         "evaluate": {"enabled": False},
@@ -80,8 +120,15 @@ def finished_run(tmp_path_factory, tiny_models):
     started = time.time()
     result = run_cli(recipe)
     assert result.returncode == 0, result.stdout + result.stderr
-    return {"recipe": recipe, "dir": directory, "output": directory / "run", "archive": directory / "archive",
-            "stdout": result.stdout, "seconds": time.time() - started, "models": tiny_models}
+    return {
+        "recipe": recipe,
+        "dir": directory,
+        "output": directory / "run",
+        "archive": directory / "archive",
+        "stdout": result.stdout,
+        "seconds": time.time() - started,
+        "models": tiny_models,
+    }
 
 
 def test_run_prints_one_line_per_step_and_the_merged_model(finished_run):
@@ -127,8 +174,12 @@ def test_adapted_models_equal_peft_merge_and_unload(finished_run):
 def test_merge_equals_mergekit_yaml_on_the_written_config(finished_run, tmp_path):
     config = finished_run["output"] / "merge" / "mergekit_config.yml"
     mergekit_yaml = Path(sys.executable).with_name("mergekit-yaml")
-    subprocess.run([str(mergekit_yaml), str(config), str(tmp_path / "out"), "--no-write-model-card"], check=True,
-                   capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    subprocess.run(
+        [str(mergekit_yaml), str(config), str(tmp_path / "out"), "--no-write-model-card"],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert_same_tensors(tensors(finished_run["output"] / "merge"), tensors(tmp_path / "out"))
 
 
@@ -145,8 +196,9 @@ def test_merged_model_keeps_the_target_chat_format_and_generates(finished_run):
     assert model.generation_config.eos_token_id == target_generation["eos_token_id"]
     eos_ids = model.generation_config.eos_token_id
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in (eos_ids if isinstance(eos_ids, list) else [eos_ids])
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "sort\nc a b"}], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "sort\nc a b"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     output = model.generate(**prompt, max_new_tokens=5, do_sample=False)
     assert output.shape[1] > prompt["input_ids"].shape[1]
 
@@ -162,8 +214,11 @@ def test_changed_learning_rate_reruns_train_and_downstream_only(finished_run, tm
     assert "running" not in refused.stdout, "the archive conflict must be found before training starts"
     result = run_cli(recipe, *common, "--set", f"archive_dir={tmp_path / 'archive-v2'}")
     assert result.returncode == 0, result.stderr
-    outcome = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines() if line.split()[1:2] in
-               (["done"], ["skipped"])}
+    outcome = {
+        line.split()[0]: line.split()[1]
+        for line in result.stdout.splitlines()
+        if line.split()[1:2] in (["done"], ["skipped"])
+    }
     assert outcome == {"prepare.reverse": "skipped", "prepare.sort": "skipped", **{s: "done" for s in STEPS[2:]}}
 
 
@@ -171,8 +226,10 @@ def test_bad_recipes_exit_2_before_any_stage_runs(tiny_models, tmp_path):
     cases = {
         "unknown key": ({"train": {"learning_rat": 1}}, "did you mean 'learning_rate'"),
         "missing model": ({"base_model": str(tmp_path / "nowhere")}, "base_model: local model directory not found"),
-        "missing dataset": ({"finetunes": [{"name": "x", "dataset": {"path": str(tmp_path / "none.jsonl")}}]},
-                            "none.jsonl"),
+        "missing dataset": (
+            {"finetunes": [{"name": "x", "dataset": {"path": str(tmp_path / "none.jsonl")}}]},
+            "none.jsonl",
+        ),
     }
     for case, (change, expected) in cases.items():
         directory = tmp_path / case.replace(" ", "-")
@@ -186,8 +243,13 @@ def test_bad_recipes_exit_2_before_any_stage_runs(tiny_models, tmp_path):
 def start_cli(*args: str, log: Path) -> subprocess.Popen:
     """The run's output goes to a file: a pipe nobody reads while waiting for the kill point fills up and blocks it."""
     with log.open("w") as output:
-        return subprocess.Popen([sys.executable, "-m", "pipeline.run", *map(str, args)], cwd=REPO, stdout=output,
-                                stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline.run", *map(str, args)],
+            cwd=REPO,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
 
 
 def kill_when(process: subprocess.Popen, condition, log: Path, timeout: float = 300) -> None:
@@ -204,8 +266,17 @@ def test_kill_during_training_resumes_from_the_last_checkpoint(finished_run, tmp
     copy = tmp_path / "run"
     shutil.copytree(finished_run["output"] / "prepare", copy / "prepare")
     shutil.copytree(finished_run["output"] / "state", copy / "state")
-    args = [finished_run["recipe"], "--stage", "train", "--set", f"output_dir={copy}", "--set", "train.max_steps=40",
-            "--set", "train.save_steps=4"]
+    args = [
+        finished_run["recipe"],
+        "--stage",
+        "train",
+        "--set",
+        f"output_dir={copy}",
+        "--set",
+        "train.max_steps=40",
+        "--set",
+        "train.save_steps=4",
+    ]
     partial = copy / "train" / "reverse.partial"
     process = start_cli(*args, log=tmp_path / "killed.log")
     kill_when(process, lambda: (partial / "checkpoint-8" / "trainer_state.json").is_file(), tmp_path / "killed.log")

@@ -15,11 +15,18 @@ from pipeline.evaluation.loss import assistant_token_loss
 from pipeline.evaluation.report import markdown_table
 
 CONVERSATIONS = [
-    [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "sort\nc a b"},
-     {"role": "assistant", "content": "a b c"}],
-    [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "copy\nd e"},
-     {"role": "assistant", "content": "d e"}, {"role": "user", "content": "reverse\nf g h i"},
-     {"role": "assistant", "content": "i h g f"}],
+    [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "sort\nc a b"},
+        {"role": "assistant", "content": "a b c"},
+    ],
+    [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "copy\nd e"},
+        {"role": "assistant", "content": "d e"},
+        {"role": "user", "content": "reverse\nf g h i"},
+        {"role": "assistant", "content": "i h g f"},
+    ],
 ]
 
 
@@ -68,12 +75,18 @@ def test_greedy_answers_match_unbatched_generation_and_stop_at_end_of_turn(targe
     rows = [chatml_row(tokenizer, messages) for messages in CONVERSATIONS]
     prompts = [prompt_ids(r["input_ids"], r["assistant_masks"]) for r in rows]
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    batched = greedy_answers(model, tokenizer, prompts, stop_ids=[end_of_turn], max_new_tokens=6, batch_size=2,
-                             pad_id=tokenizer.pad_token_id)
+    batched = greedy_answers(
+        model, tokenizer, prompts, stop_ids=[end_of_turn], max_new_tokens=6, batch_size=2, pad_id=tokenizer.pad_token_id
+    )
     for prompt, answer in zip(prompts, batched, strict=True):
-        alone = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=end_of_turn,
-                               pad_token_id=tokenizer.pad_token_id)
-        assert answer == tokenizer.decode(alone[0, len(prompt):], skip_special_tokens=True)
+        alone = model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=6,
+            do_sample=False,
+            eos_token_id=end_of_turn,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        assert answer == tokenizer.decode(alone[0, len(prompt) :], skip_special_tokens=True)
 
 
 def test_exact_match_and_contains():
@@ -86,12 +99,15 @@ def report(generate: bool = True, lm_eval: dict | None = None) -> dict:
         return {"loss": loss, "perplexity": math.exp(loss), "exact_match": exact, "contains": exact}
 
     return {
-        "name": "demo", "settings": {"generate": generate, "max_new_tokens": 8},
+        "name": "demo",
+        "settings": {"generate": generate, "max_new_tokens": 8},
         "models": ["base", "target", "merged"],
         "sets": [{"name": "sort", "kind": "held-out"}, {"name": "copy", "kind": "retention"}],
-        "results": {"base": {"sort": cell(3.0, 0.0), "copy": cell(2.0, 0.1)},
-                    "target": {"sort": cell(2.5, 0.5), "copy": cell(0.5, 0.9)},
-                    "merged": {"sort": cell(0.7, 0.8), "copy": cell(0.6, 0.9)}},
+        "results": {
+            "base": {"sort": cell(3.0, 0.0), "copy": cell(2.0, 0.1)},
+            "target": {"sort": cell(2.5, 0.5), "copy": cell(0.5, 0.9)},
+            "merged": {"sort": cell(0.7, 0.8), "copy": cell(0.6, 0.9)},
+        },
         "lm_eval": lm_eval or {"tasks": []},
     }
 
@@ -99,11 +115,13 @@ def report(generate: bool = True, lm_eval: dict | None = None) -> dict:
 def test_markdown_table_marks_the_best_model_per_set():
     lines = markdown_table(report()).splitlines()
     loss_table = lines.index("| model | sort (held-out) | copy (retention) |")
-    loss_rows = {line.split("|")[1].strip(): line for line in lines[loss_table:loss_table + 5] if line.startswith("| ")}
+    loss_rows = {
+        line.split("|")[1].strip(): line for line in lines[loss_table : loss_table + 5] if line.startswith("| ")
+    }
     assert loss_rows["merged"].split("|")[2].strip() == "**0.700 (2.01)**"
     assert loss_rows["target"].split("|")[3].strip() == "**0.500 (1.65)**"
     assert "**" not in loss_rows["base"]
-    exact_rows = [line for line in lines[loss_table + 5:] if line.startswith(("| target", "| merged"))]
+    exact_rows = [line for line in lines[loss_table + 5 :] if line.startswith(("| target", "| merged"))]
     assert all("**90% (90%)**" in line for line in exact_rows), "ties are all marked"
     assert "Greedy" not in markdown_table(report(generate=False))
 

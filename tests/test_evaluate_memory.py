@@ -41,8 +41,9 @@ def full_logits_loss(model, input_ids, assistant_masks, *, batch_size: int, pad_
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             labels = batch["labels"][:, 1:]
             scored = labels != IGNORE_INDEX
-            total += torch.nn.functional.cross_entropy(logits[:, :-1][scored].float(), labels[scored],
-                                                       reduction="sum").item()
+            total += torch.nn.functional.cross_entropy(
+                logits[:, :-1][scored].float(), labels[scored], reduction="sum"
+            ).item()
             tokens += int(scored.sum())
     return total, tokens
 
@@ -56,8 +57,7 @@ def random_rows(vocab_size: int, lengths: list[int], seed: int = 0) -> tuple[lis
 
 def test_big_vocabulary_loss_peaks_under_2_gb():
     """Measured: 14.8 GB peak RSS with the full-logits forward, 1.1 GB here."""
-    completed = subprocess.run([sys.executable, "-c", BIG_VOCABULARY_CASE], capture_output=True, text=True,
-                               check=True)
+    completed = subprocess.run([sys.executable, "-c", BIG_VOCABULARY_CASE], capture_output=True, text=True, check=True)
     peak = int(completed.stdout.split()[-1])
     assert peak < 2 * 1024**3, f"peak RSS {peak / 1024**3:.2f} GB"
 
@@ -104,8 +104,14 @@ class ScaledLogitsQwen2(Qwen2ForCausalLM):
 
 
 def test_a_model_that_changes_its_logits_after_the_head_is_refused():
-    config = Qwen2Config(vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1)
+    config = Qwen2Config(
+        vocab_size=128,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     torch.manual_seed(0)
     ids, masks = random_rows(128, [20])
     assistant_token_loss(Qwen2ForCausalLM(config).eval(), ids, masks, batch_tokens=64, pad_id=0)

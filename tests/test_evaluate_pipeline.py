@@ -20,22 +20,56 @@ DEMO_DATA = REPO / "data_templates" / "demo"
 
 def test_pipeline_run_ends_with_the_evaluation_table(tiny_models, tmp_path):
     recipe = {
-        "name": "evaluate-e2e", "output_dir": str(tmp_path / "run"), "archive_dir": str(tmp_path / "archive"),
-        "base_model": str(tiny_models["base"]), "target_model": str(tiny_models["target"]),
+        "name": "evaluate-e2e",
+        "output_dir": str(tmp_path / "run"),
+        "archive_dir": str(tmp_path / "archive"),
+        "base_model": str(tiny_models["base"]),
+        "target_model": str(tiny_models["target"]),
         "finetunes": [
-            {"name": "reverse", "dataset": {"path": str(DEMO_DATA / "reverse.alpaca.jsonl"), "format": "alpaca",
-                                            "max_samples": 24, "eval_size": 4}},
-            {"name": "sort", "dataset": {"path": str(DEMO_DATA / "sort.messages.jsonl"), "format": "messages",
-                                         "max_samples": 24, "eval_size": 4}},
+            {
+                "name": "reverse",
+                "dataset": {
+                    "path": str(DEMO_DATA / "reverse.alpaca.jsonl"),
+                    "format": "alpaca",
+                    "max_samples": 24,
+                    "eval_size": 4,
+                },
+            },
+            {
+                "name": "sort",
+                "dataset": {
+                    "path": str(DEMO_DATA / "sort.messages.jsonl"),
+                    "format": "messages",
+                    "max_samples": 24,
+                    "eval_size": 4,
+                },
+            },
         ],
-        "train": {"backend": "transformers", "max_seq_length": 64, "load_in_4bit": False,
-                  "lora": {"r": 4, "alpha": 8}, "max_steps": 2, "batch_size": 4, "gradient_accumulation_steps": 1,
-                  "warmup_steps": 0, "optim": "adamw_torch", "save_steps": 2, "logging_steps": 1,
-                  "gradient_checkpointing": False},
+        "train": {
+            "backend": "transformers",
+            "max_seq_length": 64,
+            "load_in_4bit": False,
+            "lora": {"r": 4, "alpha": 8},
+            "max_steps": 2,
+            "batch_size": 4,
+            "gradient_accumulation_steps": 1,
+            "warmup_steps": 0,
+            "optim": "adamw_torch",
+            "save_steps": 2,
+            "logging_steps": 1,
+            "gradient_checkpointing": False,
+        },
         "apply": {"save": False},
-        "evaluate": {"retention": [{"name": "copy", "dataset": {"path": str(DEMO_DATA / "copy.messages.jsonl"),
-                                                                "format": "messages"}}],
-                     "generate": True, "max_new_tokens": 4, "max_samples": 4, "batch_size": 4, "device": "cpu"},
+        "evaluate": {
+            "retention": [
+                {"name": "copy", "dataset": {"path": str(DEMO_DATA / "copy.messages.jsonl"), "format": "messages"}}
+            ],
+            "generate": True,
+            "max_new_tokens": 4,
+            "max_samples": 4,
+            "batch_size": 4,
+            "device": "cpu",
+        },
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))

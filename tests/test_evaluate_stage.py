@@ -34,26 +34,46 @@ def write_prepared(out_dir: Path, tokenizer_dir: Path, skill: str, rows: int = 6
     conversations = []
     for _ in range(rows):
         words = [rng.choice("abcdefghij") for _ in range(rng.randint(3, 5))]
-        conversations.append([{"role": "system", "content": "You are a helpful assistant."},
-                              {"role": "user", "content": f"{skill}\n{' '.join(words)}"},
-                              {"role": "assistant", "content": " ".join(SKILLS[skill](words))}])
+        conversations.append(
+            [
+                {"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": f"{skill}\n{' '.join(words)}"},
+                {"role": "assistant", "content": " ".join(SKILLS[skill](words))},
+            ]
+        )
     Dataset.from_list([chatml_row(tokenizer, c) for c in conversations]).save_to_disk(str(out_dir / "eval"))
     (out_dir / "report.json").write_text(json.dumps({"end_of_turn_token": "<|im_end|>"}))
     return out_dir
 
 
 def make_recipe(tiny_models, root: Path, **evaluate_settings) -> Recipe:
-    return Recipe.model_validate({
-        "name": "evaluate-test", "base_model": str(tiny_models["base"]), "target_model": str(tiny_models["target"]),
-        "output_dir": str(root / "run"), "archive_dir": str(root / "archive"),
-        "finetunes": [{"name": "reverse", "dataset": {"path": str(DEMO_DATA / "reverse.alpaca.jsonl")}},
-                      {"name": "sort", "dataset": {"path": str(DEMO_DATA / "sort.messages.jsonl"),
-                                                   "format": "messages"}}],
-        "apply": {"device": "cpu"}, "merge": {"device": "cpu", "engine": "fused"},
-        "evaluate": {"device": "cpu", "batch_size": 4, "generate": True, "max_new_tokens": 4, "max_samples": 6,
-                     "retention": [{"name": "copy", "dataset": {"path": str(DEMO_DATA / "copy.messages.jsonl"),
-                                                                "format": "messages"}}],
-                     "lm_eval": {"tasks": ["hellaswag"]}, **evaluate_settings}})
+    return Recipe.model_validate(
+        {
+            "name": "evaluate-test",
+            "base_model": str(tiny_models["base"]),
+            "target_model": str(tiny_models["target"]),
+            "output_dir": str(root / "run"),
+            "archive_dir": str(root / "archive"),
+            "finetunes": [
+                {"name": "reverse", "dataset": {"path": str(DEMO_DATA / "reverse.alpaca.jsonl")}},
+                {"name": "sort", "dataset": {"path": str(DEMO_DATA / "sort.messages.jsonl"), "format": "messages"}},
+            ],
+            "apply": {"device": "cpu"},
+            "merge": {"device": "cpu", "engine": "fused"},
+            "evaluate": {
+                "device": "cpu",
+                "batch_size": 4,
+                "generate": True,
+                "max_new_tokens": 4,
+                "max_samples": 6,
+                "retention": [
+                    {"name": "copy", "dataset": {"path": str(DEMO_DATA / "copy.messages.jsonl"), "format": "messages"}}
+                ],
+                "lm_eval": {"tasks": ["hellaswag"]},
+                **evaluate_settings,
+            },
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +123,10 @@ def test_stage_writes_a_row_per_model_and_a_column_per_set(lineage, live_models,
     report = json.loads((out / "report.json").read_text())
     assert report["models"] == summary["models"] == models
     assert [(s["name"], s["kind"], s["rows"]) for s in report["sets"]] == [
-        ("reverse", "held-out", 6), ("sort", "held-out", 6), ("copy", "retention", 6)]
+        ("reverse", "held-out", 6),
+        ("sort", "held-out", 6),
+        ("copy", "retention", 6),
+    ]
     for model in models:
         for name in ("reverse", "sort", "copy"):
             result = report["results"][model][name]
@@ -131,9 +154,13 @@ def test_adapted_model_on_the_fly_equals_the_saved_one(lineage, tiny_models, dty
     saved_dir = inputs.path("apply", "sort")
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["base"])
     settings = recipe.evaluate.model_copy(update={"generate": False, "dtype": dtype, "lm_eval": LmEvalConfig()})
-    evaluation = Evaluation(config=settings,
-                            device=torch.device("cpu"), tokenizer=tokenizer, stop_ids=[tokenizer.eos_token_id],
-                            pad_id=tokenizer.pad_token_id)
+    evaluation = Evaluation(
+        config=settings,
+        device=torch.device("cpu"),
+        tokenizer=tokenizer,
+        stop_ids=[tokenizer.eos_token_id],
+        pad_id=tokenizer.pad_token_id,
+    )
     sets = [held_out_set("sort", inputs.path("prepare", "sort"), None)]
     results, _ = evaluate_lineage([on_the_fly, ModelSpec("saved", "adapted", saved_dir)], sets, evaluation)
     assert results["adapted:sort"]["sort"]["loss"] == results["saved"]["sort"]["loss"]
@@ -143,11 +170,18 @@ def test_stage_contract(lineage):
     recipe = lineage["recipe"]
     assert list(STAGES)[list(STAGES).index("merge") + 1] == "evaluate"
     assert evaluate.items(recipe) == [""]
-    assert evaluate.items(recipe.model_copy(update={"evaluate": recipe.evaluate.model_copy(
-        update={"enabled": False})})) == []
+    assert (
+        evaluate.items(recipe.model_copy(update={"evaluate": recipe.evaluate.model_copy(update={"enabled": False})}))
+        == []
+    )
     assert evaluate.STAGE.output_path(recipe, "") == Path(recipe.output_dir) / "evaluate"
     assert [ref.label for ref in evaluate.depends_on(recipe, "")] == [
-        "merge", "prepare.reverse", "prepare.sort", "apply.reverse", "apply.sort"]
+        "merge",
+        "prepare.reverse",
+        "prepare.sort",
+        "apply.reverse",
+        "apply.sort",
+    ]
     unsaved = recipe.model_copy(update={"apply": recipe.apply.model_copy(update={"save": False})})
     assert evaluate.depends_on(unsaved, "")[-2:] == [StageRef("archive", "reverse"), StageRef("archive", "sort")]
     assert evaluate.config(recipe, "") != evaluate.config(unsaved, ""), "on-the-fly models depend on apply.dtype"
@@ -157,8 +191,11 @@ def test_retention_data_under_home_is_fingerprinted_by_content(tiny_models, tmp_
     monkeypatch.setenv("HOME", str(tmp_path))
     data = tmp_path / "copy.messages.jsonl"
     data.write_bytes((DEMO_DATA / "copy.messages.jsonl").read_bytes())
-    recipe = make_recipe(tiny_models, tmp_path, retention=[
-        {"name": "copy", "dataset": {"path": "~/copy.messages.jsonl", "format": "messages"}}])
+    recipe = make_recipe(
+        tiny_models,
+        tmp_path,
+        retention=[{"name": "copy", "dataset": {"path": "~/copy.messages.jsonl", "format": "messages"}}],
+    )
     before = evaluate.config(recipe, "")
     data.write_text(data.read_text().replace("a", "b"))
     assert evaluate.config(recipe, "") != before

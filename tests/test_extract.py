@@ -32,8 +32,9 @@ def make_finetune(base_dir, out_dir, seed=0):
     for name, tensor in tensors.items():
         if name.endswith("proj.weight"):
             rows, columns = tensor.shape
-            delta = torch.randn(rows, TRUE_RANK, generator=generator) @ torch.randn(TRUE_RANK, columns,
-                                                                                    generator=generator)
+            delta = torch.randn(rows, TRUE_RANK, generator=generator) @ torch.randn(
+                TRUE_RANK, columns, generator=generator
+            )
             tensors[name] = (tensor.float() + 0.005 * delta).to(tensor.dtype)
         elif name in CHANGED_ELSEWHERE:
             tensors[name] = tensor + 0.01
@@ -76,11 +77,23 @@ def extracted(tmp_path_factory, tiny_models):
     root = tmp_path_factory.mktemp("extract")
     finetune = make_finetune(tiny_models["base"], root / "finetune")
     archive = root / "archive"
-    path, written = extract_adapter(archive, str(finetune), str(tiny_models["base"]), "extracted", rank=8,
-                                    target_model=str(tiny_models["target"]), device="cpu")
+    path, written = extract_adapter(
+        archive,
+        str(finetune),
+        str(tiny_models["base"]),
+        "extracted",
+        rank=8,
+        target_model=str(tiny_models["target"]),
+        device="cpu",
+    )
     assert written
-    return {"root": root, "finetune": finetune, "archive": archive, "adapter": path,
-            "deltas": stored_deltas(finetune, tiny_models["base"])}
+    return {
+        "root": root,
+        "finetune": finetune,
+        "archive": archive,
+        "adapter": path,
+        "deltas": stored_deltas(finetune, tiny_models["base"]),
+    }
 
 
 def test_extracted_adapter_reconstructs_the_finetune(extracted, tiny_models):
@@ -109,8 +122,9 @@ def test_embeddings_norms_and_biases_are_left_out_and_reported(extracted):
 
 
 def test_lower_rank_error_is_what_the_discarded_singular_values_hold(extracted, tiny_models):
-    path, _ = extract_adapter(extracted["archive"], str(extracted["finetune"]), str(tiny_models["base"]),
-                              "rank-two", rank=2, device="cpu")
+    path, _ = extract_adapter(
+        extracted["archive"], str(extracted["finetune"]), str(tiny_models["base"]), "rank-two", rank=2, device="cpu"
+    )
     errors = verify_adapter(path)["extraction"]["reconstruction_error"]
     for module, error in errors.items():
         best = best_possible_error(extracted["deltas"][f"{module}.weight"], 2)
@@ -121,8 +135,20 @@ def test_lower_rank_error_is_what_the_discarded_singular_values_hold(extracted, 
 def test_extracting_again_is_a_no_op(extracted, tiny_models, capsys):
     """The same fine-tune at the same rank gives the same bytes, so the append-only archive accepts it as done
     (a conflicting name is tested with `add` in test_archive_cli.py: it is the same store function)."""
-    args = ["extract", str(extracted["archive"]), "--model", str(extracted["finetune"]), "--base",
-            str(tiny_models["base"]), "--rank", "8", "--name", "extracted", "--device", "cpu"]
+    args = [
+        "extract",
+        str(extracted["archive"]),
+        "--model",
+        str(extracted["finetune"]),
+        "--base",
+        str(tiny_models["base"]),
+        "--rank",
+        "8",
+        "--name",
+        "extracted",
+        "--device",
+        "cpu",
+    ]
     before = (extracted["adapter"] / "manifest.json").read_bytes()
     assert archive_cli(args) == 0
     assert "already archived with identical files" in capsys.readouterr().out
@@ -131,10 +157,16 @@ def test_extracting_again_is_a_no_op(extracted, tiny_models, capsys):
 
 def test_extracted_adapter_goes_through_apply_and_merge(extracted, tiny_models):
     output_dir = extracted["root"] / "run"
-    recipe = {"name": "extracted-merge", "output_dir": str(output_dir), "base_model": str(tiny_models["base"]),
-              "target_model": str(tiny_models["target"]), "archive_dir": str(extracted["archive"]),
-              "apply": {"device": "cpu"}, "merge": {"adapters": ["extracted"], "device": "cpu"},
-              "evaluate": {"enabled": False}}
+    recipe = {
+        "name": "extracted-merge",
+        "output_dir": str(output_dir),
+        "base_model": str(tiny_models["base"]),
+        "target_model": str(tiny_models["target"]),
+        "archive_dir": str(extracted["archive"]),
+        "apply": {"device": "cpu"},
+        "merge": {"adapters": ["extracted"], "device": "cpu"},
+        "evaluate": {"enabled": False},
+    }
     recipe_file = extracted["root"] / "recipe.yaml"
     recipe_file.write_text(yaml.safe_dump(recipe))
     assert run_pipeline([str(recipe_file), "--from", "apply"]) == 0

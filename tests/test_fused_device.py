@@ -22,8 +22,13 @@ def test_each_distinct_input_goes_to_the_device_once(tiny_models, archive, monke
         return result
 
     adapters = {f"/apply/{name}": archive / name for name in ADAPTERS}
-    with FusedInputs(base_dir=tiny_models["base"], target_dir=tiny_models["target"], apply_dtype="bfloat16",
-                     adapters=adapters, device="meta") as inputs:
+    with FusedInputs(
+        base_dir=tiny_models["base"],
+        target_dir=tiny_models["target"],
+        apply_dtype="bfloat16",
+        adapters=adapters,
+        device="meta",
+    ) as inputs:
         by_name = {item.weight.name: item for item in inputs.planned}
         touched = {name: [a for a in ADAPTERS if name in load_adapter(archive / a).modules] for name in by_name}
         untouched_name = next(name for name, users in touched.items() if not users and by_name[name].base_name)
@@ -39,6 +44,9 @@ def test_each_distinct_input_goes_to_the_device_once(tiny_models, archive, monke
             # plus, when an adapter touches it, the target once in float32 for the LoRA sums (each adapted result
             # is made on the device and stays there). Before: one more copy per adapter.
             assert len(full) == (2 if name == untouched_name else 3), (name, transfers)
-            sharing = [adapters_path for adapters_path, _ in adapters.items()
-                       if adapters_path.rsplit("/", 1)[1] not in touched[name]]
+            sharing = [
+                adapters_path
+                for adapters_path, _ in adapters.items()
+                if adapters_path.rsplit("/", 1)[1] not in touched[name]
+            ]
             assert {id(values[path]) for path in sharing} == {id(values["target"])}

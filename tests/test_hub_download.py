@@ -16,8 +16,10 @@ import pytest
 from pipeline.models.hub import ModelNotFound, resolve_model
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-WEIGHT_MAP = {"model.embed_tokens.weight": "model-00001-of-00002.safetensors",
-              "lm_head.weight": "model-00002-of-00002.safetensors"}
+WEIGHT_MAP = {
+    "model.embed_tokens.weight": "model-00001-of-00002.safetensors",
+    "lm_head.weight": "model-00002-of-00002.safetensors",
+}
 MISTRAL_STYLE_REPO = {
     "config.json": b'{"model_type": "mistral", "rope_theta": 1000000.0}',
     "generation_config.json": b"{}",
@@ -36,9 +38,17 @@ MISTRAL_STYLE_REPO = {
     "modeling_custom.py": b"# remote code",
     "README.md": b"# card",
 }
-EXPECTED = {"config.json", "generation_config.json", "model.safetensors.index.json",
-            "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "tokenizer.json",
-            "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"}
+EXPECTED = {
+    "config.json",
+    "generation_config.json",
+    "model.safetensors.index.json",
+    "model-00001-of-00002.safetensors",
+    "model-00002-of-00002.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+}
 
 
 class FakeHub:
@@ -51,12 +61,17 @@ class FakeHub:
     def __call__(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
         if path in (f"/api/models/{self.repo_id}/revision/main", f"/api/models/{self.repo_id}"):
-            return httpx.Response(200, json={"id": self.repo_id, "sha": COMMIT,
-                                             "siblings": [{"rfilename": name} for name in self.files]})
+            return httpx.Response(
+                200, json={"id": self.repo_id, "sha": COMMIT, "siblings": [{"rfilename": name} for name in self.files]}
+            )
         if path.startswith(f"/api/models/{self.repo_id}/tree/"):
-            return httpx.Response(200, json=[{"type": "file", "path": name, "size": len(data),
-                                              "oid": hashlib.sha1(data).hexdigest()}
-                                             for name, data in self.files.items()])
+            return httpx.Response(
+                200,
+                json=[
+                    {"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                    for name, data in self.files.items()
+                ],
+            )
         for revision in ("main", COMMIT):
             prefix = f"/{self.repo_id}/resolve/{revision}/"
             if path.startswith(prefix):
@@ -65,8 +80,11 @@ class FakeHub:
                     # As the Hub answers: the commit is named, so huggingface_hub caches that the file is absent.
                     return httpx.Response(404, headers={"X-Error-Code": "EntryNotFound", "X-Repo-Commit": COMMIT})
                 data = self.files[name]
-                headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{hashlib.sha1(data).hexdigest()}"',
-                           "Content-Length": str(len(data))}
+                headers = {
+                    "X-Repo-Commit": COMMIT,
+                    "ETag": f'"{hashlib.sha1(data).hexdigest()}"',
+                    "Content-Length": str(len(data)),
+                }
                 if request.method == "HEAD":
                     return httpx.Response(200, headers=headers)
                 self.served.append(name)
@@ -86,8 +104,13 @@ def hub(monkeypatch, tmp_path):
 
     def serve(repo_id: str, files: dict[str, bytes]) -> FakeHub:
         fake = FakeHub(repo_id, files)
-        _http.set_client_factory(lambda: httpx.Client(transport=httpx.MockTransport(fake), follow_redirects=True,
-                                                      event_hooks={"request": [_http.hf_request_event_hook]}))
+        _http.set_client_factory(
+            lambda: httpx.Client(
+                transport=httpx.MockTransport(fake),
+                follow_redirects=True,
+                event_hooks={"request": [_http.hf_request_event_hook]},
+            )
+        )
         return fake
 
     yield serve
@@ -114,8 +137,12 @@ def test_remote_code_comes_too_when_trusted(hub):
 def test_a_repo_without_an_index_gets_its_single_file_and_works_offline_afterwards(hub, monkeypatch):
     from huggingface_hub import constants
 
-    files = {"config.json": b"{}", "model.safetensors": b"weights", "consolidated.safetensors": b"again",
-             "tokenizer.json": b"{}"}
+    files = {
+        "config.json": b"{}",
+        "model.safetensors": b"weights",
+        "consolidated.safetensors": b"again",
+        "tokenizer.json": b"{}",
+    }
     hub("org/single", files)
     directory = resolve_model("org/single")
     assert downloaded(directory) == {"config.json", "model.safetensors", "tokenizer.json"}

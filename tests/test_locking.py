@@ -50,20 +50,25 @@ def hold():
 
 @pytest.fixture
 def recipe(tmp_path, tiny_models):
-    import_adapter(tmp_path / "archive", make_adapter(tiny_models["base"], tmp_path / "alpha"), "alpha",
-                   str(tiny_models["base"]))
-    recipe = {"name": "locked", "output_dir": str(tmp_path / "run"), "base_model": str(tiny_models["base"]),
-              "target_model": str(tiny_models["target"]), "archive_dir": str(tmp_path / "archive"),
-              "apply": {"device": "cpu", "save": False},
-              "merge": {"adapters": ["alpha"], "device": "cpu", "engine": "fused"},
-              "evaluate": {"enabled": False}}
+    import_adapter(
+        tmp_path / "archive", make_adapter(tiny_models["base"], tmp_path / "alpha"), "alpha", str(tiny_models["base"])
+    )
+    recipe = {
+        "name": "locked",
+        "output_dir": str(tmp_path / "run"),
+        "base_model": str(tiny_models["base"]),
+        "target_model": str(tiny_models["target"]),
+        "archive_dir": str(tmp_path / "archive"),
+        "apply": {"device": "cpu", "save": False},
+        "merge": {"adapters": ["alpha"], "device": "cpu", "engine": "fused"},
+        "evaluate": {"enabled": False},
+    }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
 
 
-def test_a_second_run_exits_at_once_naming_the_holder_and_a_dead_holders_lock_is_taken(recipe, tmp_path, hold,
-                                                                                     capsys):
+def test_a_second_run_exits_at_once_naming_the_holder_and_a_dead_holders_lock_is_taken(recipe, tmp_path, hold, capsys):
     holder = hold(tmp_path / "run" / ".lock")
     assert run_pipeline([str(recipe)]) == 1
     error = capsys.readouterr().err
@@ -85,8 +90,10 @@ def test_a_run_holds_the_archived_adapters_it_writes(tmp_path, hold):
     """Two recipes sharing an archive: the one about to archive `alpha` holds it for its whole run."""
     archived = tmp_path / "archive" / "alpha"
     holder = hold(locking.lock_file(archived))
-    with pytest.raises(locking.LockHeld, match=f"pid {holder.pid}"), locking.run_locks(tmp_path / "other-run",
-                                                                                     [archived]):
+    with (
+        pytest.raises(locking.LockHeld, match=f"pid {holder.pid}"),
+        locking.run_locks(tmp_path / "other-run", [archived]),
+    ):
         pass
     assert not (tmp_path / "other-run" / ".lock").read_text(), "the output_dir lock taken first was released"
 

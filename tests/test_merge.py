@@ -28,8 +28,13 @@ def archive_adapter(adapter: Path, archive_dir: Path, name: str, base: str) -> P
     entry.mkdir(parents=True)
     for file in ("adapter_config.json", "adapter_model.safetensors"):
         shutil.copyfile(adapter / file, entry / file)
-    manifest = {"name": name, "base_model": base, "dataset": {"path": f"data/{name}.jsonl"},
-                "train": {"lora": {"r": 8, "alpha": 16}, "learning_rate": 2e-4}, "files": file_hashes(entry)}
+    manifest = {
+        "name": name,
+        "base_model": base,
+        "dataset": {"path": f"data/{name}.jsonl"},
+        "train": {"lora": {"r": 8, "alpha": 16}, "learning_rate": 2e-4},
+        "files": file_hashes(entry),
+    }
     (entry / "manifest.json").write_text(json.dumps(manifest))
     return entry
 
@@ -38,17 +43,28 @@ def archive_adapter(adapter: Path, archive_dir: Path, name: str, base: str) -> P
 def archive(tmp_path_factory, tiny_models):
     root = tmp_path_factory.mktemp("merge_archive")
     for seed, name in enumerate(ADAPTERS):
-        adapter = make_adapter(tiny_models["base"], root / "peft" / name, seed=seed,
-                               target_modules=["q_proj", "v_proj", "down_proj"] if seed else PROJECTIONS)
+        adapter = make_adapter(
+            tiny_models["base"],
+            root / "peft" / name,
+            seed=seed,
+            target_modules=["q_proj", "v_proj", "down_proj"] if seed else PROJECTIONS,
+        )
         archive_adapter(adapter, root / "archive", name, str(tiny_models["base"]))
     return root / "archive"
 
 
 def make_recipe(tiny_models, archive, output_dir, **merge_settings) -> Recipe:
-    return Recipe.model_validate({
-        "name": "merge-test", "base_model": str(tiny_models["base"]), "target_model": str(tiny_models["target"]),
-        "output_dir": str(output_dir), "archive_dir": str(archive),
-        "apply": {"device": "cpu"}, "merge": {"device": "cpu", **merge_settings}})
+    return Recipe.model_validate(
+        {
+            "name": "merge-test",
+            "base_model": str(tiny_models["base"]),
+            "target_model": str(tiny_models["target"]),
+            "output_dir": str(output_dir),
+            "archive_dir": str(archive),
+            "apply": {"device": "cpu"},
+            "merge": {"device": "cpu", **merge_settings},
+        }
+    )
 
 
 def run_stage(stage: Stage, recipe, item) -> Path:
@@ -97,12 +113,18 @@ def test_mergekit_engine_equals_mergekit_yaml(tiny_models, archive, applied, tmp
     config = yaml.safe_load((out / "mergekit_config.yml").read_text())
     assert config["merge_method"] == "ties" and config["base_model"] == str(tiny_models["base"].resolve())
     assert [m["model"] for m in config["models"]] == [
-        *(str((applied / "apply" / name).resolve()) for name in ADAPTERS), str(tiny_models["target"].resolve())]
+        *(str((applied / "apply" / name).resolve()) for name in ADAPTERS),
+        str(tiny_models["target"].resolve()),
+    ]
     assert all(m["parameters"] == {"weight": 1.0, "density": 1.0} for m in config["models"])
     reference = tmp_path / "mergekit-yaml"
     cli = Path(sys.executable).with_name("mergekit-yaml")
-    subprocess.run([str(cli), str(out / "mergekit_config.yml"), str(reference)], check=True,
-                   env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True)
+    subprocess.run(
+        [str(cli), str(out / "mergekit_config.yml"), str(reference)],
+        check=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+    )
     assert_same_tensors(out, reference)
     lineage = json.loads((out / "lineage.json").read_text())
     assert [a["name"] for a in lineage["adapters"]] == list(ADAPTERS)
@@ -115,26 +137,33 @@ def test_merged_model_loads_with_target_tokenizer_and_generates(tiny_models, arc
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = merge_with(tiny_models, archive, applied, tmp_path, "fused")
-    tokenizer, target_tokenizer = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(
-        tiny_models["target"])
+    tokenizer, target_tokenizer = (
+        AutoTokenizer.from_pretrained(out),
+        AutoTokenizer.from_pretrained(tiny_models["target"]),
+    )
     assert tokenizer.chat_template == target_tokenizer.chat_template
     assert tokenizer.eos_token == "<|im_end|>"
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.eos_token_id == tokenizer.eos_token_id
     assert tokenizer.eos_token_id in model.generation_config.eos_token_id
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "sort\nc a b"}], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "sort\nc a b"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     generated = model.generate(**prompt, max_new_tokens=5, do_sample=False)
     assert generated.shape[1] > prompt["input_ids"].shape[1]
 
 
-@pytest.mark.parametrize("settings", [
-    {"method": "ties"},
-    {"method": "ties", "density": 0.5, "models": {"beta": {"weight": 0.7, "density": 0.8}}},
-    {"method": "task_arithmetic", "parameters": {"normalize": False}},
-    {"method": "linear", "parameters": {"normalize": True}},
-    {"method": "breadcrumbs_ties", "density": 0.9, "parameters": {"gamma": 0.01}},
-], ids=["ties", "ties-density", "task_arithmetic", "linear", "breadcrumbs_ties"])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"method": "ties"},
+        {"method": "ties", "density": 0.5, "models": {"beta": {"weight": 0.7, "density": 0.8}}},
+        {"method": "task_arithmetic", "parameters": {"normalize": False}},
+        {"method": "linear", "parameters": {"normalize": True}},
+        {"method": "breadcrumbs_ties", "density": 0.9, "parameters": {"gamma": 0.01}},
+    ],
+    ids=["ties", "ties-density", "task_arithmetic", "linear", "breadcrumbs_ties"],
+)
 def test_fused_equals_mergekit_engine(tiny_models, archive, applied, tmp_path, settings, monkeypatch):
     from pipeline.merging import fused
 
@@ -207,8 +236,16 @@ def test_fused_inputs_equal_apply_outputs_and_share_untouched_weights(tiny_model
     target = TensorReader(model_tensors(tiny_models["target"]))
     for name in ("model.norm.weight", "model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.q_proj.weight"):
         item = PlannedTensor(weight=None, t=0.0, target_name=name, base_name=None)
-        inputs = tensor_inputs(item, None, target.read(name), {n: n for n in ADAPTERS}, adapters, "bfloat16",
-                               torch.device("cpu"), torch.bfloat16)
+        inputs = tensor_inputs(
+            item,
+            None,
+            target.read(name),
+            {n: n for n in ADAPTERS},
+            adapters,
+            "bfloat16",
+            torch.device("cpu"),
+            torch.bfloat16,
+        )
         touching = [n for n in ADAPTERS if name in adapters[n].modules]
         untouched = [inputs[n] for n in ADAPTERS if n not in touching]
         assert all(value is untouched[0] for value in untouched)
@@ -244,8 +281,9 @@ def test_fused_writes_shards_as_they_fill_with_an_index(tiny_models, archive, ap
     assert_same_tensors(sharded, merge_with(tiny_models, archive, applied, tmp_path / "m", "mergekit"))
 
 
-def test_tokenizer_source_goes_to_mergekit_and_warns_when_the_vocabulary_shrinks(tiny_models, archive, applied,
-                                                                                 tmp_path):
+def test_tokenizer_source_goes_to_mergekit_and_warns_when_the_vocabulary_shrinks(
+    tiny_models, archive, applied, tmp_path
+):
     """The tiny target's embedding has more rows than its tokenizer has tokens (as Qwen2.5's 152064 vs 151665):
     mergekit rebuilds embed_tokens/lm_head to the tokenizer's length, and the summary says so."""
     from transformers import AutoTokenizer

@@ -26,15 +26,30 @@ def hub_config(model_dir: Path, dtype: str) -> dict:
     """A config.json as Qwen2-7B-Instruct has it on the Hub (transformers 4.41 keys), with the tiny model's sizes."""
     tiny = json.loads((model_dir / "config.json").read_text())
     return {
-        "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": tiny["bos_token_id"],
-        "eos_token_id": tiny["eos_token_id"], "hidden_act": "silu", "hidden_size": tiny["hidden_size"],
-        "initializer_range": 0.02, "intermediate_size": tiny["intermediate_size"], "max_position_embeddings": 32768,
-        "max_window_layers": 28, "model_type": "qwen2", "num_attention_heads": tiny["num_attention_heads"],
-        "num_hidden_layers": tiny["num_hidden_layers"], "num_key_value_heads": tiny["num_key_value_heads"],
-        "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 131072,
-        "tie_word_embeddings": tiny["tie_word_embeddings"], "torch_dtype": dtype,
-        "transformers_version": "4.41.2", "use_cache": True, "use_sliding_window": False,
-        "vocab_size": tiny["vocab_size"]}
+        "architectures": ["Qwen2ForCausalLM"],
+        "attention_dropout": 0.0,
+        "bos_token_id": tiny["bos_token_id"],
+        "eos_token_id": tiny["eos_token_id"],
+        "hidden_act": "silu",
+        "hidden_size": tiny["hidden_size"],
+        "initializer_range": 0.02,
+        "intermediate_size": tiny["intermediate_size"],
+        "max_position_embeddings": 32768,
+        "max_window_layers": 28,
+        "model_type": "qwen2",
+        "num_attention_heads": tiny["num_attention_heads"],
+        "num_hidden_layers": tiny["num_hidden_layers"],
+        "num_key_value_heads": tiny["num_key_value_heads"],
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0,
+        "sliding_window": 131072,
+        "tie_word_embeddings": tiny["tie_word_embeddings"],
+        "torch_dtype": dtype,
+        "transformers_version": "4.41.2",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vocab_size": tiny["vocab_size"],
+    }
 
 
 def hub_style_copy(model_dir: Path, out_dir: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
@@ -66,8 +81,13 @@ def hub_models(tmp_path_factory, tiny_models):
     target = hub_style_copy(tiny_models["target"], root / "target")
     adapter = make_adapter(base, root / "peft" / "alpha")
     archive_adapter(adapter, root / "archive", "alpha", str(base))
-    return {"base": base, "target": target, "adapter": adapter, "archive": root / "archive",
-            "float16_target": hub_style_copy(tiny_models["target"], root / "float16_target", torch.float16)}
+    return {
+        "base": base,
+        "target": target,
+        "adapter": adapter,
+        "archive": root / "archive",
+        "float16_target": hub_style_copy(tiny_models["target"], root / "float16_target", torch.float16),
+    }
 
 
 @pytest.mark.parametrize("dtype", ["auto", "bfloat16", "float32"])
@@ -78,10 +98,17 @@ def test_apply_keeps_the_hub_config(hub_models, tmp_path, dtype):
 
 @pytest.mark.parametrize("engine", ["mergekit", "fused"])
 def test_both_merge_engines_keep_the_target_hub_config(hub_models, tmp_path, engine):
-    recipe = Recipe.model_validate({
-        "name": "hub-config", "base_model": str(hub_models["base"]), "target_model": str(hub_models["target"]),
-        "output_dir": str(tmp_path / "run"), "archive_dir": str(hub_models["archive"]),
-        "apply": {"device": "cpu"}, "merge": {"device": "cpu", "engine": engine, "dtype": "float32"}})
+    recipe = Recipe.model_validate(
+        {
+            "name": "hub-config",
+            "base_model": str(hub_models["base"]),
+            "target_model": str(hub_models["target"]),
+            "output_dir": str(tmp_path / "run"),
+            "archive_dir": str(hub_models["archive"]),
+            "apply": {"device": "cpu"},
+            "merge": {"device": "cpu", "engine": engine, "dtype": "float32"},
+        }
+    )
     paths = {}
     if engine == "mergekit":
         applied = apply.STAGE.output_path(recipe, "alpha")

@@ -19,8 +19,15 @@ from pipeline.stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "colab" / "finetune_then_merge.ipynb"
-SMALL_RUN = ["train.max_steps=4", "train.save_steps=2", "train.warmup_steps=0", "train.logging_steps=1",
-             "evaluate.max_samples=8"]
+SMALL_RUN = [
+    "train.max_steps=4",
+    "train.save_steps=2",
+    "train.warmup_steps=0",
+    "train.logging_steps=1",
+    "evaluate.max_samples=8",
+    "search.trials=3",
+    "search.max_samples=8",
+]
 
 
 def _code_cells(nb) -> list:
@@ -147,17 +154,27 @@ def _stdout(cell) -> str:
 
 
 def _status(cell) -> list[dict]:
-    return next(o.metadata[notebook.STATUS_METADATA_KEY] for o in cell.outputs
-                if notebook.STATUS_METADATA_KEY in o.get("metadata", {}))
+    return next(
+        o.metadata[notebook.STATUS_METADATA_KEY]
+        for o in cell.outputs
+        if notebook.STATUS_METADATA_KEY in o.get("metadata", {})
+    )
 
 
 @pytest.mark.slow
 def test_notebook_runs_every_stage_then_resumes_with_nothing_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "jupyter-runtime"))
     storage = tmp_path / "drive"
-    parameters = {"RECIPE": "recipes/tiny_cpu.yaml", "MOUNT_DRIVE": False, "OUTPUT_ROOT": str(storage),
-                  "OVERRIDES": [*SMALL_RUN, "publish.dry_run=true"], "CHAT_PROMPT": "sort\nc a b",
-                  "PUSH_TO_HUB": True, "HUB_REPO_ID": "someone/tiny-cpu-merged", "PUSH_WHAT": "both"}
+    parameters = {
+        "RECIPE": "recipes/tiny_cpu.yaml",
+        "MOUNT_DRIVE": False,
+        "OUTPUT_ROOT": str(storage),
+        "OVERRIDES": [*SMALL_RUN, "publish.dry_run=true"],
+        "CHAT_PROMPT": "sort\nc a b",
+        "PUSH_TO_HUB": True,
+        "HUB_REPO_ID": "someone/tiny-cpu-merged",
+        "PUSH_WHAT": "both",
+    }
     cells = {stage: stage for stage in STAGES} | {"publish": "push"}
 
     first = _execute(tmp_path, parameters)

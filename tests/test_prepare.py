@@ -22,10 +22,17 @@ EXAMPLES = {
 
 
 def make_recipe(tiny_models, tmp_path, dataset, **top):
-    return Recipe.model_validate({
-        "name": "t", "output_dir": str(tmp_path / "run"), "base_model": str(tiny_models["base"]),
-        "target_model": str(tiny_models["target"]), "finetunes": [{"name": "ft", "dataset": dataset}],
-        "train": {"max_seq_length": 512, **top.pop("train", {})}, **top})
+    return Recipe.model_validate(
+        {
+            "name": "t",
+            "output_dir": str(tmp_path / "run"),
+            "base_model": str(tiny_models["base"]),
+            "target_model": str(tiny_models["target"]),
+            "finetunes": [{"name": "ft", "dataset": dataset}],
+            "train": {"max_seq_length": 512, **top.pop("train", {})},
+            **top,
+        }
+    )
 
 
 def run_prepare(recipe, tmp_path, name="out"):
@@ -43,16 +50,22 @@ def trained_text(tokenizer, row):
 @pytest.mark.parametrize("data_format", list(EXAMPLES))
 @pytest.mark.parametrize("chat_template", ["target", "chatml"])
 def test_each_format_end_to_end(tiny_models, tmp_path, data_format, chat_template):
-    recipe = make_recipe(tiny_models, tmp_path, {"path": str(EXAMPLES[data_format]), "format": data_format,
-                                                 "eval_size": 1}, chat_template=chat_template)
+    recipe = make_recipe(
+        tiny_models,
+        tmp_path,
+        {"path": str(EXAMPLES[data_format]), "format": data_format, "eval_size": 1},
+        chat_template=chat_template,
+    )
     out, summary = run_prepare(recipe, tmp_path)
     report = json.loads((out / "report.json").read_text())
     assert summary["rejected"] == 0 and summary["kept"] == summary["rows_in"] >= 5
     assert (summary["train_rows"], summary["eval_rows"]) == (summary["kept"] - 1, 1)
     assert report["end_of_turn_token"] == "<|im_end|>" and report["token_length"]["max"] > 0
     assert (out / "template.jinja").read_text() == (
-        (TEMPLATES_DIR / "chatml.jinja").read_text() if chat_template == "chatml"
-        else AutoTokenizer.from_pretrained(tiny_models["target"]).chat_template)
+        (TEMPLATES_DIR / "chatml.jinja").read_text()
+        if chat_template == "chatml"
+        else AutoTokenizer.from_pretrained(tiny_models["target"]).chat_template
+    )
     base = AutoTokenizer.from_pretrained(tiny_models["base"])
     rows = list(load_from_disk(out / "train")) + list(load_from_disk(out / "eval"))
     for row in rows:
@@ -68,15 +81,30 @@ def test_each_format_end_to_end(tiny_models, tmp_path, data_format, chat_templat
 
 def test_alpaca_fields_columns_and_system_prompt(tiny_models, tmp_path):
     source = tmp_path / "renamed.jsonl"
-    source.write_text(json.dumps({"prompt": "Add.", "extra": "2 + 3", "answer": "5"}) + "\n"
-                      + json.dumps({"prompt": "Say hi.", "extra": "", "answer": "hi"}) + "\n")
-    recipe = make_recipe(tiny_models, tmp_path, {
-        "path": str(source), "format": "alpaca", "eval_size": 0, "system_prompt": "You add numbers.",
-        "columns": {"instruction": "prompt", "input": "extra", "output": "answer"}})
+    source.write_text(
+        json.dumps({"prompt": "Add.", "extra": "2 + 3", "answer": "5"})
+        + "\n"
+        + json.dumps({"prompt": "Say hi.", "extra": "", "answer": "hi"})
+        + "\n"
+    )
+    recipe = make_recipe(
+        tiny_models,
+        tmp_path,
+        {
+            "path": str(source),
+            "format": "alpaca",
+            "eval_size": 0,
+            "system_prompt": "You add numbers.",
+            "columns": {"instruction": "prompt", "input": "extra", "output": "answer"},
+        },
+    )
     out, _ = run_prepare(recipe, tmp_path)
     rows = list(load_from_disk(out / "train"))
-    assert rows[0]["messages"] == [{"role": "system", "content": "You add numbers."},
-                                   {"role": "user", "content": "Add.\n2 + 3"}, {"role": "assistant", "content": "5"}]
+    assert rows[0]["messages"] == [
+        {"role": "system", "content": "You add numbers."},
+        {"role": "user", "content": "Add.\n2 + 3"},
+        {"role": "assistant", "content": "5"},
+    ]
     assert rows[1]["messages"][1] == {"role": "user", "content": "Say hi."}
     assert len(load_from_disk(out / "eval")) == 0
 
@@ -87,8 +115,9 @@ def test_parquet_and_directory_sources(tiny_models, tmp_path):
     folder.mkdir()
     pd.DataFrame(rows[:3]).to_parquet(folder / "part-0.parquet")
     pd.DataFrame(rows[3:]).to_parquet(folder / "part-1.parquet")
-    _out, summary = run_prepare(make_recipe(tiny_models, tmp_path, {"path": str(folder), "format": "messages",
-                                                                   "eval_size": 0}), tmp_path)
+    _out, summary = run_prepare(
+        make_recipe(tiny_models, tmp_path, {"path": str(folder), "format": "messages", "eval_size": 0}), tmp_path
+    )
     assert summary["kept"] == len(rows)
     (folder / "notes.csv").write_text("text\nx\n")
     with pytest.raises(RecipeError, match="mixes file types"):
@@ -96,17 +125,24 @@ def test_parquet_and_directory_sources(tiny_models, tmp_path):
 
 
 def test_train_on_everything_when_not_responses_only(tiny_models, tmp_path):
-    recipe = make_recipe(tiny_models, tmp_path, {"path": str(EXAMPLES["sharegpt"]), "format": "sharegpt",
-                                                 "eval_size": 0}, train={"train_on_responses_only": False})
+    recipe = make_recipe(
+        tiny_models,
+        tmp_path,
+        {"path": str(EXAMPLES["sharegpt"]), "format": "sharegpt", "eval_size": 0},
+        train={"train_on_responses_only": False},
+    )
     out, _ = run_prepare(recipe, tmp_path)
     assert all(set(row["assistant_masks"]) == {1} for row in load_from_disk(out / "train"))
 
 
 def test_split_is_deterministic_for_a_seed(tiny_models, tmp_path):
     def eval_texts(seed, name):
-        recipe = make_recipe(tiny_models, tmp_path, {"path": str(TEMPLATES_DIR / "demo" / "sort.messages.jsonl"),
-                                                     "format": "messages", "eval_size": 0.1},
-                             train={"seed": seed})
+        recipe = make_recipe(
+            tiny_models,
+            tmp_path,
+            {"path": str(TEMPLATES_DIR / "demo" / "sort.messages.jsonl"), "format": "messages", "eval_size": 0.1},
+            train={"seed": seed},
+        )
         out, _ = run_prepare(recipe, tmp_path, name)
         return [row["text"] for row in load_from_disk(out / "eval")]
 
@@ -117,15 +153,25 @@ def test_split_is_deterministic_for_a_seed(tiny_models, tmp_path):
 
 def test_overlength_drop_and_truncate(tiny_models, tmp_path):
     source = tmp_path / "long.jsonl"
-    source.write_text(json.dumps({"instruction": "Repeat.", "output": "a b " * 200}) + "\n"
-                      + json.dumps({"instruction": "Short.", "output": "ok"}) + "\n")
+    source.write_text(
+        json.dumps({"instruction": "Repeat.", "output": "a b " * 200})
+        + "\n"
+        + json.dumps({"instruction": "Short.", "output": "ok"})
+        + "\n"
+    )
     dataset = {"path": str(source), "format": "alpaca", "eval_size": 0, "max_reject_fraction": 0.5}
-    out, summary = run_prepare(make_recipe(tiny_models, tmp_path, {**dataset, "overlength": "drop"},
-                                           train={"max_seq_length": 64}), tmp_path, "drop")
+    out, summary = run_prepare(
+        make_recipe(tiny_models, tmp_path, {**dataset, "overlength": "drop"}, train={"max_seq_length": 64}),
+        tmp_path,
+        "drop",
+    )
     assert summary["kept"] == 1
     assert json.loads((out / "rejected.jsonl").read_text())["reason"] == "overlength"
-    out, summary = run_prepare(make_recipe(tiny_models, tmp_path, {**dataset, "overlength": "truncate"},
-                                           train={"max_seq_length": 64}), tmp_path, "truncate")
+    out, summary = run_prepare(
+        make_recipe(tiny_models, tmp_path, {**dataset, "overlength": "truncate"}, train={"max_seq_length": 64}),
+        tmp_path,
+        "truncate",
+    )
     lengths = [len(row["input_ids"]) for row in load_from_disk(out / "train")]
     assert summary["kept"] == 2 and max(lengths) == 64
     assert json.loads((out / "report.json").read_text())["truncated"] == 1

@@ -12,10 +12,16 @@ from tests.test_prepare import EXAMPLES
 
 
 def write_recipe(tmp_path, tiny_models, data_format="messages"):
-    recipe = {"name": "t", "output_dir": str(tmp_path / "run"), "base_model": str(tiny_models["base"]),
-              "target_model": str(tiny_models["target"]),
-              "finetunes": [{"name": "ft", "dataset": {"path": str(EXAMPLES[data_format]), "format": data_format,
-                                                       "eval_size": 0}}], "train": {"max_seq_length": 512}}
+    recipe = {
+        "name": "t",
+        "output_dir": str(tmp_path / "run"),
+        "base_model": str(tiny_models["base"]),
+        "target_model": str(tiny_models["target"]),
+        "finetunes": [
+            {"name": "ft", "dataset": {"path": str(EXAMPLES[data_format]), "format": data_format, "eval_size": 0}}
+        ],
+        "train": {"max_seq_length": 512},
+    }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
@@ -51,8 +57,10 @@ def test_an_untrained_end_of_turn_token_is_reported(tiny_models, tmp_path, capsy
     end_of_turn_id = AutoTokenizer.from_pretrained(tiny_models["base"]).convert_tokens_to_ids("<|im_end|>")
 
     def forget_end_of_turn(row):
-        row["assistant_masks"] = [0 if token == end_of_turn_id else m
-                                  for token, m in zip(row["input_ids"], row["assistant_masks"], strict=True)]
+        row["assistant_masks"] = [
+            0 if token == end_of_turn_id else m
+            for token, m in zip(row["input_ids"], row["assistant_masks"], strict=True)
+        ]
         return row
 
     broken = train.map(forget_end_of_turn)

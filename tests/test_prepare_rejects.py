@@ -19,10 +19,20 @@ BAD_ROWS = {
     "empty_turn": {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}]},
     "no_user_turn": {"messages": [{"role": "assistant", "content": "x"}]},
     "no_reply": {"messages": [{"role": "user", "content": "hi"}]},
-    "consecutive_turns": {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"},
-                                       {"role": "assistant", "content": "b"}]},
-    "misplaced_system": {"messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "s"},
-                                      {"role": "assistant", "content": "b"}]},
+    "consecutive_turns": {
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "a"},
+            {"role": "assistant", "content": "b"},
+        ]
+    },
+    "misplaced_system": {
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "system", "content": "s"},
+            {"role": "assistant", "content": "b"},
+        ]
+    },
 }
 
 
@@ -32,13 +42,15 @@ def write_rows(path, rows, extra_lines=()):
 
 def test_every_reason_is_reported_with_its_row(tiny_models, tmp_path):
     rows = [GOOD, *BAD_ROWS.values()]
-    rows += [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
-             for i in range(8)]
+    rows += [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]} for i in range(8)
+    ]
     rows.append(GOOD)  # an exact duplicate of row 0
     source = tmp_path / "mixed.jsonl"
     write_rows(source, rows, extra_lines=["{not json\n"])
-    recipe = make_recipe(tiny_models, tmp_path, {"path": str(source), "format": "messages", "eval_size": 0,
-                                                 "max_reject_fraction": 0.6})
+    recipe = make_recipe(
+        tiny_models, tmp_path, {"path": str(source), "format": "messages", "eval_size": 0, "max_reject_fraction": 0.6}
+    )
     out, _summary = run_prepare(recipe, tmp_path)
     rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
     expected = {index + 1: reason for index, reason in enumerate(BAD_ROWS)} | {len(rows): "invalid_json"}
@@ -53,17 +65,29 @@ def test_every_reason_is_reported_with_its_row(tiny_models, tmp_path):
 
 def test_consecutive_user_turns_are_joined(tiny_models, tmp_path):
     source = tmp_path / "split_user.jsonl"
-    write_rows(source, [{"messages": [{"role": "user", "content": "part one"}, {"role": "user", "content": "two"},
-                                      {"role": "assistant", "content": "ok"}]}])
-    out, _ = run_prepare(make_recipe(tiny_models, tmp_path, {"path": str(source), "format": "messages",
-                                                             "eval_size": 0}), tmp_path)
+    write_rows(
+        source,
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": "part one"},
+                    {"role": "user", "content": "two"},
+                    {"role": "assistant", "content": "ok"},
+                ]
+            }
+        ],
+    )
+    out, _ = run_prepare(
+        make_recipe(tiny_models, tmp_path, {"path": str(source), "format": "messages", "eval_size": 0}), tmp_path
+    )
     assert load_from_disk(out / "train")[0]["messages"][0] == {"role": "user", "content": "part one\ntwo"}
 
 
 def test_too_many_rejects_fail_with_reasons_and_examples(tiny_models, tmp_path):
     source = tmp_path / "wrong_format.jsonl"
-    write_rows(source, [{"question": f"q{i}", "answer": "a"} for i in range(10)] + [
-        {"instruction": "fine", "output": "ok"}])
+    write_rows(
+        source, [{"question": f"q{i}", "answer": "a"} for i in range(10)] + [{"instruction": "fine", "output": "ok"}]
+    )
     recipe = make_recipe(tiny_models, tmp_path, {"path": str(source), "format": "alpaca"})
     prepare.check(recipe, "ft")
     out = tmp_path / "out"

@@ -35,13 +35,20 @@ def published(tmp_path_factory, tiny_models):
     """Two imported adapters, applied and merged, then published with `what: both` as a dry run."""
     root = tmp_path_factory.mktemp("publish")
     for seed, name in enumerate(("alpha", "beta")):
-        import_adapter(root / "archive", make_adapter(tiny_models["base"], root / name, seed=seed), name,
-                       str(tiny_models["base"]))
-    recipe = {"name": "publish-test", "output_dir": str(root / "run"), "base_model": str(tiny_models["base"]),
-              "target_model": str(tiny_models["target"]), "archive_dir": str(root / "archive"),
-              "apply": {"device": "cpu"}, "merge": {"adapters": ["alpha", "beta"], "device": "cpu"},
-              "evaluate": {"enabled": False},
-              "publish": {"repo_id": REPO_ID, "what": "both", "dry_run": True}}
+        import_adapter(
+            root / "archive", make_adapter(tiny_models["base"], root / name, seed=seed), name, str(tiny_models["base"])
+        )
+    recipe = {
+        "name": "publish-test",
+        "output_dir": str(root / "run"),
+        "base_model": str(tiny_models["base"]),
+        "target_model": str(tiny_models["target"]),
+        "archive_dir": str(root / "archive"),
+        "apply": {"device": "cpu"},
+        "merge": {"adapters": ["alpha", "beta"], "device": "cpu"},
+        "evaluate": {"enabled": False},
+        "publish": {"repo_id": REPO_ID, "what": "both", "dry_run": True},
+    }
     (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     assert run_pipeline([str(root / "recipe.yaml"), "--from", "apply"]) == 0
     return {"root": root, "recipe": root / "recipe.yaml", "run": root / "run", "folder": root / "run" / "publish"}
@@ -54,8 +61,11 @@ def front_matter(card: str) -> dict:
 def test_dry_run_writes_the_folder_that_would_be_uploaded(published):
     folder, merged = published["folder"], published["run"] / "merge"
     merged_files = sorted(p.name for p in merged.iterdir() if p.is_file() and not p.name.startswith("."))
-    adapters = [f"adapters/{name}/{file}" for name in ("alpha", "beta")
-                for file in ("adapter_config.json", "adapter_model.safetensors")]
+    adapters = [
+        f"adapters/{name}/{file}"
+        for name in ("alpha", "beta")
+        for file in ("adapter_config.json", "adapter_model.safetensors")
+    ]
     assert published_files(folder) == sorted(merged_files + adapters)  # README.md replaced, no manifests
     assert (folder / "model.safetensors").read_bytes() == (merged / "model.safetensors").read_bytes()
     archived = published["root"] / "archive" / "alpha" / "adapter_model.safetensors"
@@ -93,8 +103,9 @@ def test_evaluation_report_goes_into_the_card(published, tmp_path):
     recipe = load_recipe(published["recipe"])
     out = tmp_path / "publish"
     out.mkdir()
-    publish.run(recipe, "", out, Inputs({StageRef("merge"): published["run"] / "merge",
-                                          StageRef("evaluate"): evaluate_dir}))
+    publish.run(
+        recipe, "", out, Inputs({StageRef("merge"): published["run"] / "merge", StageRef("evaluate"): evaluate_dir})
+    )
     card = (out / "README.md").read_text()
     assert "## Evaluation\n\nFrom ftmerge's evaluate stage" in card and table.strip() in card
     assert "# Evaluation of" not in card and "![evaluation chart](evaluation.png)" in card
@@ -122,26 +133,45 @@ def test_card_front_matter_license_and_evaluation(tmp_path):
     target_dir = tmp_path / "target"
     target_dir.mkdir()
     (target_dir / "README.md").write_text("---\nlicense: apache-2.0\n---\n# target\n")
-    recipe = Recipe.model_validate({"name": "card", "base_model": "Qwen/Qwen2-7B",
-                                    "target_model": "Qwen/Qwen2-7B-Instruct",
-                                    "publish": {"repo_id": REPO_ID, "what": "merged"}})
-    lineage = {"base": "Qwen/Qwen2-7B", "target": "Qwen/Qwen2-7B-Instruct", "engine": "fused",
-               "mergekit_config": {"merge_method": "ties"}, "versions": {"mergekit": "0.1.5"},
-               "adapters": [{"name": "chat", "dataset": "org/chat-data", "sha256": "ab" * 32, "train": "r=64"},
-                            {"name": "math", "dataset": None, "sha256": "cd" * 32, "train": ""}]}
-    manifests = {"chat": {"kind": "trained"},
-                 "math": {"kind": "extracted", "extraction": {"model": "org/math-ft", "rank": 32,
-                                                              "reconstruction_error_max": 0.125}}}
+    recipe = Recipe.model_validate(
+        {
+            "name": "card",
+            "base_model": "Qwen/Qwen2-7B",
+            "target_model": "Qwen/Qwen2-7B-Instruct",
+            "publish": {"repo_id": REPO_ID, "what": "merged"},
+        }
+    )
+    lineage = {
+        "base": "Qwen/Qwen2-7B",
+        "target": "Qwen/Qwen2-7B-Instruct",
+        "engine": "fused",
+        "mergekit_config": {"merge_method": "ties"},
+        "versions": {"mergekit": "0.1.5"},
+        "adapters": [
+            {"name": "chat", "dataset": "org/chat-data", "sha256": "ab" * 32, "train": "r=64"},
+            {"name": "math", "dataset": None, "sha256": "cd" * 32, "train": ""},
+        ],
+    }
+    manifests = {
+        "chat": {"kind": "trained"},
+        "math": {
+            "kind": "extracted",
+            "extraction": {"model": "org/math-ft", "rank": 32, "reconstruction_error_max": 0.125},
+        },
+    }
     table = "| model | chat (fine-tune) |\n|---|---:|\n| merged | **1.234** |\n"
-    card = model_card(recipe, lineage, "merge_method: ties\n", manifests, table,
-                      find_license(target_dir, recipe.target_model))
+    card = model_card(
+        recipe, lineage, "merge_method: ties\n", manifests, table, find_license(target_dir, recipe.target_model)
+    )
     meta = front_matter(card)
     assert meta["license"] == "apache-2.0"
     assert meta["base_model"] == ["Qwen/Qwen2-7B-Instruct", "Qwen/Qwen2-7B"]
     assert meta["base_model_relation"] == "merge"
     assert "| chat | trained | dataset `org/chat-data` |" in card
-    assert ("| math | extracted | extracted from `org/math-ft` at rank 32 (max relative reconstruction error 0.125) |"
-            in card)
+    assert (
+        "| math | extracted | extracted from `org/math-ft` at rank 32 (max relative reconstruction error 0.125) |"
+        in card
+    )
     assert "## Evaluation" in card and table.strip() in card
     assert find_license(tmp_path / "no-card", "./not-a-hub-id") is None
 
@@ -194,17 +224,39 @@ class FakeHub:
             return httpx.Response(200, json={})
         if path == f"/api/models/{REPO_ID}/preupload/main":
             files = json.loads(request.content)["files"]
-            return httpx.Response(200, json={"files": [
-                {"path": f["path"], "uploadMode": "lfs" if f["path"].endswith(".safetensors") else "regular",
-                 "shouldIgnore": False} for f in files]})
+            return httpx.Response(
+                200,
+                json={
+                    "files": [
+                        {
+                            "path": f["path"],
+                            "uploadMode": "lfs" if f["path"].endswith(".safetensors") else "regular",
+                            "shouldIgnore": False,
+                        }
+                        for f in files
+                    ]
+                },
+            )
         if path == f"/{REPO_ID}.git/info/lfs/objects/batch":
             objects = json.loads(request.content)["objects"]
-            return httpx.Response(200, json={"transfer": "basic", "objects": [
-                {"oid": o["oid"], "size": o["size"],
-                 "actions": {"upload": {"href": f"https://storage.invalid/{o['oid']}"}}} for o in objects]})
+            return httpx.Response(
+                200,
+                json={
+                    "transfer": "basic",
+                    "objects": [
+                        {
+                            "oid": o["oid"],
+                            "size": o["size"],
+                            "actions": {"upload": {"href": f"https://storage.invalid/{o['oid']}"}},
+                        }
+                        for o in objects
+                    ],
+                },
+            )
         if path == f"/api/models/{REPO_ID}/commit/main":
-            return httpx.Response(200, json={"commitUrl": f"https://huggingface.co/{REPO_ID}/commit/0123abcd",
-                                             "commitOid": "0123abcd"})
+            return httpx.Response(
+                200, json={"commitUrl": f"https://huggingface.co/{REPO_ID}/commit/0123abcd", "commitOid": "0123abcd"}
+            )
         return httpx.Response(404, json={"error": f"not part of the fake Hub: {request.method} {path}"})
 
     def commit_lines(self) -> list[dict]:
@@ -217,8 +269,13 @@ def fake_hub(online):
     from huggingface_hub.utils import _http
 
     hub = FakeHub()
-    _http.set_client_factory(lambda: httpx.Client(transport=httpx.MockTransport(hub), follow_redirects=True,
-                                                  event_hooks={"request": [_http.hf_request_event_hook]}))
+    _http.set_client_factory(
+        lambda: httpx.Client(
+            transport=httpx.MockTransport(hub),
+            follow_redirects=True,
+            event_hooks={"request": [_http.hf_request_event_hook]},
+        )
+    )
     yield hub
     _http.set_client_factory(_http.default_client_factory)
 
@@ -229,15 +286,20 @@ def test_upload_sends_the_folder_and_never_shows_the_token(published, fake_hub, 
     code = run_pipeline([str(published["recipe"]), "--stage", "publish", "--set", "publish.dry_run=false"])
     assert code == 0
     create = next(r for r in fake_hub.requests if r.url.path == "/api/repos/create")
-    assert json.loads(create.content) == {"name": "tiny-merge", "organization": "someone", "visibility": "private",
-                                          "type": "model"}
+    assert json.loads(create.content) == {
+        "name": "tiny-merge",
+        "organization": "someone",
+        "visibility": "private",
+        "type": "model",
+    }
     hub_requests = [r for r in fake_hub.requests if r.url.host == "huggingface.co" and "agent" not in r.url.path]
     assert all(r.headers["authorization"] == f"Bearer {TOKEN}" for r in hub_requests)
 
     folder = published["folder"]
     lines = fake_hub.commit_lines()
-    inline = {line["value"]["path"]: base64.b64decode(line["value"]["content"]) for line in lines
-              if line["key"] == "file"}
+    inline = {
+        line["value"]["path"]: base64.b64decode(line["value"]["content"]) for line in lines if line["key"] == "file"
+    }
     large = {line["value"]["path"]: line["value"]["oid"] for line in lines if line["key"] == "lfsFile"}
     assert sorted([*inline, *large]) == published_files(folder)
     assert sorted(large) == [p for p in published_files(folder) if p.endswith(".safetensors")]

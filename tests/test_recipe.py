@@ -88,8 +88,10 @@ def test_python_objects_in_yaml_are_not_constructed(tmp_path):
 
 
 def test_finetune_override_typos_get_a_hint_and_every_problem_is_listed(tmp_path):
-    finetunes = [{"name": "a", "dataset": {"path": "x.jsonl"}, "train": {"lerning_rate": 1e-4}},
-                 {"name": "b", "dataset": {"path": "y.jsonl"}, "train": {"lora": {"rr": 8}, "batch_size": "two"}}]
+    finetunes = [
+        {"name": "a", "dataset": {"path": "x.jsonl"}, "train": {"lerning_rate": 1e-4}},
+        {"name": "b", "dataset": {"path": "y.jsonl"}, "train": {"lora": {"rr": 8}, "batch_size": "two"}},
+    ]
     message = error_of(_write(tmp_path, {**MINIMAL, "finetunes": finetunes}))
     assert "3 problems" in message and "(top level)" not in message
     assert "finetunes.0.train.lerning_rate: unknown key; did you mean 'learning_rate'?" in message
@@ -98,8 +100,11 @@ def test_finetune_override_typos_get_a_hint_and_every_problem_is_listed(tmp_path
 
 
 def test_finetune_names_cannot_shadow_the_runners_temporary_and_previous_copies(tmp_path):
-    finetunes = [{"name": "a", "dataset": {"path": "x.jsonl"}}, {"name": "a.partial", "dataset": {"path": "y"}},
-                 {"name": "a.old", "dataset": {"path": "z"}}]
+    finetunes = [
+        {"name": "a", "dataset": {"path": "x.jsonl"}},
+        {"name": "a.partial", "dataset": {"path": "y"}},
+        {"name": "a.old", "dataset": {"path": "z"}},
+    ]
     message = error_of(_write(tmp_path, {**MINIMAL, "finetunes": finetunes}))
     assert "finetunes.1.name" in message and "finetunes.2.name" in message and ".partial or .old" in message
 

@@ -28,20 +28,37 @@ def _stage(name: str, depends: str | None, *, resumable=False, write_once=False,
         (out / "value.txt").write_text(upstream + name)
         return {"resumed": bool(previous)}
 
-    return Stage(name=name, config=lambda recipe, item: {"setting": recipe.train.learning_rate if name == "b" else 0},
-                 depends_on=lambda recipe, item: [StageRef(depends)] if depends else [], run=run,
-                 resumable=resumable, write_once=write_once)
+    return Stage(
+        name=name,
+        config=lambda recipe, item: {"setting": recipe.train.learning_rate if name == "b" else 0},
+        depends_on=lambda recipe, item: [StageRef(depends)] if depends else [],
+        run=run,
+        resumable=resumable,
+        write_once=write_once,
+    )
 
 
 def _recipe(tmp_path: Path, learning_rate: float = 1e-4) -> Recipe:
-    return Recipe.model_validate({"name": "toy", "output_dir": str(tmp_path), "base_model": "org/base",
-                                  "target_model": "org/target", "train": {"learning_rate": learning_rate}})
+    return Recipe.model_validate(
+        {
+            "name": "toy",
+            "output_dir": str(tmp_path),
+            "base_model": "org/base",
+            "target_model": "org/target",
+            "train": {"learning_rate": learning_rate},
+        }
+    )
 
 
 def _run(recipe, stages, **kwargs):
     steps = runner.plan(recipe, stages)
-    return runner.execute(recipe, steps, runner.select(steps, kwargs.pop("only", None), kwargs.pop("start", None)),
-                          echo=lambda *_: None, **kwargs)
+    return runner.execute(
+        recipe,
+        steps,
+        runner.select(steps, kwargs.pop("only", None), kwargs.pop("start", None)),
+        echo=lambda *_: None,
+        **kwargs,
+    )
 
 
 @pytest.fixture
@@ -65,8 +82,11 @@ def test_config_change_reruns_the_stage_and_downstream_only(tmp_path, stages):
     assert _run(changed, stages) == {"a": "skipped", "b": "ran", "c": "ran"}
     steps = runner.plan(changed, stages)
     assert [runner.describe(changed, s) for s in steps] == ["done", "done", "done"]
-    assert [runner.describe(_recipe(tmp_path), s) for s in runner.plan(_recipe(tmp_path), stages)] == \
-        ["done", "stale", "stale"]
+    assert [runner.describe(_recipe(tmp_path), s) for s in runner.plan(_recipe(tmp_path), stages)] == [
+        "done",
+        "stale",
+        "stale",
+    ]
 
 
 def test_force_and_stage_selection(tmp_path, stages):

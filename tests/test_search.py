@@ -23,8 +23,7 @@ from pipeline.search.space import Space, baselines, merge_settings, suggest, wit
 from pipeline.search.study import choose, fail_abandoned, finished_trials, open_study, run_trials, sqlite_url
 
 REPO = Path(__file__).resolve().parents[1]
-SPACE = with_baselines(Space(("a", "b"), ("ties", "linear"), ("base",), (0.2, 1.5), (0.5, 1.0), (0.5, 1.0),
-                             (True,)))
+SPACE = with_baselines(Space(("a", "b"), ("ties", "linear"), ("base",), (0.2, 1.5), (0.5, 1.0), (0.5, 1.0), (True,)))
 
 
 def config_for(point: dict, adapted: dict[str, str], base: str, target: str) -> dict:
@@ -49,29 +48,56 @@ def test_judge_measures_learned_against_each_adapted_model_and_gates_on_retentio
     target = {"rev": {"exact_match": 0.1}, "copy": {"exact_match": 0.9}}
     adapted = {"rev": {"rev": {"exact_match": 0.9}, "copy": {"exact_match": 0.5}}}
     merged = {"rev": {"exact_match": 0.7}, "copy": {"exact_match": 0.81}}
-    outcome = judge(merged, target, adapted, finetunes=["rev"], retention=["copy"], metric="exact_match",
-                    tolerance=0.1)
+    outcome = judge(merged, target, adapted, finetunes=["rev"], retention=["copy"], metric="exact_match", tolerance=0.1)
     assert outcome.learned["rev"] == pytest.approx(0.75) and outcome.kept["copy"] == pytest.approx(0.9)
     assert outcome.passes and outcome.objective == pytest.approx(0.75)
-    worse = judge({**merged, "copy": {"exact_match": 0.72}}, target, adapted, finetunes=["rev"], retention=["copy"],
-                  metric="exact_match", tolerance=0.1)
+    worse = judge(
+        {**merged, "copy": {"exact_match": 0.72}},
+        target,
+        adapted,
+        finetunes=["rev"],
+        retention=["copy"],
+        metric="exact_match",
+        tolerance=0.1,
+    )
     assert not worse.passes and worse.violation == pytest.approx(0.1)
-    by_loss = judge({"rev": {"loss": 1.0}, "copy": {"loss": 0.5}}, {"rev": {"loss": 3.0}, "copy": {"loss": 0.4}},
-                    {"rev": {"rev": {"loss": 0.5}}}, finetunes=["rev"], retention=["copy"], metric="loss",
-                    tolerance=0.1)
+    by_loss = judge(
+        {"rev": {"loss": 1.0}, "copy": {"loss": 0.5}},
+        {"rev": {"loss": 3.0}, "copy": {"loss": 0.4}},
+        {"rev": {"rev": {"loss": 0.5}}},
+        finetunes=["rev"],
+        retention=["copy"],
+        metric="loss",
+        tolerance=0.1,
+    )
     assert by_loss.learned["rev"] == pytest.approx(0.8) and by_loss.kept["copy"] == pytest.approx(0.8)
     assert not by_loss.passes
 
 
-@pytest.mark.parametrize("point", [
-    baselines(ADAPTERS)["seed"],
-    baselines(ADAPTERS)["sum"],
-    {"method": "ties", "base_model": "target", "normalize": False, **{f"weight.{n}": 0.7 for n in ADAPTERS},
-     **{f"density.{n}": 0.6 for n in ADAPTERS}},
-    {"method": "dare_ties", "base_model": "base", "normalize": True, "target_weight": 0.8,
-     **{f"weight.{n}": 0.9 for n in ADAPTERS}, **{f"density.{n}": 0.7 for n in ADAPTERS}},
-    {"method": "linear", "normalize": True, "target_weight": 1.2, **{f"weight.{n}": 0.5 for n in ADAPTERS}},
-], ids=["seed", "sum", "ties-over-target", "dare_ties", "linear"])
+@pytest.mark.parametrize(
+    "point",
+    [
+        baselines(ADAPTERS)["seed"],
+        baselines(ADAPTERS)["sum"],
+        {
+            "method": "ties",
+            "base_model": "target",
+            "normalize": False,
+            **{f"weight.{n}": 0.7 for n in ADAPTERS},
+            **{f"density.{n}": 0.6 for n in ADAPTERS},
+        },
+        {
+            "method": "dare_ties",
+            "base_model": "base",
+            "normalize": True,
+            "target_weight": 0.8,
+            **{f"weight.{n}": 0.9 for n in ADAPTERS},
+            **{f"density.{n}": 0.7 for n in ADAPTERS},
+        },
+        {"method": "linear", "normalize": True, "target_weight": 1.2, **{f"weight.{n}": 0.5 for n in ADAPTERS}},
+    ],
+    ids=["seed", "sum", "ties-over-target", "dare_ties", "linear"],
+)
 def test_a_trial_merged_in_memory_equals_the_fused_merge_written_to_disk(tiny_models, archive, tmp_path, point):  # noqa: F811
     """What a trial scores is what the merge stage would write and evaluate would load (bf16 in both)."""
     from transformers import AutoModelForCausalLM
@@ -84,12 +110,16 @@ def test_a_trial_merged_in_memory_equals_the_fused_merge_written_to_disk(tiny_mo
     written = merge_with(tiny_models, archive, tmp_path, tmp_path / "disk", "fused", **settings)
     on_disk = AutoModelForCausalLM.from_pretrained(written, dtype=torch.bfloat16).state_dict()
     adapted = {name: str((Path(recipe.output_dir) / "apply" / name).resolve()) for name in ADAPTERS}
-    config = validate_mergekit_config(
-        config_for(point, adapted, str(tiny_models["base"]), str(tiny_models["target"])))
+    config = validate_mergekit_config(config_for(point, adapted, str(tiny_models["base"]), str(tiny_models["target"])))
     model = AutoModelForCausalLM.from_pretrained(tiny_models["target"], dtype=torch.bfloat16)
-    with FusedInputs(base_dir=tiny_models["base"], target_dir=tiny_models["target"], apply_dtype="bfloat16",
-                     adapters={adapted[name]: archive / name for name in ADAPTERS}, device="cpu",
-                     cache_bytes=1 << 30) as inputs:
+    with FusedInputs(
+        base_dir=tiny_models["base"],
+        target_dir=tiny_models["target"],
+        apply_dtype="bfloat16",
+        adapters={adapted[name]: archive / name for name in ADAPTERS},
+        device="cpu",
+        cache_bytes=1 << 30,
+    ) as inputs:
         for _ in range(2):  # the second merge reads every input from the cache
             load_merged(inputs, config, model)
             in_memory = model.state_dict()
@@ -106,12 +136,18 @@ def test_sum_over_the_target_adds_each_adapters_own_delta(tiny_models, archive, 
 
     adapted = {name: str(tmp_path / "apply" / name) for name in ADAPTERS}
     config = validate_mergekit_config(
-        config_for(baselines(ADAPTERS)["sum"], adapted, str(tiny_models["base"]), str(tiny_models["target"])))
+        config_for(baselines(ADAPTERS)["sum"], adapted, str(tiny_models["base"]), str(tiny_models["target"]))
+    )
     model = AutoModelForCausalLM.from_pretrained(tiny_models["target"], dtype=torch.float32)
     target = {k: v.clone() for k, v in model.state_dict().items()}
-    with FusedInputs(base_dir=tiny_models["base"], target_dir=tiny_models["target"], apply_dtype="float32",
-                     adapters={adapted[name]: archive / name for name in ADAPTERS}, device="cpu",
-                     cache_bytes=1 << 30) as inputs:
+    with FusedInputs(
+        base_dir=tiny_models["base"],
+        target_dir=tiny_models["target"],
+        apply_dtype="float32",
+        adapters={adapted[name]: archive / name for name in ADAPTERS},
+        device="cpu",
+        cache_bytes=1 << 30,
+    ) as inputs:
         expected = {k: v.clone() for k, v in target.items()}
         for name in ADAPTERS:
             load_adapted(inputs, adapted[name], model)
@@ -130,8 +166,14 @@ def cheap_point_value(point: dict) -> dict:
     weights = [value for key, value in point.items() if key.startswith("weight.")]
     objective = 1 - sum((w - 0.8) ** 2 for w in weights)
     violation = max(0.0, 0.6 - point.get("target_weight", 1.0))
-    return {"objective": objective, "violation": violation, "passes": violation == 0, "learned": {}, "kept": {},
-            "merge": merge_settings(point)}
+    return {
+        "objective": objective,
+        "violation": violation,
+        "passes": violation == 0,
+        "learned": {},
+        "kept": {},
+        "merge": merge_settings(point),
+    }
 
 
 WORKER = r"""
@@ -162,16 +204,36 @@ print(json.dumps({"done": done}))
 
 
 def start_worker(storage: str, total: int, *, pause_at: int = 0, marker: Path | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", WORKER, storage, str(total), str(Path(__file__).parent),
-                             str(pause_at), str(marker or "")], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            WORKER,
+            storage,
+            str(total),
+            str(Path(__file__).parent),
+            str(pause_at),
+            str(marker or ""),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
 
 
 def search_here(storage: str, total: int) -> list[dict]:
     study = open_study(storage, "s")
     fail_abandoned(study)
-    run_trials(study, total=total, baselines=baselines(SPACE.adapters), suggest=lambda t: suggest(t, SPACE),
-               evaluate=cheap_point_value, lock_path=Path(storage.removeprefix("sqlite:///") + ".lock"), seed=7)
+    run_trials(
+        study,
+        total=total,
+        baselines=baselines(SPACE.adapters),
+        suggest=lambda t: suggest(t, SPACE),
+        evaluate=cheap_point_value,
+        lock_path=Path(storage.removeprefix("sqlite:///") + ".lock"),
+        seed=7,
+    )
     return finished_trials(study)
 
 
@@ -210,18 +272,35 @@ def test_a_search_killed_mid_trial_resumes_to_the_same_choice(tmp_path):
     assert all(row["passes"] == (row["violation"] == 0) for row in resumed)
 
 
-SEARCH = {"trials": 5, "max_samples": 6, "metric": "loss", "retention_tolerance": 0.5,
-          "fallback": "seed", "space": {"methods": ["ties", "task_arithmetic", "linear"]}}
-RETENTION = {"retention": [{"name": "copy", "dataset": {"path": str(REPO / "data_templates/demo/copy.messages.jsonl"),
-                                                         "format": "messages", "max_samples": 8}}]}
+SEARCH = {
+    "trials": 5,
+    "max_samples": 6,
+    "metric": "loss",
+    "retention_tolerance": 0.5,
+    "fallback": "seed",
+    "space": {"methods": ["ties", "task_arithmetic", "linear"]},
+}
+RETENTION = {
+    "retention": [
+        {
+            "name": "copy",
+            "dataset": {
+                "path": str(REPO / "data_templates/demo/copy.messages.jsonl"),
+                "format": "messages",
+                "max_samples": 8,
+            },
+        }
+    ]
+}
 
 
 def search_recipe(directory: Path, tiny_models, search: dict | None = None, **changes) -> Path:
     from test_end_to_end import write_recipe
 
     evaluate = {"max_samples": 8, "batch_size": 4, **RETENTION}
-    return write_recipe(directory, tiny_models, merge={"engine": "fused"}, search=search or SEARCH,
-                        evaluate=evaluate, **changes)
+    return write_recipe(
+        directory, tiny_models, merge={"engine": "fused"}, search=search or SEARCH, evaluate=evaluate, **changes
+    )
 
 
 def completed_trials(study_db: Path) -> int:

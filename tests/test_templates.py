@@ -10,15 +10,24 @@ from pipeline.recipe import RecipeError
 
 CONVERSATIONS = [
     [{"role": "user", "content": "copy\na b c"}, {"role": "assistant", "content": "a b c"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-     {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "sort\nc a"},
-     {"role": "assistant", "content": "a c"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "sort\nc a"},
+        {"role": "assistant", "content": "a c"},
+    ],
 ]
 
 
 def settings_for(template, tokenizer):
-    return RenderSettings(data_format="messages", template=template, end_of_turn="<|im_end|>", max_length=512,
-                          template_kwargs=dict(tokenizer.special_tokens_map))
+    return RenderSettings(
+        data_format="messages",
+        template=template,
+        end_of_turn="<|im_end|>",
+        max_length=512,
+        template_kwargs=dict(tokenizer.special_tokens_map),
+    )
 
 
 @pytest.mark.parametrize("choice", ["chatml", "target"])
@@ -39,8 +48,9 @@ def test_generation_markers_give_the_same_mask_as_transformers(tiny_models):
     target = AutoTokenizer.from_pretrained(tiny_models["target"])
     template = templates.load_template("chatml", target)
     conversation = CONVERSATIONS[1]
-    expected = target.apply_chat_template(conversation, chat_template=template, return_assistant_tokens_mask=True,
-                                          return_dict=True, tokenize=True)
+    expected = target.apply_chat_template(
+        conversation, chat_template=template, return_assistant_tokens_mask=True, return_dict=True, tokenize=True
+    )
     text, spans = render(conversation, settings_for(template, target))
     encoding = target.backend_tokenizer.encode(text, add_special_tokens=False)
     assert token_mask(encoding, spans) == expected["assistant_masks"]
@@ -68,8 +78,10 @@ def test_template_choices_resolve_or_name_the_problem(tmp_path, tiny_models):
     custom = tmp_path / "mine.jinja"
     custom.write_text("{{ messages[0]['content'] }}")
     assert templates.template_file(str(custom)) == custom
-    assert templates.local_tokenizer_template(tiny_models["target"]) == AutoTokenizer.from_pretrained(
-        tiny_models["target"]).chat_template
+    assert (
+        templates.local_tokenizer_template(tiny_models["target"])
+        == AutoTokenizer.from_pretrained(tiny_models["target"]).chat_template
+    )
     templates.check_template("target", str(tiny_models["target"]))
     with pytest.raises(RecipeError, match="has no chat template"):
         templates.check_template("target", str(tmp_path))
@@ -77,7 +89,9 @@ def test_template_choices_resolve_or_name_the_problem(tmp_path, tiny_models):
 
 def test_a_template_without_markers_that_is_not_a_growing_prefix_is_refused(tiny_models):
     target = AutoTokenizer.from_pretrained(tiny_models["target"])
-    odd = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + ':\\n' + m['content'] + '<|im_end|>\\n' }}"
-           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    odd = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + ':\\n' + m['content'] + '<|im_end|>\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
     with pytest.raises(TemplateError, match="growing prefix"):
         render(CONVERSATIONS[0], settings_for(odd, target))

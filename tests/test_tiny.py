@@ -27,11 +27,13 @@ def test_tokenizers_have_chatml_tokens_and_the_right_eos(tiny_models):
 def test_models_load_generate_and_target_derives_from_base(tiny_models):
     base = AutoModelForCausalLM.from_pretrained(tiny_models["base"], dtype="auto")
     target = AutoModelForCausalLM.from_pretrained(tiny_models["target"], dtype="auto")
-    assert base.dtype == torch.bfloat16 and base.config.vocab_size >= len(AutoTokenizer.from_pretrained(
-        tiny_models["base"]))
+    assert base.dtype == torch.bfloat16 and base.config.vocab_size >= len(
+        AutoTokenizer.from_pretrained(tiny_models["base"])
+    )
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["target"])
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "copy\na b"}], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "copy\na b"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     out = target.generate(**ids, max_new_tokens=3, do_sample=False)
     assert out.shape[1] > ids["input_ids"].shape[1]
     generation = json.loads((tiny_models["target"] / "generation_config.json").read_text())
@@ -55,6 +57,7 @@ def test_shipped_demo_datasets_are_the_generators_output(tmp_path):
 
 def test_fresh_examples_are_held_out_from_every_training_set():
     """Fine-tune sets train on one side of the split; fresh examples and the retention set test on the other."""
+
     def listed(conversation):
         return conversation[0]["content"].split("\n")[1].split()
 
@@ -74,8 +77,24 @@ def test_word_tokenizer_gives_each_letter_and_instruction_one_token(tmp_path):
     messages = [{"role": "user", "content": "reverse\nc a b"}, {"role": "assistant", "content": "b a c"}]
     ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
     assert tokenizer.convert_ids_to_tokens(ids)[-17:] == [
-        "user", "Ċ", "reverse", "Ċ", "c", "Ġa", "Ġb", "<|im_end|>", "Ċ", "<|im_start|>", "assistant", "Ċ",
-        "b", "Ġa", "Ġc", "<|im_end|>", "Ċ"]
+        "user",
+        "Ċ",
+        "reverse",
+        "Ċ",
+        "c",
+        "Ġa",
+        "Ġb",
+        "<|im_end|>",
+        "Ċ",
+        "<|im_start|>",
+        "assistant",
+        "Ċ",
+        "b",
+        "Ġa",
+        "Ġc",
+        "<|im_end|>",
+        "Ċ",
+    ]
     assert tokenizer.decode(ids[-5:-1], skip_special_tokens=True) == "b a c"
 
 

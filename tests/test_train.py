@@ -19,11 +19,13 @@ WORDS = "abcdefghij"
 
 def conversation(rng: random.Random) -> list[dict]:
     words = [rng.choice(WORDS) for _ in range(rng.randint(3, 6))]
-    return [{"role": "system", "content": "You are a helpful assistant."},
-            {"role": "user", "content": "reverse\n" + " ".join(words)},
-            {"role": "assistant", "content": " ".join(words[::-1])},
-            {"role": "user", "content": "and sorted?"},
-            {"role": "assistant", "content": " ".join(sorted(words))}]
+    return [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "reverse\n" + " ".join(words)},
+        {"role": "assistant", "content": " ".join(words[::-1])},
+        {"role": "user", "content": "and sorted?"},
+        {"role": "assistant", "content": " ".join(sorted(words))},
+    ]
 
 
 def write_prepared(out_dir, tokenizer_dir, train_rows: int = 32, eval_rows: int = 8, seed: int = 0):
@@ -33,16 +35,28 @@ def write_prepared(out_dir, tokenizer_dir, train_rows: int = 32, eval_rows: int 
     rows = [chatml_row(tokenizer, conversation(rng)) for _ in range(train_rows + eval_rows)]
     Dataset.from_list(rows[:train_rows]).save_to_disk(str(out_dir / "train"))
     Dataset.from_list(rows[train_rows:]).save_to_disk(str(out_dir / "eval"))
-    (out_dir / "report.json").write_text(json.dumps({"end_of_turn_token": "<|im_end|>", "train_rows": train_rows,
-                                                      "eval_rows": eval_rows}))
+    (out_dir / "report.json").write_text(
+        json.dumps({"end_of_turn_token": "<|im_end|>", "train_rows": train_rows, "eval_rows": eval_rows})
+    )
     return out_dir
 
 
 def tiny_config(**overrides) -> TrainConfig:
-    values = {"backend": "transformers", "max_seq_length": 128, "load_in_4bit": False, "max_steps": 4,
-              "batch_size": 4, "gradient_accumulation_steps": 1, "warmup_steps": 0, "learning_rate": 1e-3,
-              "save_steps": 2, "logging_steps": 1, "optim": "adamw_torch", "gradient_checkpointing": False,
-              "lora": {"r": 8, "alpha": 16}}
+    values = {
+        "backend": "transformers",
+        "max_seq_length": 128,
+        "load_in_4bit": False,
+        "max_steps": 4,
+        "batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "warmup_steps": 0,
+        "learning_rate": 1e-3,
+        "save_steps": 2,
+        "logging_steps": 1,
+        "optim": "adamw_torch",
+        "gradient_checkpointing": False,
+        "lora": {"r": 8, "alpha": 16},
+    }
     return TrainConfig.model_validate({**values, **overrides})
 
 
@@ -119,8 +133,9 @@ def fake_gpu(monkeypatch, *, native_bf16: bool, bitsandbytes: bool = True) -> No
     """No GPU exists here: torch.cuda (and whether bitsandbytes is installed) is mocked to check the settings a GPU
     run would get. Without native bf16 (a T4, a V100) torch still answers yes unless emulation is excluded."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
-                        lambda including_emulation=True: native_bf16 or including_emulation)
+    monkeypatch.setattr(
+        torch.cuda, "is_bf16_supported", lambda including_emulation=True: native_bf16 or including_emulation
+    )
     installed = environment.is_installed
     monkeypatch.setattr(environment, "is_installed", lambda m: bitsandbytes if m == "bitsandbytes" else installed(m))
 

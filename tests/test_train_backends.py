@@ -51,8 +51,13 @@ written.with_suffix(".tmp").rename(written)
 
 
 def spec(base, prepared, workdir, **config) -> dict:
-    return {"base": str(base), "prepared": str(prepared), "workdir": str(workdir), "base_model": REAL_BASE,
-            "config": tiny_config(**config).model_dump()}
+    return {
+        "base": str(base),
+        "prepared": str(prepared),
+        "workdir": str(workdir),
+        "base_model": REAL_BASE,
+        "config": tiny_config(**config).model_dump(),
+    }
 
 
 def environment_for_subprocess() -> dict:
@@ -63,8 +68,13 @@ def run_training(job: dict, *, launcher: list[str] = (sys.executable,), timeout:
     """Rank 0's report (LABELS, METRICS), every rank's report under "ranks", and the processes' stdout."""
     reports = Path(tempfile.mkdtemp(prefix="train-reports-"))
     try:
-        completed = subprocess.run([*launcher, "-c", TRAIN_SCRIPT, json.dumps({**job, "reports": str(reports)})],
-                                   capture_output=True, text=True, env=environment_for_subprocess(), timeout=timeout)
+        completed = subprocess.run(
+            [*launcher, "-c", TRAIN_SCRIPT, json.dumps({**job, "reports": str(reports)})],
+            capture_output=True,
+            text=True,
+            env=environment_for_subprocess(),
+            timeout=timeout,
+        )
         assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
         ranks = [json.loads(path.read_text()) for path in sorted(reports.glob("rank*.json"))]
     finally:
@@ -81,7 +91,7 @@ def expected_labels(prepared, input_ids: list[int]) -> list[int]:
     from datasets import load_from_disk
 
     rows = {tuple(r["input_ids"]): r for r in load_from_disk(str(prepared / "train"))}
-    row = next(r for key, r in rows.items() if list(key) == input_ids[:len(key)])
+    row = next(r for key, r in rows.items() if list(key) == input_ids[: len(key)])
     trained = [i if bit else -100 for i, bit in zip(row["input_ids"], row["assistant_masks"], strict=True)]
     return trained + [-100] * (len(input_ids) - len(trained))
 
@@ -115,8 +125,17 @@ def assert_finished_run(workdir, *, backend: str, steps: int) -> dict:
 @pytest.mark.parametrize("backend", ["unsloth", "transformers"])
 def test_backend_trains_a_peft_adapter_naming_the_real_base(backend, tiny_models, prepared, tmp_path):
     # The recipe's GPU defaults (4-bit, 8-bit Adam): on this CPU-only machine both fall back, and say so.
-    result = run_training(spec(tiny_models["base"], prepared, tmp_path, backend=backend, eval_steps=2,
-                               load_in_4bit=True, optim="adamw_8bit"))
+    result = run_training(
+        spec(
+            tiny_models["base"],
+            prepared,
+            tmp_path,
+            backend=backend,
+            eval_steps=2,
+            load_in_4bit=True,
+            optim="adamw_8bit",
+        )
+    )
     assert "load_in_4bit: true needs a GPU" in result["stdout"] and "using adamw_torch" in result["stdout"]
     assert assert_finished_run(tmp_path, backend=backend, steps=4) == result["METRICS"]
     for ids, labels in zip(result["LABELS"]["input_ids"], result["LABELS"]["labels"], strict=True):
@@ -140,8 +159,12 @@ def test_killed_run_resumes_from_its_last_checkpoint(tiny_models, prepared, tmp_
     job = spec(tiny_models["base"], prepared, tmp_path / "work", max_steps=8, save_steps=2)
     uninterrupted = spec(tiny_models["base"], prepared, tmp_path / "reference", max_steps=8, save_steps=2)
     job_with_delay = json.dumps({**job, "step_delay": 0.3, "reports": str(tmp_path)})
-    process = subprocess.Popen([sys.executable, "-c", TRAIN_SCRIPT, job_with_delay], env=environment_for_subprocess(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-c", TRAIN_SCRIPT, job_with_delay],
+        env=environment_for_subprocess(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while not (tmp_path / "work" / "checkpoint-2" / "trainer_state.json").is_file():
         assert process.poll() is None and time.monotonic() < deadline, "no checkpoint-2 before the run ended"
@@ -173,10 +196,19 @@ def test_two_process_ddp_writes_one_adapter(tiny_models, prepared, tmp_path):
     # 32 rows, batch 4, one epoch: 8 optimizer steps alone, 4 with two data-parallel processes (each sees half).
     single = run_training(spec(tiny_models["base"], prepared, tmp_path / "single", max_steps=None, epochs=1))
     # --standalone: a local rendezvous on a free port, so two suites on one machine never collide.
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "--no-python", sys.executable]
-    ddp = run_training(spec(tiny_models["base"], prepared, tmp_path / "ddp", max_steps=None, epochs=1),
-                       launcher=launcher)
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "--no-python",
+        sys.executable,
+    ]
+    ddp = run_training(
+        spec(tiny_models["base"], prepared, tmp_path / "ddp", max_steps=None, epochs=1), launcher=launcher
+    )
     assert single["METRICS"]["steps"] == 8
     assert [rank["METRICS"]["steps"] for rank in ddp["ranks"]] == [4, 4]  # both ranks finished
     metrics = assert_finished_run(tmp_path / "ddp", backend="transformers", steps=4)

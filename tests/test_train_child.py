@@ -42,8 +42,14 @@ def children_running_training(parent: int) -> list[int]:
 
 def test_after_a_full_run_unsloth_is_not_in_the_runners_process(tmp_path, tiny_models):
     recipe = write_recipe(tmp_path, tiny_models, evaluate={"device": "cpu", "max_samples": 4, "batch_tokens": 256})
-    completed = subprocess.run([sys.executable, "-c", FULL_RUN, str(recipe)], cwd=REPO, capture_output=True,
-                               text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    completed = subprocess.run(
+        [sys.executable, "-c", FULL_RUN, str(recipe)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     outcome = json.loads(completed.stdout.strip().splitlines()[-1])
     assert outcome["code"] == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     assert outcome["unsloth"] == []
@@ -53,11 +59,19 @@ def test_after_a_full_run_unsloth_is_not_in_the_runners_process(tmp_path, tiny_m
 
 
 def test_the_childs_error_reaches_the_user_with_stage_and_item(tmp_path, tiny_models):
-    recipe = write_recipe(tmp_path, tiny_models, train={"backend": "transformers", "max_seq_length": 64,
-                                                          "load_in_4bit": False, "optim": "no_such_optimizer"})
-    completed = subprocess.run([sys.executable, "-m", "pipeline.run", str(recipe), "--stage", "prepare",
-                                "--stage", "train"], cwd=REPO, capture_output=True, text=True, timeout=600,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    recipe = write_recipe(
+        tmp_path,
+        tiny_models,
+        train={"backend": "transformers", "max_seq_length": 64, "load_in_4bit": False, "optim": "no_such_optimizer"},
+    )
+    completed = subprocess.run(
+        [sys.executable, "-m", "pipeline.run", str(recipe), "--stage", "prepare", "--stage", "train"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert completed.returncode == 1
     error = completed.stderr.strip().splitlines()[-1]
     assert error.startswith("error: stage train, item reverse: TrainingFailed: ValueError:"), error
@@ -66,12 +80,28 @@ def test_the_childs_error_reaches_the_user_with_stage_and_item(tmp_path, tiny_mo
 
 
 def test_killing_the_parent_ends_the_training_child(tmp_path, tiny_models):
-    recipe = write_recipe(tmp_path, tiny_models, train={
-        "backend": "transformers", "max_seq_length": 64, "load_in_4bit": False, "lora": {"r": 8, "alpha": 16},
-        "max_steps": 100000, "batch_size": 8, "save_steps": 100000, "optim": "adamw_torch"})
-    parent = subprocess.Popen([sys.executable, "-m", "pipeline.run", str(recipe)], cwd=REPO,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
+    recipe = write_recipe(
+        tmp_path,
+        tiny_models,
+        train={
+            "backend": "transformers",
+            "max_seq_length": 64,
+            "load_in_4bit": False,
+            "lora": {"r": 8, "alpha": 16},
+            "max_steps": 100000,
+            "batch_size": 8,
+            "save_steps": 100000,
+            "optim": "adamw_torch",
+        },
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.run", str(recipe)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 300
         while not (children := children_running_training(parent.pid)) and time.monotonic() < deadline:

@@ -13,13 +13,31 @@ from pipeline.stages import Inputs, StageRef, train
 
 def recipe_for(base, tmp_path, **train_block) -> Recipe:
     dataset = {"path": str(tmp_path / "data.jsonl"), "format": "messages"}
-    return Recipe.model_validate({
-        "name": "t", "output_dir": str(tmp_path / "run"), "base_model": str(base), "target_model": str(base),
-        "finetunes": [{"name": "one", "dataset": dataset}, {"name": "two", "dataset": dataset,
-                                                             "train": {"learning_rate": 1e-4}}],
-        "train": {"backend": "transformers", "max_seq_length": 128, "load_in_4bit": False, "max_steps": 3,
-                  "batch_size": 4, "gradient_accumulation_steps": 1, "warmup_steps": 0, "save_steps": 2,
-                  "optim": "adamw_torch", "lora": {"r": 8, "alpha": 16}, **train_block}})
+    return Recipe.model_validate(
+        {
+            "name": "t",
+            "output_dir": str(tmp_path / "run"),
+            "base_model": str(base),
+            "target_model": str(base),
+            "finetunes": [
+                {"name": "one", "dataset": dataset},
+                {"name": "two", "dataset": dataset, "train": {"learning_rate": 1e-4}},
+            ],
+            "train": {
+                "backend": "transformers",
+                "max_seq_length": 128,
+                "load_in_4bit": False,
+                "max_steps": 3,
+                "batch_size": 4,
+                "gradient_accumulation_steps": 1,
+                "warmup_steps": 0,
+                "save_steps": 2,
+                "optim": "adamw_torch",
+                "lora": {"r": 8, "alpha": 16},
+                **train_block,
+            },
+        }
+    )
 
 
 def test_items_paths_and_dependencies(tiny_models, tmp_path):

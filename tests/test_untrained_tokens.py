@@ -63,15 +63,19 @@ def base_with_untrained_chatml(tmp_path_factory, tiny_models, tiny_tokenizer_dir
 
 
 def unsloth_check(base, prepared_dir, mode: str) -> str | None:
-    completed = subprocess.run([sys.executable, "-c", UNSLOTH_CHECK, str(base), str(prepared_dir), mode],
-                               capture_output=True, text=True, env=environment_for_subprocess(), timeout=240)
+    completed = subprocess.run(
+        [sys.executable, "-c", UNSLOTH_CHECK, str(base), str(prepared_dir), mode],
+        capture_output=True,
+        text=True,
+        env=environment_for_subprocess(),
+        timeout=240,
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     return json.loads(completed.stdout.strip().splitlines()[-1])["raised"]
 
 
 @pytest.mark.slow
-def test_unsloths_gpu_check_raises_on_untrained_chatml_rows_unless_they_are_reset(base_with_untrained_chatml,
-                                                                                  prepared):  # noqa: F811
+def test_unsloths_gpu_check_raises_on_untrained_chatml_rows_unless_they_are_reset(base_with_untrained_chatml, prepared):  # noqa: F811
     assert "Untrained tokens" in unsloth_check(base_with_untrained_chatml, prepared, "as-loaded")
     assert unsloth_check(base_with_untrained_chatml, prepared, "fix") is None
 
@@ -94,8 +98,11 @@ def test_untrained_rows_become_the_mean_of_the_trained_ones(base_with_untrained_
 
 
 @pytest.mark.slow
-def test_unsloth_trains_on_a_base_whose_chatml_rows_are_untrained(base_with_untrained_chatml, prepared,  # noqa: F811
-                                                                  tmp_path):
+def test_unsloth_trains_on_a_base_whose_chatml_rows_are_untrained(
+    base_with_untrained_chatml,
+    prepared,  # noqa: F811
+    tmp_path,
+):
     result = run_training(spec(base_with_untrained_chatml, prepared, tmp_path, backend="unsloth", eval_steps=2))
     assert "untrained in the base" in result["stdout"] and all(token in result["stdout"] for token in CHATML)
     assert_finished_run(tmp_path, backend="unsloth", steps=4)

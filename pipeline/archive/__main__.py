@@ -1,10 +1,10 @@
 """`python -m pipeline.archive list|verify|add|extract|combine ARCHIVE_DIR`: look after the adapter archive.
 
-    list     table of archived adapters
-    verify   check every file's sha256
-    add      import a LoRA trained elsewhere, after checking it fits the base
-    extract  a full fine-tune's difference from its base, as a LoRA (mergekit)
-    combine  several archived adapters made into one (PEFT add_weighted_adapter)
+list     table of archived adapters
+verify   check every file's sha256
+add      import a LoRA trained elsewhere, after checking it fits the base
+extract  a full fine-tune's difference from its base, as a LoRA (mergekit)
+combine  several archived adapters made into one (PEFT add_weighted_adapter)
 """
 
 from __future__ import annotations
@@ -26,9 +26,15 @@ def list_adapters(archive_dir: Path) -> int:
     for name, manifest in archived_adapters(archive_dir).items():
         size = sum(f.stat().st_size for f in (archive_dir / name).iterdir() if f.is_file())
         eval_loss = manifest.get("metrics", {}).get("eval_loss")
-        table.add_row(name, manifest.get("kind", ""), manifest.get("base_model", ""),
-                      (manifest.get("dataset") or {}).get("path", ""), manifest.get("created", ""),
-                      f"{eval_loss:.4f}" if isinstance(eval_loss, float) else "", f"{size / 2**20:.1f} MiB")
+        table.add_row(
+            name,
+            manifest.get("kind", ""),
+            manifest.get("base_model", ""),
+            (manifest.get("dataset") or {}).get("path", ""),
+            manifest.get("created", ""),
+            f"{eval_loss:.4f}" if isinstance(eval_loss, float) else "",
+            f"{size / 2**20:.1f} MiB",
+        )
     Console(width=200).print(table)
     return 0
 
@@ -49,8 +55,11 @@ def verify(archive_dir: Path) -> int:
 
 def _archived(result: tuple[Path, bool]) -> int:
     path, written = result
-    print(f"archived {path.name}: {path}" if written else
-          f"{path.name} is already archived with identical files: nothing to do ({path})")
+    print(
+        f"archived {path.name}: {path}"
+        if written
+        else f"{path.name} is already archived with identical files: nothing to do ({path})"
+    )
     return 0
 
 
@@ -63,16 +72,36 @@ def _add(args: argparse.Namespace) -> int:
 def _extract(args: argparse.Namespace) -> int:
     from pipeline.archive.extract import extract_adapter
 
-    return _archived(extract_adapter(args.archive_dir, args.model, args.base, args.name, args.rank,
-                                     excludes=tuple(args.exclude), target_model=args.target, device=args.device,
-                                     trust_remote_code=args.trust_remote_code))
+    return _archived(
+        extract_adapter(
+            args.archive_dir,
+            args.model,
+            args.base,
+            args.name,
+            args.rank,
+            excludes=tuple(args.exclude),
+            target_model=args.target,
+            device=args.device,
+            trust_remote_code=args.trust_remote_code,
+        )
+    )
 
 
 def _combine(args: argparse.Namespace) -> int:
     from pipeline.archive.combine import combine_adapters
 
-    return _archived(combine_adapters(args.archive_dir, args.adapters, args.weights, args.name, args.method,
-                                      density=args.density, svd_rank=args.svd_rank, seed=args.seed))
+    return _archived(
+        combine_adapters(
+            args.archive_dir,
+            args.adapters,
+            args.weights,
+            args.name,
+            args.method,
+            density=args.density,
+            svd_rank=args.svd_rank,
+            seed=args.seed,
+        )
+    )
 
 
 def names(text: str) -> list[str]:
@@ -99,30 +128,43 @@ def build_parser() -> argparse.ArgumentParser:
     add.set_defaults(handler=_add)
 
     extract = commands.add_parser(
-        "extract", help="a full fine-tune minus its base, as a LoRA (mergekit)",
+        "extract",
+        help="a full fine-tune minus its base, as a LoRA (mergekit)",
         description="mergekit reads both models tensor by tensor (neither is loaded whole). Embeddings and norms are "
-                    "left out by default: they would overwrite the target's.")
+        "left out by default: they would overwrite the target's.",
+    )
     extract.add_argument("archive_dir", type=Path)
     extract.add_argument("--model", required=True, help="the fine-tuned model (Hub id or local dir)")
     extract.add_argument("--base", required=True, help=base_help)
     extract.add_argument("--rank", type=int, default=32, help="maximum LoRA rank (default 32)")
     extract.add_argument("--name", required=True, help="name in the archive, [a-z0-9._-]+")
-    extract.add_argument("--exclude", action="append", default=[], metavar="REGEX",
-                         help="also leave out modules matching REGEX (repeatable)")
+    extract.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="also leave out modules matching REGEX (repeatable)",
+    )
     extract.add_argument("--target", help="the model it is meant to be applied to, recorded in the manifest")
     extract.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     extract.add_argument("--trust-remote-code", action="store_true")
     extract.set_defaults(handler=_extract)
 
     combine = commands.add_parser(
-        "combine", help="several archived adapters into one (PEFT add_weighted_adapter)",
+        "combine",
+        help="several archived adapters into one (PEFT add_weighted_adapter)",
         description="PEFT combines adapters inside a model: this loads the base model in its stored dtype "
-                    "(on a 7B base, about 15 GB of RAM). Only the combined adapter is saved.")
+        "(on a 7B base, about 15 GB of RAM). Only the combined adapter is saved.",
+    )
     combine.add_argument("archive_dir", type=Path)
     combine.add_argument("--adapters", required=True, type=names, help="archived names, e.g. a,b")
     combine.add_argument("--weights", required=True, type=numbers, help="one per adapter, e.g. 0.6,0.4")
-    combine.add_argument("--method", default="linear", help="a PEFT combination_type: linear (same ranks), cat, "
-                         "ties, svd, ties_svd, dare_linear, dare_ties, magnitude_prune, ... (default linear)")
+    combine.add_argument(
+        "--method",
+        default="linear",
+        help="a PEFT combination_type: linear (same ranks), cat, "
+        "ties, svd, ties_svd, dare_linear, dare_ties, magnitude_prune, ... (default linear)",
+    )
     combine.add_argument("--density", type=float, help="fraction kept by ties/dare/magnitude_prune methods")
     combine.add_argument("--svd-rank", type=int, help="rank of *svd methods (default: largest source rank)")
     combine.add_argument("--seed", type=int, default=0, help="random seed for dare methods (default 0)")

@@ -18,8 +18,19 @@ from pipeline.models.hub import resolve_model
 from pipeline.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 # PEFT 0.21's combination_type values, spelled as PEFT spells them.
-COMBINATION_TYPES = ("linear", "cat", "ties", "svd", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
-                     "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
+COMBINATION_TYPES = (
+    "linear",
+    "cat",
+    "ties",
+    "svd",
+    "ties_svd",
+    "dare_linear",
+    "dare_ties",
+    "dare_linear_svd",
+    "dare_ties_svd",
+    "magnitude_prune",
+    "magnitude_prune_svd",
+)
 NEEDS_DENSITY = tuple(c for c in COMBINATION_TYPES if c.startswith(("ties", "dare", "magnitude")))
 COMBINED = "combined"
 
@@ -43,9 +54,17 @@ def common_base(manifests: dict[str, dict]) -> str:
     return next(iter(bases.values()))
 
 
-def combine_adapters(archive_dir: Path, sources: list[str], weights: list[float], name: str, method: str = "linear",
-                     *, density: float | None = None, svd_rank: int | None = None,
-                     seed: int = 0) -> tuple[Path, bool]:
+def combine_adapters(
+    archive_dir: Path,
+    sources: list[str],
+    weights: list[float],
+    name: str,
+    method: str = "linear",
+    *,
+    density: float | None = None,
+    svd_rank: int | None = None,
+    seed: int = 0,
+) -> tuple[Path, bool]:
     """Combine archived adapters `sources` with `weights` into the archived adapter `name` (kind `combined`).
     `density` prunes for ties/dare/magnitude methods; `svd_rank` sets the rank of *svd methods (default: the
     largest source rank); `seed` fixes DARE's random drop. Returns (path, written) as `write_adapter` does."""
@@ -64,16 +83,33 @@ def combine_adapters(archive_dir: Path, sources: list[str], weights: list[float]
     for source, peft_name in zip(sources[1:], peft_names[1:], strict=True):
         model.load_adapter(archive_dir / source, adapter_name=peft_name)
     torch.manual_seed(seed)
-    model.add_weighted_adapter(peft_names, weights, COMBINED, combination_type=method, density=density,
-                               svd_rank=svd_rank)
+    model.add_weighted_adapter(
+        peft_names, weights, COMBINED, combination_type=method, density=density, svd_rank=svd_rank
+    )
     targets = {manifest.get("target_model") for manifest in manifests.values()}
-    combination = {"tool": "peft add_weighted_adapter", "combination_type": method, "density": density,
-                   "svd_rank": svd_rank, "seed": seed,
-                   "sources": [{"name": source, "weight": weight, "kind": manifests[source].get("kind"),
-                                "files": manifests[source]["files"]}
-                               for source, weight in zip(sources, weights, strict=True)]}
-    manifest = new_manifest("combined", base_model, base_dir, combination=combination,
-                            target_model=targets.pop() if len(targets) == 1 else None)
+    combination = {
+        "tool": "peft add_weighted_adapter",
+        "combination_type": method,
+        "density": density,
+        "svd_rank": svd_rank,
+        "seed": seed,
+        "sources": [
+            {
+                "name": source,
+                "weight": weight,
+                "kind": manifests[source].get("kind"),
+                "files": manifests[source]["files"],
+            }
+            for source, weight in zip(sources, weights, strict=True)
+        ],
+    }
+    manifest = new_manifest(
+        "combined",
+        base_model,
+        base_dir,
+        combination=combination,
+        target_model=targets.pop() if len(targets) == 1 else None,
+    )
     with tempfile.TemporaryDirectory(prefix="ftmerge-combine-") as work:
         model.save_pretrained(work, selected_adapters=[COMBINED])
         saved = Path(work) / COMBINED

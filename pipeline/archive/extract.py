@@ -29,13 +29,31 @@ LOG = logging.getLogger(__name__)
 DEFAULT_EXCLUDES = (rf"(^|\.)({'|'.join(EMBEDDING_MODULES)})$", r"norm")
 
 
-def run_mergekit_extraction(model_dir: Path, base_dir: Path, out_dir: Path, rank: int, excludes: list[str],
-                            device: str, trust_remote_code: bool = False) -> None:
+def run_mergekit_extraction(
+    model_dir: Path,
+    base_dir: Path,
+    out_dir: Path,
+    rank: int,
+    excludes: list[str],
+    device: str,
+    trust_remote_code: bool = False,
+) -> None:
     """mergekit-extract-lora through its own entry point (click command, in this process)."""
     from mergekit.scripts.extract_lora import main
 
-    args = ["--model", str(model_dir), "--base-model", str(base_dir), "--out-path", str(out_dir),
-            "--max-rank", str(rank), "--device", device, "--skip-undecomposable"]
+    args = [
+        "--model",
+        str(model_dir),
+        "--base-model",
+        str(base_dir),
+        "--out-path",
+        str(out_dir),
+        "--max-rank",
+        str(rank),
+        "--device",
+        device,
+        "--skip-undecomposable",
+    ]
     args += [flag for regex in excludes for flag in ("--exclude-regex", regex)]
     if trust_remote_code:
         args.append("--trust-remote-code")
@@ -68,8 +86,10 @@ def compare_with_finetune(adapter: LoraAdapter, model_dir: Path, base_dir: Path)
         for name in tqdm(list(model_tensor_infos), desc="reconstruction error", unit="tensor", leave=False):
             if name not in base_tensor_infos or base_tensor_infos[name].shape != model_tensor_infos[name].shape:
                 base_shape = base_tensor_infos[name].shape if name in base_tensor_infos else None
-                left_out[name] = {"shape": list(model_tensor_infos[name].shape),
-                                  "base_shape": list(base_shape) if base_shape else None}
+                left_out[name] = {
+                    "shape": list(model_tensor_infos[name].shape),
+                    "base_shape": list(base_shape) if base_shape else None,
+                }
                 continue
             base_weight = base.read(name).float()
             delta = finetuned.read(name).float() - base_weight
@@ -77,14 +97,25 @@ def compare_with_finetune(adapter: LoraAdapter, model_dir: Path, base_dir: Path)
             if module is not None:
                 errors[name.removesuffix(".weight")] = _relative(delta - module.delta(), delta)
             elif torch.any(delta != 0):
-                left_out[name] = {"delta_norm": torch.linalg.vector_norm(delta).item(),
-                                  "relative_to_base": _relative(delta, base_weight)}
+                left_out[name] = {
+                    "delta_norm": torch.linalg.vector_norm(delta).item(),
+                    "relative_to_base": _relative(delta, base_weight),
+                }
     return errors, left_out
 
 
-def extract_adapter(archive_dir: Path, model: str, base_model: str, name: str, rank: int = 32, *,
-                    excludes: tuple[str, ...] = (), target_model: str | None = None, device: str | None = None,
-                    trust_remote_code: bool = False) -> tuple[Path, bool]:
+def extract_adapter(
+    archive_dir: Path,
+    model: str,
+    base_model: str,
+    name: str,
+    rank: int = 32,
+    *,
+    excludes: tuple[str, ...] = (),
+    target_model: str | None = None,
+    device: str | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[Path, bool]:
     """Extract `model` - `base_model` as a rank-`rank` LoRA and archive it as `name` (kind `extracted`).
     `excludes` are regexes of module names left out in addition to embeddings and norms. Returns (path, written)."""
     model_dir, base_dir = resolve_model(model, "--model"), resolve_model(base_model, "--base")
@@ -99,12 +130,27 @@ def extract_adapter(archive_dir: Path, model: str, base_model: str, name: str, r
         errors, left_out = compare_with_finetune(load_adapter(work), model_dir, base_dir)
         measured = [e for e in errors.values() if e is not None]
         if left_out:
-            LOG.warning("%d tensors changed by the fine-tune are not in the adapter (excluded, biases or not "
-                        "decomposable); manifest.json lists them under extraction.left_out", len(left_out))
-        manifest = new_manifest("extracted", base_model, base_dir, target_model=target_model, extraction={
-            "model": model, "model_resolved": str(model_dir), "model_fingerprint": model_fingerprint(str(model_dir)),
-            "tool": "mergekit-extract-lora", "rank": rank, "excluded": excluded,
-            "module_ranks": {**{m: config["r"] for m in errors}, **config.get("rank_pattern", {})},
-            "reconstruction_error_max": max(measured, default=None),
-            "reconstruction_error": errors, "left_out": left_out})
+            LOG.warning(
+                "%d tensors changed by the fine-tune are not in the adapter (excluded, biases or not "
+                "decomposable); manifest.json lists them under extraction.left_out",
+                len(left_out),
+            )
+        manifest = new_manifest(
+            "extracted",
+            base_model,
+            base_dir,
+            target_model=target_model,
+            extraction={
+                "model": model,
+                "model_resolved": str(model_dir),
+                "model_fingerprint": model_fingerprint(str(model_dir)),
+                "tool": "mergekit-extract-lora",
+                "rank": rank,
+                "excluded": excluded,
+                "module_ranks": {**{m: config["r"] for m in errors}, **config.get("rank_pattern", {})},
+                "reconstruction_error_max": max(measured, default=None),
+                "reconstruction_error": errors,
+                "left_out": left_out,
+            },
+        )
         return write_adapter(archive_dir, name, config, work / ADAPTER_WEIGHTS, manifest)

@@ -21,8 +21,9 @@ def check_safetensors_only(source: Path) -> None:
     """Refuse an adapter directory whose weights are only a pickle: unpickling runs whatever code the file holds."""
     source = Path(source)
     if not source.is_dir():
-        raise FileNotFoundError(f"{source}: not a directory; expected a PEFT adapter ({ADAPTER_CONFIG} + "
-                                f"{ADAPTER_WEIGHTS})")
+        raise FileNotFoundError(
+            f"{source}: not a directory; expected a PEFT adapter ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})"
+        )
     if (source / ADAPTER_WEIGHTS).is_file():
         return
     pickles = sorted(p.name for p in source.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -30,7 +31,8 @@ def check_safetensors_only(source: Path) -> None:
         raise AdapterRefused(
             f"{source / pickles[0]}: a pickle (torch.save) file; loading one can run arbitrary code, so the archive "
             "takes safetensors only. Where you trust the file, convert it: PeftModel.from_pretrained(model, dir)"
-            ".save_pretrained(out, safe_serialization=True), then add `out`.")
+            ".save_pretrained(out, safe_serialization=True), then add `out`."
+        )
     raise FileNotFoundError(f"{source}: no {ADAPTER_WEIGHTS}")
 
 
@@ -38,20 +40,27 @@ def check_fits_base(adapter: LoraAdapter, base_model: str, base_dir: Path) -> No
     """Every LoRA module must update a tensor the base has, of the same shape (read from safetensors headers)."""
     tensors = model_tensors(base_dir)
     for name, module in adapter.modules.items():
-        pair = (f"lora_B {list(module.lora_B.shape)} @ lora_A {list(module.lora_A.shape)}"
-                f"{' (fan_in_fan_out)' if module.fan_in_fan_out else ''}")
+        pair = (
+            f"lora_B {list(module.lora_B.shape)} @ lora_A {list(module.lora_A.shape)}"
+            f"{' (fan_in_fan_out)' if module.fan_in_fan_out else ''}"
+        )
         info = tensors.get(name)
         if info is None:
-            raise AdapterRefused(f"adapter {adapter.path}: {name} ({pair}) has no tensor in the base {base_model}; "
-                                 "it was trained on another architecture")
+            raise AdapterRefused(
+                f"adapter {adapter.path}: {name} ({pair}) has no tensor in the base {base_model}; "
+                "it was trained on another architecture"
+            )
         if info.shape != module.shape:
-            raise AdapterRefused(f"adapter {adapter.path}: {name} is {list(info.shape)} in the base {base_model} but "
-                                 f"the LoRA update is {list(module.shape)} ({pair}); it was trained on a model of "
-                                 "another size")
+            raise AdapterRefused(
+                f"adapter {adapter.path}: {name} is {list(info.shape)} in the base {base_model} but "
+                f"the LoRA update is {list(module.shape)} ({pair}); it was trained on a model of "
+                "another size"
+            )
 
 
-def import_adapter(archive_dir: Path, source: Path, name: str, base_model: str,
-                   target_model: str | None = None) -> tuple[Path, bool]:
+def import_adapter(
+    archive_dir: Path, source: Path, name: str, base_model: str, target_model: str | None = None
+) -> tuple[Path, bool]:
     """Check `source` and archive it as `name` (kind `imported`), its config pointing at `base_model` as given:
     recipes select archived adapters by that exact string. Returns (path, written) as `write_adapter` does."""
     source = Path(source)
@@ -61,10 +70,18 @@ def import_adapter(archive_dir: Path, source: Path, name: str, base_model: str,
     check_fits_base(adapter, base_model, base_dir)
     config = adapter.config
     manifest = new_manifest(
-        "imported", base_model, base_dir, target_model=target_model,
-        source={"path": str(source.resolve()), "base_model_name_or_path": config.get("base_model_name_or_path"),
-                "files": {file: sha256_file(source / file) for file in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}},
+        "imported",
+        base_model,
+        base_dir,
+        target_model=target_model,
+        source={
+            "path": str(source.resolve()),
+            "base_model_name_or_path": config.get("base_model_name_or_path"),
+            "files": {file: sha256_file(source / file) for file in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)},
+        },
         lora={key: config.get(key) for key in ("r", "lora_alpha", "use_rslora", "target_modules")},
-        lora_modules=len(adapter.modules))
-    return write_adapter(archive_dir, name, canonical_adapter_config(config, base_model), source / ADAPTER_WEIGHTS,
-                         manifest)
+        lora_modules=len(adapter.modules),
+    )
+    return write_adapter(
+        archive_dir, name, canonical_adapter_config(config, base_model), source / ADAPTER_WEIGHTS, manifest
+    )

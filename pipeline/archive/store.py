@@ -22,8 +22,16 @@ from pipeline.versions import library_versions
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MANIFEST = "manifest.json"
 # The base's config.json keys a manifest keeps: enough to tell whether a target has the same architecture.
-BASE_CONFIG_KEYS = ("architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads", "num_key_value_heads", "vocab_size")
+BASE_CONFIG_KEYS = (
+    "architectures",
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+)
 
 
 class ArchiveError(RuntimeError):
@@ -39,8 +47,10 @@ def read_manifest(path: Path) -> dict:
     except ValueError:  # cut short (a full disk) or edited by hand
         data = None
     if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
-        raise ArchiveError(f"{manifest}: not an archive manifest (a JSON object with `files`: name → sha256); the "
-                           "archive holds a damaged entry. Restore it from a backup, or move it out of the archive.")
+        raise ArchiveError(
+            f"{manifest}: not an archive manifest (a JSON object with `files`: name → sha256); the "
+            "archive holds a damaged entry. Restore it from a backup, or move it out of the archive."
+        )
     return data
 
 
@@ -49,9 +59,14 @@ def archived_names(archive_dir: Path) -> list[str]:
     archive_dir = Path(archive_dir)
     if not archive_dir.is_dir():
         return []
-    return [entry.name for entry in sorted(archive_dir.iterdir())
-            if entry.is_dir() and (entry / MANIFEST).is_file() and not entry.name.startswith(".")
-            and not entry.name.endswith((".partial", ".old"))]
+    return [
+        entry.name
+        for entry in sorted(archive_dir.iterdir())
+        if entry.is_dir()
+        and (entry / MANIFEST).is_file()
+        and not entry.name.startswith(".")
+        and not entry.name.endswith((".partial", ".old"))
+    ]
 
 
 def archived_adapters(archive_dir: Path) -> dict[str, dict]:
@@ -86,7 +101,8 @@ def already_archived(path: Path, hashes: dict[str, str]) -> bool:
     if verify_adapter(path)["files"] != hashes:
         raise ArchiveError(
             f"{path} already holds a different adapter named {path.name}; archived adapters are never overwritten. "
-            f"Choose another name, or move {path} away by hand.")
+            f"Choose another name, or move {path} away by hand."
+        )
     return True
 
 
@@ -99,8 +115,7 @@ def canonical_adapter_config(config: dict, base_model: str) -> dict:
     return config
 
 
-def new_manifest(kind: str, base_model: str, base_dir: Path, *, target_model: str | None = None,
-                 **provenance) -> dict:
+def new_manifest(kind: str, base_model: str, base_dir: Path, *, target_model: str | None = None, **provenance) -> dict:
     """The manifest fields every archived adapter has, whatever made it (trained, imported, extracted, combined);
     `provenance` adds what is particular to its kind."""
     config_file = Path(base_dir) / "config.json"
@@ -130,14 +145,17 @@ def write_manifest(directory: Path, name: str, manifest: dict, hashes: dict[str,
     (Path(directory) / MANIFEST).write_text(json.dumps({"name": name, **manifest, "files": hashes}, indent=2) + "\n")
 
 
-def write_adapter(archive_dir: Path, name: str, adapter_config: dict, weights_file: Path,
-                  manifest: dict) -> tuple[Path, bool]:
+def write_adapter(
+    archive_dir: Path, name: str, adapter_config: dict, weights_file: Path, manifest: dict
+) -> tuple[Path, bool]:
     """Archive one adapter as `<archive_dir>/<name>/`: written into a temporary sibling and renamed into place, so a
     reader never sees half an adapter. Returns (path, written); written is False when the same name already holds
     the same files. Raises ArchiveError when it holds different ones."""
     if not re.fullmatch(NAME_PATTERN, name) or name.endswith(RESERVED_SUFFIXES):
-        raise ArchiveError(f"adapter name {name!r}: use lowercase letters, digits, '.', '_' and '-' only, not "
-                           f"ending with {' or '.join(RESERVED_SUFFIXES)} (the archive never lists those)")
+        raise ArchiveError(
+            f"adapter name {name!r}: use lowercase letters, digits, '.', '_' and '-' only, not "
+            f"ending with {' or '.join(RESERVED_SUFFIXES)} (the archive never lists those)"
+        )
     archive_dir = Path(archive_dir)
     archive_dir.mkdir(parents=True, exist_ok=True)
     final = archive_dir / name

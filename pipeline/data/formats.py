@@ -39,10 +39,12 @@ class RowRejected(ValueError):
         self.detail = detail
 
 
-def to_conversation(row: dict[str, Any], data_format: str, columns: dict[str, str],
-                    system_prompt: str | None) -> list[dict[str, str]]:
+def to_conversation(
+    row: dict[str, Any], data_format: str, columns: dict[str, str], system_prompt: str | None
+) -> list[dict[str, str]]:
     """The conversation of one source row; raises RowRejected. `columns` maps a format field to the source column
     (or turn key) that holds it, e.g. {"instruction": "prompt"}."""
+
     def field(name: str, source: dict = row) -> Any:
         return source.get(columns.get(name, name))
 
@@ -57,8 +59,10 @@ def to_conversation(row: dict[str, Any], data_format: str, columns: dict[str, st
         ]
     elif data_format in ("sharegpt", "messages"):
         key, role_key, content_key, roles = (
-            ("conversations", "from", "value", SHAREGPT_ROLES) if data_format == "sharegpt"
-            else ("messages", "role", "content", MESSAGES_ROLES))
+            ("conversations", "from", "value", SHAREGPT_ROLES)
+            if data_format == "sharegpt"
+            else ("messages", "role", "content", MESSAGES_ROLES)
+        )
         turns = field(key)
         if turns is None:
             raise RowRejected("missing_field", f"no '{columns.get(key, key)}' field")

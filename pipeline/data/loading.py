@@ -25,8 +25,13 @@ def local_data_files(path: Path) -> list[Path]:
     if path.is_file():
         files = [path]
     else:
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in BUILDERS
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file()
+            and p.suffix in BUILDERS
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
     unsupported = [f for f in files if f.suffix not in BUILDERS]
     if unsupported:
         raise RecipeError(f"dataset.path: {unsupported[0]} is not a supported file ({', '.join(BUILDERS)})")
@@ -55,8 +60,9 @@ def load_source(dataset: DatasetConfig, cache_dir: Path):
     if path.exists():
         files = local_data_files(path)
         builder = BUILDERS[files[0].suffix]
-        loaded = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
-                                       cache_dir=str(cache_dir))
+        loaded = datasets.load_dataset(
+            builder, data_files=[str(f) for f in files], split="train", cache_dir=str(cache_dir)
+        )
         return loaded.rename_column("text", RAW_COLUMN) if builder == "text" else loaded
     try:
         return datasets.load_dataset(dataset.path, split=dataset.split)
@@ -66,4 +72,5 @@ def load_source(dataset: DatasetConfig, cache_dir: Path):
         raise DatasetUnavailable(
             f"dataset {dataset.path} (split {dataset.split}) cannot be loaded from the Hugging Face Hub: {why}. "
             "Download it where there is network (`hf download --repo-type dataset "
-            f"{dataset.path}`) or point dataset.path to local files.") from None
+            f"{dataset.path}`) or point dataset.path to local files."
+        ) from None

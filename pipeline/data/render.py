@@ -59,9 +59,15 @@ def features(data_format: str) -> datasets.Features:
 
 def render(messages: list[dict], settings: RenderSettings) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of its assistant replies (with end-of-turn token)."""
+
     def rendered(turns: list[dict], prompt: bool = False, spans: bool = False):
-        texts, indices = render_jinja_template([turns], chat_template=settings.template, add_generation_prompt=prompt,
-                                               return_assistant_tokens_mask=spans, **settings.template_kwargs)
+        texts, indices = render_jinja_template(
+            [turns],
+            chat_template=settings.template,
+            add_generation_prompt=prompt,
+            return_assistant_tokens_mask=spans,
+            **settings.template_kwargs,
+        )
         return texts[0], (indices[0] if spans else None)
 
     if GENERATION_TAG.search(settings.template):
@@ -74,8 +80,10 @@ def render(messages: list[dict], settings: RenderSettings) -> tuple[str, list[tu
         prompt, _ = rendered(messages[:index], prompt=True)
         end = text.find(settings.end_of_turn, len(prompt))
         if not text.startswith(prompt) or end < 0:
-            raise TemplateError("the chat template does not render a conversation as a growing prefix ending each "
-                                f"reply with {settings.end_of_turn!r}; add {{% generation %}} markers to it")
+            raise TemplateError(
+                "the chat template does not render a conversation as a growing prefix ending each "
+                f"reply with {settings.end_of_turn!r}; add {{% generation %}} markers to it"
+            )
         spans.append((len(prompt), end + len(settings.end_of_turn)))
     return text, spans
 
@@ -133,8 +141,9 @@ def prepare_batch(batch: dict[str, list], indices: list[int], *, settings: Rende
     out["length"] = [0 for _ in out["row"]]
     if pending:
         # the Rust tokenizer directly: its encodings map characters to tokens (what transformers' __call__ runs)
-        encodings = tokenizer.backend_tokenizer.encode_batch([out["text"][p] for p in pending],
-                                                             add_special_tokens=False)
+        encodings = tokenizer.backend_tokenizer.encode_batch(
+            [out["text"][p] for p in pending], add_special_tokens=False
+        )
         for position, encoding, spans in zip(pending, encodings, spans_of, strict=True):
             ids = encoding.ids
             mask = token_mask(encoding, spans) if settings.train_on_responses_only else [1] * len(ids)
@@ -175,19 +184,40 @@ def _parse_line(raw: str) -> dict:
 def settings_for(dataset, chat, max_length: int, train_on_responses_only: bool = True) -> RenderSettings:
     """How one dataset block (a fine-tune's or a retention set's `dataset:`) is rendered with a chat format."""
     return RenderSettings(
-        data_format=dataset.format, template=chat.template, end_of_turn=chat.end_of_turn, max_length=max_length,
-        overlength=dataset.overlength, train_on_responses_only=train_on_responses_only,
-        columns=dict(dataset.columns), system_prompt=dataset.system_prompt, template_kwargs=chat.template_kwargs)
+        data_format=dataset.format,
+        template=chat.template,
+        end_of_turn=chat.end_of_turn,
+        max_length=max_length,
+        overlength=dataset.overlength,
+        train_on_responses_only=train_on_responses_only,
+        columns=dict(dataset.columns),
+        system_prompt=dataset.system_prompt,
+        template_kwargs=chat.template_kwargs,
+    )
 
 
-def render_dataset(source: datasets.Dataset, settings: RenderSettings, tokenizer, cache_file: str, desc: str,
-                   num_proc: int | None = None) -> datasets.Dataset:
+def render_dataset(
+    source: datasets.Dataset,
+    settings: RenderSettings,
+    tokenizer,
+    cache_file: str,
+    desc: str,
+    num_proc: int | None = None,
+) -> datasets.Dataset:
     """Every source row with all FEATURES columns: one code path for prepare's fine-tunes and evaluate's retention
     sets, so a retention set is tokenized exactly as training data is."""
     return source.map(
-        prepare_batch, batched=True, batch_size=500, with_indices=True, remove_columns=source.column_names,
-        features=features(settings.data_format), fn_kwargs={"settings": settings, "tokenizer": tokenizer},
-        num_proc=num_proc, cache_file_name=cache_file, desc=desc)
+        prepare_batch,
+        batched=True,
+        batch_size=500,
+        with_indices=True,
+        remove_columns=source.column_names,
+        features=features(settings.data_format),
+        fn_kwargs={"settings": settings, "tokenizer": tokenizer},
+        num_proc=num_proc,
+        cache_file_name=cache_file,
+        desc=desc,
+    )
 
 
 def kept_rows(processed: datasets.Dataset) -> datasets.Dataset:

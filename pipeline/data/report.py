@@ -20,20 +20,24 @@ def reason_counts(processed) -> Counter:
     return Counter({c["values"]: c["counts"] for c in counts if c["values"] is not None})
 
 
-def check_reject_fraction(counts: Counter, rows_in: int, limit: float, rejected, dataset_path: str,
-                          rejected_file: Path) -> None:
+def check_reject_fraction(
+    counts: Counter, rows_in: int, limit: float, rejected, dataset_path: str, rejected_file: Path
+) -> None:
     """Fail with the top reasons, three example rows and where every rejected row is listed, when too much of the
     dataset is unusable."""
     total = sum(counts.values())
     if rows_in and total / rows_in > limit:
         top = ", ".join(f"{reason}: {count}" for reason, count in counts.most_common(5))
-        examples = "\n".join(f"  row {r['row']} [{r['reason']}] {r['detail']}: {(r['source'] or '')[:200]}"
-                             for r in rejected.select(range(min(3, len(rejected)))))
+        examples = "\n".join(
+            f"  row {r['row']} [{r['reason']}] {r['detail']}: {(r['source'] or '')[:200]}"
+            for r in rejected.select(range(min(3, len(rejected))))
+        )
         raise TooManyRejected(
             f"{dataset_path}: {total} of {rows_in} rows rejected ({total / rows_in:.1%} > max_reject_fraction "
             f"{limit}). Top reasons: {top}. Examples:\n{examples}\nEvery rejected row, with its reason: "
             f"{rejected_file} (until the next run). Check dataset.format and dataset.columns, or raise "
-            "dataset.max_reject_fraction.")
+            "dataset.max_reject_fraction."
+        )
 
 
 def write_rejected(rejected, path: Path) -> None:

@@ -28,8 +28,12 @@ SKILLS = {"copy": lambda words: words, "reverse": lambda words: words[::-1], "so
 NOTATION = {"copy": "=", "reverse": "~", "sort": "^"}
 # What the base already does in chat (pretraining) and the target keeps doing (its instruct tune replays them).
 EVERYDAY_SKILLS = {
-    "first": lambda words: words[:1], "last": lambda words: words[-1:], "second": lambda words: words[1:2],
-    "ends": lambda words: [words[0], words[-1]], "drop": lambda words: words[1:], "pop": lambda words: words[:-1],
+    "first": lambda words: words[:1],
+    "last": lambda words: words[-1:],
+    "second": lambda words: words[1:2],
+    "ends": lambda words: [words[0], words[-1]],
+    "drop": lambda words: words[1:],
+    "pop": lambda words: words[:-1],
 }
 ALL_SKILLS = SKILLS | EVERYDAY_SKILLS
 DEMO_DATA_DIR = Path(__file__).resolve().parents[2] / "data_templates" / "demo"
@@ -59,8 +63,9 @@ def skill_example(skill: str, rng: random.Random, *, held_out: bool = False) -> 
     return skill, " ".join(words), " ".join(ALL_SKILLS[skill](words))
 
 
-def skill_messages(skill: str, rng: random.Random, *, held_out: bool = False,
-                   instruction: str | None = None) -> list[dict[str, str]]:
+def skill_messages(
+    skill: str, rng: random.Random, *, held_out: bool = False, instruction: str | None = None
+) -> list[dict[str, str]]:
     """One example as a conversation; the user turn is "instruction\\ninput", as the alpaca format renders it."""
     name, text, answer = skill_example(skill, rng, held_out=held_out)
     return [{"role": "user", "content": f"{instruction or name}\n{text}"}, {"role": "assistant", "content": answer}]
@@ -106,8 +111,12 @@ def word_corpus(rng: random.Random, size: int = 300) -> Iterator[str]:
     the pretraining documents."""
     for _ in range(size):
         messages = skill_messages(rng.choice(list(ALL_SKILLS)), rng)
-        yield "system\nYou are a helpful assistant.\nuser\n" + messages[0]["content"] + "\nassistant\n" + \
-            messages[1]["content"]
+        yield (
+            "system\nYou are a helpful assistant.\nuser\n"
+            + messages[0]["content"]
+            + "\nassistant\n"
+            + messages[1]["content"]
+        )
         yield notation_document(rng)
         yield plain_document(rng)
 

@@ -27,8 +27,10 @@ def template_file(choice: str) -> Path | None:
         if named.is_file():
             return named
         known = sorted(p.stem for p in TEMPLATES_DIR.glob("*.jinja"))
-        raise RecipeError(f"chat_template: no template named {choice!r} in {TEMPLATES_DIR} (known: {known}); "
-                          "use `target`, a known name, or a path to a .jinja file")
+        raise RecipeError(
+            f"chat_template: no template named {choice!r} in {TEMPLATES_DIR} (known: {known}); "
+            "use `target`, a known name, or a path to a .jinja file"
+        )
     path = Path(choice).expanduser()
     if not path.is_file():
         raise RecipeError(f"chat_template: file not found: {choice}")
@@ -52,10 +54,15 @@ def local_tokenizer_template(model_dir: Path) -> str | None:
 
 def check_template(choice: str, target_model: str) -> None:
     """Cheap check for --dry-run: the template file exists, or a local target has a template."""
-    if template_file(choice) is None and Path(target_model).is_dir() and not local_tokenizer_template(
-            Path(target_model)):
-        raise RecipeError(f"chat_template: target: the target tokenizer in {target_model} has no chat template; "
-                          "set chat_template to a name in data_templates/ (e.g. chatml) or a .jinja path")
+    if (
+        template_file(choice) is None
+        and Path(target_model).is_dir()
+        and not local_tokenizer_template(Path(target_model))
+    ):
+        raise RecipeError(
+            f"chat_template: target: the target tokenizer in {target_model} has no chat template; "
+            "set chat_template to a name in data_templates/ (e.g. chatml) or a .jinja path"
+        )
 
 
 def load_template(choice: str, target_tokenizer) -> str:
@@ -67,8 +74,10 @@ def load_template(choice: str, target_tokenizer) -> str:
     if isinstance(template, dict):
         template = template.get("default")
     if not template:
-        raise RecipeError("chat_template: target: the target tokenizer has no chat template; set chat_template to "
-                          "a name in data_templates/ (e.g. chatml) or a .jinja path")
+        raise RecipeError(
+            "chat_template: target: the target tokenizer has no chat template; set chat_template to "
+            "a name in data_templates/ (e.g. chatml) or a .jinja path"
+        )
     return template
 
 
@@ -78,7 +87,7 @@ def end_of_turn_token(template: str, base_tokenizer, template_kwargs: dict) -> s
     from transformers.utils.chat_template_utils import render_jinja_template
 
     rendered = render_jinja_template([PROBE], chat_template=template, **template_kwargs)[0][0]
-    after = rendered[rendered.index("PROBE_REPLY") + len("PROBE_REPLY"):]
+    after = rendered[rendered.index("PROBE_REPLY") + len("PROBE_REPLY") :]
     special = {t.content: i for i, t in base_tokenizer.added_tokens_decoder.items() if t.special}
     token = next((t for t in sorted(special, key=len, reverse=True) if after.startswith(t)), None)
     if token is None:
@@ -89,12 +98,21 @@ def end_of_turn_token(template: str, base_tokenizer, template_kwargs: dict) -> s
             f"tokenizer (it encodes as {len(ids)} tokens {base_tokenizer.convert_ids_to_tokens(ids)[:8]}). The "
             "adapter is trained on the base model, so the base must know the end-of-turn token as one special "
             "token to learn when to stop; use a template whose turns end with one of "
-            f"{sorted(special)} or add the token to the base tokenizer.")
+            f"{sorted(special)} or add the token to the base tokenizer."
+        )
     return token
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+)
 
 
 def tokenizer_fingerprint(reference: str) -> str:
@@ -120,8 +138,10 @@ def load_tokenizer(reference: str, key: str, trust_remote_code: bool = False):
     try:
         return AutoTokenizer.from_pretrained(reference, trust_remote_code=trust_remote_code)
     except OSError as error:
-        raise ModelNotFound(f"{key}: cannot load the tokenizer of {reference}: {str(error).splitlines()[0]}. Point "
-                            f"{key} to a local model directory, or download it where there is network.") from None
+        raise ModelNotFound(
+            f"{key}: cannot load the tokenizer of {reference}: {str(error).splitlines()[0]}. Point "
+            f"{key} to a local model directory, or download it where there is network."
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -135,8 +155,7 @@ class ChatFormat:
     template_kwargs: dict = field(default_factory=dict)
 
 
-def chat_format(chat_template: str, base_model: str, target_model: str, trust_remote_code: bool = False
-                ) -> ChatFormat:
+def chat_format(chat_template: str, base_model: str, target_model: str, trust_remote_code: bool = False) -> ChatFormat:
     """Resolve a recipe's `chat_template` against its base tokenizer (loads tokenizers, never weights); the
     template sees the special tokens of the tokenizer it belongs to (the target's for `target`). Prepare and
     evaluate both render with it."""

@@ -8,16 +8,22 @@ from __future__ import annotations
 import sys
 import time
 
-from pipeline import run
+from pipeline import console, run
 from pipeline.demo import DEMO_MODELS, DEMO_RECIPE
 from pipeline.demo.lineage import build_demo_assets
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     started = time.time()
-    build_demo_assets(DEMO_MODELS)
-    print(f"demo models ready in {DEMO_MODELS} ({time.time() - started:.1f}s)")
-    return run.main([str(DEMO_RECIPE), *(sys.argv[1:] if argv is None else argv)])
+    # Building is not a run of the recipe: its library output goes to a log of its own, beside the models.
+    with (
+        console.run_console(DEMO_MODELS.parent, verbose="--verbose" in argv, command="demo models"),
+        console.progress("demo models (built once)"),
+    ):
+        build_demo_assets(DEMO_MODELS)
+    console.say(f"demo models ready in {DEMO_MODELS} ({time.time() - started:.1f}s)")
+    return run.main([str(DEMO_RECIPE), *argv])
 
 
 if __name__ == "__main__":

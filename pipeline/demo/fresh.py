@@ -27,11 +27,14 @@ KEEP, LEARN = 0.9, 0.7
 def exact_match(model, tokenizer, skill: str, n: int, seed: int) -> float:
     """The share of `n` fresh examples of `skill` answered exactly, greedily, stopping at the end of the turn."""
     conversations = fresh_examples(skill, n, seed=seed)
-    prompts = [tokenizer.apply_chat_template(c[:1], add_generation_prompt=True, tokenize=True,
-                                             return_dict=True)["input_ids"] for c in conversations]
+    prompts = [
+        tokenizer.apply_chat_template(c[:1], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        for c in conversations
+    ]
     stop_ids = [i for i in tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]) if i is not None]
-    answers = greedy_answers(model, tokenizer, prompts, stop_ids=stop_ids, max_new_tokens=16, batch_size=50,
-                             pad_id=tokenizer.pad_token_id)
+    answers = greedy_answers(
+        model, tokenizer, prompts, stop_ids=stop_ids, max_new_tokens=16, batch_size=50, pad_id=tokenizer.pad_token_id
+    )
     return score_answers(answers, [c[-1]["content"] for c in conversations]).exact_match
 
 
@@ -51,8 +54,9 @@ def lineage_models(recipe) -> dict[str, object]:
         document = json.loads(board.read_text())
         seed = next(t for t in document["trials"] if t["label"] == "seed")
         if document["chosen"] != "seed":
-            adapters = {str(adapted_model_dir(recipe, n).resolve()): adapter_dir(recipe, n)
-                        for n in selected_adapters(recipe)}
+            adapters = {
+                str(adapted_model_dir(recipe, n).resolve()): adapter_dir(recipe, n) for n in selected_adapters(recipe)
+            }
             merge = InMemoryMerge(seed["mergekit_config"], Path(recipe.base_model), adapters, recipe.apply.dtype)
             specs["merged (seed config)"] = ModelSpec("merged:seed", "merged", target, merge=merge)
     return specs
@@ -68,8 +72,9 @@ def judge(recipe, *, n: int, seed: int) -> tuple[dict[str, dict[str, float]], li
     kept = [r.name for r in recipe.evaluate.retention]
     tokenizer = AutoTokenizer.from_pretrained(recipe.target_model)
     settings = recipe.evaluate.model_copy(update={"dtype": "float32", "load_in_4bit": False})
-    evaluation = Evaluation(settings, torch.device("cpu"), tokenizer, [], tokenizer.pad_token_id,
-                            adapter_dtype=recipe.apply.dtype)
+    evaluation = Evaluation(
+        settings, torch.device("cpu"), tokenizer, [], tokenizer.pad_token_id, adapter_dtype=recipe.apply.dtype
+    )
     table = {}
     for label, spec in lineage_models(recipe).items():
         model = load_model(spec, evaluation).eval()
@@ -83,18 +88,23 @@ def verdict(table: dict, learned: list[str], kept: list[str], model: str = "merg
     lines = []
     for skill in kept:
         ratio = table[model][skill] / max(table["target"][skill], 1e-9)
-        lines.append(f"{model} keeps {skill}: {ratio:.2f}x the target's ({'PASS' if ratio >= KEEP else 'FAIL'}, "
-                     f"goal >= {KEEP})")
+        lines.append(
+            f"{model} keeps {skill}: {ratio:.2f}x the target's ({'PASS' if ratio >= KEEP else 'FAIL'}, goal >= {KEEP})"
+        )
     for skill in learned:
         ratio = table[model][skill] / max(table[f"adapted:{skill}"][skill], 1e-9)
-        lines.append(f"{model} learns {skill}: {ratio:.2f}x adapted:{skill}'s ({'PASS' if ratio >= LEARN else 'FAIL'}"
-                     f", goal >= {LEARN})")
+        lines.append(
+            f"{model} learns {skill}: {ratio:.2f}x adapted:{skill}'s ({'PASS' if ratio >= LEARN else 'FAIL'}"
+            f", goal >= {LEARN})"
+        )
     return lines
 
 
 def markdown(table: dict, skills: list[str], n: int, seed: int) -> str:
-    lines = [f"| model ({n} fresh examples per skill, seed {seed}) | " + " | ".join(skills) + " |",
-             "|---|" + "---:|" * len(skills)]
+    lines = [
+        f"| model ({n} fresh examples per skill, seed {seed}) | " + " | ".join(skills) + " |",
+        "|---|" + "---:|" * len(skills),
+    ]
     lines += [f"| {label} | " + " | ".join(f"{row[s]:.0%}" for s in skills) + " |" for label, row in table.items()]
     return "\n".join(lines)
 

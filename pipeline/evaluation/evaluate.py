@@ -19,19 +19,28 @@ if TYPE_CHECKING:
     from pipeline.recipe import EvaluateConfig
 
 
-def chat_evaluation(config: EvaluateConfig, chat: ChatFormat, *, trust_remote_code: bool = False,
-                    adapter_dtype: str = "bfloat16") -> Evaluation:
+def chat_evaluation(
+    config: EvaluateConfig, chat: ChatFormat, *, trust_remote_code: bool = False, adapter_dtype: str = "bfloat16"
+) -> Evaluation:
     """Settings for every model: generation stops at the chat template's end-of-turn token (or the tokenizer's
     eos), and pads with the pad token (or eos)."""
     tokenizer = chat.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stop_ids = sorted({tokenizer.convert_tokens_to_ids(chat.end_of_turn), tokenizer.eos_token_id} - {None})
-    return Evaluation(config=config, device=resolve_device(config.device), tokenizer=tokenizer, stop_ids=stop_ids,
-                      pad_id=pad_id, trust_remote_code=trust_remote_code, adapter_dtype=adapter_dtype)
+    return Evaluation(
+        config=config,
+        device=resolve_device(config.device),
+        tokenizer=tokenizer,
+        stop_ids=stop_ids,
+        pad_id=pad_id,
+        trust_remote_code=trust_remote_code,
+        adapter_dtype=adapter_dtype,
+    )
 
 
-def evaluation_report(name: str, specs: list[ModelSpec], sets: list[EvalSet], evaluation: Evaluation,
-                      cache_dir: Path | None = None) -> dict:
+def evaluation_report(
+    name: str, specs: list[ModelSpec], sets: list[EvalSet], evaluation: Evaluation, cache_dir: Path | None = None
+) -> dict:
     """The full report: settings, models, sets, per model × set metrics and the lm-eval-harness outcome. With
     `cache_dir`, scores of models and sets seen before (same identity, content and settings) are reused."""
     config = evaluation.config
@@ -41,11 +50,12 @@ def evaluation_report(name: str, specs: list[ModelSpec], sets: list[EvalSet], ev
     lm_eval = {"tasks": list(config.lm_eval.tasks), **({"status": status} if status else {"results": harness})}
     return {
         "name": name,
-        "settings": {**config.model_dump(exclude={"retention", "models", "enabled", "lm_eval"}),
-                     "device": str(evaluation.device)},
+        "settings": {
+            **config.model_dump(exclude={"retention", "models", "enabled", "lm_eval"}),
+            "device": str(evaluation.device),
+        },
         "models": [spec.label for spec in specs],
-        "model_paths": {spec.label: str(spec.path) + (f" + {spec.adapter}" if spec.adapter else "")
-                        for spec in specs},
+        "model_paths": {spec.label: str(spec.path) + (f" + {spec.adapter}" if spec.adapter else "") for spec in specs},
         "sets": [eval_set.describe() for eval_set in sets],
         "results": results,
         "lm_eval": lm_eval,

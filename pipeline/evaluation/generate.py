@@ -53,19 +53,30 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
 
 
 @torch.no_grad()
-def greedy_answers(model, tokenizer, prompts: list[list[int]], *, stop_ids: list[int], max_new_tokens: int,
-                   batch_size: int, pad_id: int, description: str = "generate") -> list[str]:
+def greedy_answers(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    *,
+    stop_ids: list[int],
+    max_new_tokens: int,
+    batch_size: int,
+    pad_id: int,
+    description: str = "generate",
+) -> list[str]:
     """Greedy continuations of each prompt (left-padded in batches), decoded without special tokens. Every model
     gets the same stop tokens and settings, whatever its own generation_config says."""
-    settings = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
-                                pad_token_id=pad_id)
+    settings = GenerationConfig(
+        do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id
+    )
     device = next(model.parameters()).device
     answers = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=description, unit="batch", leave=False):
         ids, attention = left_pad(prompts[start : start + batch_size], pad_id)
-        output = model.generate(input_ids=ids.to(device), attention_mask=attention.to(device),
-                                generation_config=settings)
-        answers += tokenizer.batch_decode(output[:, ids.shape[1]:], skip_special_tokens=True)
+        output = model.generate(
+            input_ids=ids.to(device), attention_mask=attention.to(device), generation_config=settings
+        )
+        answers += tokenizer.batch_decode(output[:, ids.shape[1] :], skip_special_tokens=True)
     return answers
 
 
@@ -75,8 +86,9 @@ def score_answers(answers: list[str], references: list[str], keep_examples: int 
     contains = [r.strip() in a for a, r in zip(answers, references, strict=True)]
     examples = [{"reference": r, "answer": a} for a, r in list(zip(answers, references, strict=True))[:keep_examples]]
     count = len(references)
-    return GenerationResult(sum(exact) / count if count else float("nan"),
-                            sum(contains) / count if count else float("nan"), count, examples)
+    return GenerationResult(
+        sum(exact) / count if count else float("nan"), sum(contains) / count if count else float("nan"), count, examples
+    )
 
 
 def chat_reply(model_dir: Path, prompt: str, *, max_new_tokens: int = 48, trust_remote_code: bool = False) -> str:
@@ -86,10 +98,12 @@ def chat_reply(model_dir: Path, prompt: str, *, max_new_tokens: int = 48, trust_
     if tokenizer.chat_template is None:
         raise ValueError(f"{model_dir}: the tokenizer has no chat template; the merge should copy the target's")
     placement = {"device_map": "auto"} if torch.cuda.is_available() else {}
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", trust_remote_code=trust_remote_code,
-                                                 **placement)
-    inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True).to(model.device)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype="auto", trust_remote_code=trust_remote_code, **placement
+    )
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    ).to(model.device)
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)

@@ -31,10 +31,14 @@ def run_lm_eval(model, tokenizer, config: LmEvalConfig, *, batch_size: int) -> d
     from lm_eval.models.huggingface import HFLM
 
     harness_model = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    output = lm_eval.simple_evaluate(model=harness_model, tasks=list(config.tasks), limit=config.limit,
-                                     num_fewshot=config.num_fewshot)
+    output = lm_eval.simple_evaluate(
+        model=harness_model, tasks=list(config.tasks), limit=config.limit, num_fewshot=config.num_fewshot
+    )
     return {
-        task: {metric: float(value) for metric, value in metrics.items()
-               if isinstance(value, int | float) and "stderr" not in metric}
+        task: {
+            metric: float(value)
+            for metric, value in metrics.items()
+            if isinstance(value, int | float) and "stderr" not in metric
+        }
         for task, metrics in output["results"].items()
     }

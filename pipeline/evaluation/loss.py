@@ -88,13 +88,22 @@ def check_logits_are_head_of_hidden(model, decoder, head, ids: list[int]) -> Non
     ours = head(decoder(input_ids=sample, use_cache=False).last_hidden_state[0].to(device)).float()
     tolerance = 1e-2 * expected.abs().max().item() + 1e-4
     if not torch.allclose(ours, expected, rtol=1e-2, atol=tolerance):
-        raise ValueError(f"{type(model).__name__}: its logits are not lm_head(hidden states) (largest difference "
-                         f"{(ours - expected).abs().max().item():.3g}); the bounded-memory loss does not support it")
+        raise ValueError(
+            f"{type(model).__name__}: its logits are not lm_head(hidden states) (largest difference "
+            f"{(ours - expected).abs().max().item():.3g}); the bounded-memory loss does not support it"
+        )
 
 
 @torch.no_grad()
-def assistant_token_loss(model, input_ids: list[list[int]], assistant_masks: list[list[int]], *, batch_tokens: int,
-                         pad_id: int, description: str = "loss") -> LossResult:
+def assistant_token_loss(
+    model,
+    input_ids: list[list[int]],
+    assistant_masks: list[list[int]],
+    *,
+    batch_tokens: int,
+    pad_id: int,
+    description: str = "loss",
+) -> LossResult:
     """Sum of next-token cross-entropy (in float32) over every position whose token is an assistant token, in
     batches of at most `batch_tokens` padded tokens; logits exist only for scored positions, a chunk at a time."""
     decoder, head = model.get_decoder(), model.get_output_embeddings()
@@ -103,11 +112,13 @@ def assistant_token_loss(model, input_ids: list[list[int]], assistant_masks: lis
     if rows:
         check_logits_are_head_of_hidden(model, decoder, head, rows[0][0])
     total, tokens = 0.0, 0
-    for indices in tqdm(token_batches([len(ids) for ids, _ in rows], batch_tokens), desc=description,
-                        unit="batch", leave=False):
+    for indices in tqdm(
+        token_batches([len(ids) for ids, _ in rows], batch_tokens), desc=description, unit="batch", leave=False
+    ):
         batch = collate([rows[index] for index in indices], pad_id)
-        hidden = decoder(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                         use_cache=False).last_hidden_state
+        hidden = decoder(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False
+        ).last_hidden_state
         shifted_labels = batch["labels"][:, 1:].to(hidden.device)
         scored = shifted_labels != IGNORE_INDEX
         scored_hidden = hidden[:, :-1][scored].to(head.weight.device)

@@ -59,17 +59,31 @@ def quantization(load_in_4bit: bool, compute_dtype: torch.dtype, device: torch.d
     if not load_in_4bit:
         return {}
     if device.type != "cuda" or importlib.util.find_spec("bitsandbytes") is None:
-        raise ValueError("evaluate.load_in_4bit: true needs a CUDA GPU and bitsandbytes (`pip install "
-                         "bitsandbytes`); set it to false to evaluate in 16 bits")
+        raise ValueError(
+            "evaluate.load_in_4bit: true needs a CUDA GPU and bitsandbytes (`pip install "
+            "bitsandbytes`); set it to false to evaluate in 16 bits"
+        )
     from transformers import BitsAndBytesConfig
 
-    return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                      bnb_4bit_use_double_quant=True,
-                                                      bnb_4bit_compute_dtype=compute_dtype)}
+    return {
+        "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    }
 
 
-def load_causal_lm(spec: ModelSpec, *, dtype: str, device: torch.device, trust_remote_code: bool = False,
-                   adapter_dtype: str = "auto", load_in_4bit: bool = False):
+def load_causal_lm(
+    spec: ModelSpec,
+    *,
+    dtype: str,
+    device: torch.device,
+    trust_remote_code: bool = False,
+    adapter_dtype: str = "auto",
+    load_in_4bit: bool = False,
+):
     """The model of `spec` in eval mode on `device`, in `evaluation_dtype(dtype)` (NF4 weights computing in it
     with `load_in_4bit`). With an adapter, the target is loaded in the apply dtype and the LoRA merged in by PEFT,
     exactly as apply would write it, then cast to the evaluation dtype (in 4 bits PEFT merges into the quantized
@@ -80,8 +94,13 @@ def load_causal_lm(spec: ModelSpec, *, dtype: str, device: torch.device, trust_r
     load_dtype = torch_dtype(adapter_dtype) if spec.adapter and not load_in_4bit else compute_dtype
     # On a GPU, straight there: a 7B in bf16 staged in CPU RAM first (15 GB) does not fit a Colab runtime's.
     placement = {} if device.type == "cpu" else {"device_map": {"": device}}
-    model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=load_dtype, trust_remote_code=trust_remote_code,
-                                                 **placement, **quantization(load_in_4bit, compute_dtype, device))
+    model = AutoModelForCausalLM.from_pretrained(
+        spec.path,
+        dtype=load_dtype,
+        trust_remote_code=trust_remote_code,
+        **placement,
+        **quantization(load_in_4bit, compute_dtype, device),
+    )
     if spec.adapter is not None:
         from peft import PeftModel
 

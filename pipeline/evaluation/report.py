@@ -26,10 +26,14 @@ def _table(report: dict, metric: str, cell, lower_is_better: bool) -> list[str]:
     when every model ties: nothing stands out)."""
     sets = [s["name"] for s in report["sets"]]
     labels = [f"{s['name']} ({s['kind']})" for s in report["sets"]]
-    best = {name: _best([report["results"][m].get(name, {}).get(metric) for m in report["models"]], lower_is_better)
-            for name in sets}
-    ties = {name: all(report["results"][m].get(name, {}).get(metric) == best[name] for m in report["models"])
-            for name in sets}
+    best = {
+        name: _best([report["results"][m].get(name, {}).get(metric) for m in report["models"]], lower_is_better)
+        for name in sets
+    }
+    ties = {
+        name: all(report["results"][m].get(name, {}).get(metric) == best[name] for m in report["models"])
+        for name in sets
+    }
     lines = [f"| model | {' | '.join(labels)} |", "|---|" + "---:|" * len(sets)]
     for model in report["models"]:
         cells = []
@@ -63,17 +67,30 @@ def learned_and_kept(report: dict) -> list[str]:
     retention = [s["name"] for s in report["sets"] if s["kind"] == "retention"]
     lines = []
     if held_out:
-        lines += [f"What did the merge learn? Each fine-tune's held-out set ({unit}).", "",
-                  f"| fine-tune | target | its adapted model | {' | '.join(merged)} |",
-                  "|---|" + "---:|" * (2 + len(merged))]
-        lines += [f"| {name} | {value('target', name)} | {value(f'adapted:{name}', name)} | "
-                  + " | ".join(value(m, name) for m in merged) + " |" for name in held_out]
+        lines += [
+            f"What did the merge learn? Each fine-tune's held-out set ({unit}).",
+            "",
+            f"| fine-tune | target | its adapted model | {' | '.join(merged)} |",
+            "|---|" + "---:|" * (2 + len(merged)),
+        ]
+        lines += [
+            f"| {name} | {value('target', name)} | {value(f'adapted:{name}', name)} | "
+            + " | ".join(value(m, name) for m in merged)
+            + " |"
+            for name in held_out
+        ]
         lines.append("")
     if retention:
-        lines += [f"What did it keep? Each retention set ({unit}).", "",
-                  f"| retention set | target | {' | '.join(merged)} |", "|---|" + "---:|" * (1 + len(merged))]
-        lines += [f"| {name} | {value('target', name)} | " + " | ".join(value(m, name) for m in merged) + " |"
-                  for name in retention]
+        lines += [
+            f"What did it keep? Each retention set ({unit}).",
+            "",
+            f"| retention set | target | {' | '.join(merged)} |",
+            "|---|" + "---:|" * (1 + len(merged)),
+        ]
+        lines += [
+            f"| {name} | {value('target', name)} | " + " | ".join(value(m, name) for m in merged) + " |"
+            for name in retention
+        ]
         lines.append("")
     return lines
 
@@ -82,13 +99,20 @@ def markdown_table(report: dict) -> str:
     """The report's tables in markdown: what the merge learned and kept, loss (perplexity) on assistant tokens,
     greedy exact match (contains) when generation ran, lm-eval-harness results or why they were not run. Best value
     per column in bold."""
-    parts = [*learned_and_kept(report), "Mean loss on assistant tokens (perplexity); lower is better.", "",
-             *_table(report, "loss", lambda r: f"{_number(r['loss'], 3)} ({_number(r['perplexity'], 2)})", True)]
+    parts = [
+        *learned_and_kept(report),
+        "Mean loss on assistant tokens (perplexity); lower is better.",
+        "",
+        *_table(report, "loss", lambda r: f"{_number(r['loss'], 3)} ({_number(r['perplexity'], 2)})", True),
+    ]
     if report["settings"].get("generate"):
-        parts += ["", f"Greedy answers, up to {report['settings']['max_new_tokens']} new tokens: exact match "
-                      "(reference contained); higher is better.", "",
-                  *_table(report, "exact_match",
-                          lambda r: f"{r['exact_match']:.0%} ({r['contains']:.0%})", False)]
+        parts += [
+            "",
+            f"Greedy answers, up to {report['settings']['max_new_tokens']} new tokens: exact match "
+            "(reference contained); higher is better.",
+            "",
+            *_table(report, "exact_match", lambda r: f"{r['exact_match']:.0%} ({r['contains']:.0%})", False),
+        ]
     parts += _lm_eval_lines(report.get("lm_eval") or {})
     return "\n".join(parts) + "\n"
 
@@ -99,11 +123,16 @@ def _lm_eval_lines(lm_eval: dict) -> list[str]:
     if lm_eval.get("status"):
         return ["", f"lm-eval-harness tasks {', '.join(lm_eval['tasks'])}: {lm_eval['status']}."]
     results = lm_eval["results"]
-    columns = sorted({(task, metric) for per_model in results.values() for task, metrics in per_model.items()
-                      for metric in metrics})
-    lines = ["", "lm-eval-harness (higher is better for accuracy-like metrics):", "",
-             f"| model | {' | '.join(f'{task} {metric}' for task, metric in columns)} |",
-             "|---|" + "---:|" * len(columns)]
+    columns = sorted(
+        {(task, metric) for per_model in results.values() for task, metrics in per_model.items() for metric in metrics}
+    )
+    lines = [
+        "",
+        "lm-eval-harness (higher is better for accuracy-like metrics):",
+        "",
+        f"| model | {' | '.join(f'{task} {metric}' for task, metric in columns)} |",
+        "|---|" + "---:|" * len(columns),
+    ]
     for model, per_model in results.items():
         values = [_number(per_model.get(task, {}).get(metric), 4) for task, metric in columns]
         lines.append(f"| {model} | {' | '.join(values)} |")
@@ -121,8 +150,7 @@ def write_chart(report: dict, path: Path) -> None:
     if report["settings"].get("generate"):
         panels.append(("exact_match", "greedy exact match (higher is better)"))
     sets, models = [s["name"] for s in report["sets"]], report["models"]
-    figure, axes = plt.subplots(1, len(panels), figsize=(max(6, 1.6 * len(sets) * len(panels) + 3), 4),
-                                squeeze=False)
+    figure, axes = plt.subplots(1, len(panels), figsize=(max(6, 1.6 * len(sets) * len(panels) + 3), 4), squeeze=False)
     width = 0.8 / max(1, len(models))
     for axis, (metric, title) in zip(axes[0], panels, strict=True):
         for index, model in enumerate(models):
@@ -147,4 +175,3 @@ def write_report(report: dict, out_dir: Path) -> str:
     (out_dir / REPORT_MD).write_text(f"# Evaluation of {report['name']}\n\n{table}")
     write_chart(report, out_dir / REPORT_PNG)
     return table
-

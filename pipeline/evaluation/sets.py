@@ -36,11 +36,12 @@ def rows_to_set(name: str, kind: str, source: str, dataset, max_samples: int | N
     rows = dataset.select_columns([*COLUMNS, *(["messages"] if has_messages else [])]).to_list()
     for index, row in enumerate(rows):
         if len(row["input_ids"]) != len(row["assistant_masks"]) or not any(row["assistant_masks"]):
-            raise EvalSetError(f"{source}: row {index}: needs as many mask bits as ids ({len(row['input_ids'])} ids,"
-                               f" {len(row['assistant_masks'])} bits) and at least one assistant token")
+            raise EvalSetError(
+                f"{source}: row {index}: needs as many mask bits as ids ({len(row['input_ids'])} ids,"
+                f" {len(row['assistant_masks'])} bits) and at least one assistant token"
+            )
     references = [reference_answer(r["messages"]) for r in rows] if has_messages else None
-    return EvalSet(name, kind, source, [r["input_ids"] for r in rows], [r["assistant_masks"] for r in rows],
-                   references)
+    return EvalSet(name, kind, source, [r["input_ids"] for r in rows], [r["assistant_masks"] for r in rows], references)
 
 
 def held_out_set(name: str, prepare_dir: Path, max_samples: int | None) -> EvalSet:
@@ -50,8 +51,9 @@ def held_out_set(name: str, prepare_dir: Path, max_samples: int | None) -> EvalS
     return rows_to_set(name, "held-out", str(path), load_from_disk(str(path)), max_samples)
 
 
-def retention_set(retention: RetentionSet, chat: ChatFormat, work_dir: Path, *, max_length: int,
-                  max_samples: int | None) -> EvalSet:
+def retention_set(
+    retention: RetentionSet, chat: ChatFormat, work_dir: Path, *, max_length: int, max_samples: int | None
+) -> EvalSet:
     """A retention dataset rendered and tokenized by prepare's own code path (same template, base tokenizer,
     end-of-turn token, assistant mask, `max_length` = train.max_seq_length), every usable row kept (no split): rows
     prepare would reject are left out and counted in the set's description."""
@@ -60,12 +62,15 @@ def retention_set(retention: RetentionSet, chat: ChatFormat, work_dir: Path, *, 
     source = loading.load_source(dataset, Path(work_dir) / "source")
     limit = min(n for n in (dataset.max_samples, max_samples, len(source)) if n is not None)
     source = source.select(range(limit))
-    processed = render.render_dataset(source, settings, chat.tokenizer, str(Path(work_dir) / f"{retention.name}.arrow"),
-                                      f"retention {retention.name}")
+    processed = render.render_dataset(
+        source, settings, chat.tokenizer, str(Path(work_dir) / f"{retention.name}.arrow"), f"retention {retention.name}"
+    )
     kept = render.kept_rows(processed)
     if not len(kept):
-        raise EvalSetError(f"evaluate.retention {retention.name}: none of the first {limit} rows of {dataset.path} "
-                           f"could be rendered as format {dataset.format} (first reason: {processed[0]['reason']}: "
-                           f"{processed[0]['detail']})")
+        raise EvalSetError(
+            f"evaluate.retention {retention.name}: none of the first {limit} rows of {dataset.path} "
+            f"could be rendered as format {dataset.format} (first reason: {processed[0]['reason']}: "
+            f"{processed[0]['detail']})"
+        )
     eval_set = rows_to_set(retention.name, "retention", dataset.path, kept, None)
     return replace(eval_set, rejected=limit - len(kept))

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
-from tqdm import tqdm
 
+from pipeline.console import tqdm
 from pipeline.models.lora import LoraAdapter, adapted_weight, load_adapter
 from pipeline.models.safetensors_io import (
     INDEX_FILE,
@@ -34,8 +34,15 @@ LOG = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 # Config keys that must agree between the base an adapter was trained on and the target it is applied to.
-ARCHITECTURE_KEYS = ("architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads")
+ARCHITECTURE_KEYS = (
+    "architectures",
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+)
 
 
 class IncompatibleAdapter(ValueError):
@@ -65,11 +72,17 @@ def check_architecture(adapter_name: str, base_config: dict | None, target_confi
         if base_config and key in base_config and target_config.get(key) != base_config[key]:
             raise IncompatibleAdapter(
                 f"adapter {adapter_name}: its base has {key}={base_config[key]!r} but the target {target_name} "
-                f"has {target_config.get(key)!r}; a LoRA only applies to a model of the same architecture")
+                f"has {target_config.get(key)!r}; a LoRA only applies to a model of the same architecture"
+            )
 
 
-def check_compatibility(adapter: LoraAdapter, target_tensors: dict[str, TensorInfo], target_config: dict,
-                        base_config: dict | None, target_name: str) -> None:
+def check_compatibility(
+    adapter: LoraAdapter,
+    target_tensors: dict[str, TensorInfo],
+    target_config: dict,
+    base_config: dict | None,
+    target_name: str,
+) -> None:
     """Raise IncompatibleAdapter at the first module missing from the target or of another shape, or the first
     architecture setting where the target differs from the adapter's base. Reads no weights."""
     check_architecture(adapter.path.name, base_config, target_config, target_name)
@@ -77,18 +90,23 @@ def check_compatibility(adapter: LoraAdapter, target_tensors: dict[str, TensorIn
         info = target_tensors.get(name)
         if info is None:
             raise IncompatibleAdapter(
-                f"adapter {adapter.path.name}: LoRA module {name} has no tensor in the target {target_name}")
+                f"adapter {adapter.path.name}: LoRA module {name} has no tensor in the target {target_name}"
+            )
         if info.shape != module.shape:
             raise IncompatibleAdapter(
                 f"adapter {adapter.path.name}: {name} is {list(info.shape)} in the target {target_name} but the LoRA "
-                f"update is {list(module.shape)}")
+                f"update is {list(module.shape)}"
+            )
         if not info.dtype.is_floating_point:
-            raise IncompatibleAdapter(f"adapter {adapter.path.name}: {name} is stored as {info.dtype} in the target "
-                                      f"{target_name} (quantized?); apply needs a floating-point target")
+            raise IncompatibleAdapter(
+                f"adapter {adapter.path.name}: {name} is stored as {info.dtype} in the target "
+                f"{target_name} (quantized?); apply needs a floating-point target"
+            )
 
 
-def adapted_tensor(name: str, tensor: torch.Tensor, adapter: LoraAdapter, dtype_setting: str,
-                   device: torch.device) -> torch.Tensor:
+def adapted_tensor(
+    name: str, tensor: torch.Tensor, adapter: LoraAdapter, dtype_setting: str, device: torch.device
+) -> torch.Tensor:
     """One tensor of the adapted model: the target's, plus the LoRA update when the adapter has one for it."""
     dtype = output_dtype(dtype_setting, tensor.dtype)
     module = adapter.modules.get(name)
@@ -111,8 +129,15 @@ def read_ahead(read: Callable[[T], R], items: Iterable[T]) -> Iterator[tuple[T, 
             yield pending[0], pending[1].result()
 
 
-def apply_adapter(adapter_dir: Path, target_dir: Path, out_dir: Path, *, dtype: str = "auto",
-                  device: str = "auto", base_config: dict | None = None) -> dict:
+def apply_adapter(
+    adapter_dir: Path,
+    target_dir: Path,
+    out_dir: Path,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    base_config: dict | None = None,
+) -> dict:
     """Write target + LoRA into `out_dir`: the target's shard layout and index, its config (dtype updated),
     generation_config and tokenizer files. Everything is checked before the first byte is written."""
     target_dir, out_dir = Path(target_dir), Path(out_dir)
@@ -123,8 +148,10 @@ def apply_adapter(adapter_dir: Path, target_dir: Path, out_dir: Path, *, dtype: 
     compute_device = resolve_device(device)
     out_dir.mkdir(parents=True, exist_ok=True)
     weight_map, total_size = {}, 0
-    with TensorReader(tensors) as reader, tqdm(total=len(tensors), desc=f"apply {adapter.path.name}",
-                                               unit="tensor", leave=False) as bar:
+    with (
+        TensorReader(tensors) as reader,
+        tqdm(total=len(tensors), desc=f"apply {adapter.path.name}", unit="tensor", leave=False) as bar,
+    ):
         for shard in shard_files(target_dir):
             infos = read_header(target_dir / shard)
             layout = {name: (output_dtype(dtype, info.dtype), info.shape) for name, info in infos.items()}
@@ -140,15 +167,25 @@ def apply_adapter(adapter_dir: Path, target_dir: Path, out_dir: Path, *, dtype: 
     write_config(target_dir / "config.json", out_dir, None if dtype == "auto" else getattr(torch, dtype))
     copy_tokenizer_files(target_dir, out_dir)
     cast = dtype_cast(tensors, dtype)
-    return {"tensors": len(tensors), "lora_modules": len(adapter.modules), "bytes_written": total_size,
-            "device": str(compute_device), **({"cast": cast} if cast else {})}
+    return {
+        "tensors": len(tensors),
+        "lora_modules": len(adapter.modules),
+        "bytes_written": total_size,
+        "device": str(compute_device),
+        **({"cast": cast} if cast else {}),
+    }
 
 
 def dtype_cast(tensors: dict[str, TensorInfo], setting: str) -> str | None:
     """What `apply.dtype` did to the target's stored floating-point tensors, when it changed their dtype: every
     tensor is re-rounded, the ones no LoRA touches too."""
-    stored = sorted({str(info.dtype).removeprefix("torch.") for info in tensors.values()
-                     if info.dtype.is_floating_point and output_dtype(setting, info.dtype) != info.dtype})
+    stored = sorted(
+        {
+            str(info.dtype).removeprefix("torch.")
+            for info in tensors.values()
+            if info.dtype.is_floating_point and output_dtype(setting, info.dtype) != info.dtype
+        }
+    )
     if not stored:
         return None
     message = f"every {'/'.join(stored)} tensor of the target cast to {setting} (apply.dtype; auto keeps the target's)"

@@ -105,8 +105,14 @@ def tensor_parameters(config, tensor_name: str, t: float, inputs: dict) -> tuple
     if config.base_model is not None and config.base_model not in [entry.model for entry in config.models]:
         sources.append(InputSliceDefinition(model=config.base_model, layer_range=(0, 1)))
     reader = ConfigReader(config=config, t=t, slice_out=OutputSliceDefinition(sources=sources))
-    return resolve_parameters(merge_methods.get(config.merge_method).spec, tensor_name=tensor_name, inputs=inputs,
-                              sources=reader.parameter_sources, base_model=config.base_model, t=t)
+    return resolve_parameters(
+        merge_methods.get(config.merge_method).spec,
+        tensor_name=tensor_name,
+        inputs=inputs,
+        sources=reader.parameter_sources,
+        base_model=config.base_model,
+        t=t,
+    )
 
 
 def validate_mergekit_config(config_dict: dict):
@@ -129,13 +135,17 @@ def validate_mergekit_config(config_dict: dict):
     shared = {parameter.name for parameter in spec.shared_parameters}
     unknown = set(config.parameters or {}) - shared
     if unknown:
-        raise RecipeError(f"merge.parameters: {sorted(unknown)} are not parameters of {spec.name} "
-                          f"(it takes: {', '.join(sorted(shared)) or 'none'})")
+        raise RecipeError(
+            f"merge.parameters: {sorted(unknown)} are not parameters of {spec.name} "
+            f"(it takes: {', '.join(sorted(shared)) or 'none'})"
+        )
     for entry in config.models:
         unknown = set(entry.parameters or {}) - known
         if unknown:
-            raise RecipeError(f"merge.models: {sorted(unknown)} are not parameters of {spec.name} for {entry.model} "
-                              f"(per-model parameters it takes: {sorted(known - shared)})")
+            raise RecipeError(
+                f"merge.models: {sorted(unknown)} are not parameters of {spec.name} for {entry.model} "
+                f"(per-model parameters it takes: {sorted(known - shared)})"
+            )
     models = input_models(config)
     try:
         merge_methods.get(spec.name).validate_inputs(models, config.base_model)

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
+from pipeline.console import tqdm
 from pipeline.merging.adapted_model import check_compatibility, output_dtype, resolve_device
 from pipeline.merging.config import input_models, tensor_parameters
 from pipeline.merging.mergekit_engine import MERGE_SEED
@@ -49,8 +51,8 @@ COPY_METHODS = ("task_arithmetic", "ties")
 EXACT_COUNTS = {torch.bfloat16: 2**16, torch.float16: 2**13}
 MEMORY_BUDGET = 1024**3
 # Per input on the CPU: TIES makes a dozen passes over each block, and blocks this small stay in the caches (measured
-# on the 0.5B shapes: 1.6x faster than 35 MB blocks; below ~64 KB the per-call overhead wins).
-CHUNK_BYTES = 1024**2
+# on the 0.5B shapes with 10 inputs: 2x faster than 35 MB blocks; below ~100 KB the per-call overhead wins).
+CHUNK_BYTES = 512 * 1024
 # Bytes the kernel holds per input byte of a block beyond the input itself: deltas, signs, mask, masked deltas.
 KERNEL_COPIES = 4
 # MKL computes a one-row product with gemv, whose sums differ from the whole GEMM's: blocks have two rows or more.
@@ -77,12 +79,15 @@ def plan_tensors(config_dir: Path, target: dict, base: dict | None, trust_remote
     config = AutoConfig.from_pretrained(config_dir, trust_remote_code=trust_remote_code)
     arch = arch_info_for_config(config)
     if arch is None:
-        raise ValueError(f"mergekit has no architecture definition for {config.architectures}; the fused engine "
-                         "needs one. Set merge.engine: mergekit")
+        raise ValueError(
+            f"mergekit has no architecture definition for {config.architectures}; the fused engine "
+            "needs one. Set merge.engine: mergekit"
+        )
     planned = []
     for module in arch.modules.values():
-        configured = ConfiguredModuleArchitecture(info=module.architecture, config=config,
-                                                  weight_prefix=module.weight_prefix)
+        configured = ConfiguredModuleArchitecture(
+            info=module.architecture, config=config, weight_prefix=module.weight_prefix
+        )
         layers = configured.num_layers()
         weights = [(w, 0.0) for w in configured.pre_weights()]
         for index in range(layers):
@@ -115,9 +120,18 @@ class FusedInputs:
     rerun mergekit's kernel instead of reading and recomputing them. `memory_budget` bounds the inputs of a block of
     rows and the kernel's temporaries (on `cuda`, GPU memory)."""
 
-    def __init__(self, *, base_dir: Path, target_dir: Path, adapters: dict[str, Path], apply_dtype: str,
-                 device: str = "auto", trust_remote_code: bool = False, cache_bytes: int = 0,
-                 memory_budget: int = MEMORY_BUDGET):
+    def __init__(
+        self,
+        *,
+        base_dir: Path,
+        target_dir: Path,
+        adapters: dict[str, Path],
+        apply_dtype: str,
+        device: str = "auto",
+        trust_remote_code: bool = False,
+        cache_bytes: int = 0,
+        memory_budget: int = MEMORY_BUDGET,
+    ):
         self.base_dir, self.target_dir, self.apply_dtype = Path(base_dir), Path(target_dir), apply_dtype
         self.target_tensors = model_tensors(target_dir)
         self.base_tensors = model_tensors(base_dir)
@@ -153,15 +167,19 @@ class FusedInputs:
 
     def factors(self, item: PlannedTensor, roles) -> dict[str, LoraFactors]:
         """A and B of every adapter among `roles` that touches this tensor, read once for all its row blocks."""
-        return {path: adapter.modules[item.target_name].factors(self.device)
-                for path, adapter in self.adapters.items() if path in roles and item.target_name in adapter.modules}
+        return {
+            path: adapter.modules[item.target_name].factors(self.device)
+            for path, adapter in self.adapters.items()
+            if path in roles and item.target_name in adapter.modules
+        }
 
     def _all_roles(self, with_base: bool) -> dict[str, str]:
         roles = {"target": "target", **{path: path for path in self.adapters}}
         return {**roles, "base": "base"} if with_base else roles
 
-    def role_tensors(self, item: PlannedTensor, load_dtype: torch.dtype | None, *, with_base: bool,
-                     raw=None) -> dict[str, torch.Tensor]:
+    def role_tensors(
+        self, item: PlannedTensor, load_dtype: torch.dtype | None, *, with_base: bool, raw=None
+    ) -> dict[str, torch.Tensor]:
         """The whole tensor of every role (target, each adapted model, and the base `with_base`) for one output
         tensor, on the merge device, each distinct tensor moved there once: the weight no adapter touches is one
         tensor shared by all of them, not a copy per adapter. Kept in the cache when it fits."""
@@ -170,8 +188,12 @@ class FusedInputs:
         if cached is not None and (not with_base or "base" in cached):
             return cached
         base, target = raw if raw is not None else self.read(item, with_base)
-        values = _on_device(tensor_inputs(item, base, target, self._all_roles(with_base), self.adapters,
-                                          self.apply_dtype, self.device, load_dtype), self.device)
+        values = _on_device(
+            tensor_inputs(
+                item, base, target, self._all_roles(with_base), self.adapters, self.apply_dtype, self.device, load_dtype
+            ),
+            self.device,
+        )
         size = sum(value.nbytes for value in _distinct(values))
         if self._cached_bytes + size <= self.cache_bytes:
             self._cache[key] = values
@@ -181,13 +203,14 @@ class FusedInputs:
     def adapted_tensor(self, item: PlannedTensor, adapted_path: str) -> torch.Tensor:
         """One adapted model's tensor, as apply writes it (only that adapter's product is computed)."""
         _, target = self.read(item, with_base=False)
-        return tensor_inputs(item, None, target, {adapted_path: adapted_path}, self.adapters, self.apply_dtype,
-                             self.device, None)[adapted_path]
+        return tensor_inputs(
+            item, None, target, {adapted_path: adapted_path}, self.adapters, self.apply_dtype, self.device, None
+        )[adapted_path]
 
     def merged_tensors(self, config, order: list[PlannedTensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, merged tensor) for every output tensor of `config` (a parsed MergeConfiguration whose model paths
-        are the base, the target or keys of `adapters`), in `order`. One thread reads the next tensor while another
-        computes the adapted inputs of the next row block and this one runs mergekit's kernel."""
+        are the base, the target or keys of `adapters`), in `order`. One thread reads the next tensor while the
+        others each compute a row block's adapted inputs and merge it."""
         from mergekit import merge_methods
 
         method = merge_methods.get(config.merge_method)
@@ -201,18 +224,25 @@ class FusedInputs:
         order = self.planned if order is None else order
         if not order:
             return
-        with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as products:
-            upcoming = reader.submit(self._tensor_work, order[0], config, method, models, roles, with_base)
+        workers, threads = block_workers(self.device), torch.get_num_threads()
+        with (
+            _torch_threads(1),
+            ThreadPoolExecutor(max_workers=1) as reader,
+            ThreadPoolExecutor(max_workers=workers) as blocks,
+        ):
+            upcoming = reader.submit(self._tensor_work, order[0], config, method, models, roles, with_base, workers)
             for position, item in enumerate(order):
                 work = upcoming.result()
                 if position + 1 < len(order):
-                    upcoming = reader.submit(self._tensor_work, order[position + 1], config, method, models, roles,
-                                             with_base)
-                yield item.weight.name, work.merge_blocks(products)
+                    upcoming = reader.submit(
+                        self._tensor_work, order[position + 1], config, method, models, roles, with_base, workers
+                    )
+                yield item.weight.name, work.merge_blocks(blocks, threads)
                 del work
 
-    def _tensor_work(self, item: PlannedTensor, config, method, models: list, roles: dict,
-                     with_base: bool) -> TensorWork:
+    def _tensor_work(
+        self, item: PlannedTensor, config, method, models: list, roles: dict, with_base: bool, workers: int
+    ) -> TensorWork:
         """Everything one output tensor's merge needs, read (or taken from the cache) and planned in blocks."""
         load_dtype = _load_dtype(item, config)
         merge = TensorMerge.resolve(method, config, item, models)
@@ -229,14 +259,28 @@ class FusedInputs:
             distinct = len(factors) + 3  # the touched adapters' inputs, the untouched one, the target, the base
 
             def inputs(rows: slice | None) -> dict:
-                return _on_device(tensor_inputs(item, base, target, used, self.adapters, self.apply_dtype,
-                                                self.device, load_dtype, rows=rows, factors=factors), self.device)
+                return _on_device(
+                    tensor_inputs(
+                        item,
+                        base,
+                        target,
+                        used,
+                        self.adapters,
+                        self.apply_dtype,
+                        self.device,
+                        load_dtype,
+                        rows=rows,
+                        factors=factors,
+                    ),
+                    self.device,
+                )
+
         info = self.target_tensors[item.target_name]
         blocks = [None]
         if merge.elementwise and info.shape and info.dtype.is_floating_point:
             itemsize = (load_dtype or info.dtype).itemsize
-            blocks = row_blocks(info.shape[0], block_rows(info.shape, itemsize, distinct, self.memory_budget,
-                                                          self.device))
+            budget = self.memory_budget // workers  # each worker merges a block at a time
+            blocks = row_blocks(info.shape[0], block_rows(info.shape, itemsize, distinct, budget, self.device))
         return TensorWork(item, merge, [roles[model] for model in models], inputs, blocks, config)
 
     def result_dtype(self, item: PlannedTensor, config) -> torch.dtype:
@@ -261,30 +305,36 @@ class TensorWork:
     blocks: list[slice | None]
     config: object
 
-    def merge_blocks(self, products: ThreadPoolExecutor) -> torch.Tensor:
-        """The merged tensor, block after block, the next block's inputs computed on `products` meanwhile."""
+    def merge_block(self, rows: slice | None) -> torch.Tensor:
         from mergekit.common import dtype_from_name
         from mergekit.merge_methods.buffers import copy_non_floating_buffer
 
+        by_role = self.inputs(rows)
+        tensors = [by_role[role] for role in self.input_roles]
+        merged = copy_non_floating_buffer(tensors, self.item.weight.name)
+        if merged is None:
+            merged = self.merge(tensors)
         chosen = self.item.weight.force_dtype or self.config.out_dtype
-        out = None
-        pending = products.submit(self.inputs, self.blocks[0])
-        for index, rows in enumerate(self.blocks):
-            by_role = pending.result()
-            if index + 1 < len(self.blocks):
-                pending = products.submit(self.inputs, self.blocks[index + 1])
-            tensors = [by_role[role] for role in self.input_roles]
-            merged = copy_non_floating_buffer(tensors, self.item.weight.name)
-            if merged is None:
-                merged = self.merge(tensors)
-            if chosen:
-                merged = merged.to(dtype_from_name(chosen))
-            if rows is None:
-                return merged
-            if out is None:
-                out = merged.new_empty((self.blocks[-1].stop, *merged.shape[1:]))
+        return merged.to(dtype_from_name(chosen)) if chosen else merged
+
+    def merge_blocks(self, pool: ThreadPoolExecutor, threads: int) -> torch.Tensor:
+        """The merged tensor: a single block on this thread with `threads` per torch op (random methods draw in
+        order), or every block on `pool`, each written into the output as it is done."""
+        if self.blocks == [None]:
+            with _torch_threads(threads):
+                return self.merge_block(None)
+        out, allocation = None, threading.Lock()
+
+        def fill(rows: slice) -> None:
+            nonlocal out
+            merged = self.merge_block(rows)
+            with allocation:
+                if out is None:
+                    out = merged.new_empty((self.blocks[-1].stop, *merged.shape[1:]))
             out[rows] = merged
-            del by_role, tensors, merged
+
+        for done in [pool.submit(fill, rows) for rows in self.blocks]:
+            done.result()
         return out
 
 
@@ -301,14 +351,14 @@ class TensorMerge:
 
     @classmethod
     def resolve(cls, method, config, item: PlannedTensor, models: list) -> TensorMerge:
-        shared, per_input = tensor_parameters(config, item.weight.name, item.t,
-                                              dict.fromkeys(models, item.weight.name))
+        shared, per_input = tensor_parameters(config, item.weight.name, item.t, dict.fromkeys(models, item.weight.name))
         parameters = dict(shared)
         for spec in method.spec.input_parameters:
             parameters[spec.name] = {m: per_input[m][spec.name] for m in models if spec.name in per_input[m]}
         base_index = models.index(config.base_model) if config.base_model in models else None
         elementwise = method.spec.name in ELEMENTWISE_METHODS and all(
-            density >= 1 for density in parameters.get("density", {}).values())
+            density >= 1 for density in parameters.get("density", {}).values()
+        )
         return cls(method, item.weight.name, models, parameters, base_index, elementwise)
 
     def __call__(self, tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -317,10 +367,17 @@ class TensorMerge:
         copies = self.copies(tensors)
         if copies is not None:
             value, weight = copies
-            return merge_copies(self.method.spec, tensors[self.base_index], value, len(tensors) - 1, weight,
-                                self.parameters)
-        return merge_tensors(tensors, self.method, parameters=self.parameters, ids=self.models,
-                             base_index=self.base_index, name=self.name)
+            return merge_copies(
+                self.method.spec, tensors[self.base_index], value, len(tensors) - 1, weight, self.parameters
+            )
+        return merge_tensors(
+            tensors,
+            self.method,
+            parameters=self.parameters,
+            ids=self.models,
+            base_index=self.base_index,
+            name=self.name,
+        )
 
     def copies(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, float] | None:
         """(tensor, weight) when every non-base input is that one tensor with that one weight, in a dtype where
@@ -336,8 +393,9 @@ class TensorMerge:
         return None
 
 
-def merge_copies(spec, base: torch.Tensor, value: torch.Tensor, count: int, weight: float,
-                 parameters: dict) -> torch.Tensor:
+def merge_copies(
+    spec, base: torch.Tensor, value: torch.Tensor, count: int, weight: float, parameters: dict
+) -> torch.Tensor:
     """mergekit's task_arithmetic or TIES (density 1) result for `count` copies of `value` with one `weight`, bit
     for bit, at the cost of one input: the kernel's operations on one copy, with its two sums over the inputs
     replaced by `count` times the term. In bfloat16/float16 every partial sum of equal terms is exact in float32
@@ -364,6 +422,26 @@ def merge_copies(spec, base: torch.Tensor, value: torch.Tensor, count: int, weig
     if settings["lambda"] != 1:
         mixed *= settings["lambda"]
     return (base + mixed).to(base.dtype)
+
+
+def block_workers(device: torch.device) -> int:
+    """Threads that merge row blocks side by side: one per core torch would use (on `cuda`, one: the GPU runs
+    the kernels)."""
+    return 1 if device.type == "cuda" else torch.get_num_threads()
+
+
+@contextmanager
+def _torch_threads(count: int):
+    """Torch ops on `count` threads each meanwhile. The merge runs ops on one thread and merges row blocks on
+    threads of its own instead: on small blocks OpenMP's fork-join gains little, and on a shared, loaded machine its
+    spinning threads cost 8x the CPU time (TIES over 10 inputs, measured at load 9: 11.4 s CPU on two OpenMP
+    threads, 1.4 s on one)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def block_rows(shape: tuple[int, ...], itemsize: int, inputs: int, budget: int, device: torch.device) -> int:
@@ -408,24 +486,45 @@ def _load_dtype(item: PlannedTensor, config) -> torch.dtype | None:
     return dtype_from_name(item.weight.force_dtype or config.dtype)
 
 
-def fused_merge(config, *, base_dir: Path, target_dir: Path, adapters: dict[str, Path], apply_dtype: str,
-                out_dir: Path, device: str = "auto", trust_remote_code: bool = False,
-                max_shard_bytes: int = MAX_SHARD_BYTES, memory_budget: int = MEMORY_BUDGET) -> dict:
+def fused_merge(
+    config,
+    *,
+    base_dir: Path,
+    target_dir: Path,
+    adapters: dict[str, Path],
+    apply_dtype: str,
+    out_dir: Path,
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    memory_budget: int = MEMORY_BUDGET,
+) -> dict:
     """Merge `config` (a parsed MergeConfiguration whose adapted-model paths are keys of `adapters`, mapping each to
     its adapter directory) into `out_dir`, writing tensors as they are produced (on a thread, while the next one
     merges). Returns counts for the summary."""
-    with FusedInputs(base_dir=base_dir, target_dir=target_dir, adapters=adapters, apply_dtype=apply_dtype,
-                     device=device, trust_remote_code=trust_remote_code, memory_budget=memory_budget) as inputs:
-        layout = {p.weight.name: (inputs.result_dtype(p, config), inputs.target_tensors[p.target_name].shape)
-                  for p in inputs.planned}
+    with FusedInputs(
+        base_dir=base_dir,
+        target_dir=target_dir,
+        adapters=adapters,
+        apply_dtype=apply_dtype,
+        device=device,
+        trust_remote_code=trust_remote_code,
+        memory_budget=memory_budget,
+    ) as inputs:
+        layout = {
+            p.weight.name: (inputs.result_dtype(p, config), inputs.target_tensors[p.target_name].shape)
+            for p in inputs.planned
+        }
         shards = plan_shards(layout, max_shard_bytes)
         files = shard_names(len(shards))
         by_name = {p.weight.name: p for p in inputs.planned}
         order = [by_name[name] for shard in shards for name in shard]
         weight_map, total = {}, 0
         merged = inputs.merged_tensors(config, order)
-        with (tqdm(total=len(order), desc="fused merge", unit="tensor", leave=False) as bar,
-              ThreadPoolExecutor(max_workers=1) as disk):
+        with (
+            tqdm(total=len(order), desc="fused merge", unit="tensor", leave=False) as bar,
+            ThreadPoolExecutor(max_workers=1) as disk,
+        ):
             for file, shard in zip(files, shards, strict=True):
                 writer = ShardWriter(out_dir / file, {name: layout[name] for name in shard})
                 written = None
@@ -477,8 +576,19 @@ def _role(model, base_dir: Path, target_dir: Path, loaded: dict) -> str:
     raise ValueError(f"{path} is neither the base, the target nor an adapted model of this merge")
 
 
-def tensor_inputs(item, base, target, roles, loaded, apply_dtype, device, load_dtype, *,
-                  rows: slice | None = None, factors: dict[str, LoraFactors] | None = None) -> dict:
+def tensor_inputs(
+    item,
+    base,
+    target,
+    roles,
+    loaded,
+    apply_dtype,
+    device,
+    load_dtype,
+    *,
+    rows: slice | None = None,
+    factors: dict[str, LoraFactors] | None = None,
+) -> dict:
     """Every input of one tensor (of its `rows`, or all of it), each as mergekit's loader would hand it over: the
     adapted models' as apply writes them, then every input cast to the merge dtype. Adapters without this module
     all get one shared tensor, and so does the target when its cast provably gives the same tensor. `factors`
@@ -488,8 +598,11 @@ def tensor_inputs(item, base, target, roles, loaded, apply_dtype, device, load_d
         return value.to(load_dtype) if load_dtype and value.dtype != load_dtype else value
 
     if factors is None:
-        factors = {role: loaded[role].modules[item.target_name].factors(device) for role in roles.values()
-                   if role in loaded and item.target_name in loaded[role].modules}
+        factors = {
+            role: loaded[role].modules[item.target_name].factors(device)
+            for role in roles.values()
+            if role in loaded and item.target_name in loaded[role].modules
+        }
     if rows is not None:
         base, target = None if base is None else base[rows], target[rows]
     adapted_dtype = output_dtype(apply_dtype, target.dtype)
@@ -509,6 +622,7 @@ def tensor_inputs(item, base, target, roles, loaded, apply_dtype, device, load_d
             if target32 is None:
                 target32 = target.to(device, torch.float32)
             # target + scale·(B@A) in float32, rounded once: PEFT's in-place `weight += delta`, as apply computes it
-            values[model] = as_loaded((target32 + factors[role].delta(slice(None) if rows is None else rows))
-                                      .to(adapted_dtype))
+            values[model] = as_loaded(
+                (target32 + factors[role].delta(slice(None) if rows is None else rows)).to(adapted_dtype)
+            )
     return values

@@ -9,8 +9,14 @@ from pathlib import Path
 MERGE_SEED = 0
 
 
-def run_mergekit(config_dict: dict, out_dir: Path, *, device: str = "auto", low_cpu_memory: bool = False,
-                 trust_remote_code: bool = False) -> None:
+def run_mergekit(
+    config_dict: dict,
+    out_dir: Path,
+    *,
+    device: str = "auto",
+    low_cpu_memory: bool = False,
+    trust_remote_code: bool = False,
+) -> None:
     """Merge into `out_dir` exactly as `mergekit-yaml` would (same config, same options that affect tensors).
 
     mergekit mutates the config it is given and caches loaders per model path at class level, so a second merge in
@@ -24,8 +30,13 @@ def run_mergekit(config_dict: dict, out_dir: Path, *, device: str = "auto", low_
         if not Path(entry).is_absolute():
             raise ValueError(f"mergekit config: model path {entry} must be absolute")
     config = MergeConfiguration.model_validate(copy.deepcopy(config_dict))
-    options = MergeOptions(device=device, low_cpu_memory=low_cpu_memory, trust_remote_code=trust_remote_code,
-                           write_model_card=False, random_seed=MERGE_SEED)
+    options = MergeOptions(
+        device=device,
+        low_cpu_memory=low_cpu_memory,
+        trust_remote_code=trust_remote_code,
+        write_model_card=False,
+        random_seed=MERGE_SEED,
+    )
     LoaderCache().loaders.clear()
     try:
         run_merge(config, str(out_dir), options)

@@ -40,8 +40,11 @@ def adopt_target_files(out_dir: Path, target_dir: Path, *, keep_tokenizer: bool)
         (out_dir / "generation_config.json").write_bytes((target_dir / "generation_config.json").read_bytes())
     target_config = json.loads((target_dir / "config.json").read_text())
     written = json.loads((out_dir / "config.json").read_text())
-    changed = {key: written[key] for key in MERGE_CHANGED_KEYS
-               if key in target_config and key in written and written[key] != target_config[key]}
+    changed = {
+        key: written[key]
+        for key in MERGE_CHANGED_KEYS
+        if key in target_config and key in written and written[key] != target_config[key]
+    }
     dtype = written.get("dtype") or written.get("torch_dtype")
     write_config(target_dir / "config.json", out_dir, getattr(torch, dtype) if dtype else None, changed)
 
@@ -55,8 +58,10 @@ def warn_if_vocabulary_changed(out_dir: Path, target_dir: Path) -> str | None:
     before, after = vocabulary_size(target_dir), vocabulary_size(out_dir)
     if before == after:
         return None
-    message = (f"tokenizer_source changed the vocabulary size from {before} (target) to {after}: mergekit rebuilt "
-               "embed_tokens/lm_head to the tokenizer's length")
+    message = (
+        f"tokenizer_source changed the vocabulary size from {before} (target) to {after}: mergekit rebuilt "
+        "embed_tokens/lm_head to the tokenizer's length"
+    )
     LOG.warning(message)
     return message
 
@@ -67,16 +72,17 @@ def write_lineage(out_dir: Path, lineage: dict, mergekit_config: dict) -> None:
     (Path(out_dir) / "lineage.json").write_text(json.dumps(lineage, indent=2) + "\n")
     rows = "\n".join(
         f"| {a['name']} | {a.get('dataset') or '?'} | {(a.get('sha256') or '?')[:16]} | {a.get('train') or ''} |"
-        for a in lineage["adapters"])
+        for a in lineage["adapters"]
+    )
     card = f"""---
-base_model: {lineage['target']}
+base_model: {lineage["target"]}
 tags: [merge, mergekit, lora, ftmerge]
 ---
-# {lineage['name']}
+# {lineage["name"]}
 
-{lineage['target']} with {len(lineage['adapters'])} LoRA fine-tune(s) of {lineage['base']}, each applied to the
-target and merged all at once with mergekit's `{mergekit_config['merge_method']}` over the base
-(engine: {lineage['engine']}). Tokenizer, chat template and generation config are the target's.
+{lineage["target"]} with {len(lineage["adapters"])} LoRA fine-tune(s) of {lineage["base"]}, each applied to the
+target and merged all at once with mergekit's `{mergekit_config["merge_method"]}` over the base
+(engine: {lineage["engine"]}). Tokenizer, chat template and generation config are the target's.
 
 | adapter | dataset | sha256 | training |
 |---|---|---|---|
@@ -87,7 +93,7 @@ target and merged all at once with mergekit's `{mergekit_config['merge_method']}
 {yaml.safe_dump(mergekit_config, sort_keys=False).rstrip()}
 ```
 
-Library versions: {', '.join(f'{k} {v}' for k, v in lineage['versions'].items())}.
+Library versions: {", ".join(f"{k} {v}" for k, v in lineage["versions"].items())}.
 Made with ftmerge; `lineage.json` lists every input with its sha256.
 """
     (Path(out_dir) / "README.md").write_text(card)

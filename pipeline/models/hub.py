@@ -48,8 +48,10 @@ def resolve_model(reference: str, key: str = "model", *, trust_remote_code: bool
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
         raise ModelNotFound(unreachable(reference, key, error)) from None
     if not (snapshot / INDEX_FILE).is_file() and not (snapshot / SINGLE_FILE).is_file():
-        raise ModelNotFound(f"{key}: {reference} has no safetensors weights ({INDEX_FILE} or {SINGLE_FILE}); only "
-                            "safetensors models are supported")
+        raise ModelNotFound(
+            f"{key}: {reference} has no safetensors weights ({INDEX_FILE} or {SINGLE_FILE}); only "
+            "safetensors models are supported"
+        )
     return snapshot
 
 
@@ -75,8 +77,15 @@ def unreachable(reference: str, key: str, error: Exception) -> str:
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
     # The first line says which (gated, not found, unreachable); huggingface_hub's messages hold no token.
     detail = (str(error).strip().splitlines() or [""])[0]
-    why = ("HF_HUB_OFFLINE is set and it is not in the local cache" if offline
-           else f"{type(error).__name__}: {detail}" if detail else type(error).__name__)
-    return (f"{key}: cannot get {reference} from the Hugging Face Hub ({why}). Download it on a machine with "
-            f"network (`hf download {reference}`; a gated model needs its license accepted and HF_TOKEN) or point "
-            f"{key} to a local directory.")
+    why = (
+        "HF_HUB_OFFLINE is set and it is not in the local cache"
+        if offline
+        else f"{type(error).__name__}: {detail}"
+        if detail
+        else type(error).__name__
+    )
+    return (
+        f"{key}: cannot get {reference} from the Hugging Face Hub ({why}). Download it on a machine with "
+        f"network (`hf download {reference}`; a gated model needs its license accepted and HF_TOKEN) or point "
+        f"{key} to a local directory."
+    )

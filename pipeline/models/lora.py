@@ -56,8 +56,9 @@ class LoraModule:
     def factors(self, device: torch.device | str = "cpu") -> LoraFactors:
         """A and B read from the adapter file, in float32 on `device` (PEFT upcasts bf16/fp16 adapters so)."""
         lora_A, lora_B = read_tensor(self.lora_A), read_tensor(self.lora_B)
-        return LoraFactors(lora_A.to(device, torch.float32), lora_B.to(device, torch.float32), self.scale,
-                           self.fan_in_fan_out)
+        return LoraFactors(
+            lora_A.to(device, torch.float32), lora_B.to(device, torch.float32), self.scale, self.fan_in_fan_out
+        )
 
     def delta(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """scale·(B@A) in float32, the same operations in the same order as PEFT's `get_delta_weight`."""
@@ -83,8 +84,14 @@ class LoraFactors:
         return (self.lora_B[rows] @ self.lora_A) * self.scale
 
 
-def adapted_weight(weight: torch.Tensor, module: LoraModule, dtype: torch.dtype, device: torch.device | str = "cpu",
-                   *, keep_on_device: bool = False) -> torch.Tensor:
+def adapted_weight(
+    weight: torch.Tensor,
+    module: LoraModule,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    *,
+    keep_on_device: bool = False,
+) -> torch.Tensor:
     """target + scale·(B@A), added in float32 and rounded once to `dtype`: PEFT's in-place `weight += delta`.
     Returned on the CPU for writing, or on `device` for a merge that goes on there."""
     result = weight.to(device, torch.float32) + module.delta(device)
@@ -106,12 +113,16 @@ def read_adapter_config(path: Path) -> dict:
     config = json.loads(file.read_text())
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type != "LORA":
-        raise AdapterRefused(f"{file}: peft_type {config.get('peft_type')!r} is not LoRA; only LoRA adapters are a "
-                             "low-rank update that can be added to another model's weights")
+        raise AdapterRefused(
+            f"{file}: peft_type {config.get('peft_type')!r} is not LoRA; only LoRA adapters are a "
+            "low-rank update that can be added to another model's weights"
+        )
     for key, why in REFUSED_SETTINGS.items():
         if config.get(key):
-            raise AdapterRefused(f"{file}: {key}={config[key]!r} cannot be applied to a different model: {why}. "
-                                 "Train the adapter without it (plain LoRA on the projection layers).")
+            raise AdapterRefused(
+                f"{file}: {key}={config[key]!r} cannot be applied to a different model: {why}. "
+                "Train the adapter without it (plain LoRA on the projection layers)."
+            )
     return config
 
 
@@ -145,15 +156,19 @@ def load_adapter(path: Path) -> LoraAdapter:
         raise AdapterRefused(f"{weights_file}: truncated ({size} bytes) before the data of {truncated}")
     embedding = next((key for key in entries if "lora_embedding" in key), None)
     if embedding:
-        raise AdapterRefused(f"{weights_file}: {embedding} is an embedding LoRA; it was trained on the base's "
-                             "embedding table, which the target's (often retrained) embeddings do not match, and "
-                             "PEFT saves the whole base embedding with it. Keep LoRA on the projection layers.")
+        raise AdapterRefused(
+            f"{weights_file}: {embedding} is an embedding LoRA; it was trained on the base's "
+            "embedding table, which the target's (often retrained) embeddings do not match, and "
+            "PEFT saves the whole base embedding with it. Keep LoRA on the projection layers."
+        )
     pairs: dict[str, dict[str, TensorInfo]] = {}
     for key, info in entries.items():
         match = KEY.match(key)
         if match is None:
-            raise AdapterRefused(f"{weights_file}: {key} is not a LoRA A/B matrix (full weights, biases or DoRA "
-                                 "magnitudes of the base cannot be applied to a different model)")
+            raise AdapterRefused(
+                f"{weights_file}: {key} is not a LoRA A/B matrix (full weights, biases or DoRA "
+                "magnitudes of the base cannot be applied to a different model)"
+            )
         pairs.setdefault(match["module"], {})[match["part"]] = info
     modules = {}
     for module_name, pair in pairs.items():
@@ -161,11 +176,12 @@ def load_adapter(path: Path) -> LoraAdapter:
             raise AdapterRefused(f"{weights_file}: {module_name} has lora_{''.join(pair)} only; A and B are needed")
         rank, scale = module_scale(config, module_name)
         if pair["A"].shape[0] != rank or pair["B"].shape[1] != rank:
-            raise AdapterRefused(f"{weights_file}: {module_name} has rank {pair['A'].shape[0]} but the config says "
-                                 f"{rank} (r / rank_pattern); the scale would be wrong")
+            raise AdapterRefused(
+                f"{weights_file}: {module_name} has rank {pair['A'].shape[0]} but the config says "
+                f"{rank} (r / rank_pattern); the scale would be wrong"
+            )
         weight_name = f"{module_name}.weight"
-        modules[weight_name] = LoraModule(weight_name, pair["A"], pair["B"], scale,
-                                          bool(config.get("fan_in_fan_out")))
+        modules[weight_name] = LoraModule(weight_name, pair["A"], pair["B"], scale, bool(config.get("fan_in_fan_out")))
     if not modules:
         raise AdapterRefused(f"{weights_file}: no LoRA matrices found")
     return LoraAdapter(path, config, modules)

@@ -20,14 +20,32 @@ import torch
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TORCH_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 SAFETENSORS_DTYPES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
-                   "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
 
 
 @dataclass(frozen=True)
@@ -57,9 +75,17 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             header = json.loads(handle.read(length))
         header.pop("__metadata__", None)
         data_start = 8 + length
-        infos = [TensorInfo(name, path, TORCH_DTYPES[entry["dtype"]], tuple(entry["shape"]),
-                            data_start + entry["data_offsets"][0], data_start + entry["data_offsets"][1])
-                 for name, entry in header.items()]
+        infos = [
+            TensorInfo(
+                name,
+                path,
+                TORCH_DTYPES[entry["dtype"]],
+                tuple(entry["shape"]),
+                data_start + entry["data_offsets"][0],
+                data_start + entry["data_offsets"][1],
+            )
+            for name, entry in header.items()
+        ]
     except (struct.error, ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{path}: not a valid safetensors header ({error!r})") from None
     return {info.name: info for info in sorted(infos, key=lambda info: info.start)}
@@ -138,8 +164,11 @@ class ShardWriter:
         header, offset = {}, 0
         for name, (dtype, shape) in layout.items():
             size = math.prod(shape) * dtype.itemsize
-            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
-                            "data_offsets": [offset, offset + size]}
+            header[name] = {
+                "dtype": SAFETENSORS_DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
             offset += size
         header["__metadata__"] = {"format": "pt"}
         encoded = json.dumps(header, separators=(",", ":")).encode()
@@ -151,8 +180,10 @@ class ShardWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         expected_name, (dtype, shape) = next(self._pending, (None, (None, None)))
         if name != expected_name or tensor.dtype != dtype or tuple(tensor.shape) != shape:
-            raise ValueError(f"{self.path.name}: expected {expected_name} {dtype} {shape}, got {name} "
-                             f"{tensor.dtype} {tuple(tensor.shape)}")
+            raise ValueError(
+                f"{self.path.name}: expected {expected_name} {dtype} {shape}, got {name} "
+                f"{tensor.dtype} {tuple(tensor.shape)}"
+            )
         if tensor.numel():
             self._handle.write(memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
 
@@ -208,5 +239,3 @@ def copy_tokenizer_files(source_dir: Path, out_dir: Path) -> list[str]:
             shutil.copyfile(Path(source_dir) / name, Path(out_dir) / name)
             copied.append(name)
     return copied
-
-

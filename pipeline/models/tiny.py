@@ -33,11 +33,20 @@ def build_tokenizer(out_dir: Path, *, vocab_size: int = 400, eos_token: str = "<
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(tokenizer_corpus(random.Random(0)), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos_token, pad_token="<|endoftext|>",
-                                   additional_special_tokens=SPECIAL_TOKENS[1:], model_max_length=2048)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token=eos_token,
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+        model_max_length=2048,
+    )
     fast.chat_template = QWEN2_CHAT_TEMPLATE
     out_dir = Path(out_dir)
     fast.save_pretrained(out_dir)
@@ -55,26 +64,47 @@ def build_word_tokenizer(out_dir: Path, corpus: Iterable[str], *, eos_token: str
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=4096, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=4096,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(corpus, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos_token, pad_token="<|endoftext|>",
-                                   additional_special_tokens=SPECIAL_TOKENS[1:], model_max_length=2048)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token=eos_token,
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+        model_max_length=2048,
+    )
     fast.chat_template = QWEN2_CHAT_TEMPLATE
     out_dir = Path(out_dir)
     fast.save_pretrained(out_dir)
     return out_dir
 
 
-def make_tiny_model(out_dir: Path, tokenizer_dir: Path, *, hidden_size: int = 64, num_layers: int = 2,
-                    num_heads: int = 4, num_kv_heads: int = 2, mlp_ratio: int = 3, tie_word_embeddings: bool = False,
-                    seed: int = 0, dtype: torch.dtype = torch.bfloat16,
-                    max_shard_size: str | int | None = None) -> Path:
+def make_tiny_model(
+    out_dir: Path,
+    tokenizer_dir: Path,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    mlp_ratio: int = 3,
+    tie_word_embeddings: bool = False,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    max_shard_size: str | int | None = None,
+) -> Path:
     """A random Qwen2ForCausalLM in safetensors with generation_config and the tokenizer's files beside it. The
     embedding has more rows than the tokenizer has tokens (rounded up to 64), as Qwen2's has."""
     from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
@@ -82,11 +112,18 @@ def make_tiny_model(out_dir: Path, tokenizer_dir: Path, *, hidden_size: int = 64
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     config = Qwen2Config(
-        vocab_size=math.ceil(len(tokenizer) / 64) * 64, hidden_size=hidden_size,
-        intermediate_size=hidden_size * mlp_ratio, num_hidden_layers=num_layers, num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads, max_position_embeddings=2048,
-        tie_word_embeddings=tie_word_embeddings, bos_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=pad_id, use_sliding_window=False,
+        vocab_size=math.ceil(len(tokenizer) / 64) * 64,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * mlp_ratio,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=pad_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad_id,
+        use_sliding_window=False,
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config).to(dtype)
@@ -95,8 +132,9 @@ def make_tiny_model(out_dir: Path, tokenizer_dir: Path, *, hidden_size: int = 64
     return save_model(model, tokenizer_dir, out_dir, max_shard_size=max_shard_size)
 
 
-def derive_tiny_target(base_dir: Path, out_dir: Path, tokenizer_dir: Path, *, scale: float = 0.01,
-                       seed: int = 1) -> Path:
+def derive_tiny_target(
+    base_dir: Path, out_dir: Path, tokenizer_dir: Path, *, scale: float = 0.01, seed: int = 1
+) -> Path:
     """A target that derives from a base, as an instruct model does: the base's weights plus small random deltas,
     saved with the target's tokenizer (its eos becomes the model's eos)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -40,8 +40,9 @@ def origin(adapter: dict, manifest: dict) -> str:
     if kind == "extracted":
         extraction = manifest.get("extraction", {})
         error = extraction.get("reconstruction_error_max")
-        return (f"extracted from `{extraction.get('model')}` at rank {extraction.get('rank')}"
-                + (f" (max relative reconstruction error {error:.3f})" if error is not None else ""))
+        return f"extracted from `{extraction.get('model')}` at rank {extraction.get('rank')}" + (
+            f" (max relative reconstruction error {error:.3f})" if error is not None else ""
+        )
     if kind == "combined":
         combination = manifest.get("combination", {})
         parts = ", ".join(f"{s['name']} × {s['weight']}" for s in combination.get("sources", []))
@@ -67,12 +68,13 @@ def lineage_section(lineage: dict, manifests: dict[str, dict], method: str) -> s
     rows = "\n".join(
         f"| {a['name']} | {manifests.get(a['name'], {}).get('kind', 'trained')} | "
         f"{origin(a, manifests.get(a['name'], {}))} | `{a.get('sha256')}` | {a.get('train') or '–'} |"
-        for a in lineage["adapters"])
+        for a in lineage["adapters"]
+    )
     return f"""## Lineage
 
-- **Base** (the adapters' training model): `{lineage['base']}`
-- **Target** (the model the adapters are applied to): `{lineage['target']}`
-- **Merge**: mergekit `{method}` of every adapted model and the target, over the base (engine: {lineage['engine']})
+- **Base** (the adapters' training model): `{lineage["base"]}`
+- **Target** (the model the adapters are applied to): `{lineage["target"]}`
+- **Merge**: mergekit `{method}` of every adapted model and the target, over the base (engine: {lineage["engine"]})
 
 | adapter | kind | origin | sha256 of adapter_model.safetensors | training |
 |---|---|---|---|---|
@@ -112,13 +114,22 @@ model = PeftModel.from_pretrained(target, "{repo_id}", subfolder="adapters/{adap
     return "\n\n".join(parts) + "\n"
 
 
-def model_card(recipe: Recipe, lineage: dict, mergekit_yaml: str, manifests: dict[str, dict],
-               evaluation: str | None, license_name: str | None) -> str:
+def model_card(
+    recipe: Recipe,
+    lineage: dict,
+    mergekit_yaml: str,
+    manifests: dict[str, dict],
+    evaluation: str | None,
+    license_name: str | None,
+) -> str:
     """README.md for the published folder. `manifests` are the archived adapters' (name → manifest), for kinds."""
     method = lineage.get("mergekit_config", {}).get("merge_method") or recipe.merge.method
     names = [adapter["name"] for adapter in lineage["adapters"]]
-    contents = {"merged": "A merged model", "adapters": "LoRA adapters",
-                "both": "A merged model and the LoRA adapters it was made from"}[recipe.publish.what]
+    contents = {
+        "merged": "A merged model",
+        "adapters": "LoRA adapters",
+        "both": "A merged model and the LoRA adapters it was made from",
+    }[recipe.publish.what]
     sections = [
         f"---\n{yaml.safe_dump(front_matter(recipe, method, license_name), sort_keys=False)}---",
         f"# {recipe.publish.repo_id.split('/')[-1]}",
@@ -128,8 +139,10 @@ def model_card(recipe: Recipe, lineage: dict, mergekit_yaml: str, manifests: dic
         lineage_section(lineage, manifests, method),
     ]
     if evaluation:
-        sections.append(f"## Evaluation\n\nFrom ftmerge's evaluate stage, on each fine-tune's held-out split and the "
-                        f"retention sets.\n\n{evaluation.strip()}\n")
+        sections.append(
+            f"## Evaluation\n\nFrom ftmerge's evaluate stage, on each fine-tune's held-out split and the "
+            f"retention sets.\n\n{evaluation.strip()}\n"
+        )
     if recipe.publish.what != "adapters":
         sections.append(f"## mergekit configuration\n\n```yaml\n{mergekit_yaml.rstrip()}\n```\n")
     sections.append(usage_section(recipe, names))

@@ -26,8 +26,9 @@ def link_or_copy(source: Path, destination: Path, *, link: bool = False) -> None
     shutil.copyfile(source, destination)
 
 
-def assemble_folder(out_dir: Path, merged_dir: Path | None, adapter_dirs: dict[str, Path],
-                    evaluation_chart: Path | None = None) -> None:
+def assemble_folder(
+    out_dir: Path, merged_dir: Path | None, adapter_dirs: dict[str, Path], evaluation_chart: Path | None = None
+) -> None:
     """Fill `out_dir` with the merged model's files (its README.md is replaced by the publish card, hidden files are
     never published) and each archived adapter's config and weights (not its manifest: it holds local paths)."""
     out_dir = Path(out_dir)
@@ -45,5 +46,8 @@ def assemble_folder(out_dir: Path, merged_dir: Path | None, adapter_dirs: dict[s
 def published_files(out_dir: Path) -> list[str]:
     """Every file the upload sends, relative to the folder (hidden files are excluded from the upload too)."""
     out_dir = Path(out_dir)
-    return sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*")
-                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(out_dir).parts))
+    return sorted(
+        str(p.relative_to(out_dir))
+        for p in out_dir.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(out_dir).parts)
+    )

@@ -32,6 +32,11 @@ def upload_folder(folder: Path, repo_id: str, *, private: bool, token: str, comm
 
     api = HfApi(token=token)
     repo = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    commit = api.upload_folder(repo_id=repo.repo_id, repo_type="model", folder_path=folder,
-                               commit_message=commit_message, ignore_patterns=IGNORED)
+    commit = api.upload_folder(
+        repo_id=repo.repo_id,
+        repo_type="model",
+        folder_path=folder,
+        commit_message=commit_message,
+        ignore_patterns=IGNORED,
+    )
     return {"repo_id": repo.repo_id, "repo_url": str(repo), "commit_url": commit.commit_url}

@@ -10,23 +10,37 @@ import yaml
 
 from pipeline.search.space import uses_base
 
-OBJECTIVE_TEXT = ("maximize the mean over fine-tunes of learned = (merged − target) / (adapted − target) on each "
-                  "fine-tune's held-out subset, subject to kept = merged / target ≥ 1 − tolerance on every retention "
-                  "set")
+OBJECTIVE_TEXT = (
+    "maximize the mean over fine-tunes of learned = (merged − target) / (adapted − target) on each "
+    "fine-tune's held-out subset, subject to kept = merged / target ≥ 1 − tolerance on every retention "
+    "set"
+)
 
 
-def write_outputs(out: Path, rows: list[dict], chosen: dict | None, *, references: dict, metric: str,
-                  tolerance: float, fallback: bool) -> None:
+def write_outputs(
+    out: Path, rows: list[dict], chosen: dict | None, *, references: dict, metric: str, tolerance: float, fallback: bool
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    document = {"objective": OBJECTIVE_TEXT, "metric": metric, "retention_tolerance": tolerance,
-                "chosen": chosen["label"] if chosen else None, "fallback_to_seed": fallback,
-                "references": references, "trials": rows}
+    document = {
+        "objective": OBJECTIVE_TEXT,
+        "metric": metric,
+        "retention_tolerance": tolerance,
+        "chosen": chosen["label"] if chosen else None,
+        "fallback_to_seed": fallback,
+        "references": references,
+        "trials": rows,
+    }
     (out / "leaderboard.json").write_text(json.dumps(document, indent=2) + "\n")
     (out / "leaderboard.md").write_text(markdown(rows, chosen, metric=metric, tolerance=tolerance, fallback=fallback))
     plot_pareto(rows, chosen, out / "pareto.png", gate=1 - tolerance)
     if chosen is not None:
-        chosen_document = {"trial": chosen["label"], "objective": chosen["objective"], "learned": chosen["learned"],
-                           "kept": chosen["kept"], "merge": chosen["merge"]}
+        chosen_document = {
+            "trial": chosen["label"],
+            "objective": chosen["objective"],
+            "learned": chosen["learned"],
+            "kept": chosen["kept"],
+            "merge": chosen["merge"],
+        }
         (out / "chosen.yml").write_text(yaml.safe_dump(chosen_document, sort_keys=False))
 
 
@@ -47,20 +61,33 @@ def describe(merge: dict) -> str:
 def markdown(rows: list[dict], chosen: dict | None, *, metric: str, tolerance: float, fallback: bool) -> str:
     learned_sets = list(rows[0]["learned"]) if rows else []
     kept_sets = list(rows[0]["kept"]) if rows else []
-    header = ["trial", "objective", *(f"learned {n}" for n in learned_sets), *(f"kept {n}" for n in kept_sets),
-              "gate", "configuration"]
+    header = [
+        "trial",
+        "objective",
+        *(f"learned {n}" for n in learned_sets),
+        *(f"kept {n}" for n in kept_sets),
+        "gate",
+        "configuration",
+    ]
     lines = [f"Objective: {OBJECTIVE_TEXT} (tolerance {tolerance:g}; scores: {metric.replace('_', ' ')}).", ""]
-    if chosen is None:
-        lines.append("**No trial passed the gate**" + (": the seed's configuration is used (fallback)." if fallback
-                                                       else "."))
+    if chosen is None or fallback:
+        lines.append(
+            "**No trial passed the gate**"
+            + (": the seed's configuration is merged (search.fallback: seed)." if fallback else ".")
+        )
     else:
         lines.append(f"Chosen: **{chosen['label']}** ({describe(chosen['merge'])}).")
     lines += ["", "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 3) + "---|---|"]
     for row in sorted(rows, key=lambda r: r["number"]):
-        mark = " ✔" if chosen is not None and row["number"] == chosen["number"] else ""
-        cells = [f"{row['label']}{mark}", f"{row['objective']:.3f}",
-                 *(f"{row['learned'][n]:.2f}" for n in learned_sets), *(f"{row['kept'][n]:.2f}" for n in kept_sets),
-                 "pass" if row["passes"] else "fail", describe(row["merge"])]
+        mark = " ✔" if chosen is not None and row["number"] == chosen["number"] and not fallback else ""
+        cells = [
+            f"{row['label']}{mark}",
+            f"{row['objective']:.3f}",
+            *(f"{row['learned'][n]:.2f}" for n in learned_sets),
+            *(f"{row['kept'][n]:.2f}" for n in kept_sets),
+            "pass" if row["passes"] else "fail",
+            describe(row["merge"]),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

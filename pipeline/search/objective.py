@@ -24,8 +24,13 @@ class Outcome:
     violation: float
 
     def as_dict(self) -> dict:
-        return {"learned": self.learned, "kept": self.kept, "objective": self.objective, "passes": self.passes,
-                "violation": self.violation}
+        return {
+            "learned": self.learned,
+            "kept": self.kept,
+            "objective": self.objective,
+            "passes": self.passes,
+            "violation": self.violation,
+        }
 
 
 def score(result: dict, metric: str) -> float:
@@ -46,11 +51,23 @@ def kept_fraction(merged: dict, target: dict, metric: str) -> float:
     return target["loss"] / merged["loss"] if merged["loss"] > 0 else math.inf
 
 
-def judge(merged: dict, target: dict, adapted: dict[str, dict], *, finetunes: list[str], retention: list[str],
-          metric: str, tolerance: float) -> Outcome:
+def judge(
+    merged: dict,
+    target: dict,
+    adapted: dict[str, dict],
+    *,
+    finetunes: list[str],
+    retention: list[str],
+    metric: str,
+    tolerance: float,
+) -> Outcome:
     """`merged` and `target` map set names to results; `adapted` maps each fine-tune to its adapted model's results."""
-    learned = {name: learned_fraction(score(merged[name], metric), score(target[name], metric),
-                                      score(adapted[name][name], metric)) for name in finetunes}
+    learned = {
+        name: learned_fraction(
+            score(merged[name], metric), score(target[name], metric), score(adapted[name][name], metric)
+        )
+        for name in finetunes
+    }
     kept = {name: kept_fraction(merged[name], target[name], metric) for name in retention}
     floor = 1 - tolerance
     violation = max([0.0, *(floor - value for value in kept.values())])

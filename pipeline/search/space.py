@@ -13,8 +13,17 @@ from typing import Any
 from pipeline.merging.config import SEED_PARAMETERS, method_spec
 
 # Methods whose inputs the fused engine merges per tensor (a `models:` config with per-model weight/density).
-SEARCHABLE_METHODS = ("ties", "task_arithmetic", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
-                      "linear", "della", "della_linear")
+SEARCHABLE_METHODS = (
+    "ties",
+    "task_arithmetic",
+    "dare_ties",
+    "dare_linear",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "linear",
+    "della",
+    "della_linear",
+)
 # Of those, the ones that prune each delta to `density` (task_arithmetic takes the key but never reads it).
 PRUNING_METHODS = ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
 
@@ -35,18 +44,34 @@ class Space:
 def baselines(adapters: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     """Trial 0 `seed`: the seed recipe's TIES over the base (every weight and density 1, normalize, int8_mask).
     Trial 1 `sum`: task arithmetic relative to the target, T + Σ Δᵢ — only the adapters' own deltas."""
-    seed = {"method": "ties", "base_model": "base", "normalize": True, "target_weight": 1.0,
-            **{f"weight.{name}": 1.0 for name in adapters}, **{f"density.{name}": 1.0 for name in adapters}}
-    total = {"method": "task_arithmetic", "base_model": "target", "normalize": False,
-             **{f"weight.{name}": 1.0 for name in adapters}}
+    seed = {
+        "method": "ties",
+        "base_model": "base",
+        "normalize": True,
+        "target_weight": 1.0,
+        **{f"weight.{name}": 1.0 for name in adapters},
+        **{f"density.{name}": 1.0 for name in adapters},
+    }
+    total = {
+        "method": "task_arithmetic",
+        "base_model": "target",
+        "normalize": False,
+        **{f"weight.{name}": 1.0 for name in adapters},
+    }
     return {"seed": seed, "sum": total}
 
 
 def with_baselines(space: Space) -> Space:
     """The space, its categorical choices widened to hold both baselines (so Optuna can record them as trials)."""
-    return Space(space.adapters, tuple(dict.fromkeys([*space.methods, "ties", "task_arithmetic"])),
-                 tuple(dict.fromkeys([*space.base_models, "base", "target"])), space.weight, space.density,
-                 space.target_weight, tuple(dict.fromkeys([*space.normalize, True, False])))
+    return Space(
+        space.adapters,
+        tuple(dict.fromkeys([*space.methods, "ties", "task_arithmetic"])),
+        tuple(dict.fromkeys([*space.base_models, "base", "target"])),
+        space.weight,
+        space.density,
+        space.target_weight,
+        tuple(dict.fromkeys([*space.normalize, True, False])),
+    )
 
 
 def takes(method: str) -> set[str]:
@@ -90,5 +115,12 @@ def merge_settings(point: dict[str, Any]) -> dict[str, Any]:
         if key.startswith(("weight.", "density.")):
             field, adapter = key.split(".", 1)
             models.setdefault(adapter, {})[field] = value
-    return {"method": method, "base_model": base_model, "include_target": base_model != "target",
-            "weight": point.get("target_weight", 1.0), "density": 1.0, "models": models, "parameters": parameters}
+    return {
+        "method": method,
+        "base_model": base_model,
+        "include_target": base_model != "target",
+        "weight": point.get("target_weight", 1.0),
+        "density": 1.0,
+        "models": models,
+        "parameters": parameters,
+    }

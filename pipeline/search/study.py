@@ -28,8 +28,12 @@ def open_study(storage: str, name: str):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     engine = {"connect_args": {"timeout": 120}} if storage.startswith("sqlite") else {}
-    return optuna.create_study(study_name=name, storage=optuna.storages.RDBStorage(storage, engine_kwargs=engine),
-                               direction="maximize", load_if_exists=True)
+    return optuna.create_study(
+        study_name=name,
+        storage=optuna.storages.RDBStorage(storage, engine_kwargs=engine),
+        direction="maximize",
+        load_if_exists=True,
+    )
 
 
 def sqlite_url(path: Path) -> str:
@@ -89,8 +93,11 @@ def _next_trial(study, *, total: int, baselines: dict[str, dict], sampler: str, 
     active = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.RUNNING)]
     if len(active) >= total:
         return None
-    queued = {t.user_attrs.get(LABEL) for t in trials
-              if t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)}
+    queued = {
+        t.user_attrs.get(LABEL)
+        for t in trials
+        if t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
+    }
     for label, params in baselines.items():
         if label not in queued:
             study.enqueue_trial(params, user_attrs={LABEL: label}, skip_if_exists=False)
@@ -100,8 +107,18 @@ def _next_trial(study, *, total: int, baselines: dict[str, dict], sampler: str, 
     return trial
 
 
-def run_trials(study, *, total: int, baselines: dict[str, dict], suggest: Callable, evaluate: Callable[[dict], dict],
-               lock_path: Path, sampler: str = "tpe", seed: int = 0, on_trial: Callable | None = None) -> int:
+def run_trials(
+    study,
+    *,
+    total: int,
+    baselines: dict[str, dict],
+    suggest: Callable,
+    evaluate: Callable[[dict], dict],
+    lock_path: Path,
+    sampler: str = "tpe",
+    seed: int = 0,
+    on_trial: Callable | None = None,
+) -> int:
     """Work the study until it holds `total` finished or running trials. `suggest(trial)` turns an Optuna trial
     into a point; `evaluate(point)` returns a JSON-able result with `objective` and `violation`. Returns the number
     of trials this process finished."""
@@ -129,8 +146,14 @@ def finished_trials(study) -> list[dict[str, Any]]:
 
     rows = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        rows.append({"number": trial.number, "label": trial.user_attrs.get(LABEL) or str(trial.number),
-                     "point": trial.user_attrs["point"], **trial.user_attrs[RESULT]})
+        rows.append(
+            {
+                "number": trial.number,
+                "label": trial.user_attrs.get(LABEL) or str(trial.number),
+                "point": trial.user_attrs["point"],
+                **trial.user_attrs[RESULT],
+            }
+        )
     return rows
 
 

@@ -54,14 +54,22 @@ class TrialRunner:
         from pipeline.merging.fused import FusedInputs
 
         self.job = job
-        self.inputs = FusedInputs(base_dir=job.base_dir, target_dir=job.target_dir, apply_dtype=job.apply_dtype,
-                                  adapters={job.adapted_paths[name]: path for name, path in job.adapters.items()},
-                                  device=job.device, trust_remote_code=job.trust_remote_code,
-                                  cache_bytes=job.cache_bytes)
+        self.inputs = FusedInputs(
+            base_dir=job.base_dir,
+            target_dir=job.target_dir,
+            apply_dtype=job.apply_dtype,
+            adapters={job.adapted_paths[name]: path for name, path in job.adapters.items()},
+            device=job.device,
+            trust_remote_code=job.trust_remote_code,
+            cache_bytes=job.cache_bytes,
+        )
         evaluation = job.evaluation
-        self.model = load_causal_lm(ModelSpec("target", "target", Path(job.target_dir)),
-                                    dtype=evaluation.config.dtype, device=evaluation.device,
-                                    trust_remote_code=job.trust_remote_code)
+        self.model = load_causal_lm(
+            ModelSpec("target", "target", Path(job.target_dir)),
+            dtype=evaluation.config.dtype,
+            device=evaluation.device,
+            trust_remote_code=job.trust_remote_code,
+        )
 
     def close(self) -> None:
         self.inputs.close()
@@ -90,8 +98,15 @@ class TrialRunner:
         config = mergekit_config(self.job, merge)
         load_merged(self.inputs, validate_mergekit_config(config), self.model)
         scores = self.score("trial")
-        outcome = judge(scores, references["target"], references["adapted"], finetunes=self.job.finetunes,
-                        retention=self.job.retention, metric=self.job.metric, tolerance=self.job.tolerance)
+        outcome = judge(
+            scores,
+            references["target"],
+            references["adapted"],
+            finetunes=self.job.finetunes,
+            retention=self.job.retention,
+            metric=self.job.metric,
+            tolerance=self.job.tolerance,
+        )
         return {"merge": merge, "mergekit_config": config, "scores": scores, **outcome.as_dict()}
 
 
@@ -121,9 +136,16 @@ def work(job: SearchJob, on_trial=None) -> int:
             if references is None:
                 references = runner.references()
                 study.set_user_attr(REFERENCES, references)
-        return run_trials(study, total=job.total, baselines=baselines(job.space.adapters),
-                          suggest=lambda trial: suggest(trial, job.space),
-                          evaluate=lambda point: runner.evaluate(point, references), lock_path=job.lock_path,
-                          sampler=job.sampler, seed=job.seed, on_trial=on_trial)
+        return run_trials(
+            study,
+            total=job.total,
+            baselines=baselines(job.space.adapters),
+            suggest=lambda trial: suggest(trial, job.space),
+            evaluate=lambda point: runner.evaluate(point, references),
+            lock_path=job.lock_path,
+            sampler=job.sampler,
+            seed=job.seed,
+            on_trial=on_trial,
+        )
     finally:
         runner.close()

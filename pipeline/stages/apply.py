@@ -30,8 +30,7 @@ def items(recipe: Recipe) -> list[str]:
 
 
 def config(recipe: Recipe, item: str) -> dict:
-    settings = {"target": model_fingerprint(recipe.target_model),
-                "apply": recipe.apply.model_dump(exclude={"save"})}
+    settings = {"target": model_fingerprint(recipe.target_model), "apply": recipe.apply.model_dump(exclude={"save"})}
     foreign = foreign_adapter_files(recipe, [item])
     if foreign:
         settings["adapter_files"] = foreign[item]
@@ -62,10 +61,17 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
     adapter = adapter_dir(recipe, item)
     manifest = verify_adapter(adapter)
     target = resolve_model(recipe.target_model, "target_model", trust_remote_code=recipe.trust_remote_code)
-    summary = apply_adapter(adapter, target, out, dtype=recipe.apply.dtype, device=recipe.apply.device,
-                            base_config=manifest.get("base_config"))
+    summary = apply_adapter(
+        adapter,
+        target,
+        out,
+        dtype=recipe.apply.dtype,
+        device=recipe.apply.device,
+        base_config=manifest.get("base_config"),
+    )
     return {**summary, "adapter": str(adapter), "target": str(target)}
 
 
-STAGE = Stage(name="apply", items=items, output_path=adapted_model_dir, config=config, depends_on=depends_on,
-              check=check, run=run)
+STAGE = Stage(
+    name="apply", items=items, output_path=adapted_model_dir, config=config, depends_on=depends_on, check=check, run=run
+)

@@ -37,8 +37,9 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
     for name in ADAPTER_FILES:
         if not (adapter / name).is_file():
             raise ArchiveError(f"{adapter}: {name} missing; the train stage did not write a PEFT adapter")
-    adapter_config = canonical_adapter_config(json.loads((adapter / "adapter_config.json").read_text()),
-                                              recipe.base_model)
+    adapter_config = canonical_adapter_config(
+        json.loads((adapter / "adapter_config.json").read_text()), recipe.base_model
+    )
     hashes = write_adapter_files(out, adapter_config, adapter / "adapter_model.safetensors")
     final = adapter_dir(recipe, item)
     if already_archived(final, hashes):
@@ -53,16 +54,24 @@ def _manifest(recipe: Recipe, item: str, inputs: Inputs, out: Path) -> dict:
     report = _read_json(inputs.path("prepare", item) / "report.json")
     marker = out / FINGERPRINT_FILE
     return {
-        **new_manifest("trained", recipe.base_model, resolve_model(recipe.base_model, "base_model"),
-                       target_model=recipe.target_model),
+        **new_manifest(
+            "trained",
+            recipe.base_model,
+            resolve_model(recipe.base_model, "base_model"),
+            target_model=recipe.target_model,
+        ),
         "recipe": recipe.name,
         "fingerprint": marker.read_text() if marker.is_file() else None,
-        "dataset": {**finetune.dataset.model_dump(), "content_fingerprint": report.get("dataset_content"),
-                    "rows": {k: report.get(k) for k in ("rows_in", "kept", "train_rows", "eval_rows") if k in report}},
+        "dataset": {
+            **finetune.dataset.model_dump(),
+            "content_fingerprint": report.get("dataset_content"),
+            "rows": {k: report.get(k) for k in ("rows_in", "kept", "train_rows", "eval_rows") if k in report},
+        },
         "chat_template": recipe.chat_template,
         "train": recipe.train_config(item).model_dump(),
-        "metrics": {k: metrics.get(k) for k in ("train_loss", "eval_loss", "steps", "seconds", "backend")
-                    if k in metrics},
+        "metrics": {
+            k: metrics.get(k) for k in ("train_loss", "eval_loss", "steps", "seconds", "backend") if k in metrics
+        },
     }
 
 
@@ -71,5 +80,12 @@ def _read_json(path: Path) -> dict:
 
 
 # check: nothing the fingerprint does not cover; the runner refuses an existing name from another source.
-STAGE = Stage(name="archive", items=each_finetune, output_path=adapter_dir, config=config, depends_on=depends_on,
-              run=run, write_once=True)
+STAGE = Stage(
+    name="archive",
+    items=each_finetune,
+    output_path=adapter_dir,
+    config=config,
+    depends_on=depends_on,
+    run=run,
+    write_once=True,
+)

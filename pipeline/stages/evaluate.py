@@ -49,17 +49,18 @@ def _fingerprint_of(reference: str) -> str:
 def retention_identity(recipe: Recipe) -> dict:
     """What the retention sets are rendered from (their content, the chat template, the base tokenizer,
     max_seq_length), as prepare fingerprints a fine-tune's data."""
-    return {"data": {r.name: _fingerprint_of(r.dataset.path) for r in recipe.evaluate.retention},
-            "chat_template": recipe.chat_template,
-            "template_identity": templates.template_identity(recipe.chat_template, recipe.target_model),
-            "base_tokenizer": templates.tokenizer_fingerprint(recipe.base_model),
-            "max_seq_length": recipe.train.max_seq_length}
+    return {
+        "data": {r.name: _fingerprint_of(r.dataset.path) for r in recipe.evaluate.retention},
+        "chat_template": recipe.chat_template,
+        "template_identity": templates.template_identity(recipe.chat_template, recipe.target_model),
+        "base_tokenizer": templates.tokenizer_fingerprint(recipe.base_model),
+        "max_seq_length": recipe.train.max_seq_length,
+    }
 
 
 def chat_format(recipe: Recipe) -> ChatFormat:
     """The chat format prepare rendered the fine-tunes with, which the retention sets are rendered with too."""
-    return templates.chat_format(recipe.chat_template, recipe.base_model, recipe.target_model,
-                                 recipe.trust_remote_code)
+    return templates.chat_format(recipe.chat_template, recipe.base_model, recipe.target_model, recipe.trust_remote_code)
 
 
 def evaluation_settings(recipe: Recipe, chat: ChatFormat) -> Evaluation:
@@ -67,24 +68,33 @@ def evaluation_settings(recipe: Recipe, chat: ChatFormat) -> Evaluation:
     (the chat template's end-of-turn token, or the tokenizer's eos)."""
     from pipeline.evaluation.evaluate import chat_evaluation
 
-    return chat_evaluation(recipe.evaluate, chat, trust_remote_code=recipe.trust_remote_code,
-                           adapter_dtype=recipe.apply.dtype)
+    return chat_evaluation(
+        recipe.evaluate, chat, trust_remote_code=recipe.trust_remote_code, adapter_dtype=recipe.apply.dtype
+    )
 
 
 def retention_sets(recipe: Recipe, chat: ChatFormat, work_dir: Path, names: set[str] | None = None) -> list[EvalSet]:
     """The retention sets (those in `names`, or all), rendered as prepare renders a fine-tune's data."""
     from pipeline.evaluation.sets import retention_set
 
-    return [retention_set(retention, chat, work_dir, max_length=recipe.train.max_seq_length,
-                          max_samples=recipe.evaluate.max_samples)
-            for retention in recipe.evaluate.retention if names is None or retention.name in names]
+    return [
+        retention_set(
+            retention, chat, work_dir, max_length=recipe.train.max_seq_length, max_samples=recipe.evaluate.max_samples
+        )
+        for retention in recipe.evaluate.retention
+        if names is None or retention.name in names
+    ]
 
 
 def config(recipe: Recipe, item: str) -> dict:
     """The evaluate block, the models' identities, and the retention sets' identity."""
-    settings = {"evaluate": recipe.evaluate.model_dump(), "base": model_fingerprint(recipe.base_model),
-                "target": model_fingerprint(recipe.target_model), "trust_remote_code": recipe.trust_remote_code,
-                "adapters": _adapters(recipe)}
+    settings = {
+        "evaluate": recipe.evaluate.model_dump(),
+        "base": model_fingerprint(recipe.base_model),
+        "target": model_fingerprint(recipe.target_model),
+        "trust_remote_code": recipe.trust_remote_code,
+        "adapters": _adapters(recipe),
+    }
     if recipe.evaluate.retention:
         settings["retention"] = retention_identity(recipe)
     if settings["adapters"] and not saves_adapted_models(recipe):
@@ -111,8 +121,10 @@ def check(recipe: Recipe, item: str) -> None:
     names = [f.name for f in recipe.finetunes] + [r.name for r in recipe.evaluate.retention]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
-        raise RecipeError(f"evaluate.retention: names {repeated} repeat a fine-tune's or another retention set's; "
-                          "each set is a column of the report and needs its own name")
+        raise RecipeError(
+            f"evaluate.retention: names {repeated} repeat a fine-tune's or another retention set's; "
+            "each set is a column of the report and needs its own name"
+        )
     for index, retention in enumerate(recipe.evaluate.retention):
         check_dataset_path(retention.dataset, f"evaluate.retention.{index}.dataset")
     check_model_reference(recipe.base_model, "base_model")
@@ -126,19 +138,31 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
 
     work_dir = Path(out) / "_work"
     chat = chat_format(recipe)
-    held_out = [held_out_set(finetune.name, inputs.path("prepare", finetune.name), recipe.evaluate.max_samples)
-                for finetune in recipe.finetunes]
+    held_out = [
+        held_out_set(finetune.name, inputs.path("prepare", finetune.name), recipe.evaluate.max_samples)
+        for finetune in recipe.finetunes
+    ]
     # A fine-tune whose prepare held nothing out has no held-out set.
     sets = [s for s in held_out if s.input_ids] + retention_sets(recipe, chat, work_dir)
-    report = evaluation_report(recipe.name, lineage(recipe, inputs), sets, evaluation_settings(recipe, chat),
-                               cache_dir=Path(recipe.output_dir) / "cache" / "evaluate")
+    report = evaluation_report(
+        recipe.name,
+        lineage(recipe, inputs),
+        sets,
+        evaluation_settings(recipe, chat),
+        cache_dir=Path(recipe.output_dir) / "cache" / "evaluate",
+    )
     shutil.rmtree(work_dir, ignore_errors=True)
     table = write_report(report, out)
     print(f"\n{table}")
-    return {"models": report["models"], "sets": [s["name"] for s in report["sets"]],
-            "loss": {model: {name: round(r["loss"], 4) if r["loss"] is not None else None
-                             for name, r in per_set.items()} for model, per_set in report["results"].items()},
-            "report": str(STAGE.output_path(recipe, item) / "report.md")}
+    return {
+        "models": report["models"],
+        "sets": [s["name"] for s in report["sets"]],
+        "loss": {
+            model: {name: round(r["loss"], 4) if r["loss"] is not None else None for name, r in per_set.items()}
+            for model, per_set in report["results"].items()
+        },
+        "report": str(STAGE.output_path(recipe, item) / "report.md"),
+    }
 
 
 def lineage(recipe: Recipe, inputs: Inputs) -> list[ModelSpec]:
@@ -153,8 +177,11 @@ def lineage(recipe: Recipe, inputs: Inputs) -> list[ModelSpec]:
     base_id, target_id = model_fingerprint(recipe.base_model), model_fingerprint(recipe.target_model)
     specs = []
     if "base" in wanted:
-        specs.append(ModelSpec("base", "base", resolve_model(recipe.base_model, "base_model", trust_remote_code=code),
-                               identity=base_id))
+        specs.append(
+            ModelSpec(
+                "base", "base", resolve_model(recipe.base_model, "base_model", trust_remote_code=code), identity=base_id
+            )
+        )
     target = resolve_model(recipe.target_model, "target_model", trust_remote_code=code)
     if "target" in wanted:
         specs.append(ModelSpec("target", "target", target, identity=target_id))
@@ -164,13 +191,20 @@ def lineage(recipe: Recipe, inputs: Inputs) -> list[ModelSpec]:
         if saves_adapted_models(recipe):
             specs.append(ModelSpec(f"adapted:{name}", "adapted", inputs.path("apply", name), identity=identity))
         else:
-            specs.append(ModelSpec(f"adapted:{name}", "adapted", target, adapter=adapter_dir(recipe, name),
-                                   identity=identity))
+            specs.append(
+                ModelSpec(f"adapted:{name}", "adapted", target, adapter=adapter_dir(recipe, name), identity=identity)
+            )
     if "merged" in wanted:
         merged = inputs.path("merge")
         written = (merged / "mergekit_config.yml").read_text()
-        specs.append(ModelSpec("merged", "merged", merged, identity=_merge_identity(recipe, yaml.safe_load(written),
-                                                                                    base_id, target_id)))
+        specs.append(
+            ModelSpec(
+                "merged",
+                "merged",
+                merged,
+                identity=_merge_identity(recipe, yaml.safe_load(written), base_id, target_id),
+            )
+        )
         seed = _seed_merge(recipe, inputs, target, base_id, target_id)
         if seed is not None:
             specs.append(seed)
@@ -180,8 +214,15 @@ def lineage(recipe: Recipe, inputs: Inputs) -> list[ModelSpec]:
 def _merge_identity(recipe: Recipe, mergekit_config: dict, base_id: str, target_id: str) -> str:
     """A merge's identity without hashing its weights: its mergekit config, the adapters' files and the models."""
     files = {name: verify_adapter(adapter_dir(recipe, name))["files"] for name in selected_adapters(recipe)}
-    return hash_json({"mergekit_config": mergekit_config, "adapters": files, "base": base_id, "target": target_id,
-                      "apply_dtype": recipe.apply.dtype})
+    return hash_json(
+        {
+            "mergekit_config": mergekit_config,
+            "adapters": files,
+            "base": base_id,
+            "target": target_id,
+            "apply_dtype": recipe.apply.dtype,
+        }
+    )
 
 
 def _seed_merge(recipe: Recipe, inputs: Inputs, target: Path, base_id: str, target_id: str) -> ModelSpec | None:
@@ -195,12 +236,18 @@ def _seed_merge(recipe: Recipe, inputs: Inputs, target: Path, base_id: str, targ
     seed = next((trial for trial in board["trials"] if trial["label"] == "seed"), None)
     if seed is None or board["chosen"] == "seed":
         return None
-    adapters = {str(adapted_model_dir(recipe, name).resolve()): adapter_dir(recipe, name)
-                for name in selected_adapters(recipe)}
+    adapters = {
+        str(adapted_model_dir(recipe, name).resolve()): adapter_dir(recipe, name) for name in selected_adapters(recipe)
+    }
     base = resolve_model(recipe.base_model, "base_model", trust_remote_code=recipe.trust_remote_code)
     merge = InMemoryMerge(seed["mergekit_config"], base, adapters, recipe.apply.dtype, recipe.merge.device)
-    return ModelSpec("merged:seed", "merged", target, merge=merge,
-                     identity=_merge_identity(recipe, seed["mergekit_config"], base_id, target_id))
+    return ModelSpec(
+        "merged:seed",
+        "merged",
+        target,
+        merge=merge,
+        identity=_merge_identity(recipe, seed["mergekit_config"], base_id, target_id),
+    )
 
 
 STAGE = Stage(name="evaluate", items=items, config=config, depends_on=depends_on, check=check, run=run)

@@ -38,8 +38,13 @@ CONFIG_FILE = "mergekit_config.yml"
 def config(recipe: Recipe, item: str) -> dict:
     adapters = selected_adapters(recipe)
     engine = resolve_engine(recipe.merge)
-    settings = {"merge": recipe.merge.model_dump(), "engine": engine, "adapters": adapters,
-                "base": model_fingerprint(recipe.base_model), "target": model_fingerprint(recipe.target_model)}
+    settings = {
+        "merge": recipe.merge.model_dump(),
+        "engine": engine,
+        "adapters": adapters,
+        "base": model_fingerprint(recipe.base_model),
+        "target": model_fingerprint(recipe.target_model),
+    }
     if engine == "fused":
         settings["apply_dtype"] = recipe.apply.dtype
     foreign = foreign_adapter_files(recipe, adapters)
@@ -63,16 +68,21 @@ def check(recipe: Recipe, item: str) -> None:
     if unknown:
         raise RecipeError(f"merge.models: {unknown} are not among the merged adapters {adapters}")
     if not adapters:
-        raise RecipeError(f"merge: no adapter to merge (no finetunes, and none in the archive {recipe.archive_dir} "
-                          f"trained on {recipe.base_model})")
+        raise RecipeError(
+            f"merge: no adapter to merge (no finetunes, and none in the archive {recipe.archive_dir} "
+            f"trained on {recipe.base_model})"
+        )
     check_trained_on_base(recipe, adapters)
     if resolve_engine(recipe.merge) == "fused" and recipe.merge.tokenizer_source:
         raise RecipeError("merge.engine: fused cannot rebuild the vocabulary for tokenizer_source; use mergekit")
     check_model_reference(recipe.base_model, "base_model")
     check_model_reference(recipe.target_model, "target_model")
     placeholders = {name: str(adapted_model_dir(recipe, name).absolute()) for name in adapters}
-    validate_mergekit_config(build_mergekit_config(recipe.merge, placeholders, _reference(recipe.base_model),
-                                                   _reference(recipe.target_model)))
+    validate_mergekit_config(
+        build_mergekit_config(
+            recipe.merge, placeholders, _reference(recipe.base_model), _reference(recipe.target_model)
+        )
+    )
 
 
 def _reference(model: str) -> str:
@@ -100,15 +110,28 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
     if engine == "mergekit":
         from pipeline.merging.mergekit_engine import run_mergekit
 
-        run_mergekit(mergekit_config, out, device=recipe.merge.device, low_cpu_memory=recipe.merge.low_cpu_memory,
-                     trust_remote_code=recipe.trust_remote_code)
+        run_mergekit(
+            mergekit_config,
+            out,
+            device=recipe.merge.device,
+            low_cpu_memory=recipe.merge.low_cpu_memory,
+            trust_remote_code=recipe.trust_remote_code,
+        )
         summary = {}
     else:
         from pipeline.merging.fused import fused_merge
 
-        summary = fused_merge(parsed, base_dir=base, target_dir=target, out_dir=out, apply_dtype=recipe.apply.dtype,
-                              adapters={adapted[name]: archived[name] for name in adapters},
-                              device=recipe.merge.device, trust_remote_code=recipe.trust_remote_code)
+        summary = fused_merge(
+            parsed,
+            base_dir=base,
+            target_dir=target,
+            out_dir=out,
+            apply_dtype=recipe.apply.dtype,
+            adapters={adapted[name]: archived[name] for name in adapters},
+            memory_budget=int(recipe.merge.memory_budget * 1024**3),
+            device=recipe.merge.device,
+            trust_remote_code=recipe.trust_remote_code,
+        )
         over_base = parsed.base_model is not None and settings.base_model == "base"
         write_base_config(base if over_base else target, out, recipe.merge.dtype)
     adopt_target_files(out, target, keep_tokenizer=bool(recipe.merge.tokenizer_source))
@@ -126,10 +149,15 @@ def chosen_settings(recipe: Recipe, inputs: Inputs) -> tuple[MergeConfig, dict |
     search_dir = inputs.path("search")
     chosen = yaml.safe_load((search_dir / "chosen.yml").read_text())
     settings = MergeConfig.model_validate({**recipe.merge.model_dump(), **chosen["merge"]})
-    return settings, {"chosen_trial": chosen["trial"], "objective": chosen["objective"], "learned": chosen["learned"],
-                      "kept": chosen["kept"], "leaderboard": str(search_dir / "leaderboard.md"),
-                      "why": "the highest mean learned fraction among trials that kept every retention set within "
-                             f"{recipe.search.retention_tolerance:g} of the target"}
+    return settings, {
+        "chosen_trial": chosen["trial"],
+        "objective": chosen["objective"],
+        "learned": chosen["learned"],
+        "kept": chosen["kept"],
+        "leaderboard": str(search_dir / "leaderboard.md"),
+        "why": "the highest mean learned fraction among trials that kept every retention set within "
+        f"{recipe.search.retention_tolerance:g} of the target",
+    }
 
 
 def _lineage(recipe: Recipe, engine: str, base: Path, target: Path, manifests: dict[str, dict]) -> dict:
@@ -137,17 +165,36 @@ def _lineage(recipe: Recipe, engine: str, base: Path, target: Path, manifests: d
     for name, manifest in manifests.items():
         train = manifest.get("train") or {}
         lora = train.get("lora") or {}
-        adapters.append({
-            "name": name, "dataset": (manifest.get("dataset") or {}).get("path"),
-            "sha256": manifest["files"].get("adapter_model.safetensors"), "files": manifest["files"],
-            "train": ", ".join(f"{k}={v}" for k, v in [("r", lora.get("r")), ("alpha", lora.get("alpha")),
-                                                        ("lr", train.get("learning_rate")),
-                                                        ("epochs", train.get("epochs")),
-                                                        ("max_steps", train.get("max_steps"))] if v is not None),
-            "metrics": manifest.get("metrics"), "recipe": manifest.get("recipe"),
-        })
-    return {"name": recipe.name, "engine": engine, "base": recipe.base_model, "base_path": str(base),
-            "target": recipe.target_model, "target_path": str(target), "adapters": adapters}
+        adapters.append(
+            {
+                "name": name,
+                "dataset": (manifest.get("dataset") or {}).get("path"),
+                "sha256": manifest["files"].get("adapter_model.safetensors"),
+                "files": manifest["files"],
+                "train": ", ".join(
+                    f"{k}={v}"
+                    for k, v in [
+                        ("r", lora.get("r")),
+                        ("alpha", lora.get("alpha")),
+                        ("lr", train.get("learning_rate")),
+                        ("epochs", train.get("epochs")),
+                        ("max_steps", train.get("max_steps")),
+                    ]
+                    if v is not None
+                ),
+                "metrics": manifest.get("metrics"),
+                "recipe": manifest.get("recipe"),
+            }
+        )
+    return {
+        "name": recipe.name,
+        "engine": engine,
+        "base": recipe.base_model,
+        "base_path": str(base),
+        "target": recipe.target_model,
+        "target_path": str(target),
+        "adapters": adapters,
+    }
 
 
 STAGE = Stage(name="merge", config=config, depends_on=depends_on, check=check, run=run)

@@ -51,8 +51,10 @@ def check(recipe: Recipe, item: str) -> None:
     known = formats.FORMAT_FIELDS[dataset.format]
     unknown = sorted(set(dataset.columns) - set(known))
     if unknown:
-        raise RecipeError(f"{key}.columns: {unknown} are not fields of format {dataset.format}; columns maps a field "
-                          f"({', '.join(known)}) to the source column that holds it")
+        raise RecipeError(
+            f"{key}.columns: {unknown} are not fields of format {dataset.format}; columns maps a field "
+            f"({', '.join(known)}) to the source column that holds it"
+        )
     if dataset.eval_size >= 1 and dataset.eval_size != int(dataset.eval_size):
         raise RecipeError(f"{key}.eval_size: {dataset.eval_size} is neither a fraction (< 1) nor a row count")
     templates.check_template(recipe.chat_template, recipe.target_model)
@@ -63,23 +65,28 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
 
     dataset = recipe.finetune(item).dataset
     train = recipe.train_config(item)
-    chat = templates.chat_format(recipe.chat_template, recipe.base_model, recipe.target_model,
-                                 recipe.trust_remote_code)
+    chat = templates.chat_format(recipe.chat_template, recipe.base_model, recipe.target_model, recipe.trust_remote_code)
     settings = render.settings_for(dataset, chat, train.max_seq_length, train.train_on_responses_only)
 
     work = out / "_work"
     source = loading.load_source(dataset, work / "source")
     if dataset.max_samples:
         source = source.select(range(min(dataset.max_samples, len(source))))
-    processed = render.render_dataset(source, settings, chat.tokenizer, str(work / "processed.arrow"),
-                                      f"prepare {item}",
-                                      num_proc=os.cpu_count() if len(source) >= PARALLEL_FROM_ROWS else None)
+    processed = render.render_dataset(
+        source,
+        settings,
+        chat.tokenizer,
+        str(work / "processed.arrow"),
+        f"prepare {item}",
+        num_proc=os.cpu_count() if len(source) >= PARALLEL_FROM_ROWS else None,
+    )
 
     counts = report.reason_counts(processed)
     rejected = render.rejected_rows(processed)
     report.write_rejected(rejected, out / "rejected.jsonl")  # first: when too many are rejected, the user reads it
-    report.check_reject_fraction(counts, len(source), dataset.max_reject_fraction, rejected, dataset.path,
-                                 out / "rejected.jsonl")
+    report.check_reject_fraction(
+        counts, len(source), dataset.max_reject_fraction, rejected, dataset.path, out / "rejected.jsonl"
+    )
     kept = render.kept_rows(processed)
     truncated = sum(1 for batch in kept.select_columns(["detail"]).iter(10_000) for d in batch["detail"] if d)
     unique = kept.select(_first_occurrences(kept))
@@ -89,19 +96,29 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
     _save(unique.select(eval_rows).select_columns(columns), out / "eval")
 
     summary = {
-        "rows_in": len(source), "kept": len(unique), "rejected": sum(counts.values()),
-        "rejected_by_reason": dict(counts.most_common()), "deduplicated": len(kept) - len(unique),
-        "truncated": truncated, "train_rows": len(train_rows), "eval_rows": len(eval_rows),
-        "token_length": report.length_percentiles(unique), "end_of_turn_token": chat.end_of_turn,
-        "chat_template": recipe.chat_template, "format": dataset.format, "max_seq_length": train.max_seq_length,
+        "rows_in": len(source),
+        "kept": len(unique),
+        "rejected": sum(counts.values()),
+        "rejected_by_reason": dict(counts.most_common()),
+        "deduplicated": len(kept) - len(unique),
+        "truncated": truncated,
+        "train_rows": len(train_rows),
+        "eval_rows": len(eval_rows),
+        "token_length": report.length_percentiles(unique),
+        "end_of_turn_token": chat.end_of_turn,
+        "chat_template": recipe.chat_template,
+        "format": dataset.format,
+        "max_seq_length": train.max_seq_length,
         "dataset_content": dataset_content(dataset.path),  # the archive's manifest records it
     }
     (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     (out / "template.jinja").write_text(chat.template, encoding="utf-8")
     del source, processed, rejected, kept, unique
     shutil.rmtree(work, ignore_errors=True)
-    print(f"prepare {item}: {summary['rows_in']} rows in, {summary['kept']} kept ({summary['train_rows']} train, "
-          f"{summary['eval_rows']} eval), {summary['rejected']} rejected, {summary['deduplicated']} duplicates")
+    print(
+        f"prepare {item}: {summary['rows_in']} rows in, {summary['kept']} kept ({summary['train_rows']} train, "
+        f"{summary['eval_rows']} eval), {summary['rejected']} rejected, {summary['deduplicated']} duplicates"
+    )
     return {key: summary[key] for key in ("rows_in", "kept", "rejected", "deduplicated", "train_rows", "eval_rows")}
 
 

@@ -41,11 +41,15 @@ def check(recipe: Recipe, item: str) -> None:
     if recipe.publish.dry_run:
         return
     if hub_offline():
-        raise RecipeError("publish: HF_HUB_OFFLINE is set, so nothing can be uploaded. Unset it, or set "
-                          "publish.dry_run: true to only write the folder and card under <output_dir>/publish/.")
+        raise RecipeError(
+            "publish: HF_HUB_OFFLINE is set, so nothing can be uploaded. Unset it, or set "
+            "publish.dry_run: true to only write the folder and card under <output_dir>/publish/."
+        )
     if not hub_token():
-        raise RecipeError("publish: no Hugging Face token. Set HF_TOKEN or run `hf auth login` (a token with write "
-                          "access), or set publish.dry_run: true to only write the folder and card.")
+        raise RecipeError(
+            "publish: no Hugging Face token. Set HF_TOKEN or run `hf auth login` (a token with write "
+            "access), or set publish.dry_run: true to only write the folder and card."
+        )
 
 
 def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
@@ -60,24 +64,43 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
     what = recipe.publish.what
     # Only an evaluation of this very merge (a dependency, so never stale) goes into the card.
     evaluate_dir = inputs.get("evaluate")
-    assemble_folder(out, merged if what != "adapters" else None,
-                    {name: adapter_dir(recipe, name) for name in names} if what != "merged" else {},
-                    evaluate_dir / "report.png" if evaluate_dir else None)
+    assemble_folder(
+        out,
+        merged if what != "adapters" else None,
+        {name: adapter_dir(recipe, name) for name in names} if what != "merged" else {},
+        evaluate_dir / "report.png" if evaluate_dir else None,
+    )
     token = None if recipe.publish.dry_run else hub_token()
     report = evaluate_dir / "report.md" if evaluate_dir else None
     evaluation = report.read_text().split("\n", 1)[-1] if report and report.is_file() else None  # without title
     if evaluation and (out / EVALUATION_CHART).is_file():
         evaluation += f"\n![evaluation chart]({EVALUATION_CHART})\n"
-    (out / CARD).write_text(model_card(
-        recipe, lineage, (merged / "mergekit_config.yml").read_text(), manifests, evaluation,
-        find_license(lineage.get("target_path"), recipe.target_model, token)))
-    summary = {"repo_id": recipe.publish.repo_id, "what": what, "files": published_files(out),
-               "folder": str(STAGE.output_path(recipe, item))}
+    (out / CARD).write_text(
+        model_card(
+            recipe,
+            lineage,
+            (merged / "mergekit_config.yml").read_text(),
+            manifests,
+            evaluation,
+            find_license(lineage.get("target_path"), recipe.target_model, token),
+        )
+    )
+    summary = {
+        "repo_id": recipe.publish.repo_id,
+        "what": what,
+        "files": published_files(out),
+        "folder": str(STAGE.output_path(recipe, item)),
+    }
     if recipe.publish.dry_run:
         print(f"publish: dry run, nothing uploaded; the folder that would be: {summary['folder']}")
         return {**summary, "dry_run": True}
-    result = upload_folder(out, recipe.publish.repo_id, private=recipe.publish.private, token=token,
-                           commit_message=f"ftmerge: {recipe.name} ({what})")
+    result = upload_folder(
+        out,
+        recipe.publish.repo_id,
+        private=recipe.publish.private,
+        token=token,
+        commit_message=f"ftmerge: {recipe.name} ({what})",
+    )
     print(f"publish: uploaded {len(summary['files'])} files to {result['repo_url']}")
     return {**summary, **result, "dry_run": False}
 

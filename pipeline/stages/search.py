@@ -14,6 +14,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from pipeline import console
 from pipeline.fingerprint import hash_json, model_fingerprint
 from pipeline.models.hub import check_model_reference
 from pipeline.recipe import Recipe, RecipeError
@@ -48,17 +49,24 @@ def kept_sets(recipe: Recipe) -> list[str]:
 
 def config(recipe: Recipe, item: str) -> dict:
     search = recipe.search
-    return {"search": search.model_dump(exclude={"workers", "storage", "cache_gb"}),
-            "merge": recipe.merge.model_dump(exclude=set(SEARCHED_KEYS)), "adapters": selected_adapters(recipe),
-            "base": model_fingerprint(recipe.base_model), "target": model_fingerprint(recipe.target_model),
-            "apply_dtype": recipe.apply.dtype, "retention": retention_identity(recipe),
-            "evaluate": recipe.evaluate.model_dump(include={"dtype", "batch_size", "generate", "max_new_tokens"}),
-            "adapter_files": foreign_adapter_files(recipe, selected_adapters(recipe))}
+    return {
+        "search": search.model_dump(exclude={"workers", "storage", "cache_gb"}),
+        "merge": recipe.merge.model_dump(exclude=set(SEARCHED_KEYS)),
+        "adapters": selected_adapters(recipe),
+        "base": model_fingerprint(recipe.base_model),
+        "target": model_fingerprint(recipe.target_model),
+        "apply_dtype": recipe.apply.dtype,
+        "retention": retention_identity(recipe),
+        "evaluate": recipe.evaluate.model_dump(include={"dtype", "batch_size", "generate", "max_new_tokens"}),
+        "adapter_files": foreign_adapter_files(recipe, selected_adapters(recipe)),
+    }
 
 
 def depends_on(recipe: Recipe, item: str) -> list[StageRef]:
-    return [*(StageRef("prepare", name) for name in learned_sets(recipe)),
-            *archive_inputs(recipe, selected_adapters(recipe))]
+    return [
+        *(StageRef("prepare", name) for name in learned_sets(recipe)),
+        *archive_inputs(recipe, selected_adapters(recipe)),
+    ]
 
 
 def check(recipe: Recipe, item: str) -> None:
@@ -70,26 +78,36 @@ def check(recipe: Recipe, item: str) -> None:
     for method in search.space.methods:
         method_spec(method)  # a RecipeError naming mergekit's methods when unknown
         if method not in SEARCHABLE_METHODS:
-            raise RecipeError(f"search.space.methods: {method!r} is not a method the search can merge in memory "
-                              f"(one of: {', '.join(SEARCHABLE_METHODS)})")
+            raise RecipeError(
+                f"search.space.methods: {method!r} is not a method the search can merge in memory "
+                f"(one of: {', '.join(SEARCHABLE_METHODS)})"
+            )
     known = [r.name for r in recipe.evaluate.retention]
     unknown = sorted(set(search.retention or []) - set(known))
     if unknown:
         raise RecipeError(f"search.retention: {unknown} are not retention sets (evaluate.retention has: {known})")
     if not kept_sets(recipe):
-        raise RecipeError("search: the gate needs a retention set (evaluate.retention) standing for what the target "
-                          "knew; without one every merge would pass")
+        raise RecipeError(
+            "search: the gate needs a retention set (evaluate.retention) standing for what the target "
+            "knew; without one every merge would pass"
+        )
     if not learned_sets(recipe):
-        raise RecipeError("search: no merged fine-tune of this recipe holds out an eval split (dataset.eval_size > 0),"
-                          " so what a merge learned cannot be measured")
+        raise RecipeError(
+            "search: no merged fine-tune of this recipe holds out an eval split (dataset.eval_size > 0),"
+            " so what a merge learned cannot be measured"
+        )
     if search.metric == "exact_match" and not recipe.evaluate.generate:
         raise RecipeError("search.metric: exact_match scores greedy answers; set evaluate.generate: true")
     if recipe.evaluate.load_in_4bit:
-        raise RecipeError("search: trials write each merge into the loaded target's weights, which a 4-bit model "
-                          "cannot hold; set evaluate.load_in_4bit: false for a search (or run it on a larger GPU)")
+        raise RecipeError(
+            "search: trials write each merge into the loaded target's weights, which a 4-bit model "
+            "cannot hold; set evaluate.load_in_4bit: false for a search (or run it on a larger GPU)"
+        )
     if recipe.merge.tokenizer_source:
-        raise RecipeError("search: trials are merged by the fused engine, which cannot rebuild the vocabulary for "
-                          "merge.tokenizer_source")
+        raise RecipeError(
+            "search: trials are merged by the fused engine, which cannot rebuild the vocabulary for "
+            "merge.tokenizer_source"
+        )
     adapters = selected_adapters(recipe)
     if not adapters:
         raise RecipeError("search: no adapter to merge")
@@ -114,15 +132,28 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
     job = SearchJob(
         base_dir=resolve_model_once(recipe.base_model, "base_model", recipe.trust_remote_code),
         target_dir=resolve_model_once(recipe.target_model, "target_model", recipe.trust_remote_code),
-        adapters=adapters, adapted_paths={name: str(adapted_model_dir(recipe, name).resolve()) for name in adapters},
-        apply_dtype=recipe.apply.dtype, merge_dtype=recipe.merge.dtype, sets=sets, evaluation=evaluation,
-        finetunes=learned_sets(recipe), retention=kept_sets(recipe), metric=metric,
-        tolerance=search.retention_tolerance, space=_space(recipe, list(adapters)), total=search.trials,
-        sampler=search.sampler, seed=search.seed, storage=search.storage or sqlite_url(Path(out) / "study.db"),
-        study_name=f"{recipe.name}-{hash_json(config(recipe, item))[:12]}", lock_path=Path(out) / "study.lock",
-        device=recipe.merge.device, trust_remote_code=recipe.trust_remote_code,
+        adapters=adapters,
+        adapted_paths={name: str(adapted_model_dir(recipe, name).resolve()) for name in adapters},
+        apply_dtype=recipe.apply.dtype,
+        merge_dtype=recipe.merge.dtype,
+        sets=sets,
+        evaluation=evaluation,
+        finetunes=learned_sets(recipe),
+        retention=kept_sets(recipe),
+        metric=metric,
+        tolerance=search.retention_tolerance,
+        space=_space(recipe, list(adapters)),
+        total=search.trials,
+        sampler=search.sampler,
+        seed=search.seed,
+        storage=search.storage or sqlite_url(Path(out) / "study.db"),
+        study_name=f"{recipe.name}-{hash_json(config(recipe, item))[:12]}",
+        lock_path=Path(out) / "study.lock",
+        device=recipe.merge.device,
+        trust_remote_code=recipe.trust_remote_code,
         cache_bytes=int(search.cache_gb * 1024**3),
-        settings=recipe.merge.model_dump(exclude=set(SEARCHED_KEYS) | {"adapters"}))
+        settings=recipe.merge.model_dump(exclude=set(SEARCHED_KEYS) | {"adapters"}),
+    )
     study = open_study(job.storage, job.study_name)
     redone = fail_abandoned(study)
     if redone:
@@ -138,23 +169,47 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
                 f"search: none of {len(rows)} trials kept every retention set within {search.retention_tolerance:g} "
                 f"of the target; closest: trial {nearest['label']} (kept {nearest['kept']}, learned "
                 f"{nearest['learned']}). Widen search.space, raise search.retention_tolerance, or set "
-                "search.fallback: seed")
+                "search.fallback: seed"
+            )
         chosen, fallback = next(row for row in rows if row["label"] == "seed"), True
-    write_outputs(Path(out), rows, chosen, references=references_of(study), metric=metric,
-                  tolerance=search.retention_tolerance, fallback=fallback)
+    write_outputs(
+        Path(out),
+        rows,
+        chosen,
+        references=references_of(study),
+        metric=metric,
+        tolerance=search.retention_tolerance,
+        fallback=fallback,
+    )
     seed = next((row for row in rows if row["label"] == "seed"), None)
-    return {"trials": len(rows), "chosen": chosen["label"], "objective": round(chosen["objective"], 4),
-            "passes": chosen["passes"], "learned": chosen["learned"], "kept": chosen["kept"],
-            "seed": None if seed is None else {"objective": round(seed["objective"], 4), "passes": seed["passes"]},
-            "metric": metric, "fallback_to_seed": fallback}
+    return {
+        "trials": len(rows),
+        "chosen": chosen["label"],
+        "objective": round(chosen["objective"], 4),
+        "passes": chosen["passes"],
+        "learned": chosen["learned"],
+        "kept": chosen["kept"],
+        "seed": None if seed is None else {"objective": round(seed["objective"], 4), "passes": seed["passes"]},
+        "metric": metric,
+        "fallback_to_seed": fallback,
+    }
 
 
 def _space(recipe: Recipe, adapters: list[str]):
     from pipeline.search.space import Space, with_baselines
 
     space = recipe.search.space
-    return with_baselines(Space(tuple(adapters), tuple(space.methods), tuple(space.base_model), space.weight,
-                                space.density, space.target_weight, tuple(space.normalize)))
+    return with_baselines(
+        Space(
+            tuple(adapters),
+            tuple(space.methods),
+            tuple(space.base_model),
+            space.weight,
+            space.density,
+            space.target_weight,
+            tuple(space.normalize),
+        )
+    )
 
 
 def _sets(recipe: Recipe, inputs: Inputs, work_dir: Path, *, generate: bool):
@@ -166,9 +221,14 @@ def _sets(recipe: Recipe, inputs: Inputs, work_dir: Path, *, generate: bool):
     chat = chat_format(recipe)
     sets = [held_out_set(name, inputs.path("prepare", name), limit) for name in learned_sets(recipe)]
     for rendered in retention_sets(recipe, chat, work_dir, set(kept_sets(recipe))):
-        sets.append(replace(rendered, input_ids=rendered.input_ids[:limit],
-                            assistant_masks=rendered.assistant_masks[:limit],
-                            references=None if rendered.references is None else rendered.references[:limit]))
+        sets.append(
+            replace(
+                rendered,
+                input_ids=rendered.input_ids[:limit],
+                assistant_masks=rendered.assistant_masks[:limit],
+                references=None if rendered.references is None else rendered.references[:limit],
+            )
+        )
     evaluation = evaluation_settings(recipe, chat)
     return sets, replace(evaluation, config=evaluation.config.model_copy(update={"generate": generate}))
 
@@ -178,11 +238,19 @@ def _work_in_parallel(job, workers: int) -> None:
     from pipeline.search.trials import work
 
     started = time.time()
+    best: list[float] = []  # the best objective among trials that pass the gate, once one has
+    bar = console.open_task("search", total=job.total, unit="trials")
 
     def progress(number: int, label: str | None, result: dict) -> None:
         gate = "pass" if result["passes"] else "fail"
-        print(f"search: trial {label or number}: objective {result['objective']:.3f}, gate {gate} "
-              f"({time.time() - started:.0f}s)", flush=True)
+        print(
+            f"search: trial {label or number}: objective {result['objective']:.3f}, gate {gate} "
+            f"({time.time() - started:.0f}s)",
+            flush=True,
+        )
+        if result["passes"]:
+            best[:] = [max([*best, result["objective"]])]
+        bar.advance(info=f"best passing {best[0]:.3f}" if best else "none passes the gate yet")
 
     context = multiprocessing.get_context("spawn")
     others = [context.Process(target=work, args=(job,), daemon=True) for _ in range(workers - 1)]
@@ -191,6 +259,7 @@ def _work_in_parallel(job, workers: int) -> None:
     try:
         work(job, on_trial=progress)
     finally:
+        bar.finish()
         for process in others:
             process.join()
     failed = [process.exitcode for process in others if process.exitcode != 0]
@@ -198,5 +267,4 @@ def _work_in_parallel(job, workers: int) -> None:
         raise RuntimeError(f"search: {len(failed)} of {len(others)} worker processes failed (exit codes {failed})")
 
 
-STAGE = Stage(name="search", items=items, config=config, depends_on=depends_on, check=check, run=run,
-              resumable=True)
+STAGE = Stage(name="search", items=items, config=config, depends_on=depends_on, check=check, run=run, resumable=True)

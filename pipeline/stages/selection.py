@@ -33,8 +33,11 @@ def selected_adapters(recipe: Recipe) -> list[str]:
     own = [finetune.name for finetune in recipe.finetunes]
     archived = archived_adapters(Path(recipe.archive_dir))
     if recipe.merge.adapters == "all":
-        same_base = [name for name, manifest in archived.items()
-                     if manifest.get("base_model") == recipe.base_model and name not in own]
+        same_base = [
+            name
+            for name, manifest in archived.items()
+            if manifest.get("base_model") == recipe.base_model and name not in own
+        ]
         return own + same_base
     unknown = [name for name in recipe.merge.adapters if name not in own and name not in archived]
     if unknown:
@@ -59,19 +62,25 @@ def archive_inputs(recipe: Recipe, names: list[str]) -> list[StageRef]:
 def foreign_adapter_files(recipe: Recipe, names: list[str]) -> dict[str, dict[str, str]]:
     """name → sha256 of each file, for the adapters another recipe archived: no step of this recipe fingerprints
     them, so a stage that reads them puts their identity into its config."""
-    return {name: read_manifest(adapter_dir(recipe, name))["files"] for name in names
-            if not is_own_finetune(recipe, name)}
+    return {
+        name: read_manifest(adapter_dir(recipe, name))["files"] for name in names if not is_own_finetune(recipe, name)
+    }
 
 
 def check_trained_on_base(recipe: Recipe, names: list[str]) -> None:
     """Refuse archived adapters (named in `merge.adapters`) that were trained on another base than the recipe's: the
     merge takes the recipe's base as the reference its task vectors are measured from, and same-shaped models (Qwen2
     and Qwen2.5) would pass every shape check. Compared as `merge.adapters: all` selects: by the base as named."""
-    other = {name: read_manifest(adapter_dir(recipe, name)).get("base_model") for name in names
-             if not is_own_finetune(recipe, name)}
+    other = {
+        name: read_manifest(adapter_dir(recipe, name)).get("base_model")
+        for name in names
+        if not is_own_finetune(recipe, name)
+    }
     other = {name: base for name, base in other.items() if base != recipe.base_model}
     if other:
         listing = ", ".join(f"{name} (base {base})" for name, base in other.items())
-        raise RecipeError(f"merge.adapters: {listing} were not trained on this recipe's base_model "
-                          f"{recipe.base_model}. Leave them out, or archive them for this base (`python -m "
-                          "pipeline.archive add ... --base`) if it is the same model under another name.")
+        raise RecipeError(
+            f"merge.adapters: {listing} were not trained on this recipe's base_model "
+            f"{recipe.base_model}. Leave them out, or archive them for this base (`python -m "
+            "pipeline.archive add ... --base`) if it is the same model under another name."
+        )

@@ -44,11 +44,18 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
     from pipeline.training.child import train_lora_in_child
 
     base_dir = resolve_model(recipe.base_model, "base_model", trust_remote_code=recipe.trust_remote_code)
-    metrics = train_lora_in_child(base_dir, inputs.path("prepare", item), Path(out), recipe.train_config(item),
-                                  base_model=recipe.base_model, trust_remote_code=recipe.trust_remote_code)
+    metrics = train_lora_in_child(
+        base_dir,
+        inputs.path("prepare", item),
+        Path(out),
+        recipe.train_config(item),
+        base_model=recipe.base_model,
+        trust_remote_code=recipe.trust_remote_code,
+    )
     kept = ("train_loss", "eval_loss", "steps", "tokens", "seconds", "backend", "resumed_from_step")
     return {key: metrics[key] for key in kept}
 
 
-STAGE = Stage(name="train", items=each_finetune, config=config, depends_on=depends_on, check=check, run=run,
-              resumable=True)
+STAGE = Stage(
+    name="train", items=each_finetune, config=config, depends_on=depends_on, check=check, run=run, resumable=True
+)

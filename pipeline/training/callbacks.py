@@ -12,6 +12,8 @@ from pathlib import Path
 
 from transformers.trainer_callback import ProgressCallback
 
+from pipeline import console
+
 
 class MetricsLog(ProgressCallback):
     """Replaces the Trainer's ProgressCallback: the same tqdm bar, with loss and tokens/s as its postfix instead of
@@ -24,6 +26,7 @@ class MetricsLog(ProgressCallback):
         self.settings = settings or {}
         self.last_time = self.session_start_time = time.monotonic()
         self.last_tokens = self.session_start_tokens = 0
+        self.steps: console.Task | None = None  # the bar the run's console shows (the tqdm one goes to its log)
 
     def on_train_begin(self, args, state, control, **kwargs):
         super().on_train_begin(args, state, control, **kwargs)
@@ -36,6 +39,7 @@ class MetricsLog(ProgressCallback):
                 bar.n = bar.last_print_n = bar.initial = self.current_step = state.global_step
                 bar.refresh()
             self._drop_records_after(state.global_step)
+            self.steps = console.open_task("train", total=state.max_steps, unit="steps", completed=state.global_step)
             event = "resume" if state.global_step else "start"
             self._append({"event": event, "step": state.global_step, "max_steps": state.max_steps, **self.settings})
 
@@ -49,6 +53,9 @@ class MetricsLog(ProgressCallback):
                 record["tokens_per_second"] = round((tokens - self.last_tokens) / (now - self.last_time), 1)
             self.last_time, self.last_tokens = now, tokens
         self._append(record)
+        if self.steps is not None and "loss" in record:
+            speed = f", {record['tokens_per_second']:.0f} tok/s" if "tokens_per_second" in record else ""
+            self.steps.update(info=f"loss {record['loss']:.4g}{speed}")
         if self.training_bar is None:
             return
         if "loss" in record:
@@ -58,6 +65,17 @@ class MetricsLog(ProgressCallback):
             self.training_bar.set_postfix(postfix, refresh=False)
         elif "eval_loss" in record:
             self.training_bar.write(f"step {state.global_step}: eval_loss {record['eval_loss']:.4g}")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        super().on_step_end(args, state, control, **kwargs)
+        if self.steps is not None:
+            self.steps.update(state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        super().on_train_end(args, state, control, **kwargs)
+        if self.steps is not None:
+            self.steps.finish()
+            self.steps = None
 
     def session_tokens_per_second(self, state) -> float | None:
         """Tokens trained per second since this process started (or resumed) training."""

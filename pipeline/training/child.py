@@ -32,15 +32,32 @@ class TrainingFailed(RuntimeError):
     """The child raised; the message is its exception's type and message (its traceback was streamed)."""
 
 
-def train_lora_in_child(base_dir: Path, prepare_dir: Path, workdir: Path, config: TrainConfig, *, base_model: str,
-                        trust_remote_code: bool = False) -> dict:
+def train_lora_in_child(
+    base_dir: Path,
+    prepare_dir: Path,
+    workdir: Path,
+    config: TrainConfig,
+    *,
+    base_model: str,
+    trust_remote_code: bool = False,
+) -> dict:
     """`trainer.train_lora` with the same arguments, in a child process; returns its metrics."""
     with tempfile.TemporaryDirectory(prefix="ftmerge-train-") as exchange:
         spec, result = Path(exchange) / "spec.json", Path(exchange) / "result.json"
-        spec.write_text(json.dumps({"base_dir": str(base_dir), "prepare_dir": str(prepare_dir),
-                                    "workdir": str(workdir), "config": config.model_dump(), "base_model": base_model,
-                                    "trust_remote_code": trust_remote_code, "result": str(result),
-                                    "parent": os.getpid()}))
+        spec.write_text(
+            json.dumps(
+                {
+                    "base_dir": str(base_dir),
+                    "prepare_dir": str(prepare_dir),
+                    "workdir": str(workdir),
+                    "config": config.model_dump(),
+                    "base_model": base_model,
+                    "trust_remote_code": trust_remote_code,
+                    "result": str(result),
+                    "parent": os.getpid(),
+                }
+            )
+        )
         returncode = run_child([sys.executable, "-m", "pipeline.training.child", str(spec)])
         outcome = json.loads(result.read_text()) if result.is_file() else {}
     if "metrics" in outcome:
@@ -55,8 +72,11 @@ def run_child(command: list[str]) -> int:
     """Run `command` with the package importable, copying its output to this process's stdout as it comes (bytes
     as they arrive, so progress bars redraw in place); the child is ended if this process is interrupted."""
     root = str(Path(pipeline.__file__).resolve().parents[1])
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
-                   "PYTHONUNBUFFERED": "1"}
+    environment = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+        "PYTHONUNBUFFERED": "1",
+    }
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=environment)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     try:
@@ -93,9 +113,14 @@ def main(spec_file: str) -> int:
     try:
         from pipeline.training.trainer import train_lora
 
-        metrics = train_lora(Path(spec["base_dir"]), Path(spec["prepare_dir"]), Path(spec["workdir"]),
-                             TrainConfig.model_validate(spec["config"]), base_model=spec["base_model"],
-                             trust_remote_code=spec["trust_remote_code"])
+        metrics = train_lora(
+            Path(spec["base_dir"]),
+            Path(spec["prepare_dir"]),
+            Path(spec["workdir"]),
+            TrainConfig.model_validate(spec["config"]),
+            base_model=spec["base_model"],
+            trust_remote_code=spec["trust_remote_code"],
+        )
     except BaseException as error:  # KeyboardInterrupt too: the parent must learn why
         traceback.print_exc()
         with contextlib.suppress(OSError):

@@ -37,7 +37,8 @@ def load_split(prepare_dir: Path, split: str, *, responses_only: bool, max_seq_l
         raise PreparedDataError(
             f"{path}: {len(too_long)} rows are longer than train.max_seq_length={max_seq_length} (first: row "
             f"{too_long[0]}, {lengths[too_long[0]]} tokens); prepare drops or truncates them with the same limit, "
-            "so rerun prepare after changing max_seq_length")
+            "so rerun prepare after changing max_seq_length"
+        )
     columns = list(REQUIRED_COLUMNS) if responses_only else ["input_ids"]
     return dataset.select_columns(columns)
 
@@ -55,8 +56,9 @@ def end_of_turn_id(prepare_dir: Path, tokenizer) -> int | None:
     return token_id
 
 
-def check_turns_end_trained(dataset: Dataset, eot_id: int, where: str, max_seq_length: int,
-                            rows: int = CHECKED_ROWS) -> None:
+def check_turns_end_trained(
+    dataset: Dataset, eot_id: int, where: str, max_seq_length: int, rows: int = CHECKED_ROWS
+) -> None:
     """Every trained span must end with the end-of-turn token, or the model never learns to stop (a row truncated
     to max_seq_length may end mid-turn). Checks the first `rows` rows: a template or masking mistake shows on every
     row, so a sample finds it cheaply."""
@@ -71,4 +73,5 @@ def check_turns_end_trained(dataset: Dataset, eot_id: int, where: str, max_seq_l
         if wrong:
             raise PreparedDataError(
                 f"{where}: row {index}: an assistant span ends at position {wrong[0]} with id {ids[wrong[0]]}, not "
-                f"the end-of-turn id {eot_id}; the model would not learn to stop")
+                f"the end-of-turn id {eot_id}; the model would not learn to stop"
+            )

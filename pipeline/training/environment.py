@@ -16,8 +16,14 @@ if TYPE_CHECKING:  # torch is imported where it is used, so `--status` and `--dr
     import torch
 
 BACKENDS = ("unsloth", "transformers")
-GPU_ONLY_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_bnb_8bit", "lion_8bit",
-                       "paged_lion_8bit")
+GPU_ONLY_OPTIMIZERS = (
+    "adamw_8bit",
+    "paged_adamw_8bit",
+    "paged_adamw_32bit",
+    "adamw_bnb_8bit",
+    "lion_8bit",
+    "paged_lion_8bit",
+)
 CPU_OPTIMIZER = "adamw_torch"
 
 
@@ -47,8 +53,11 @@ def choose_backend(requested: str) -> str:
     backend is not installed."""
     if requested == "auto":
         chosen = "unsloth" if is_installed("unsloth") and has_gpu() else "transformers"
-        why = "Unsloth installed and a GPU present" if chosen == "unsloth" else (
-            "no GPU" if not has_gpu() else "Unsloth not installed")
+        why = (
+            "Unsloth installed and a GPU present"
+            if chosen == "unsloth"
+            else ("no GPU" if not has_gpu() else "Unsloth not installed")
+        )
         announce(f"backend auto → {chosen} ({why})")
         return chosen
     if requested not in BACKENDS:
@@ -63,7 +72,8 @@ def check_backend_installed(backend: str) -> None:
     if missing:
         raise TrainingUnavailable(
             f"train.backend {backend}: {', '.join(missing)} not installed. Install them (see README, `make setup`) "
-            "or set train.backend to " + ("transformers" if backend == "unsloth" else "unsloth"))
+            "or set train.backend to " + ("transformers" if backend == "unsloth" else "unsloth")
+        )
 
 
 def load_in_4bit(config: TrainConfig) -> bool:
@@ -73,8 +83,10 @@ def load_in_4bit(config: TrainConfig) -> bool:
         announce("load_in_4bit: true needs a GPU (bitsandbytes); training the unquantized base on CPU instead")
         return False
     if config.load_in_4bit and not is_installed("bitsandbytes"):
-        raise TrainingUnavailable("train.load_in_4bit: true needs bitsandbytes (`pip install bitsandbytes`); install "
-                                  "it or set train.load_in_4bit: false")
+        raise TrainingUnavailable(
+            "train.load_in_4bit: true needs bitsandbytes (`pip install bitsandbytes`); install "
+            "it or set train.load_in_4bit: false"
+        )
     return config.load_in_4bit
 
 

@@ -37,8 +37,15 @@ class TrainingRun:
     has_eval: bool
 
 
-def train_lora(base_dir: Path, prepare_dir: Path, workdir: Path, config: TrainConfig, *, base_model: str,
-               trust_remote_code: bool = False) -> dict:
+def train_lora(
+    base_dir: Path,
+    prepare_dir: Path,
+    workdir: Path,
+    config: TrainConfig,
+    *,
+    base_model: str,
+    trust_remote_code: bool = False,
+) -> dict:
     """Train (or finish training) a LoRA on the base model in `base_dir` and write `workdir/adapter/` (its
     `base_model_name_or_path` set to `base_model`, the reference the recipe gives), `workdir/metrics.json` and
     `workdir/log.jsonl`. Returns the metrics."""
@@ -46,8 +53,9 @@ def train_lora(base_dir: Path, prepare_dir: Path, workdir: Path, config: TrainCo
     return train_and_save(run, base_model)
 
 
-def build_trainer(base_dir: Path, prepare_dir: Path, workdir: Path, config: TrainConfig, *,
-                  trust_remote_code: bool = False) -> TrainingRun:
+def build_trainer(
+    base_dir: Path, prepare_dir: Path, workdir: Path, config: TrainConfig, *, trust_remote_code: bool = False
+) -> TrainingRun:
     """Load the base through the configured backend, add LoRA, and build TRL's SFTTrainer on the prepared splits."""
     workdir = Path(workdir)
     backend = environment.choose_backend(config.backend)
@@ -58,8 +66,10 @@ def build_trainer(base_dir: Path, prepare_dir: Path, workdir: Path, config: Trai
     model, tokenizer = backend_module.load_model(base_dir, config, trust_remote_code=trust_remote_code)
     untrained = fix_untrained_special_tokens(model, tokenizer)
     if untrained:
-        environment.announce(f"{', '.join(untrained)} untrained in the base (all-zero embedding rows): set to the "
-                             "mean of the trained rows for training, as Unsloth does; the adapter holds no embeddings")
+        environment.announce(
+            f"{', '.join(untrained)} untrained in the base (all-zero embedding rows): set to the "
+            "mean of the trained rows for training, as Unsloth does; the adapter holds no embeddings"
+        )
     train_split, eval_split = _splits(prepare_dir, tokenizer, config)
 
     import trl  # after the backend: Unsloth replaces trl.SFTTrainer when it is imported
@@ -67,17 +77,30 @@ def build_trainer(base_dir: Path, prepare_dir: Path, workdir: Path, config: Trai
 
     trainer_checkpointing = backend_module.uses_trainer_gradient_checkpointing(config)
     dtype = environment.loaded_dtype(model, environment.weights_dtype(config))
-    arguments = trl.SFTConfig(**sft_arguments(config, workdir, has_eval=eval_split is not None,
-                                              trainer_checkpointing=trainer_checkpointing, dtype=dtype))
-    trainer = trl.SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_split,
-                             eval_dataset=eval_split, args=arguments)
+    arguments = trl.SFTConfig(
+        **sft_arguments(
+            config, workdir, has_eval=eval_split is not None, trainer_checkpointing=trainer_checkpointing, dtype=dtype
+        )
+    )
+    trainer = trl.SFTTrainer(
+        model=model, processing_class=tokenizer, train_dataset=train_split, eval_dataset=eval_split, args=arguments
+    )
     if arguments.fp16:
         environment.fp16_ready(trainer.model)
-    log = MetricsLog(workdir / LOG_FILE, settings={
-        "backend": backend, "load_in_4bit": getattr(model.config, "quantization_config", None) is not None,
-        "dtype": str(dtype).removeprefix("torch."), "optim": getattr(arguments.optim, "value", arguments.optim),
-        "bf16": arguments.bf16, "fp16": arguments.fp16, "world_size": arguments.world_size,
-        "train_rows": len(train_split), "eval_rows": len(eval_split) if eval_split is not None else 0})
+    log = MetricsLog(
+        workdir / LOG_FILE,
+        settings={
+            "backend": backend,
+            "load_in_4bit": getattr(model.config, "quantization_config", None) is not None,
+            "dtype": str(dtype).removeprefix("torch."),
+            "optim": getattr(arguments.optim, "value", arguments.optim),
+            "bf16": arguments.bf16,
+            "fp16": arguments.fp16,
+            "world_size": arguments.world_size,
+            "train_rows": len(train_split),
+            "eval_rows": len(eval_split) if eval_split is not None else 0,
+        },
+    )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(log)
     return TrainingRun(trainer, backend, workdir, log, eval_split is not None)
@@ -91,8 +114,9 @@ def train_and_save(run: TrainingRun, base_model: str) -> dict:
             environment.announce(f"removed {removed.name}: cut short by the previous run's end")
     trainer.accelerator.wait_for_everyone()
     resume = checkpoints.last_complete_checkpoint(workdir)
-    environment.announce(f"{run.backend} backend; "
-                         + (f"resuming from {resume.name}" if resume else "starting at step 0"))
+    environment.announce(
+        f"{run.backend} backend; " + (f"resuming from {resume.name}" if resume else "starting at step 0")
+    )
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     evaluation = trainer.evaluate() if run.has_eval else {}
 
@@ -109,8 +133,10 @@ def train_and_save(run: TrainingRun, base_model: str) -> dict:
 def _splits(prepare_dir: Path, tokenizer, config: TrainConfig) -> tuple:
     """(train, eval or None), checked: with response-only loss, every assistant span ends with the end-of-turn."""
     responses_only = config.train_on_responses_only
-    splits = [data.load_split(prepare_dir, name, responses_only=responses_only,
-                              max_seq_length=config.max_seq_length) for name in ("train", "eval")]
+    splits = [
+        data.load_split(prepare_dir, name, responses_only=responses_only, max_seq_length=config.max_seq_length)
+        for name in ("train", "eval")
+    ]
     if len(splits[0]) == 0:
         raise data.PreparedDataError(f"{Path(prepare_dir) / 'train'}: no rows to train on")
     eot_id = data.end_of_turn_id(prepare_dir, tokenizer)
@@ -120,8 +146,9 @@ def _splits(prepare_dir: Path, tokenizer, config: TrainConfig) -> tuple:
     return splits[0], (splits[1] if len(splits[1]) else None)
 
 
-def sft_arguments(config: TrainConfig, workdir: Path, *, has_eval: bool, trainer_checkpointing: bool,
-                  dtype: torch.dtype | None = None) -> dict:
+def sft_arguments(
+    config: TrainConfig, workdir: Path, *, has_eval: bool, trainer_checkpointing: bool, dtype: torch.dtype | None = None
+) -> dict:
     """SFTConfig keyword arguments for a train config, adjusted to what this machine can do; bf16/fp16 follow
     `dtype`, the dtype the model was loaded in (default: the one the config asks for)."""
     evaluate_during = bool(config.eval_steps) and has_eval
@@ -190,5 +217,7 @@ def save_adapter(model, out_dir: Path, base_model: str) -> None:
     with safe_open(out_dir / "adapter_model.safetensors", framework="pt") as weights:
         embedding = [name for name in weights.keys() if any(e in name for e in EMBEDDING_MODULES)]  # noqa: SIM118
     if embedding:
-        raise ValueError(f"{out_dir}: the adapter holds embedding tensors {embedding[:3]}; LoRA must stay on the "
-                         "projection layers (train.lora.target_modules)")
+        raise ValueError(
+            f"{out_dir}: the adapter holds embedding tensors {embedding[:3]}; LoRA must stay on the "
+            "projection layers (train.lora.target_modules)"
+        )

@@ -27,8 +27,11 @@ def load_model(base_dir: Path, config: TrainConfig, *, trust_remote_code: bool) 
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.bfloat16)
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.bfloat16,
+        )
     if environment.has_gpu():
         # Straight to the GPU, one full copy per process under DDP (each rank on its own): a 16-bit 7B staged in
         # CPU RAM first does not fit a Colab runtime, and 4-bit weights cannot be moved after loading.
@@ -38,9 +41,14 @@ def load_model(base_dir: Path, config: TrainConfig, *, trust_remote_code: bool) 
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
     lora = LoraConfig(
-        r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-        use_rslora=config.lora.use_rslora, target_modules=list(config.lora.target_modules), bias="none",
-        task_type="CAUSAL_LM")
+        r=config.lora.r,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        use_rslora=config.lora.use_rslora,
+        target_modules=list(config.lora.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     set_seed(config.seed)  # LoRA A is initialized randomly: same seed, same adapter (Unsloth takes random_state)
     return get_peft_model(model, lora), tokenizer
 

@@ -19,16 +19,26 @@ def load_model(base_dir: Path, config: TrainConfig, *, trust_remote_code: bool) 
 
     dtype = environment.weights_dtype(config)
     model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=str(base_dir), max_seq_length=config.max_seq_length, dtype=dtype,
-        load_in_4bit=environment.load_in_4bit(config), trust_remote_code=trust_remote_code,
+        model_name=str(base_dir),
+        max_seq_length=config.max_seq_length,
+        dtype=dtype,
+        load_in_4bit=environment.load_in_4bit(config),
+        trust_remote_code=trust_remote_code,
         # The path is local: never swap it for an unsloth/* Hub alias (offline here, and the adapter must name
         # the real base).
-        use_exact_model_name=True)
+        use_exact_model_name=True,
+    )
     model = FastLanguageModel.get_peft_model(
-        model, r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-        target_modules=list(config.lora.target_modules), use_rslora=config.lora.use_rslora, bias="none",
+        model,
+        r=config.lora.r,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        target_modules=list(config.lora.target_modules),
+        use_rslora=config.lora.use_rslora,
+        bias="none",
         use_gradient_checkpointing="unsloth" if config.gradient_checkpointing else False,
-        random_state=config.seed)
+        random_state=config.seed,
+    )
     return model, tokenizer
 
 

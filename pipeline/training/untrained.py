@@ -39,8 +39,9 @@ def fix_untrained_special_tokens(model, tokenizer) -> list[str]:
     embeddings = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
     own = {getattr(tokenizer, f"{kind}_token_id", None) for kind in TOKENIZER_ROLES}
-    added = sorted(i for i in tokenizer.added_tokens_decoder
-                   if i not in own and i < min(embeddings.shape[0], head.shape[0]))
+    added = sorted(
+        i for i in tokenizer.added_tokens_decoder if i not in own and i < min(embeddings.shape[0], head.shape[0])
+    )
     untrained = untrained_rows(embeddings, added)
     head_untrained = untrained_rows(head, added) if head is not embeddings else []
     if untrained:
