@@ -79,8 +79,9 @@ def test_pipeline_run_ends_with_the_evaluation_table(tiny_models, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     header = "| model | reverse (held-out) | sort (held-out) | copy (retention) |"
     assert header in result.stdout
-    rows = [line.split("|")[1].strip() for line in result.stdout.splitlines() if line.startswith("| ")]
-    assert rows[1:6] == ["base", "target", "adapted:reverse", "adapted:sort", "merged"]
+    lines = result.stdout.splitlines()
+    rows = [line.split("|")[1].strip() for line in lines[lines.index(header) + 2 : lines.index(header) + 7]]
+    assert rows == ["base", "target", "adapted:reverse", "adapted:sort", "merged"]
     evaluated = tmp_path / "run" / "evaluate"
     assert header in (evaluated / "report.md").read_text()
     assert (evaluated / "report.png").is_file()

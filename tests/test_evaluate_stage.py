@@ -135,8 +135,10 @@ def test_stage_writes_a_row_per_model_and_a_column_per_set(lineage, live_models,
     losses = {m: report["results"][m]["reverse"]["loss"] for m in models}
     assert len(set(losses.values())) == len(models), f"every model scores differently: {losses}"
     table = (out / "report.md").read_text()
-    assert [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")][1:6] == models
-    assert "| model | reverse (held-out) | sort (held-out) | copy (retention) |" in table
+    lines = table.splitlines()
+    loss_table = lines.index("| model | reverse (held-out) | sort (held-out) | copy (retention) |")
+    assert [line.split("|")[1].strip() for line in lines[loss_table + 2 : loss_table + 7]] == models
+    assert lines[2].startswith("What did the merge learn?")  # the report leads with learned and kept
     assert "hellaswag: not run (lm_eval not installed)" in table
     assert report["lm_eval"] == {"tasks": ["hellaswag"], "status": "not run (lm_eval not installed)"}
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -147,7 +147,8 @@ def test_split_is_deterministic_for_a_seed(tiny_models, tmp_path):
         return [row["text"] for row in load_from_disk(out / "eval")]
 
     first, again, other = eval_texts(1, "a"), eval_texts(1, "b"), eval_texts(2, "c")
-    assert first == again and len(first) == 40
+    # 10% of the rows prepare keeps (duplicates of the 400 are dropped first): the same size for every seed
+    assert first == again and len(first) == len(other) and 30 <= len(first) <= 40
     assert first != other
 
 

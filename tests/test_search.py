@@ -303,6 +303,11 @@ def search_recipe(directory: Path, tiny_models, search: dict | None = None, **ch
     )
 
 
+def newest_log(output_dir: Path) -> str:
+    """The run's own log: what the stages print goes there, the screen gets progress and results."""
+    return max((output_dir / "logs").glob("run-*.log"), key=lambda path: path.stat().st_mtime).read_text()
+
+
 def completed_trials(study_db: Path) -> int:
     import sqlite3
 
@@ -374,8 +379,8 @@ def test_search_killed_with_sigkill_resumes_without_redoing_trials(searched_run,
     reference = json.loads((searched_run["output"] / "search" / "leaderboard.json").read_text())
     assert [t["point"] for t in board["trials"]] == [t["point"] for t in reference["trials"]]
     assert board["chosen"] == reference["chosen"]
-    reported = [line for line in result.stdout.splitlines() if line.startswith("search: trial")]
-    assert len(reported) == 5 - finished_before, result.stdout  # finished trials were not redone
+    reported = [line for line in newest_log(copy).splitlines() if "search: trial" in line]
+    assert len(reported) == 5 - finished_before, reported  # finished trials were not redone
 
 
 def test_bad_search_settings_exit_2_before_anything_runs(tiny_models, tmp_path):
@@ -406,7 +411,7 @@ def test_evaluate_scores_the_seed_beside_the_choice_and_caches_every_score(searc
     assert ("merged:seed" in report["models"]) == (chosen != "seed"), (chosen, report["models"])
     again = run_cli(searched_run["recipe"], "--stage", "evaluate", "--force")
     assert again.returncode == 0, again.stdout + again.stderr
-    cached = [line for line in again.stdout.splitlines() if line.endswith("every score cached")]
-    assert len(cached) == len(report["models"]), again.stdout  # no model was loaded to be scored again
+    cached = [line for line in newest_log(searched_run["output"]).splitlines() if line.endswith("every score cached")]
+    assert len(cached) == len(report["models"]), cached  # no model was loaded to be scored again
     rerun = json.loads((searched_run["output"] / "evaluate" / "report.json").read_text())
     assert rerun["results"] == report["results"]

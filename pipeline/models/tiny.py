@@ -4,7 +4,6 @@ small enough to build and train on a CPU in seconds. The demo's trained lineage 
 
 from __future__ import annotations
 
-import math
 import random
 import shutil
 from collections.abc import Iterable
@@ -112,7 +111,7 @@ def make_tiny_model(
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     config = Qwen2Config(
-        vocab_size=math.ceil(len(tokenizer) / 64) * 64,
+        vocab_size=(len(tokenizer) // 64 + 1) * 64,  # always spare rows, as Qwen2 has
         hidden_size=hidden_size,
         intermediate_size=hidden_size * mlp_ratio,
         num_hidden_layers=num_layers,
