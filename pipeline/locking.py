@@ -40,7 +40,7 @@ def describe(holder: dict) -> str:
     return f"pid {holder.get('pid')} on host {holder.get('host')}, since {holder.get('started')}"
 
 
-def _alive_here(holder: dict) -> bool:
+def alive_here(holder: dict) -> bool:
     """True unless the holder is known dead: a pid on another host cannot be checked from here."""
     if not holder or holder.get("host") != socket.gethostname():
         return bool(holder)
@@ -68,7 +68,7 @@ def exclusive(path: Path, what: str) -> Iterator[None]:
                 "to finish, or stop it"
             ) from None
         except OSError as error:
-            if error.errno not in NO_FLOCK or _alive_here(holder_of(path)):
+            if error.errno not in NO_FLOCK or alive_here(holder_of(path)):
                 raise LockHeld(
                     f"{what} is in use by {describe(holder_of(path))} (lock {path}, a filesystem without "
                     "flock: delete the file if that process is gone)"

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipeline.locking import alive_here
+
 LABEL = "label"
 RESULT = "result"
 
@@ -59,19 +61,11 @@ def fail_abandoned(study) -> list[int]:
 
     abandoned = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = trial.user_attrs.get("owner", {})
-        if owner.get("host") == socket.gethostname() and not _alive(owner.get("pid", -1)):
+        owner = trial.user_attrs.get("owner")
+        if owner and not alive_here(owner):
             study.tell(trial.number, state=TrialState.FAIL)
             abandoned.append(trial.number)
     return abandoned
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (OSError, ValueError):
-        return False
-    return True
 
 
 @contextlib.contextmanager
