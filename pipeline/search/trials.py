@@ -26,7 +26,6 @@ class SearchJob:
     adapters: dict[str, Path]  # adapter name → archived adapter directory
     adapted_paths: dict[str, str]  # adapter name → the path that names its adapted model in a mergekit config
     apply_dtype: str
-    merge_dtype: str
     sets: list[EvalSet]
     evaluation: Evaluation
     finetunes: list[str]

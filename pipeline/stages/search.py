@@ -10,6 +10,7 @@ leaderboard shows them beside the chosen trial whatever they score. The study is
 from __future__ import annotations
 
 import multiprocessing
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -129,13 +130,13 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
         verify_adapter(path)
     metric = search.metric if search.metric != "auto" else ("exact_match" if recipe.evaluate.generate else "loss")
     sets, evaluation = _sets(recipe, inputs, Path(out) / "_work", generate=metric == "exact_match")
+    shutil.rmtree(Path(out) / "_work", ignore_errors=True)  # the rendered retention sets are in `sets` now
     job = SearchJob(
         base_dir=resolve_model_once(recipe.base_model, "base_model", recipe.trust_remote_code),
         target_dir=resolve_model_once(recipe.target_model, "target_model", recipe.trust_remote_code),
         adapters=adapters,
         adapted_paths={name: str(adapted_model_dir(recipe, name).resolve()) for name in adapters},
         apply_dtype=recipe.apply.dtype,
-        merge_dtype=recipe.merge.dtype,
         sets=sets,
         evaluation=evaluation,
         finetunes=learned_sets(recipe),
