@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from pipeline.console import tqdm
-from pipeline.merging.adapted_model import check_compatibility, output_dtype, resolve_device
+from pipeline.merging.adapted_model import check_compatibility, output_dtype, read_ahead, resolve_device
 from pipeline.merging.config import input_models, tensor_parameters
 from pipeline.merging.mergekit_engine import MERGE_SEED
 from pipeline.models.lora import LoraFactors, load_adapter
@@ -222,21 +222,13 @@ class FusedInputs:
         # elementwise, so each of their tensors is one block merged on this thread, in order.
         torch.manual_seed(MERGE_SEED)
         order = self.planned if order is None else order
-        if not order:
-            return
         workers, threads = block_workers(self.device), torch.get_num_threads()
-        with (
-            _torch_threads(1),
-            ThreadPoolExecutor(max_workers=1) as reader,
-            ThreadPoolExecutor(max_workers=workers) as blocks,
-        ):
-            upcoming = reader.submit(self._tensor_work, order[0], config, method, models, roles, with_base, workers)
-            for position, item in enumerate(order):
-                work = upcoming.result()
-                if position + 1 < len(order):
-                    upcoming = reader.submit(
-                        self._tensor_work, order[position + 1], config, method, models, roles, with_base, workers
-                    )
+
+        def prepare(item: PlannedTensor) -> TensorWork:
+            return self._tensor_work(item, config, method, models, roles, with_base, workers)
+
+        with _torch_threads(1), ThreadPoolExecutor(max_workers=workers) as blocks:
+            for item, work in read_ahead(prepare, order):
                 yield item.weight.name, work.merge_blocks(blocks, threads)
                 del work
 
