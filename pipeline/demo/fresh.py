@@ -1,5 +1,6 @@
 """Judge a finished demo run on fresh examples no training saw: greedy answers in the target's chat template, exact
-match, for the target, each adapted model, the merged model and (when the search chose another) the seed's merge.
+match, for the target, each adapted model, the merged model and (when the search chose another) the seed's merge
+(`merged:seed`).
 
     python -m pipeline.demo.fresh                  # runs/tiny-cpu, 100 examples per skill, seed 1
     python -m pipeline.demo.fresh --seed 7 -n 200
@@ -12,9 +13,7 @@ skill (exit 1 when not).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 import torch
 
@@ -39,27 +38,20 @@ def exact_match(model, tokenizer, skill: str, n: int, seed: int) -> float:
 
 
 def lineage_models(recipe) -> dict[str, object]:
-    """label → a ModelSpec of the run's target, adapted models, merged model and the search's seed trial."""
-    from pipeline.evaluation.models import InMemoryMerge, ModelSpec
-    from pipeline.stages.selection import adapted_model_dir, adapter_dir, selected_adapters
+    """label → ModelSpec of the run's target, adapted models, merged model and (when the search chose another) the
+    seed's merge: the evaluate stage's own lineage of the finished run, without the base."""
+    from pipeline.stages import STAGES, Inputs, StageRef, evaluate
+    from pipeline.stages.selection import adapted_model_dir, saves_adapted_models, selected_adapters
 
-    output = Path(recipe.output_dir)
-    target = Path(recipe.target_model)
-    specs = {"target": ModelSpec("target", "target", target)}
-    for name in selected_adapters(recipe):
-        specs[f"adapted:{name}"] = ModelSpec(f"adapted:{name}", "adapted", target, adapter=adapter_dir(recipe, name))
-    specs["merged"] = ModelSpec("merged", "merged", output / "merge")
-    board = output / "search" / "leaderboard.json"
-    if board.is_file():
-        document = json.loads(board.read_text())
-        seed = next(t for t in document["trials"] if t["label"] == "seed")
-        if document["chosen"] != "seed":
-            adapters = {
-                str(adapted_model_dir(recipe, n).resolve()): adapter_dir(recipe, n) for n in selected_adapters(recipe)
-            }
-            merge = InMemoryMerge(seed["mergekit_config"], Path(recipe.base_model), adapters, recipe.apply.dtype)
-            specs["merged (seed config)"] = ModelSpec("merged:seed", "merged", target, merge=merge)
-    return specs
+    paths = {StageRef("merge"): STAGES["merge"].output_path(recipe, "")}
+    search_dir = STAGES["search"].output_path(recipe, "")
+    if recipe.search is not None and search_dir.is_dir():
+        paths[StageRef("search")] = search_dir
+    if saves_adapted_models(recipe):
+        paths |= {StageRef("apply", name): adapted_model_dir(recipe, name) for name in selected_adapters(recipe)}
+    scored = recipe.evaluate.model_copy(update={"models": ["target", "adapted", "merged"]})
+    specs = evaluate.lineage(recipe.model_copy(update={"evaluate": scored}), Inputs(paths))
+    return {spec.label: spec for spec in specs}
 
 
 def judge(recipe, *, n: int, seed: int) -> tuple[dict[str, dict[str, float]], list[str], list[str]]:
@@ -123,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     table, learned, kept = judge(recipe, n=args.n, seed=args.seed)
     print(markdown(table, [*learned, *kept], args.n, args.seed))
     lines = verdict(table, learned, kept)
-    if "merged (seed config)" in table:
-        lines += verdict(table, learned, kept, "merged (seed config)")
+    if "merged:seed" in table:
+        lines += verdict(table, learned, kept, "merged:seed")
     print("\n".join(lines))
     return 0 if not any("FAIL" in line for line in verdict(table, learned, kept)) else 1
 
