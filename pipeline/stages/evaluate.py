@@ -73,14 +73,16 @@ def evaluation_settings(recipe: Recipe, chat: ChatFormat) -> Evaluation:
     )
 
 
-def retention_sets(recipe: Recipe, chat: ChatFormat, work_dir: Path, names: set[str] | None = None) -> list[EvalSet]:
-    """The retention sets (those in `names`, or all), rendered as prepare renders a fine-tune's data."""
+def retention_sets(
+    recipe: Recipe, chat: ChatFormat, work_dir: Path, names: set[str] | None = None, max_samples: int | None = None
+) -> list[EvalSet]:
+    """The retention sets (those in `names`, or all), rendered as prepare renders a fine-tune's data, each from its
+    first `max_samples` rows (by default `evaluate.max_samples`)."""
     from pipeline.evaluation.sets import retention_set
 
+    limit = recipe.evaluate.max_samples if max_samples is None else max_samples
     return [
-        retention_set(
-            retention, chat, work_dir, max_length=recipe.train.max_seq_length, max_samples=recipe.evaluate.max_samples
-        )
+        retention_set(retention, chat, work_dir, max_length=recipe.train.max_seq_length, max_samples=limit)
         for retention in recipe.evaluate.retention
         if names is None or retention.name in names
     ]

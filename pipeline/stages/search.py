@@ -221,15 +221,7 @@ def _sets(recipe: Recipe, inputs: Inputs, work_dir: Path, *, generate: bool):
     limit = recipe.search.max_samples
     chat = chat_format(recipe)
     sets = [held_out_set(name, inputs.path("prepare", name), limit) for name in learned_sets(recipe)]
-    for rendered in retention_sets(recipe, chat, work_dir, set(kept_sets(recipe))):
-        sets.append(
-            replace(
-                rendered,
-                input_ids=rendered.input_ids[:limit],
-                assistant_masks=rendered.assistant_masks[:limit],
-                references=None if rendered.references is None else rendered.references[:limit],
-            )
-        )
+    sets += retention_sets(recipe, chat, work_dir, set(kept_sets(recipe)), max_samples=limit)
     evaluation = evaluation_settings(recipe, chat)
     return sets, replace(evaluation, config=evaluation.config.model_copy(update={"generate": generate}))
 
