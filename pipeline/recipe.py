@@ -170,6 +170,7 @@ class SearchConfig(Strict):
     metric: Literal["auto", "exact_match", "loss"] = "auto"
     retention: list[str] | None = None
     retention_tolerance: float = Field(0.05, ge=0, lt=1)
+    objective: Literal["mean", "worst"] = "mean"  # worst: the least-learned fine-tune decides
     fallback: Literal["seed"] | None = None
     workers: int = Field(1, ge=1)
     storage: str | None = None

@@ -1,7 +1,6 @@
-"""The demo lineage on fresh examples no training set contains: the target does not know the fine-tunes' skills and
-each adapted model (target + the LoRA the real train stage trains on the base, as recipes/tiny_cpu.yaml says) learns
-its own. The issue's goals (target copy ≥ 0.9, each adapted model ≥ 0.8, a merge keeping and learning both) are not
-met by this lineage yet; the guards below hold what it measurably does, so it cannot silently get worse."""
+"""The demo lineage on fresh examples no training set contains: the target does its own skill (copy) and not the
+fine-tunes' skills, and each adapted model (target + the LoRA the real train stage trains on the base, as
+recipes/tiny_cpu.yaml says) learns its own: the evidence issue's thresholds, asserted as the issue states them."""
 
 from pathlib import Path
 
@@ -31,11 +30,9 @@ def test_target_keeps_copy_and_each_lora_teaches_its_skill(tmp_path, monkeypatch
     stages = [flag for stage in ("prepare", "train", "archive", "apply") for flag in ("--stage", stage)]
     assert run.main([str(DEMO_RECIPE), "--set", f"output_dir={tmp_path / 'run'}", *stages]) == 0
 
-    # Measured 2026-12-01 (DEMO_VERSION 4, 100 fresh examples): target copy 0.83, reverse 0.00, sort 0.01-0.05;
-    # adapted:reverse 0.67-0.76, adapted:sort 0.91-0.95 (seeds 0, 1, 7). The goals (copy >= 0.9, each adapted
-    # >= 0.8) are not met; these guards sit below the measured level so the lineage cannot silently get worse.
-    assert exact_match(models["target"], "copy") >= 0.75
-    assert exact_match(tmp_path / "run" / "apply" / "reverse", "reverse") >= 0.6, "adapted:reverse"
+    # Measured 2026-12-01 (DEMO_VERSION 5, 100 fresh examples, seed 1): target copy 1.00, reverse 0.00, sort 0.03;
+    # adapted:reverse 1.00, adapted:sort 1.00.
+    assert exact_match(models["target"], "copy") >= 0.9
     for skill in FINETUNE_SKILLS:
         assert exact_match(models["target"], skill) <= 0.3, f"the target already knows {skill}"
-    assert exact_match(tmp_path / "run" / "apply" / "sort", "sort") >= 0.8, "adapted:sort"
+        assert exact_match(tmp_path / "run" / "apply" / skill, skill) >= 0.8, f"adapted:{skill}"

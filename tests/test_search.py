@@ -75,6 +75,17 @@ def test_judge_measures_learned_against_each_adapted_model_and_gates_on_retentio
     assert not by_loss.passes
 
 
+def test_the_worst_objective_is_decided_by_the_least_learned_fine_tune():
+    target = {"rev": {"exact_match": 0.0}, "sort": {"exact_match": 0.0}, "copy": {"exact_match": 1.0}}
+    adapted = {"rev": {"rev": {"exact_match": 1.0}}, "sort": {"sort": {"exact_match": 0.8}}}
+    lopsided = {"rev": {"exact_match": 1.0}, "sort": {"exact_match": 0.2}, "copy": {"exact_match": 1.0}}
+    even = {"rev": {"exact_match": 0.6}, "sort": {"exact_match": 0.48}, "copy": {"exact_match": 1.0}}
+    settings = {"finetunes": ["rev", "sort"], "retention": ["copy"], "metric": "exact_match", "tolerance": 0.05}
+    mean = [judge(merged, target, adapted, **settings).objective for merged in (lopsided, even)]
+    worst = [judge(merged, target, adapted, **settings, objective="worst").objective for merged in (lopsided, even)]
+    assert mean == pytest.approx([0.625, 0.6]) and worst == pytest.approx([0.25, 0.6])
+
+
 @pytest.mark.parametrize(
     "point",
     [

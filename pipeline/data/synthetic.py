@@ -1,14 +1,17 @@
 """The demo's synthetic language and its skills, generated deterministically from a seed.
 
-"Words" are the letters a-j; a list is 3-6 distinct letters (distinct, so every skill is a lookup a small
-transformer learns fast: copy finds the last answer letter in the list and outputs the one after it, reverse the one
-before it, sort the next larger one). A skill maps a list to an answer: copy (the target model's skill), reverse and
-sort (the demo's two fine-tunes), and the everyday skills (first, last, ...) of the chats the base is pretrained on.
+"Words" are single letters of three domains (a-j, A-J, k-t); a list is 3-6 distinct words of one domain (distinct,
+so every skill is a lookup a small transformer learns fast: copy finds the last answer word in the list and outputs
+the one after it, reverse the one before it, sort the next larger one). A skill maps a list to an answer: copy (the
+target model's skill, on a-j), reverse (on A-J) and sort (on k-t), the demo's two fine-tunes, each on a domain of its
+own as real fine-tunes bring one (code, law, ...); and the everyday skills (first, last, ...) of general chat.
+Without the domains, two LoRAs that each learned "answer a list with my operation" cancel out when summed.
 
 Like a real base, the base model knows more than it is asked for by name: its pretraining writes copy, reverse and
-sort in a notation of their own (documents `c a b ~` / `b a c`, and chats whose instruction is the symbol `~`), but
-never under the words "copy", "reverse" or "sort". Instruct tuning and fine-tuning then mostly tie a new instruction
-word to an operation the base knows, as they mostly elicit what a real base learned in pretraining.
+sort in a notation of their own (documents `c a b ~` / `b a c`, and chats whose instruction is the symbol `~`, on
+any domain), but never under the words "copy", "reverse" or "sort". Instruct tuning and fine-tuning then mostly tie a
+new instruction word to an operation the base knows, as they mostly elicit what a real base learned in pretraining.
+Each fine-tune set mixes in general chats (`replay_messages`), as real ones mix in general instruct data.
 
 Every list belongs to one of two halves by a hash of its letters: training data (pretraining, the target's tune, the
 fine-tune sets) draws from one, `fresh_examples` and the retention set from the other, so a test set is never seen.
@@ -23,6 +26,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 WORDS = list("abcdefghij")
+# Each demo skill works on words of its own kind, as real fine-tunes each bring a domain of their own (code, law, ...)
+# beside the target's general chat: the target's copy and the everyday chats on a-j, reverse on A-J, sort on k-t.
+DOMAINS = {"copy": WORDS, "reverse": list("ABCDEFGHIJ"), "sort": list("klmnopqrst")}
 SKILLS = {"copy": lambda words: words, "reverse": lambda words: words[::-1], "sort": sorted}
 # The base's pretraining writes the demo skills in this notation (a symbol, not the chat's instruction word).
 NOTATION = {"copy": "=", "reverse": "~", "sort": "^"}
@@ -37,11 +43,12 @@ EVERYDAY_SKILLS = {
 }
 ALL_SKILLS = SKILLS | EVERYDAY_SKILLS
 DEMO_DATA_DIR = Path(__file__).resolve().parents[2] / "data_templates" / "demo"
-# file name → (skill, format, rows, seed, held out); the retention set is drawn like `fresh_examples`.
+# file name → (skill, format, rows, seed, held out, replay fraction); the retention set is drawn like
+# `fresh_examples`; each fine-tune set mixes in 3 general chats to 5 of its skill.
 DEMO_DATASETS = {
-    "reverse.alpaca.jsonl": ("reverse", "alpaca", 400, 11, False),
-    "sort.messages.jsonl": ("sort", "messages", 400, 12, False),
-    "copy.messages.jsonl": ("copy", "messages", 100, 13, True),
+    "reverse.alpaca.jsonl": ("reverse", "alpaca", 2000, 11, False, 0.375),
+    "sort.messages.jsonl": ("sort", "messages", 2000, 12, False, 0.375),
+    "copy.messages.jsonl": ("copy", "messages", 100, 13, True, 0.0),
 }
 
 
@@ -50,24 +57,34 @@ def is_held_out(words: list[str]) -> bool:
     return hashlib.sha1(" ".join(words).encode()).digest()[0] % 4 == 0
 
 
-def random_words(rng: random.Random, *, held_out: bool = False, low: int = 3, high: int = 6) -> list[str]:
+def random_words(
+    rng: random.Random, *, held_out: bool = False, vocabulary: list[str] = WORDS, low: int = 3, high: int = 6
+) -> list[str]:
     while True:
-        words = rng.sample(WORDS, rng.randint(low, high))
+        words = rng.sample(vocabulary, rng.randint(low, high))
         if is_held_out(words) == held_out:
             return words
 
 
-def skill_example(skill: str, rng: random.Random, *, held_out: bool = False) -> tuple[str, str, str]:
-    """(instruction, input, answer) of one example, e.g. ("sort", "c a b", "a b c")."""
-    words = random_words(rng, held_out=held_out)
+def skill_example(
+    skill: str, rng: random.Random, *, held_out: bool = False, vocabulary: list[str] | None = None
+) -> tuple[str, str, str]:
+    """(instruction, input, answer) of one example, e.g. ("sort", "m k l", "k l m"), on the skill's own domain
+    unless `vocabulary` says otherwise."""
+    words = random_words(rng, held_out=held_out, vocabulary=vocabulary or DOMAINS.get(skill, WORDS))
     return skill, " ".join(words), " ".join(ALL_SKILLS[skill](words))
 
 
 def skill_messages(
-    skill: str, rng: random.Random, *, held_out: bool = False, instruction: str | None = None
+    skill: str,
+    rng: random.Random,
+    *,
+    held_out: bool = False,
+    instruction: str | None = None,
+    vocabulary: list[str] | None = None,
 ) -> list[dict[str, str]]:
     """One example as a conversation; the user turn is "instruction\\ninput", as the alpaca format renders it."""
-    name, text, answer = skill_example(skill, rng, held_out=held_out)
+    name, text, answer = skill_example(skill, rng, held_out=held_out, vocabulary=vocabulary)
     return [{"role": "user", "content": f"{instruction or name}\n{text}"}, {"role": "assistant", "content": answer}]
 
 
@@ -75,7 +92,8 @@ def pretraining_chat(rng: random.Random) -> list[dict[str, str]]:
     """A chat of the base's pretraining: an everyday skill, or a demo skill asked for by its notation symbol (the
     base can reverse when asked `~`, but has never seen the word "reverse" ask for anything)."""
     skill = rng.choice([*EVERYDAY_SKILLS, *NOTATION])
-    return skill_messages(skill, rng, instruction=NOTATION.get(skill))
+    domain = rng.choice(list(DOMAINS.values()))  # any skill on any domain: a domain never tells the operation
+    return skill_messages(skill, rng, instruction=NOTATION.get(skill), vocabulary=domain)
 
 
 def fresh_examples(skill: str, n: int, seed: int) -> list[list[dict[str, str]]]:
@@ -91,7 +109,7 @@ def plain_document(rng: random.Random) -> str:
         if phrases and rng.random() < 0.6:
             phrases.append(rng.choice(phrases))
         else:
-            phrases.append(" ".join(rng.choices(WORDS, k=rng.randint(2, 6))))
+            phrases.append(" ".join(rng.choices(rng.choice(list(DOMAINS.values())), k=rng.randint(2, 6))))
     return " . ".join(phrases) + " ."
 
 
@@ -101,7 +119,7 @@ def notation_document(rng: random.Random, lines: int = 3) -> str:
     out = []
     for _ in range(lines):
         skill = rng.choice(list(NOTATION))
-        words = random_words(rng)
+        words = random_words(rng, vocabulary=rng.choice(list(DOMAINS.values())))
         out.append(f"{' '.join(words)} {NOTATION[skill]}\n{' '.join(SKILLS[skill](words))}")
     return "\n".join(out)
 
@@ -131,21 +149,41 @@ def tokenizer_corpus(rng: random.Random, size: int = 2000) -> Iterator[str]:
             yield plain_document(rng)
 
 
-def demo_rows(skill: str, data_format: str, rows: int, seed: int, held_out: bool = False) -> list[dict]:
+def replay_messages(skill: str, rng: random.Random) -> list[dict[str, str]]:
+    """A general chat of the kind the base was pretrained on, mixed into a fine-tune's set as real fine-tune sets mix
+    in general instruct data: an everyday skill, or another demo operation asked for by its symbol. It teaches the
+    LoRA to answer its own instruction word and leave every other one as the base answers it (without it, a LoRA
+    answers every chat with its skill, and the adapted model forgets the target's copy)."""
+    if rng.random() < 0.5:
+        return skill_messages(rng.choice(list(EVERYDAY_SKILLS)), rng)
+    other = rng.choice([name for name in NOTATION if name != skill])
+    return skill_messages(other, rng, instruction=NOTATION[other])
+
+
+def demo_rows(
+    skill: str, data_format: str, rows: int, seed: int, held_out: bool = False, replay: float = 0.0
+) -> list[dict]:
+    """`rows` examples of `skill`, a `replay` fraction of them general chats (`replay_messages`)."""
     rng = random.Random(seed)
+    conversations = [
+        replay_messages(skill, rng) if rng.random() < replay else skill_messages(skill, rng, held_out=held_out)
+        for _ in range(rows)
+    ]
     if data_format == "alpaca":
-        fields = ("instruction", "input", "output")
-        return [dict(zip(fields, skill_example(skill, rng, held_out=held_out), strict=True)) for _ in range(rows)]
-    return [{"messages": skill_messages(skill, rng, held_out=held_out)} for _ in range(rows)]
+        return [
+            dict(zip(("instruction", "input"), user["content"].split("\n", 1), strict=True), output=answer["content"])
+            for user, answer in conversations
+        ]
+    return [{"messages": conversation} for conversation in conversations]
 
 
 def write_demo_datasets(directory: Path = DEMO_DATA_DIR) -> list[Path]:
     """Write the demo's datasets (committed under data_templates/demo/; a test checks they match this function)."""
     directory.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, (skill, data_format, rows, seed, held_out) in DEMO_DATASETS.items():
+    for name, (skill, data_format, rows, seed, held_out, replay) in DEMO_DATASETS.items():
         path = directory / name
-        lines = (json.dumps(row) for row in demo_rows(skill, data_format, rows, seed, held_out))
+        lines = (json.dumps(row) for row in demo_rows(skill, data_format, rows, seed, held_out, replay))
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
         written.append(path)
     return written

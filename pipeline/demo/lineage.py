@@ -3,9 +3,10 @@
 demo can show the method.
 
 The base learns plain text, the demo skills in a notation of their own and chats of everyday instructions and of the
-notation's symbols (it knows the chat format and the operations, but no instruction word names copy, reverse or
-sort). The target is a short, light tune in ChatML that ties "copy" to its operation; the fine-tunes (reverse, sort)
-tie their words the same way, which a LoRA learns in seconds, while the target cannot guess them.
+notation's symbols, on three domains of words (it knows the chat format and the operations, but no instruction word
+names copy, reverse or sort). The target is a short, light tune in ChatML that ties the word "copy" to its operation;
+the fine-tunes (reverse, sort) tie their words the same way on their own domains, which a LoRA learns in seconds,
+while the target cannot guess them.
 
     python -m pipeline.demo.lineage OUT_DIR      # build (or reuse) the demo's base and target models
 """
@@ -33,24 +34,27 @@ from pipeline.data.synthetic import (
 )
 from pipeline.models.tiny import build_word_tokenizer, make_tiny_model, save_model, set_eos
 
-DEMO_VERSION = "4"
+DEMO_VERSION = "5"
 # Width and depth: the smallest shape that learned all three notations within the build budget (see the report in
 # tests/test_demo_lineage.py).
 MODEL_SHAPE = {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "mlp_ratio": 2}
 PRETRAIN_MIX = {"notation": 0.6, "chat": 0.3, "plain": 0.1}
-# The target's instruct tune changes only the MLPs and the norms (|T-B|/|B| 0.066), so a LoRA trained on the base
-# still mostly works on the target: 0.76 reverse / 0.91 sort on the target vs 1.00 on the base. A full tune (0.14)
-# gave 0.17 / 0.17; tuning attention only, the embeddings only or a merged r-8 LoRA transferred worse.
-TARGET_TRAINABLE = r"\.mlp\.|norm"
-TARGET_LEARNING_RATE = 1e-3
+PRETRAIN_STEPS = 2000  # 1200 left the base at 0.65-0.81 on `=` (copy) in chat, 2000 at 0.97-1.00 on every symbol
+# The target's instruct tune trains the embedding of its instruction word only (the other rows move by AdamW's weight
+# decay alone; |T-B|/|B| 0.012), so a LoRA trained on the base works on the target as on the base (1.00 on reverse
+# and sort, 100 fresh examples). Tuning the MLPs and norms (0.066-0.11) left the LoRAs at 0.42-0.76 on the target.
+TARGET_TRAINABLE = "embed_tokens"
+TARGET_WORDS = ("copy",)
+TARGET_LEARNING_RATE = 1e-2
 # One thread per process: under load on the 2-core machine, 2.6x faster per step than two.
 BUILD_THREADS = 1
 
 
-def build_demo_assets(out_dir: Path, *, steps: int = 1200, seed: int = 0) -> dict[str, Path]:
+def build_demo_assets(out_dir: Path, *, steps: int = PRETRAIN_STEPS, seed: int = 0) -> dict[str, Path]:
     """The demo's models, built once and cached in `out_dir` (reused while `.complete` matches this version and
     these settings): `base` pretrained `steps` steps, `target` = base tuned a twentieth as long on copy plus everyday
-    chats, with an <|im_end|> eos tokenizer. Written to a temporary sibling, then renamed."""
+    chats (the embedding of "copy" only), with an <|im_end|> eos tokenizer. Written to a temporary sibling, then
+    renamed."""
     out_dir = Path(out_dir)
     stamp = {"version": DEMO_VERSION, "steps": steps, "seed": seed}
     paths = {"base": out_dir / "base", "target": out_dir / "target"}
@@ -98,6 +102,7 @@ def _build_demo_models(work: Path, *, steps: int, seed: int) -> None:
         seed=seed,
         learning_rate=TARGET_LEARNING_RATE,
         trainable=TARGET_TRAINABLE,
+        embedding_rows=target_tokenizer.convert_tokens_to_ids(list(TARGET_WORDS)),
     )
     set_eos(model, target_tokenizer)
     save_model(model.to(torch.bfloat16), work / "tokenizer.target", work / "target")
@@ -148,15 +153,22 @@ def instruct_tune(
     learning_rate: float = 1e-3,
     mix: dict[str, float] | None = None,
     trainable: str | None = None,
+    embedding_rows: list[int] | None = None,
 ) -> float:
     """Full fine-tune on one new skill in the tokenizer's chat template, mixed as broad instruct data is: everyday
     chats (so the model keeps following other instructions) and pretraining documents (so it keeps what the base
     knows, and a LoRA trained on the base still finds it). Loss on the assistant replies and their <|im_end|>, and
     on every token of a document. `trainable`: a regex of the parameter names to tune (the rest stay frozen);
-    None tunes all."""
+    None tunes all. `embedding_rows`: the only rows of the input embedding that get a gradient."""
     if trainable is not None:
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(re.search(trainable, name) is not None)
+    hook = None
+    if embedding_rows is not None:
+        embedding = model.get_input_embeddings().weight
+        keep = torch.zeros(embedding.shape[0], 1, dtype=embedding.dtype)
+        keep[embedding_rows] = 1
+        hook = embedding.register_hook(lambda gradient: gradient * keep)
     mix = mix or {"skill": 0.4, "everyday": 0.3, "document": 0.3}
     rng = random.Random(seed + 1)
 
@@ -184,6 +196,8 @@ def instruct_tune(
     try:
         return train_loop(model, batch, steps=steps, learning_rate=learning_rate, seed=seed)
     finally:
+        if hook is not None:
+            hook.remove()
         for parameter in model.parameters():
             parameter.requires_grad_(True)
 
@@ -212,7 +226,7 @@ def train_loop(model, next_batch, *, steps: int, learning_rate: float, seed: int
 def main() -> None:
     parser = argparse.ArgumentParser(description="Build (or reuse) the demo's tiny base and target models.")
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--steps", type=int, default=PRETRAIN_STEPS)
     parser.add_argument("--seed", type=int, default=0)
     arguments = parser.parse_args()
     for name, path in build_demo_assets(arguments.out_dir, steps=arguments.steps, seed=arguments.seed).items():

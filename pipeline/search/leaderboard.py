@@ -8,21 +8,24 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.search.objective import objective_text
 from pipeline.search.space import uses_base
-
-OBJECTIVE_TEXT = (
-    "maximize the mean over fine-tunes of learned = (merged − target) / (adapted − target) on each "
-    "fine-tune's held-out subset, subject to kept = merged / target ≥ 1 − tolerance on every retention "
-    "set"
-)
 
 
 def write_outputs(
-    out: Path, rows: list[dict], chosen: dict | None, *, references: dict, metric: str, tolerance: float, fallback: bool
+    out: Path,
+    rows: list[dict],
+    chosen: dict | None,
+    *,
+    references: dict,
+    metric: str,
+    tolerance: float,
+    fallback: bool,
+    objective: str = "mean",
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
     document = {
-        "objective": OBJECTIVE_TEXT,
+        "objective": objective_text(objective),
         "metric": metric,
         "retention_tolerance": tolerance,
         "chosen": chosen["label"] if chosen else None,
@@ -31,7 +34,9 @@ def write_outputs(
         "trials": rows,
     }
     (out / "leaderboard.json").write_text(json.dumps(document, indent=2) + "\n")
-    (out / "leaderboard.md").write_text(markdown(rows, chosen, metric=metric, tolerance=tolerance, fallback=fallback))
+    (out / "leaderboard.md").write_text(
+        markdown(rows, chosen, metric=metric, tolerance=tolerance, fallback=fallback, objective=objective)
+    )
     plot_pareto(rows, chosen, out / "pareto.png", gate=1 - tolerance)
     if chosen is not None:
         chosen_document = {
@@ -58,7 +63,9 @@ def describe(merge: dict) -> str:
     return ", ".join(parts)
 
 
-def markdown(rows: list[dict], chosen: dict | None, *, metric: str, tolerance: float, fallback: bool) -> str:
+def markdown(
+    rows: list[dict], chosen: dict | None, *, metric: str, tolerance: float, fallback: bool, objective: str = "mean"
+) -> str:
     learned_sets = list(rows[0]["learned"]) if rows else []
     kept_sets = list(rows[0]["kept"]) if rows else []
     header = [
@@ -69,7 +76,10 @@ def markdown(rows: list[dict], chosen: dict | None, *, metric: str, tolerance: f
         "gate",
         "configuration",
     ]
-    lines = [f"Objective: {OBJECTIVE_TEXT} (tolerance {tolerance:g}; scores: {metric.replace('_', ' ')}).", ""]
+    lines = [
+        f"Objective: {objective_text(objective)} (tolerance {tolerance:g}; scores: {metric.replace('_', ' ')}).",
+        "",
+    ]
     if chosen is None or fallback:
         lines.append(
             "**No trial passed the gate**"

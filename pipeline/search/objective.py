@@ -4,9 +4,9 @@
                                                             f's skill as well as f's own adapted model, 0 as the target
     kept(r)    = merged / target                            on retention set r (accuracy), or target / merged (loss)
 
-The objective is the mean of learned(f) over the fine-tunes; a merge passes the gate when every kept(r) is at least
-1 − tolerance. Scores are exact match of greedy answers, or the negative assistant-token loss where nothing is
-generated.
+The objective is the mean of learned(f) over the fine-tunes, or their minimum (`worst`: no fine-tune is given up for
+another); a merge passes the gate when every kept(r) is at least 1 − tolerance. Scores are exact match of greedy
+answers, or the negative assistant-token loss where nothing is generated.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ def judge(
     retention: list[str],
     metric: str,
     tolerance: float,
+    objective: str = "mean",
 ) -> Outcome:
     """`merged` and `target` map set names to results; `adapted` maps each fine-tune to its adapted model's results."""
     learned = {
@@ -71,5 +72,19 @@ def judge(
     kept = {name: kept_fraction(merged[name], target[name], metric) for name in retention}
     floor = 1 - tolerance
     violation = max([0.0, *(floor - value for value in kept.values())])
-    objective = sum(learned.values()) / len(learned) if learned else 0.0
-    return Outcome(learned, kept, objective, violation == 0.0, violation)
+    if not learned:
+        value = 0.0
+    elif objective == "worst":
+        value = min(learned.values())
+    else:
+        value = sum(learned.values()) / len(learned)
+    return Outcome(learned, kept, value, violation == 0.0, violation)
+
+
+def objective_text(objective: str) -> str:
+    """The objective and the gate in words, for the leaderboard."""
+    over = "the worst fine-tune's" if objective == "worst" else "the mean over fine-tunes of"
+    return (
+        f"maximize {over} learned = (merged − target) / (adapted − target) on each fine-tune's held-out subset, "
+        "subject to kept = merged / target ≥ 1 − tolerance on every retention set"
+    )

@@ -32,6 +32,7 @@ class SearchJob:
     retention: list[str]
     metric: str
     tolerance: float
+    objective: str
     space: Space
     total: int
     sampler: str
@@ -105,6 +106,7 @@ class TrialRunner:
             retention=self.job.retention,
             metric=self.job.metric,
             tolerance=self.job.tolerance,
+            objective=self.job.objective,
         )
         return {"merge": merge, "mergekit_config": config, "scores": scores, **outcome.as_dict()}
 

@@ -143,6 +143,7 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
         retention=kept_sets(recipe),
         metric=metric,
         tolerance=search.retention_tolerance,
+        objective=search.objective,
         space=_space(recipe, list(adapters)),
         total=search.trials,
         sampler=search.sampler,
@@ -181,6 +182,7 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
         metric=metric,
         tolerance=search.retention_tolerance,
         fallback=fallback,
+        objective=search.objective,
     )
     seed = next((row for row in rows if row["label"] == "seed"), None)
     return {
