@@ -7,7 +7,17 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.data.synthetic import DEMO_DATA_DIR, fresh_examples, is_held_out, word_corpus, write_demo_datasets
+from pipeline.data.synthetic import (
+    DEMO_DATA_DIR,
+    DOMAINS,
+    EVERYDAY_SKILLS,
+    NOTATION,
+    demo_rows,
+    fresh_examples,
+    is_held_out,
+    word_corpus,
+    write_demo_datasets,
+)
 from pipeline.demo.lineage import build_demo_assets
 from pipeline.models.tiny import QWEN2_CHAT_TEMPLATE, build_word_tokenizer
 
@@ -108,3 +118,27 @@ def test_demo_assets_are_cached_and_rebuilt_when_settings_change(tmp_path):
     build_demo_assets(tmp_path / "demo", steps=3)
     assert weights.stat().st_mtime_ns != stamp
     assert [p.name for p in tmp_path.iterdir()] == ["demo"]
+
+
+def test_the_demo_target_is_the_base_with_the_embedding_of_copy_tuned(tmp_path):
+    paths = build_demo_assets(tmp_path / "demo", steps=40)  # the target's tune: 2 steps, the first at warm-up lr 0
+    base = load_file(paths["base"] / "model.safetensors")
+    target = load_file(paths["target"] / "model.safetensors")
+    assert {name for name in base if not torch.equal(base[name], target[name])} == {"model.embed_tokens.weight"}
+    moved = (target["model.embed_tokens.weight"].float() - base["model.embed_tokens.weight"].float()).abs().sum(1)
+    copy = AutoTokenizer.from_pretrained(paths["target"]).convert_tokens_to_ids("copy")
+    assert moved.argmax() == copy and moved[copy] > 10 * moved.topk(2).values[1]
+
+
+def test_fine_tune_sets_mix_in_general_chats_the_base_already_answers():
+    rows = demo_rows("sort", "messages", 2000, 12, replay=0.375)
+    instructions = [row["messages"][0]["content"].split("\n")[0] for row in rows]
+    replayed = [instruction for instruction in instructions if instruction != "sort"]
+    assert 0.33 < len(replayed) / len(rows) < 0.42
+    assert set(replayed) == set(EVERYDAY_SKILLS) | {NOTATION["copy"], NOTATION["reverse"]}
+    skill_lists = [
+        row["messages"][0]["content"].split("\n")[1].split()
+        for row in rows
+        if row["messages"][0]["content"].startswith("sort")
+    ]
+    assert all(set(words) <= set(DOMAINS["sort"]) for words in skill_lists)
