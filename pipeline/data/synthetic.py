@@ -52,6 +52,11 @@ DEMO_DATASETS = {
 }
 
 
+def any_domain(rng: random.Random) -> list[str]:
+    """The words of one domain, drawn evenly: the base's pretraining writes every operation on every domain."""
+    return rng.choice(list(DOMAINS.values()))
+
+
 def is_held_out(words: list[str]) -> bool:
     """One list in four is kept for testing, whatever the seed or the skill."""
     return hashlib.sha1(" ".join(words).encode()).digest()[0] % 4 == 0
@@ -92,8 +97,8 @@ def pretraining_chat(rng: random.Random) -> list[dict[str, str]]:
     """A chat of the base's pretraining: an everyday skill, or a demo skill asked for by its notation symbol (the
     base can reverse when asked `~`, but has never seen the word "reverse" ask for anything)."""
     skill = rng.choice([*EVERYDAY_SKILLS, *NOTATION])
-    domain = rng.choice(list(DOMAINS.values()))  # any skill on any domain: a domain never tells the operation
-    return skill_messages(skill, rng, instruction=NOTATION.get(skill), vocabulary=domain)
+    # any skill on any domain: a domain never tells the operation
+    return skill_messages(skill, rng, instruction=NOTATION.get(skill), vocabulary=any_domain(rng))
 
 
 def fresh_examples(skill: str, n: int, seed: int) -> list[list[dict[str, str]]]:
@@ -109,7 +114,7 @@ def plain_document(rng: random.Random) -> str:
         if phrases and rng.random() < 0.6:
             phrases.append(rng.choice(phrases))
         else:
-            phrases.append(" ".join(rng.choices(rng.choice(list(DOMAINS.values())), k=rng.randint(2, 6))))
+            phrases.append(" ".join(rng.choices(any_domain(rng), k=rng.randint(2, 6))))
     return " . ".join(phrases) + " ."
 
 
@@ -119,7 +124,7 @@ def notation_document(rng: random.Random, lines: int = 3) -> str:
     out = []
     for _ in range(lines):
         skill = rng.choice(list(NOTATION))
-        words = random_words(rng, vocabulary=rng.choice(list(DOMAINS.values())))
+        words = random_words(rng, vocabulary=any_domain(rng))
         out.append(f"{' '.join(words)} {NOTATION[skill]}\n{' '.join(SKILLS[skill](words))}")
     return "\n".join(out)
 

@@ -27,7 +27,6 @@ def build_tokenizer(out_dir: Path, *, vocab_size: int = 400, eos_token: str = "<
     """A byte-level BPE like Qwen2's, trained on the synthetic corpus, saved as a fast tokenizer with the Qwen2
     ChatML template. eos `<|endoftext|>` is the base's; pass `<|im_end|>` for a target ("instruct") tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -39,17 +38,7 @@ def build_tokenizer(out_dir: Path, *, vocab_size: int = 400, eos_token: str = "<
         show_progress=False,
     )
     tokenizer.train_from_iterator(tokenizer_corpus(random.Random(0)), trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        eos_token=eos_token,
-        pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL_TOKENS[1:],
-        model_max_length=2048,
-    )
-    fast.chat_template = QWEN2_CHAT_TEMPLATE
-    out_dir = Path(out_dir)
-    fast.save_pretrained(out_dir)
-    return out_dir
+    return save_fast_tokenizer(tokenizer, out_dir, eos_token=eos_token)
 
 
 def build_word_tokenizer(out_dir: Path, corpus: Iterable[str], *, eos_token: str = "<|endoftext|>") -> Path:
@@ -58,7 +47,6 @@ def build_word_tokenizer(out_dir: Path, corpus: Iterable[str], *, eos_token: str
     input and answer tokens aligned, which a small BPE's merges across letters would not. transformers loads it as
     a Qwen2Tokenizer, which rebuilds exactly this pipeline from the vocabulary and merges."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
     tokenizer = Tokenizer(models.BPE())
@@ -77,6 +65,14 @@ def build_word_tokenizer(out_dir: Path, corpus: Iterable[str], *, eos_token: str
         show_progress=False,
     )
     tokenizer.train_from_iterator(corpus, trainer=trainer)
+    return save_fast_tokenizer(tokenizer, out_dir, eos_token=eos_token)
+
+
+def save_fast_tokenizer(tokenizer, out_dir: Path, *, eos_token: str) -> Path:
+    """A trained `tokenizers.Tokenizer` saved as a transformers fast tokenizer with Qwen2's special tokens and
+    ChatML template."""
+    from transformers import PreTrainedTokenizerFast
+
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         eos_token=eos_token,
