@@ -16,7 +16,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml requirements/unsloth-deps.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e '.[dev]'
+	$(PIP) install -e '.[dev,lm-eval]'
 	$(PIP) install -r requirements/unsloth-deps.txt
 	$(PIP) install --no-deps unsloth==2026.10.9 unsloth-zoo==2026.10.9
 	$(PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('torchvision') is not None)" \

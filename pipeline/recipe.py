@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.models.gguf import CONVERTER_OUTTYPES, QUANTIZE_OUTTYPES
+
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
 # A fine-tune's outputs are written beside `<name>.partial` and `<name>.old`: a name ending so would be overwritten.
 RESERVED_SUFFIXES = (".partial", ".old")
@@ -117,6 +119,56 @@ class MergeModelOverride(Strict):
     parameters: dict[str, Any] = {}
 
 
+class SliceSource(Strict):
+    """One source of an output slice: `model` is base, target or an adapter's name (its adapted model)."""
+
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, Any] = {}  # over the merge's weight/density defaults where the method takes them
+
+    @field_validator("layer_range")
+    @classmethod
+    def _is_range(cls, layers: tuple[int, int]) -> tuple[int, int]:
+        if not 0 <= layers[0] < layers[1]:
+            raise ValueError(f"{list(layers)} is not a layer range: needs 0 <= start < end (end excluded)")
+        return layers
+
+
+class MergeSlice(Strict):
+    """mergekit's output slice: the same layer count from every source, merged with `merge.method`."""
+
+    sources: list[SliceSource] = Field(min_length=1)
+    parameters: dict[str, Any] = {}
+
+
+class TokenizerBlock(Strict):
+    """mergekit's `tokenizer:` block. `source` and a token's `source` name base, target or an adapter (or give a
+    model directory); `source` may also be union. `tokens` maps a token to mergekit's TokenEmbeddingConfig."""
+
+    source: str = "union"
+    tokens: dict[str, dict[str, Any]] = {}
+    pad_to_multiple_of: int | None = Field(None, gt=0)
+
+
+class MoeExpert(Strict):
+    positive_prompts: list[str] | None = None  # None: sampled from the expert's fine-tune's prepared train split
+    negative_prompts: list[str] = []
+
+
+class MoeConfig(Strict):
+    """A mixture of experts by mergekit-moe: the target's attention, embeddings and norms, one routed expert (MLP)
+    per adapted model (and the target's with `merge.include_target`); a Qwen2 target gives Qwen2-MoE, whose shared
+    expert is the target's MLP; Llama and Mistral give Mixtral."""
+
+    gate_mode: Literal["hidden", "cheap_embed", "random"] = "hidden"
+    experts_per_token: int = Field(2, ge=1)
+    prompts_per_expert: int = Field(16, gt=0)
+    prompt_tokens: int = Field(256, gt=0)  # a sampled prompt is cut to this many tokens
+    seed: int = 0
+    experts: dict[str, MoeExpert] = {}  # by adapter name, or `target`
+    shared_expert: MoeExpert = MoeExpert()  # Qwen2-MoE only; default prompts: every routed expert's
+
+
 class MergeConfig(Strict):
     method: str = "ties"
     adapters: Literal["all"] | list[str] = "all"
@@ -128,7 +180,10 @@ class MergeConfig(Strict):
     models: dict[str, MergeModelOverride] = {}
     # None: the seed's {normalize: true, int8_mask: true}, kept where the method takes them (linear takes neither)
     parameters: dict[str, Any] | None = None
-    tokenizer_source: str | None = None
+    tokenizer_source: str | None = None  # mergekit's older form of `tokenizer: {source: ...}`
+    tokenizer: TokenizerBlock | None = None
+    slices: list[MergeSlice] | None = Field(None, min_length=1)
+    moe: MoeConfig | None = None
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     engine: Literal["auto", "fused", "mergekit"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -136,6 +191,16 @@ class MergeConfig(Strict):
     # GiB the fused merge's row blocks (every input's block and the kernel's temporaries) may hold at once, on the
     # merge device: divided among the inputs, so memory stays flat however many adapters are merged.
     memory_budget: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_form_each(self) -> MergeConfig:
+        if self.tokenizer_source and self.tokenizer is not None:
+            raise ValueError(
+                "merge.tokenizer_source and merge.tokenizer: give one; tokenizer_source: X is tokenizer: {source: X}"
+            )
+        if self.slices and self.moe is not None:
+            raise ValueError("merge.slices and merge.moe: a merge is a layer-slice merge or a mixture of experts")
+        return self
 
 
 class SearchSpaceConfig(Strict):
@@ -186,9 +251,27 @@ class RetentionSet(Strict):
 
 
 class LmEvalConfig(Strict):
+    """lm-evaluation-harness tasks every model of the lineage is scored on (the `lm-eval` extra)."""
+
     tasks: list[str] = []
-    limit: int | None = Field(None, gt=0)
+    include_path: Path | None = None  # a directory of task YAMLs (a team's own benchmarks), beside lm-eval's own
+    limit: int | None = Field(None, gt=0)  # documents per task
     num_fewshot: int | None = Field(None, ge=0)
+    batch_size: int | None = Field(None, gt=0)  # None: evaluate.batch_size
+    # auto: through the chat template for the instruct models (target, adapted, merged), plain text for the base,
+    # which was never trained on the template's turns; true or false: the same for every model
+    apply_chat_template: Literal["auto"] | bool = "auto"
+    backend: Literal["hf", "vllm"] = "hf"  # vllm: lm-eval's vLLM backend (GPU), the model loaded from its directory
+
+    @field_validator("include_path")
+    @classmethod
+    def _is_directory(cls, path: Path | None) -> Path | None:
+        if path is None:
+            return None
+        path = Path(os.path.expanduser(path))
+        if not path.is_dir():
+            raise ValueError(f"{str(path)!r} is not a directory; give the directory holding the task YAML files")
+        return path
 
 
 class EvaluateConfig(Strict):
@@ -214,6 +297,28 @@ class PublishConfig(Strict):
     dry_run: bool = False
 
 
+class GgufExportConfig(Strict):
+    """GGUF files of the merged model for llama.cpp: bf16, f16 and q8_0 by llama.cpp's converter, the other
+    quantizations (q4_k_m, ...) by llama.cpp's llama-quantize from a 16-bit GGUF."""
+
+    outtypes: list[Literal[CONVERTER_OUTTYPES + QUANTIZE_OUTTYPES]] = Field(["q8_0"], min_length=1)
+    # Written instead of the pre-tokenizer llama.cpp detects; needed when it recognizes none (e.g. qwen2, llama-bpe)
+    tokenizer_pre: str | None = None
+    llama_quantize: str | None = None  # the binary's path; default: llama-quantize on PATH
+
+    @field_validator("outtypes")
+    @classmethod
+    def _unique(cls, outtypes: list[str]) -> list[str]:
+        repeated = sorted({t for t in outtypes if outtypes.count(t) > 1})
+        if repeated:
+            raise ValueError(f"{repeated} repeated: each outtype is one file")
+        return outtypes
+
+
+class ExportConfig(Strict):
+    gguf: GgufExportConfig | None = None
+
+
 class Recipe(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     output_dir: Path | None = None
@@ -228,6 +333,7 @@ class Recipe(Strict):
     search: SearchConfig | None = None
     merge: MergeConfig = MergeConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    export: ExportConfig = ExportConfig()
     publish: PublishConfig = PublishConfig()
 
     @field_validator("output_dir", "archive_dir", "base_model", "target_model")

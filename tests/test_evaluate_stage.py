@@ -16,6 +16,7 @@ from test_apply import make_adapter
 from test_merge import archive_adapter
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pipeline.evaluation import lm_eval_tasks
 from pipeline.evaluation.lineage import Evaluation, evaluate_lineage
 from pipeline.evaluation.models import ModelSpec
 from pipeline.evaluation.sets import held_out_set
@@ -113,7 +114,8 @@ def live_models(monkeypatch):
     return {"loaded": loaded, "alive_at_load": alive_at_load}
 
 
-def test_stage_writes_a_row_per_model_and_a_column_per_set(lineage, live_models, capsys):
+def test_stage_writes_a_row_per_model_and_a_column_per_set(lineage, live_models, capsys, monkeypatch):
+    monkeypatch.setattr(lm_eval_tasks, "lm_eval_available", lambda: False)  # a machine without the lm-eval extra
     recipe, inputs = lineage["recipe"], lineage["inputs"]
     out = lineage["root"] / "evaluate.partial"
     out.mkdir()
@@ -139,8 +141,8 @@ def test_stage_writes_a_row_per_model_and_a_column_per_set(lineage, live_models,
     loss_table = lines.index("| model | reverse (held-out) | sort (held-out) | copy (retention) |")
     assert [line.split("|")[1].strip() for line in lines[loss_table + 2 : loss_table + 7]] == models
     assert lines[2].startswith("What did the merge learn?")  # the report leads with learned and kept
-    assert "hellaswag: not run (lm_eval not installed)" in table
-    assert report["lm_eval"] == {"tasks": ["hellaswag"], "status": "not run (lm_eval not installed)"}
+    assert f"hellaswag: {lm_eval_tasks.NOT_INSTALLED}" in table
+    assert report["lm_eval"] == {"tasks": ["hellaswag"], "status": lm_eval_tasks.NOT_INSTALLED}
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| model | reverse (held-out) | sort (held-out) | copy (retention) |" in capsys.readouterr().out
     assert len(live_models["loaded"]) == len(models)

@@ -169,7 +169,12 @@ def test_notebook_runs_every_stage_then_resumes_with_nothing_to_do(tmp_path, mon
         "RECIPE": "recipes/tiny_cpu.yaml",
         "MOUNT_DRIVE": False,
         "OUTPUT_ROOT": str(storage),
-        "OVERRIDES": [*SMALL_RUN, "publish.dry_run=true"],
+        "OVERRIDES": [
+            *SMALL_RUN,
+            "publish.dry_run=true",
+            "export.gguf.outtypes=[q8_0]",
+            "export.gguf.tokenizer_pre=qwen2",
+        ],
         "CHAT_PROMPT": "sort\nc a b",
         "PUSH_TO_HUB": True,
         "HUB_REPO_ID": "someone/tiny-cpu-merged",

@@ -358,8 +358,26 @@ def test_search_stage_writes_a_leaderboard_and_the_merge_uses_its_choice(searche
     assert written == row["mergekit_config"]  # the merge stage ran the chosen trial's configuration
     lineage = json.loads((searched_run["output"] / "merge" / "lineage.json").read_text())
     assert lineage["search"]["chosen_trial"] == chosen["trial"]
+    assert lineage["search"]["why"].startswith("the highest mean learned fraction")  # SEARCH's objective: mean
     assert (search_dir / "pareto.png").stat().st_size > 0
     assert "| seed" in (search_dir / "leaderboard.md").read_text()
+
+
+def test_the_lineage_names_the_worst_objective_when_the_search_used_it(tmp_path):
+    import yaml
+
+    from pipeline.recipe import Recipe
+    from pipeline.stages.contract import Inputs, StageRef
+    from pipeline.stages.merge import chosen_settings
+
+    chosen = {"trial": "7", "objective": 0.5, "learned": {"a": 0.5}, "kept": {"r": 1.0}, "merge": {"weight": 0.7}}
+    (tmp_path / "chosen.yml").write_text(yaml.safe_dump(chosen))
+    recipe = Recipe.model_validate(
+        {"name": "n", "base_model": "b", "target_model": "t", "search": {"objective": "worst"}}
+    )
+    settings, searched = chosen_settings(recipe, Inputs({StageRef("search"): tmp_path}))
+    assert settings.weight == 0.7
+    assert searched["why"].startswith("the highest learned fraction of the least-learned fine-tune")
 
 
 @pytest.mark.slow

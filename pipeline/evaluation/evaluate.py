@@ -5,16 +5,15 @@ Which models and which sets is the evaluate stage's choice; this module takes th
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.evaluation.lineage import EvalSet, Evaluation, ScoreCache, evaluate_lineage
-from pipeline.evaluation.lm_eval_tasks import lm_eval_status
+from pipeline.evaluation.lineage import EvalSet, Evaluation, ScoreCache, TaskScoreCache, evaluate_lineage
+from pipeline.evaluation.lm_eval_tasks import lm_eval_status, uses_chat_template
 from pipeline.evaluation.models import ModelSpec
 from pipeline.merging.adapted_model import resolve_device
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from pipeline.data.templates import ChatFormat
     from pipeline.recipe import EvaluateConfig
 
@@ -45,9 +44,14 @@ def evaluation_report(
     `cache_dir`, scores of models and sets seen before (same identity, content and settings) are reused."""
     config = evaluation.config
     cache = ScoreCache(cache_dir, evaluation) if cache_dir is not None else None
-    results, harness = evaluate_lineage(specs, sets, evaluation, cache)
+    task_cache = TaskScoreCache(Path(cache_dir) / "lm_eval", evaluation) if cache_dir is not None else None
+    results, harness = evaluate_lineage(specs, sets, evaluation, cache, task_cache)
     status = lm_eval_status(config.lm_eval)
-    lm_eval = {"tasks": list(config.lm_eval.tasks), **({"status": status} if status else {"results": harness})}
+    lm_eval = {"tasks": list(config.lm_eval.tasks)}
+    if status:
+        lm_eval["status"] = status
+    elif config.lm_eval.tasks:
+        lm_eval.update(harness_report(specs, harness, config))
     return {
         "name": name,
         "settings": {
@@ -60,3 +64,36 @@ def evaluation_report(
         "results": results,
         "lm_eval": lm_eval,
     }
+
+
+def harness_report(specs: list[ModelSpec], harness: dict, config: EvaluateConfig) -> dict:
+    """The lm-eval part of report.json: per model the metrics of each task's own row (`results`; a tag's tasks when
+    the tag has no row), their standard errors, the other rows (a group's subtasks), and per row the documents
+    scored, few-shot count, higher-is-better and dataset; which models were prompted through the chat template."""
+    lm_eval = config.lm_eval
+    report = {
+        "backend": lm_eval.backend,
+        "limit": lm_eval.limit,
+        "chat_template": {spec.label: uses_chat_template(lm_eval, spec.role) for spec in specs},
+        "results": {},
+        "stderr": {},
+        "subtasks": {},
+        "samples": {},
+        "num_fewshot": {},
+        "higher_is_better": {},
+        "datasets": {},
+    }
+    for label, tasks in harness.items():
+        for key in ("results", "stderr", "subtasks"):
+            report[key][label] = {}
+        for scores in tasks.values():
+            for row, metrics in scores["scores"].items():
+                key = "results" if row in scores["rows"] else "subtasks"
+                report[key][label][row] = metrics
+                if row in scores["rows"]:
+                    report["stderr"][label][row] = scores["stderr"].get(row, {})
+            for key in ("samples", "num_fewshot", "higher_is_better", "datasets"):
+                report[key].update(scores[key])
+    if not any(report["subtasks"].values()):
+        del report["subtasks"]
+    return report

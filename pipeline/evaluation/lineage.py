@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pipeline.console import progress
+from pipeline.evaluation import lm_eval_tasks
 from pipeline.evaluation.generate import greedy_answers, prompt_ids, score_answers
-from pipeline.evaluation.lm_eval_tasks import lm_eval_status, run_lm_eval
 from pipeline.evaluation.loss import assistant_token_loss
-from pipeline.evaluation.models import ModelSpec, load_causal_lm, release
+from pipeline.evaluation.models import ModelSpec, evaluation_dtype, load_causal_lm, release
 from pipeline.fingerprint import hash_json
 from pipeline.recipe import EvaluateConfig
 
@@ -97,6 +98,21 @@ def evaluate_set(model, label: str, eval_set: EvalSet, evaluation: Evaluation) -
     return result
 
 
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _write_json(path: Path, value: dict) -> None:
+    """Atomically: a run killed mid-write leaves no half file for the next run to read."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    temporary.write_text(json.dumps(value))
+    os.replace(temporary, path)
+
+
 class ScoreCache:
     """One JSON file per (model, set, settings) under `directory`, written atomically."""
 
@@ -117,17 +133,45 @@ class ScoreCache:
         return self.directory / f"{hash_json([model, eval_set.fingerprint(), self.settings])[:32]}.json"
 
     def get(self, model: str, eval_set: EvalSet) -> dict | None:
-        try:
-            return json.loads(self._path(model, eval_set).read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
+        return _read_json(self._path(model, eval_set))
 
     def put(self, model: str, eval_set: EvalSet, result: dict) -> None:
-        path = self._path(model, eval_set)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}")
-        temporary.write_text(json.dumps(result))
-        os.replace(temporary, path)
+        _write_json(self._path(model, eval_set), result)
+
+
+class TaskScoreCache:
+    """lm-eval scores, one JSON file per (model, task, settings) under `directory`: the task's identity (its YAML and
+    local data files, lm-eval's version), the harness's settings (limit, few-shot, batch size, backend) and the
+    model's (device, dtype, whether the chat template is applied and its text)."""
+
+    def __init__(self, directory: Path, evaluation: Evaluation):
+        self.directory = Path(directory)
+        config = evaluation.config
+        lm_eval = config.lm_eval
+        self.settings = {
+            **lm_eval.model_dump(exclude={"tasks", "include_path", "apply_chat_template"}),
+            "batch_size": harness_batch_size(evaluation),
+            "device": str(evaluation.device),
+            "dtype": config.dtype,
+            "load_in_4bit": config.load_in_4bit,
+            "adapter_dtype": evaluation.adapter_dtype,
+        }
+        self.lm_eval = lm_eval
+        self.tasks: dict[str, str] = {}
+        self.chat_template = getattr(evaluation.tokenizer, "chat_template", None)
+
+    def _path(self, spec: ModelSpec, task: str) -> Path:
+        chat = lm_eval_tasks.uses_chat_template(self.lm_eval, spec.role)
+        if task not in self.tasks:
+            self.tasks[task] = lm_eval_tasks.task_identity(self.lm_eval, task)
+        key = [spec.identity, self.tasks[task], self.settings, chat, self.chat_template if chat else None]
+        return self.directory / f"{hash_json(key)[:32]}.json"
+
+    def get(self, spec: ModelSpec, task: str) -> dict | None:
+        return _read_json(self._path(spec, task))
+
+    def put(self, spec: ModelSpec, task: str, scores: dict) -> None:
+        _write_json(self._path(spec, task), scores)
 
 
 def load_model(spec: ModelSpec, evaluation: Evaluation):
@@ -158,43 +202,111 @@ def load_model(spec: ModelSpec, evaluation: Evaluation):
     return model
 
 
-def evaluate_model(
-    spec: ModelSpec, sets: list[EvalSet], evaluation: Evaluation, cache: ScoreCache | None = None
-) -> tuple[dict, dict | None]:
-    """Score one model on every set (and the lm-eval tasks when they run): from the cache where it has the score,
-    else with the model loaded once and let go on return."""
+def harness_batch_size(evaluation: Evaluation) -> int:
+    return evaluation.config.lm_eval.batch_size or evaluation.config.batch_size
+
+
+def harness_tasks(evaluation: Evaluation) -> list[str]:
+    """The lm-eval tasks that run: none when none are asked for or lm_eval is not installed."""
     lm_eval = evaluation.config.lm_eval
-    harness_runs = bool(lm_eval.tasks) and lm_eval_status(lm_eval) is None
-    use_cache = cache is not None and spec.identity is not None
-    results = {s.name: cache.get(spec.identity, s) for s in sets} if use_cache else {s.name: None for s in sets}
-    if all(result is not None for result in results.values()) and not harness_runs:
+    return list(lm_eval.tasks) if lm_eval.tasks and lm_eval_tasks.lm_eval_status(lm_eval) is None else []
+
+
+def hf_task_scores(spec: ModelSpec, model, tasks: list[str], evaluation: Evaluation) -> dict[str, dict]:
+    """{task: scores} of the loaded model, through lm-eval's HFLM."""
+    lm_eval = evaluation.config.lm_eval
+    harness = lm_eval_tasks.hf_harness_model(model, evaluation.tokenizer, batch_size=harness_batch_size(evaluation))
+    return lm_eval_tasks.run_tasks(
+        harness, tasks, lm_eval, chat_template=lm_eval_tasks.uses_chat_template(lm_eval, spec.role)
+    )
+
+
+def vllm_task_scores(
+    spec: ModelSpec, model_dir: Path, tasks: list[str], evaluation: Evaluation, scratch: Path
+) -> dict[str, dict]:
+    """{task: scores} by lm-eval's vLLM backend from `model_dir` (an adapted model not saved by apply is the
+    target with its adapter served as a vLLM LoRA), with the evaluation's tokenizer saved into `scratch`."""
+    lm_eval = evaluation.config.lm_eval
+    evaluation.tokenizer.save_pretrained(scratch / "tokenizer")
+    harness = lm_eval_tasks.vllm_harness_model(
+        model_dir,
+        scratch / "tokenizer",
+        dtype=str(evaluation_dtype(evaluation.config.dtype, evaluation.device)).removeprefix("torch."),
+        batch_size=harness_batch_size(evaluation),
+        trust_remote_code=evaluation.trust_remote_code,
+        adapter_dir=spec.adapter,
+        load_in_4bit=evaluation.config.load_in_4bit,
+    )
+    try:
+        return lm_eval_tasks.run_tasks(
+            harness, tasks, lm_eval, chat_template=lm_eval_tasks.uses_chat_template(lm_eval, spec.role)
+        )
+    finally:
+        del harness
+        release(evaluation.device)
+
+
+def evaluate_model(
+    spec: ModelSpec,
+    sets: list[EvalSet],
+    evaluation: Evaluation,
+    cache: ScoreCache | None = None,
+    task_cache: TaskScoreCache | None = None,
+) -> tuple[dict, dict | None]:
+    """Score one model on every set and lm-eval task: from the caches where they have the score, else with the
+    model loaded once and let go on return (the vLLM backend loads the model itself: the transformers model is
+    loaded only for the sets, or to write an in-memory merge)."""
+    tasks = harness_tasks(evaluation)
+    cached = spec.identity is not None
+    results = {s.name: cache.get(spec.identity, s) if cache and cached else None for s in sets}
+    harness = {task: task_cache.get(spec, task) if task_cache and cached else None for task in tasks}
+    missing_tasks = [task for task, scores in harness.items() if scores is None]
+    vllm = evaluation.config.lm_eval.backend == "vllm"
+    needs_model = any(r is None for r in results.values()) or (missing_tasks and (not vllm or spec.merge is not None))
+    if not needs_model and not missing_tasks:
         print(f"evaluate: {spec.label}: every score cached")
-        return results, None
-    model = load_model(spec, evaluation)
+        return results, harness or None
+    model = load_model(spec, evaluation) if needs_model else None
     for eval_set in sets:
         if results[eval_set.name] is None:
             results[eval_set.name] = evaluate_set(model, spec.label, eval_set, evaluation)
-            if use_cache:
+            if cache and cached:
                 cache.put(spec.identity, eval_set, results[eval_set.name])
-    harness = (
-        run_lm_eval(model, evaluation.tokenizer, lm_eval, batch_size=evaluation.config.batch_size)
-        if harness_runs
-        else None
-    )
-    return results, harness
+    if missing_tasks:
+        print(f"evaluate: {spec.label}: lm-eval {', '.join(missing_tasks)}")
+        if not vllm:
+            scored = hf_task_scores(spec, model, missing_tasks, evaluation)
+        else:
+            with tempfile.TemporaryDirectory(prefix="ftmerge-vllm-") as scratch:
+                model_dir = spec.path
+                if spec.merge is not None:  # vLLM reads a directory: the in-memory merge is written out
+                    model_dir = Path(scratch) / "model"
+                    model.save_pretrained(model_dir)
+                model = None  # the GPU memory goes to vLLM
+                release(evaluation.device)
+                scored = vllm_task_scores(spec, model_dir, missing_tasks, evaluation, Path(scratch))
+        for task in missing_tasks:
+            harness[task] = scored[task]
+            if task_cache and cached:
+                task_cache.put(spec, task, scored[task])
+    return results, harness or None
 
 
 def evaluate_lineage(
-    specs: list[ModelSpec], sets: list[EvalSet], evaluation: Evaluation, cache: ScoreCache | None = None
+    specs: list[ModelSpec],
+    sets: list[EvalSet],
+    evaluation: Evaluation,
+    cache: ScoreCache | None = None,
+    task_cache: TaskScoreCache | None = None,
 ) -> tuple[dict, dict]:
-    """{model label: {set name: metrics}} and {model label: {task: {metric: value}}}; each model is freed (and
-    garbage collected) before the next is loaded, so peak memory is one model plus one batch."""
+    """{model label: {set name: metrics}} and {model label: {task: scores}}; each model is freed (and garbage
+    collected) before the next is loaded, so peak memory is one model plus one batch."""
     results, harness = {}, {}
     with progress("evaluate", total=len(specs) * len(sets), unit="model×set") as bar:
         for spec in specs:
             print(f"evaluate: {spec.label} ({spec.path}{' + ' + spec.adapter.name if spec.adapter else ''})")
             bar.update(info=spec.label)
-            results[spec.label], tasks = evaluate_model(spec, sets, evaluation, cache)
+            results[spec.label], tasks = evaluate_model(spec, sets, evaluation, cache, task_cache)
             bar.advance(len(sets))
             if tasks is not None:
                 harness[spec.label] = tasks

@@ -117,30 +117,63 @@ def markdown_table(report: dict) -> str:
     return "\n".join(parts) + "\n"
 
 
+def lm_eval_columns(lm_eval: dict) -> list[tuple[str, str]]:
+    """(task, metric) of every lm-eval score in the report, sorted."""
+    results = lm_eval.get("results") or {}
+    columns = {
+        (task, metric) for per_model in results.values() for task, metrics in per_model.items() for metric in metrics
+    }
+    return sorted(columns)
+
+
+def _higher_is_better(lm_eval: dict, task: str, metric: str) -> bool:
+    return (lm_eval.get("higher_is_better") or {}).get(task, {}).get(metric.partition(",")[0], True)
+
+
 def _lm_eval_lines(lm_eval: dict) -> list[str]:
+    """The lm-eval table: a row per model, a column per (task, metric), the best per column in bold (none when every
+    model ties), then the documents scored and which models were prompted through the chat template."""
     if not lm_eval.get("tasks"):
         return []
     if lm_eval.get("status"):
         return ["", f"lm-eval-harness tasks {', '.join(lm_eval['tasks'])}: {lm_eval['status']}."]
-    results = lm_eval["results"]
-    columns = sorted(
-        {(task, metric) for per_model in results.values() for task, metrics in per_model.items() for metric in metrics}
-    )
+    results, columns = lm_eval["results"], lm_eval_columns(lm_eval)
+    best = {}
+    for task, metric in columns:
+        values = [per_model.get(task, {}).get(metric) for per_model in results.values()]
+        lower_is_better = not _higher_is_better(lm_eval, task, metric)
+        best[task, metric] = None if len(set(values)) < 2 else _best(values, lower_is_better)
     lines = [
         "",
-        "lm-eval-harness (higher is better for accuracy-like metrics):",
+        "lm-eval-harness tasks (best per column in bold):",
         "",
         f"| model | {' | '.join(f'{task} {metric}' for task, metric in columns)} |",
         "|---|" + "---:|" * len(columns),
     ]
     for model, per_model in results.items():
-        values = [_number(per_model.get(task, {}).get(metric), 4) for task, metric in columns]
-        lines.append(f"| {model} | {' | '.join(values)} |")
-    return lines
+        cells = []
+        for task, metric in columns:
+            value = per_model.get(task, {}).get(metric)
+            text = _number(value, 4)
+            cells.append(f"**{text}**" if value is not None and value == best[task, metric] else text)
+        lines.append(f"| {model} | {' | '.join(cells)} |")
+    samples = lm_eval.get("samples") or {}
+    counts = ", ".join(f"{task} {samples[task]}" for task in sorted({t for t, _ in columns}) if task in samples)
+    chat = lm_eval.get("chat_template") or {}
+    templated = [model for model, applied in chat.items() if applied]
+    plain = [model for model, applied in chat.items() if not applied]
+    notes = [f"Documents per task: {counts}." if counts else ""]
+    if chat:
+        notes.append(
+            f"Prompted through the chat template: {', '.join(templated) or 'none'}"
+            + (f"; as plain text: {', '.join(plain)}." if plain else ".")
+        )
+    return [*lines, "", " ".join(note for note in notes if note)]
 
 
 def write_chart(report: dict, path: Path) -> None:
-    """Grouped bars, one group per set and one bar per model: loss, and exact match when generation ran."""
+    """Grouped bars, one bar per model: loss per set, exact match per set when generation ran, and each lm-eval
+    (task, metric) when the tasks ran."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,9 +183,14 @@ def write_chart(report: dict, path: Path) -> None:
     if report["settings"].get("generate"):
         panels.append(("exact_match", "greedy exact match (higher is better)"))
     sets, models = [s["name"] for s in report["sets"]], report["models"]
-    figure, axes = plt.subplots(1, len(panels), figsize=(max(6, 1.6 * len(sets) * len(panels) + 3), 4), squeeze=False)
+    lm_eval = report.get("lm_eval") or {}
+    columns = lm_eval_columns(lm_eval)
+    width_in = max(6, 1.6 * len(sets) * len(panels) + 1.2 * len(columns) + 3)
+    figure, axes = plt.subplots(1, len(panels) + bool(columns), figsize=(width_in, 4), squeeze=False)
     width = 0.8 / max(1, len(models))
-    for axis, (metric, title) in zip(axes[0], panels, strict=True):
+    if columns:
+        _lm_eval_panel(axes[0][-1], lm_eval, columns, models, width)
+    for axis, (metric, title) in zip(axes[0], panels, strict=False):
         for index, model in enumerate(models):
             values = [report["results"][model].get(name, {}).get(metric) for name in sets]
             positions = [position + (index - (len(models) - 1) / 2) * width for position in range(len(sets))]
@@ -165,6 +203,17 @@ def write_chart(report: dict, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def _lm_eval_panel(axis, lm_eval: dict, columns: list[tuple[str, str]], models: list[str], width: float) -> None:
+    """One group of bars per (task, metric), one bar per model (a model without lm-eval scores has no bar)."""
+    results = lm_eval["results"]
+    for index, model in enumerate(models):
+        values = [results.get(model, {}).get(task, {}).get(metric) for task, metric in columns]
+        positions = [position + (index - (len(models) - 1) / 2) * width for position in range(len(columns))]
+        axis.bar(positions, [math.nan if v is None else v for v in values], width, label=model)
+    axis.set_xticks(range(len(columns)), [f"{task}\n{metric}" for task, metric in columns])
+    axis.set_title("lm-eval-harness tasks")
 
 
 def write_report(report: dict, out_dir: Path) -> str:

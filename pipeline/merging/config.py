@@ -19,11 +19,55 @@ SAMPLE_TENSOR = "model.layers.0.self_attn.q_proj.weight"
 SEED_PARAMETERS = {"normalize": True, "int8_mask": True}
 
 
+def mergekit_only_keys(merge: MergeConfig) -> list[str]:
+    """The set keys only mergekit can run: a rebuilt vocabulary, layer slices, a mixture of experts."""
+    keys = ("tokenizer_source", "tokenizer", "slices", "moe")
+    return [f"merge.{key}" for key in keys if getattr(merge, key)]
+
+
 def resolve_engine(merge: MergeConfig) -> str:
-    """`auto` is fused unless mergekit must rebuild the vocabulary (tokenizer_source)."""
+    """`auto` is fused unless the merge needs mergekit (`mergekit_only_keys`)."""
     if merge.engine != "auto":
         return merge.engine
-    return "mergekit" if merge.tokenizer_source else "fused"
+    return "mergekit" if mergekit_only_keys(merge) else "fused"
+
+
+def model_path(name: str, adapter_models: dict[str, str], base: str, target: str) -> str:
+    """A recipe's name for a model (base, target or an adapter) as the path mergekit reads; others as given."""
+    return {"base": base, "target": target, **adapter_models}.get(name, name)
+
+
+def slice_adapters(merge: MergeConfig) -> list[str]:
+    """The names the slices' sources give, in order, once each (base and target included)."""
+    names = [source.model for piece in merge.slices or [] for source in piece.sources]
+    return list(dict.fromkeys(names))
+
+
+def tokenizer_block(merge: MergeConfig, adapter_models: dict[str, str], base: str, target: str) -> dict | None:
+    """mergekit's `tokenizer:` block with the recipe's model names turned into paths."""
+    if merge.tokenizer is None:
+        return None
+
+    def path(name):
+        return model_path(name, adapter_models, base, target)
+
+    tokens = {}
+    for token, setting in merge.tokenizer.tokens.items():
+        setting = copy.deepcopy(setting)
+        source = setting.get("source")
+        if isinstance(source, str):
+            setting["source"] = path(source)
+        elif isinstance(source, dict) and "model" in source:
+            source["model"] = path(source["model"])
+        tokens[token] = setting
+    block: dict[str, Any] = {
+        "source": merge.tokenizer.source if merge.tokenizer.source == "union" else path(merge.tokenizer.source)
+    }
+    if tokens:
+        block["tokens"] = tokens
+    if merge.tokenizer.pad_to_multiple_of:
+        block["pad_to_multiple_of"] = merge.tokenizer.pad_to_multiple_of
+    return block
 
 
 @cache
@@ -67,13 +111,32 @@ def merge_parameters(merge: MergeConfig) -> dict[str, Any]:
 def build_mergekit_config(merge: MergeConfig, adapter_models: dict[str, str], base: str, target: str) -> dict:
     """The seed's config: every adapted model and the target over the base, with the merge's method settings.
     `adapter_models` maps adapter names to their adapted-model paths. With `base_model: target` the merge is
-    relative to the target (T + the adapters' merged deltas), so the target is the base and not also an input."""
-    models = [{"model": path, "parameters": model_parameters(merge, name)} for name, path in adapter_models.items()]
+    relative to the target (T + the adapters' merged deltas), so the target is the base and not also an input.
+    With `merge.slices`, mergekit's `slices:` instead, each source's model named by the recipe's names."""
     takes_base = method_spec(merge.method).contract.base.value != "ignored"
     relative_to_target = takes_base and merge.base_model == "target"
-    if merge.include_target and not relative_to_target:
-        models.append({"model": target, "parameters": model_parameters(merge, None)})
-    config: dict[str, Any] = {"merge_method": merge.method, "models": models, "dtype": merge.dtype}
+    config: dict[str, Any] = {"merge_method": merge.method}
+    if merge.slices:
+        config["slices"] = [
+            {
+                "sources": [
+                    {
+                        "model": model_path(source.model, adapter_models, base, target),
+                        "layer_range": list(source.layer_range),
+                        **_parameters({**model_parameters(merge, source.model), **source.parameters}),
+                    }
+                    for source in piece.sources
+                ],
+                **_parameters(piece.parameters),
+            }
+            for piece in merge.slices
+        ]
+    else:
+        models = [{"model": path, "parameters": model_parameters(merge, name)} for name, path in adapter_models.items()]
+        if merge.include_target and not relative_to_target:
+            models.append({"model": target, "parameters": model_parameters(merge, None)})
+        config["models"] = models
+    config["dtype"] = merge.dtype
     if takes_base:
         # A method that ignores the base (linear, karcher) would get it as one more input to average.
         config["base_model"] = target if relative_to_target else base
@@ -83,7 +146,14 @@ def build_mergekit_config(merge: MergeConfig, adapter_models: dict[str, str], ba
     source = merge.tokenizer_source
     if source:
         config["tokenizer_source"] = adapter_models.get(source, target if source == "target" else source)
+    tokenizer = tokenizer_block(merge, adapter_models, base, target)
+    if tokenizer:
+        config["tokenizer"] = tokenizer
     return config
+
+
+def _parameters(parameters: dict) -> dict:
+    return {"parameters": copy.deepcopy(parameters)} if parameters else {}
 
 
 def input_models(config) -> list:
@@ -94,17 +164,22 @@ def input_models(config) -> list:
     return models
 
 
-def tensor_parameters(config, tensor_name: str, t: float, inputs: dict) -> tuple[dict, dict]:
+def tensor_parameters(config, tensor_name: str, t: float, inputs: dict, out_slice=None) -> tuple[dict, dict]:
     """(shared, per-input) parameters of one output tensor, resolved by mergekit's resolver exactly as its planner
-    does for a `models:` config (filters on tensor names, gradients over `t`)."""
+    does for a `models:` config, or for one of a `slices:` config's output slices (filters on tensor names,
+    gradients over `t`)."""
     from mergekit import merge_methods
     from mergekit.config import ConfigReader, InputSliceDefinition, OutputSliceDefinition
     from mergekit.parameter_resolver import resolve_parameters
 
-    sources = [InputSliceDefinition(model=e.model, layer_range=(0, 1), parameters=e.parameters) for e in config.models]
-    if config.base_model is not None and config.base_model not in [entry.model for entry in config.models]:
-        sources.append(InputSliceDefinition(model=config.base_model, layer_range=(0, 1)))
-    reader = ConfigReader(config=config, t=t, slice_out=OutputSliceDefinition(sources=sources))
+    if out_slice is None:
+        sources = [
+            InputSliceDefinition(model=e.model, layer_range=(0, 1), parameters=e.parameters) for e in config.models
+        ]
+        if config.base_model is not None and config.base_model not in [entry.model for entry in config.models]:
+            sources.append(InputSliceDefinition(model=config.base_model, layer_range=(0, 1)))
+        out_slice = OutputSliceDefinition(sources=sources)
+    reader = ConfigReader(config=config, t=t, slice_out=out_slice)
     return resolve_parameters(
         merge_methods.get(config.merge_method).spec,
         tensor_name=tensor_name,
@@ -115,15 +190,19 @@ def tensor_parameters(config, tensor_name: str, t: float, inputs: dict) -> tuple
     )
 
 
-def validate_mergekit_config(config_dict: dict):
-    """Parse with mergekit's MergeConfiguration and check method, parameters and inputs; RecipeError naming the
-    recipe key otherwise. Returns the parsed configuration."""
-    from mergekit import merge_methods
+def validate_mergekit_config(config_dict: dict, num_layers: int | None = None):
+    """Parse with mergekit's MergeConfiguration and check method, parameters and inputs (of every slice, and its
+    layer ranges inside `num_layers` when known); RecipeError naming the recipe key otherwise. Returns the parsed
+    configuration."""
     from mergekit.config import MergeConfiguration
     from pydantic import ValidationError
 
     spec = method_spec(config_dict["merge_method"])
-    paths = [config_dict.get("base_model") or "", *(entry["model"] for entry in config_dict["models"])]
+    sliced = "slices" in config_dict
+    entries = (
+        [source for piece in config_dict["slices"] for source in piece["sources"]] if sliced else config_dict["models"]
+    )
+    paths = [config_dict.get("base_model") or "", *(entry["model"] for entry in entries)]
     for path in paths:
         if "+" in path or "@" in path:
             raise RecipeError(f"merge: mergekit reads '+' and '@' in a model path as LoRA/revision syntax: {path}")
@@ -133,23 +212,46 @@ def validate_mergekit_config(config_dict: dict):
         raise RecipeError(f"merge: mergekit rejects the generated config: {error}") from None
     known = {parameter.name for parameter in spec.parameters}
     shared = {parameter.name for parameter in spec.shared_parameters}
-    unknown = set(config.parameters or {}) - shared
-    if unknown:
-        raise RecipeError(
-            f"merge.parameters: {sorted(unknown)} are not parameters of {spec.name} "
-            f"(it takes: {', '.join(sorted(shared)) or 'none'})"
-        )
-    for entry in config.models:
+    levels = [("merge.parameters", config.parameters)]
+    levels += [(f"merge.slices.{i}.parameters", piece.parameters) for i, piece in enumerate(config.slices or [])]
+    for key, parameters in levels:
+        unknown = set(parameters or {}) - shared
+        if unknown:
+            raise RecipeError(
+                f"{key}: {sorted(unknown)} are not parameters of {spec.name} "
+                f"(it takes: {', '.join(sorted(shared)) or 'none'})"
+            )
+    for entry in [*(config.models or []), *(s for piece in config.slices or [] for s in piece.sources)]:
         unknown = set(entry.parameters or {}) - known
         if unknown:
             raise RecipeError(
-                f"merge.models: {sorted(unknown)} are not parameters of {spec.name} for {entry.model} "
-                f"(per-model parameters it takes: {sorted(known - shared)})"
+                f"{'merge.slices' if sliced else 'merge.models'}: {sorted(unknown)} are not parameters of "
+                f"{spec.name} for {entry.model} (per-model parameters it takes: {sorted(known - shared)})"
             )
-    models = input_models(config)
+    if not sliced:
+        _check_inputs(config, spec, input_models(config), None)
+        return config
+    for index, piece in enumerate(config.slices):
+        lengths = {end - start for start, end in (source.layer_range for source in piece.sources)}
+        if len(lengths) > 1:
+            raise RecipeError(f"merge.slices.{index}: every source needs the same number of layers, got {lengths}")
+        for source in piece.sources:
+            if num_layers is not None and source.layer_range[1] > num_layers:
+                raise RecipeError(
+                    f"merge.slices.{index}: layer_range {list(source.layer_range)} of {source.model} is outside "
+                    f"the model's {num_layers} layers (0..{num_layers}, end excluded)"
+                )
+        # mergekit's planner gives a slice's method its sources only: the base must be among them
+        models = [source.model for source in piece.sources]
+        _check_inputs(config, spec, models, piece, f"merge.slices.{index}: ")
+    return config
+
+
+def _check_inputs(config, spec, models: list, out_slice, where: str = "merge: ") -> None:
+    from mergekit import merge_methods
+
     try:
         merge_methods.get(spec.name).validate_inputs(models, config.base_model)
-        tensor_parameters(config, SAMPLE_TENSOR, 0.0, {model: SAMPLE_TENSOR for model in models})
+        tensor_parameters(config, SAMPLE_TENSOR, 0.0, {model: SAMPLE_TENSOR for model in models}, out_slice)
     except (ValueError, RuntimeError, TypeError) as error:
-        raise RecipeError(f"merge: {spec.name} cannot merge these inputs: {error}") from None
-    return config
+        raise RecipeError(f"{where}{spec.name} cannot merge these inputs: {error}") from None

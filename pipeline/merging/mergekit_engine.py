@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 
@@ -26,7 +27,8 @@ def run_mergekit(
     from mergekit.io.tasks import LoaderCache
     from mergekit.merge import MergeOptions, run_merge
 
-    for entry in [config_dict.get("base_model", "/"), *(m["model"] for m in config_dict["models"])]:
+    models = config_dict.get("models") or [s for piece in config_dict["slices"] for s in piece["sources"]]
+    for entry in [config_dict.get("base_model", "/"), *(m["model"] for m in models)]:
         if not Path(entry).is_absolute():
             raise ValueError(f"mergekit config: model path {entry} must be absolute")
     config = MergeConfiguration.model_validate(copy.deepcopy(config_dict))
@@ -39,6 +41,36 @@ def run_mergekit(
     )
     LoaderCache().loaders.clear()
     try:
-        run_merge(config, str(out_dir), options)
+        with layer_types_following_slices():
+            run_merge(config, str(out_dir), options)
     finally:
         LoaderCache().loaders.clear()
+
+
+@contextlib.contextmanager
+def layer_types_following_slices():
+    """mergekit 0.1.5 sets `num_hidden_layers` for a slice merge that changes the layer count but keeps the base's
+    transformers 5 `layer_types` list, and transformers 5.17 refuses to save that config ("`num_hidden_layers` (5)
+    must be equal to the number of `layer_types` (2)") after every tensor is written; `mergekit-yaml` fails the same
+    way. While merging, the output config's `layer_types` is each slice's first source's, in slice order."""
+    import mergekit.merge
+
+    original = mergekit.merge._model_out_config
+
+    def model_out_config(config, arch_info, trust_remote_code=False):
+        result = original(config, arch_info, trust_remote_code)
+        if config.slices and getattr(result, "layer_types", None) is not None:
+            layer_types = []
+            for piece in config.slices:
+                source = piece.sources[0]
+                kinds = source.model.config(trust_remote_code=trust_remote_code).layer_types
+                layer_types += list(kinds[source.layer_range[0] : source.layer_range[1]])
+            if len(layer_types) == result.num_hidden_layers:
+                result.layer_types = layer_types
+        return result
+
+    mergekit.merge._model_out_config = model_out_config
+    try:
+        yield
+    finally:
+        mergekit.merge._model_out_config = original

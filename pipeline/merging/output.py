@@ -59,8 +59,8 @@ def warn_if_vocabulary_changed(out_dir: Path, target_dir: Path) -> str | None:
     if before == after:
         return None
     message = (
-        f"tokenizer_source changed the vocabulary size from {before} (target) to {after}: mergekit rebuilt "
-        "embed_tokens/lm_head to the tokenizer's length"
+        f"merge.tokenizer changed the vocabulary size from {before} (target) to {after}: mergekit rebuilt "
+        "embed_tokens/lm_head to the merged tokenizer's length (pad_to_multiple_of pads it)"
     )
     LOG.warning(message)
     return message
@@ -74,6 +74,13 @@ def write_lineage(out_dir: Path, lineage: dict, mergekit_config: dict) -> None:
         f"| {a['name']} | {a.get('dataset') or '?'} | {(a.get('sha256') or '?')[:16]} | {a.get('train') or ''} |"
         for a in lineage["adapters"]
     )
+    if "experts" in mergekit_config:
+        how = (
+            f"built into a mixture of experts by mergekit-moe ({mergekit_config['architecture']}, "
+            f"gate_mode {mergekit_config['gate_mode']}, {len(mergekit_config['experts'])} experts) on the target"
+        )
+    else:
+        how = f"merged all at once with mergekit's `{mergekit_config['merge_method']}` over the base"
     card = f"""---
 base_model: {lineage["target"]}
 tags: [merge, mergekit, lora, ftmerge]
@@ -81,7 +88,7 @@ tags: [merge, mergekit, lora, ftmerge]
 # {lineage["name"]}
 
 {lineage["target"]} with {len(lineage["adapters"])} LoRA fine-tune(s) of {lineage["base"]}, each applied to the
-target and merged all at once with mergekit's `{mergekit_config["merge_method"]}` over the base
+target and {how}
 (engine: {lineage["engine"]}). Tokenizer, chat template and generation config are the target's.
 
 | adapter | dataset | sha256 | training |

@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.models.hub import HUB_ID
+from pipeline.publishing.model_index import model_index
 from pipeline.recipe import Recipe
 
 
@@ -114,6 +115,32 @@ model = PeftModel.from_pretrained(target, "{repo_id}", subfolder="adapters/{adap
     return "\n\n".join(parts) + "\n"
 
 
+def gguf_section(repo_id: str, gguf_files: dict[str, int]) -> str:
+    """The GGUF files (name → bytes) the export stage wrote with llama.cpp's converter, and how to run one."""
+
+    def size(n: int) -> str:
+        return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+    rows = "\n".join(
+        f"| `{name}` | {name.removesuffix('.gguf').rsplit('-', 1)[-1]} | {size(n)} |" for name, n in gguf_files.items()
+    )
+    smallest = min(gguf_files, key=gguf_files.get)
+    return f"""## GGUF
+
+For llama.cpp, Ollama and LM Studio: the merged model converted by llama.cpp's own converter (`convert_hf_to_gguf`;
+K-quants then by its `llama-quantize`), with the target's chat template and end-of-turn token.
+
+| file | type | size |
+|---|---|---|
+{rows}
+
+```sh
+hf download {repo_id} {smallest} --local-dir .
+llama-cli -m {smallest} -cnv
+```
+"""
+
+
 def model_card(
     recipe: Recipe,
     lineage: dict,
@@ -121,8 +148,12 @@ def model_card(
     manifests: dict[str, dict],
     evaluation: str | None,
     license_name: str | None,
+    gguf_files: dict[str, int] | None = None,
+    lm_eval: dict | None = None,
 ) -> str:
-    """README.md for the published folder. `manifests` are the archived adapters' (name → manifest), for kinds."""
+    """README.md for the published folder. `manifests` are the archived adapters' (name → manifest), for kinds;
+    `gguf_files` the GGUF files published beside the merged model (name → bytes); `lm_eval` report.json's lm-eval
+    section, whose scores of the merged model become the front matter's `model-index`."""
     method = lineage.get("mergekit_config", {}).get("merge_method") or recipe.merge.method
     names = [adapter["name"] for adapter in lineage["adapters"]]
     contents = {
@@ -130,8 +161,11 @@ def model_card(
         "adapters": "LoRA adapters",
         "both": "A merged model and the LoRA adapters it was made from",
     }[recipe.publish.what]
+    metadata = front_matter(recipe, method, license_name)
+    if recipe.publish.what != "adapters":  # the scores are the merged model's
+        metadata.update(model_index(recipe.publish.repo_id.split("/")[-1], lm_eval))
     sections = [
-        f"---\n{yaml.safe_dump(front_matter(recipe, method, license_name), sort_keys=False)}---",
+        f"---\n{yaml.safe_dump(metadata, sort_keys=False)}---",
         f"# {recipe.publish.repo_id.split('/')[-1]}",
         f"{contents}, made with ftmerge from the recipe `{recipe.name}`: {len(names)} LoRA fine-tune(s) of "
         f"`{lineage['base']}`, each applied to `{lineage['target']}`, then merged all at once with mergekit's "
@@ -141,11 +175,14 @@ def model_card(
     if evaluation:
         sections.append(
             f"## Evaluation\n\nFrom ftmerge's evaluate stage, on each fine-tune's held-out split and the "
-            f"retention sets.\n\n{evaluation.strip()}\n"
+            f"retention sets{' and lm-eval-harness tasks' if (lm_eval or {}).get('results') else ''}."
+            f"\n\n{evaluation.strip()}\n"
         )
     if recipe.publish.what != "adapters":
         sections.append(f"## mergekit configuration\n\n```yaml\n{mergekit_yaml.rstrip()}\n```\n")
     sections.append(usage_section(recipe, names))
+    if gguf_files:
+        sections.append(gguf_section(recipe.publish.repo_id, gguf_files))
     versions = lineage.get("versions") or {}
     if versions:
         sections.append("Library versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".\n")

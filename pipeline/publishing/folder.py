@@ -27,15 +27,22 @@ def link_or_copy(source: Path, destination: Path, *, link: bool = False) -> None
 
 
 def assemble_folder(
-    out_dir: Path, merged_dir: Path | None, adapter_dirs: dict[str, Path], evaluation_chart: Path | None = None
+    out_dir: Path,
+    merged_dir: Path | None,
+    adapter_dirs: dict[str, Path],
+    evaluation_chart: Path | None = None,
+    gguf_files: list[Path] = (),
 ) -> None:
     """Fill `out_dir` with the merged model's files (its README.md is replaced by the publish card, hidden files are
-    never published) and each archived adapter's config and weights (not its manifest: it holds local paths)."""
+    never published), its GGUF files beside them (linked, like the weights), and each archived adapter's config and
+    weights (not its manifest: it holds local paths)."""
     out_dir = Path(out_dir)
     if merged_dir is not None:
         for file in sorted(Path(merged_dir).iterdir()):
             if file.is_file() and file.name != CARD and not file.name.startswith("."):
                 link_or_copy(file, out_dir / file.name, link=file.suffix == ".safetensors")
+    for file in gguf_files:
+        link_or_copy(Path(file), out_dir / Path(file).name, link=True)
     for name, adapter in adapter_dirs.items():
         for file_name in ADAPTER_FILES:
             link_or_copy(Path(adapter) / file_name, out_dir / "adapters" / name / file_name)

@@ -4,11 +4,12 @@ Stage modules import torch, datasets, transformers, mergekit and huggingface_hub
 never at the top: planning imports every stage, and `--status` and `--dry-run` must start without them.
 """
 
-from pipeline.stages import apply, archive, evaluate, merge, prepare, publish, search, train
+from pipeline.stages import apply, archive, evaluate, export, merge, prepare, publish, search, train
 from pipeline.stages.contract import Inputs, Stage, StageRef
 
 STAGES: dict[str, Stage] = {
-    module.STAGE.name: module.STAGE for module in (prepare, train, archive, apply, search, merge, evaluate, publish)
+    module.STAGE.name: module.STAGE
+    for module in (prepare, train, archive, apply, search, merge, evaluate, export, publish)
 }
 
 __all__ = ["STAGES", "Inputs", "Stage", "StageRef"]

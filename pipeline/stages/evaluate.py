@@ -99,6 +99,8 @@ def config(recipe: Recipe, item: str) -> dict:
     }
     if recipe.evaluate.retention:
         settings["retention"] = retention_identity(recipe)
+    if recipe.evaluate.lm_eval.include_path is not None:
+        settings["lm_eval_tasks"] = content_fingerprint(recipe.evaluate.lm_eval.include_path)
     if settings["adapters"] and not saves_adapted_models(recipe):
         settings["apply_dtype"] = recipe.apply.dtype
     foreign = foreign_adapter_files(recipe, settings["adapters"])
@@ -119,7 +121,10 @@ def depends_on(recipe: Recipe, item: str) -> list[StageRef]:
 
 
 def check(recipe: Recipe, item: str) -> None:
-    """Set names are unique across fine-tunes and retention sets, retention datasets exist, models are reachable."""
+    """Set names are unique across fine-tunes and retention sets, retention datasets exist, models are reachable,
+    lm-eval knows every task asked for (its own or include_path's)."""
+    from pipeline.evaluation.lm_eval_tasks import check_tasks
+
     names = [f.name for f in recipe.finetunes] + [r.name for r in recipe.evaluate.retention]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
@@ -131,6 +136,7 @@ def check(recipe: Recipe, item: str) -> None:
         check_dataset_path(retention.dataset, f"evaluate.retention.{index}.dataset")
     check_model_reference(recipe.base_model, "base_model")
     check_model_reference(recipe.target_model, "target_model")
+    check_tasks(recipe.evaluate.lm_eval)
 
 
 def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:

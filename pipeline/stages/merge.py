@@ -16,8 +16,10 @@ from pipeline.archive.store import verify_adapter
 from pipeline.fingerprint import model_fingerprint
 from pipeline.merging.config import (
     build_mergekit_config,
+    mergekit_only_keys,
     resolve_engine,
     resolve_model_once,
+    slice_adapters,
     validate_mergekit_config,
 )
 from pipeline.models.hub import check_model_reference
@@ -29,14 +31,34 @@ from pipeline.stages.selection import (
     archive_inputs,
     check_trained_on_base,
     foreign_adapter_files,
+    is_own_finetune,
     selected_adapters,
 )
 
 CONFIG_FILE = "mergekit_config.yml"
+LEARNED_BY_OBJECTIVE = {"mean": "mean learned fraction", "worst": "learned fraction of the least-learned fine-tune"}
+
+
+def merged_adapters(recipe: Recipe) -> list[str]:
+    """The adapters this merge reads: with `merge.slices` the ones its sources name, else every selected one."""
+    adapters = selected_adapters(recipe)
+    if recipe.merge.slices:
+        named = slice_adapters(recipe.merge)
+        return [name for name in adapters if name in named]
+    return adapters
+
+
+def moe_prompt_sources(recipe: Recipe, adapters: list[str]) -> list[str]:
+    """The experts whose prompts are sampled from this run's prepared data (none given in the recipe)."""
+    moe = recipe.merge.moe
+    if moe is None or moe.gate_mode == "random":
+        return []
+    given = {name for name, expert in moe.experts.items() if expert.positive_prompts}
+    return [name for name in adapters if name not in given and is_own_finetune(recipe, name)]
 
 
 def config(recipe: Recipe, item: str) -> dict:
-    adapters = selected_adapters(recipe)
+    adapters = merged_adapters(recipe)
     engine = resolve_engine(recipe.merge)
     settings = {
         "merge": recipe.merge.model_dump(),
@@ -54,10 +76,11 @@ def config(recipe: Recipe, item: str) -> dict:
 
 
 def depends_on(recipe: Recipe, item: str) -> list[StageRef]:
-    adapters = selected_adapters(recipe)
+    adapters = merged_adapters(recipe)
     searched = [StageRef("search")] if recipe.search is not None else []
+    prepared = [StageRef("prepare", name) for name in moe_prompt_sources(recipe, adapters)]
     if resolve_engine(recipe.merge) == "mergekit":
-        return [*(StageRef("apply", name) for name in adapters), *searched]
+        return [*prepared, *(StageRef("apply", name) for name in adapters), *searched]
     return [*archive_inputs(recipe, adapters), *searched]
 
 
@@ -67,22 +90,67 @@ def check(recipe: Recipe, item: str) -> None:
     unknown = sorted(set(recipe.merge.models) - set(adapters))
     if unknown:
         raise RecipeError(f"merge.models: {unknown} are not among the merged adapters {adapters}")
+    _check_named_models(recipe, adapters)
+    adapters = merged_adapters(recipe)
     if not adapters:
         raise RecipeError(
             f"merge: no adapter to merge (no finetunes, and none in the archive {recipe.archive_dir} "
             f"trained on {recipe.base_model})"
         )
     check_trained_on_base(recipe, adapters)
-    if resolve_engine(recipe.merge) == "fused" and recipe.merge.tokenizer_source:
-        raise RecipeError("merge.engine: fused cannot rebuild the vocabulary for tokenizer_source; use mergekit")
+    needs_mergekit = mergekit_only_keys(recipe.merge)
+    if resolve_engine(recipe.merge) == "fused" and needs_mergekit:
+        raise RecipeError(
+            "merge.engine: fused cannot rebuild the vocabulary, slice layers or build experts; "
+            f"{', '.join(needs_mergekit)} need mergekit: set merge.engine: mergekit (or auto)"
+        )
     check_model_reference(recipe.base_model, "base_model")
     check_model_reference(recipe.target_model, "target_model")
+    target_config = _local_config(recipe.target_model)
+    if recipe.merge.moe is not None:
+        from pipeline.merging.moe import check_moe
+
+        if recipe.merge.tokenizer_source or recipe.merge.tokenizer:
+            raise RecipeError("merge.moe: mergekit-moe keeps the target's tokenizer; remove merge.tokenizer(_source)")
+        own = {name for name in adapters if is_own_finetune(recipe, name)}
+        check_moe(recipe.merge, adapters, own, target_config.get("model_type") if target_config else None)
+        return
     placeholders = {name: str(adapted_model_dir(recipe, name).absolute()) for name in adapters}
     validate_mergekit_config(
         build_mergekit_config(
             recipe.merge, placeholders, _reference(recipe.base_model), _reference(recipe.target_model)
-        )
+        ),
+        target_config.get("num_hidden_layers") if target_config else None,
     )
+
+
+def _check_named_models(recipe: Recipe, adapters: list[str]) -> None:
+    """Every model a slice source or the tokenizer block names: base, target, a merged adapter or a model dir."""
+    known = ["base", "target", *adapters]
+    merge = recipe.merge
+    named = [
+        (f"merge.slices.{i}.sources.{j}.model", source.model)
+        for i, piece in enumerate(merge.slices or [])
+        for j, source in enumerate(piece.sources)
+    ]
+    if merge.tokenizer is not None:
+        if merge.tokenizer.source != "union":
+            named.append(("merge.tokenizer.source", merge.tokenizer.source))
+        for token, setting in merge.tokenizer.tokens.items():
+            source = setting.get("source")
+            model = source.get("model") if isinstance(source, dict) else source
+            if isinstance(model, str):
+                named.append((f"merge.tokenizer.tokens.{token}.source", model))
+    for key, model in named:
+        if model in known or (not key.startswith("merge.slices") and Path(model).is_dir()):
+            continue
+        raise RecipeError(f"{key}: {model!r} is not base, target or a merged adapter (known: {', '.join(known)})")
+
+
+def _local_config(model: str) -> dict | None:
+    """A local model's config.json (a Hub id's is read when the stage runs: a check downloads nothing)."""
+    path = Path(model) / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _reference(model: str) -> str:
@@ -93,7 +161,7 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
     from pipeline.merging.adapted_model import check_architecture
     from pipeline.merging.output import adopt_target_files, warn_if_vocabulary_changed, write_base_config, write_lineage
 
-    adapters = selected_adapters(recipe)
+    adapters = merged_adapters(recipe)
     engine = resolve_engine(recipe.merge)
     base = resolve_model_once(recipe.base_model, "base_model", recipe.trust_remote_code)
     target = resolve_model_once(recipe.target_model, "target_model", recipe.trust_remote_code)
@@ -105,8 +173,39 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
     # The mergekit engine reads these; for the fused engine they only name the models in mergekit_config.yml.
     adapted = {name: str(adapted_model_dir(recipe, name).resolve()) for name in adapters}
     settings, searched = chosen_settings(recipe, inputs)
+    if settings.moe is not None:
+        from pipeline.merging.moe import (
+            adopt_target_tokenizer,
+            build_moe_config,
+            output_architecture,
+            run_moe,
+            write_moe_config,
+        )
+
+        mergekit_config = build_moe_config(
+            settings.moe,
+            target=str(target),
+            experts=_moe_experts(settings, adapted, str(target)),
+            prompts=_moe_prompts(recipe, settings, adapters, target, inputs),
+            architecture=output_architecture(target_config["model_type"]),
+            dtype=settings.dtype,
+        )
+        run_moe(
+            mergekit_config,
+            out,
+            device=_device(recipe.merge.device),
+            seed=settings.moe.seed,
+            trust_remote_code=recipe.trust_remote_code,
+        )
+        adopt_target_tokenizer(out, target)
+        write_moe_config(out, target)
+        (out / CONFIG_FILE).write_text(yaml.safe_dump(mergekit_config, sort_keys=False))
+        lineage = {**_lineage(recipe, "mergekit-moe", base, target, manifests), "search": searched}
+        write_lineage(out, lineage, mergekit_config)
+        experts = [expert["source_model"] for expert in mergekit_config["experts"]]
+        return {"engine": "mergekit-moe", "adapters": adapters, "experts": len(experts)}
     mergekit_config = build_mergekit_config(settings, adapted, str(base), str(target))
-    parsed = validate_mergekit_config(mergekit_config)
+    parsed = validate_mergekit_config(mergekit_config, target_config["num_hidden_layers"])
     if engine == "mergekit":
         from pipeline.merging.mergekit_engine import run_mergekit
 
@@ -134,11 +233,43 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
         )
         over_base = parsed.base_model is not None and settings.base_model == "base"
         write_base_config(base if over_base else target, out, recipe.merge.dtype)
-    adopt_target_files(out, target, keep_tokenizer=bool(recipe.merge.tokenizer_source))
-    warning = warn_if_vocabulary_changed(out, target) if recipe.merge.tokenizer_source else None
+    rebuilt = bool(settings.tokenizer_source or settings.tokenizer)  # mergekit built the tokenizer and embeddings
+    adopt_target_files(out, target, keep_tokenizer=rebuilt)
+    warning = warn_if_vocabulary_changed(out, target) if rebuilt else None
     (out / CONFIG_FILE).write_text(yaml.safe_dump(mergekit_config, sort_keys=False))
     write_lineage(out, {**_lineage(recipe, engine, base, target, manifests), "search": searched}, mergekit_config)
     return {**summary, "engine": engine, "adapters": adapters, **({"warning": warning} if warning else {})}
+
+
+def _moe_experts(merge: MergeConfig, adapted: dict[str, str], target: str) -> dict[str, str]:
+    from pipeline.merging.moe import TARGET, expert_names
+
+    return {name: target if name == TARGET else adapted[name] for name in expert_names(merge, list(adapted))}
+
+
+def _moe_prompts(recipe: Recipe, merge: MergeConfig, adapters: list[str], target: Path, inputs: Inputs) -> dict:
+    """Each expert's positive prompts: the recipe's, else samples of its fine-tune's prepared train split."""
+    from transformers import AutoTokenizer
+
+    from pipeline.merging.moe import expert_names, sample_prompts
+
+    moe = merge.moe
+    prompts = {name: list(e.positive_prompts) for name, e in moe.experts.items() if e.positive_prompts}
+    sampled = moe_prompt_sources(recipe, adapters)
+    if sampled:
+        tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=recipe.trust_remote_code)
+        for name in sampled:
+            train = inputs.path("prepare", name) / "train"
+            prompts[name] = sample_prompts(train, tokenizer, moe.prompts_per_expert, moe.prompt_tokens, moe.seed)
+    return {name: prompts.get(name, []) for name in expert_names(merge, adapters)}
+
+
+def _device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def chosen_settings(recipe: Recipe, inputs: Inputs) -> tuple[MergeConfig, dict | None]:
@@ -155,8 +286,8 @@ def chosen_settings(recipe: Recipe, inputs: Inputs) -> tuple[MergeConfig, dict |
         "learned": chosen["learned"],
         "kept": chosen["kept"],
         "leaderboard": str(search_dir / "leaderboard.md"),
-        "why": "the highest mean learned fraction among trials that kept every retention set within "
-        f"{recipe.search.retention_tolerance:g} of the target",
+        "why": f"the highest {LEARNED_BY_OBJECTIVE[recipe.search.objective]} among trials that kept every retention "
+        f"set within {recipe.search.retention_tolerance:g} of the target",
     }
 
 

@@ -25,7 +25,10 @@ def config(recipe: Recipe, item: str) -> dict:
 
 
 def depends_on(recipe: Recipe, item: str) -> list[StageRef]:
-    return [StageRef("merge")] + ([StageRef("evaluate")] if recipe.evaluate.enabled else [])
+    dependencies = [StageRef("merge")] + ([StageRef("evaluate")] if recipe.evaluate.enabled else [])
+    if recipe.export.gguf is not None and recipe.publish.what != "adapters":
+        dependencies.append(StageRef("export"))  # the GGUF files go beside the merged model's safetensors
+    return dependencies
 
 
 def check(recipe: Recipe, item: str) -> None:
@@ -64,11 +67,14 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
     what = recipe.publish.what
     # Only an evaluation of this very merge (a dependency, so never stale) goes into the card.
     evaluate_dir = inputs.get("evaluate")
+    export_dir = inputs.get("export")
+    gguf_files = sorted(export_dir.glob("*.gguf")) if export_dir else []
     assemble_folder(
         out,
         merged if what != "adapters" else None,
         {name: adapter_dir(recipe, name) for name in names} if what != "merged" else {},
         evaluate_dir / "report.png" if evaluate_dir else None,
+        gguf_files,
     )
     token = None if recipe.publish.dry_run else hub_token()
     report = evaluate_dir / "report.md" if evaluate_dir else None
@@ -83,6 +89,8 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
             manifests,
             evaluation,
             find_license(lineage.get("target_path"), recipe.target_model, token),
+            gguf_files={file.name: file.stat().st_size for file in gguf_files},
+            lm_eval=_lm_eval_scores(evaluate_dir),
         )
     )
     summary = {
@@ -103,6 +111,12 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
     )
     print(f"publish: uploaded {len(summary['files'])} files to {result['repo_url']}")
     return {**summary, **result, "dry_run": False}
+
+
+def _lm_eval_scores(evaluate_dir: Path | None) -> dict | None:
+    """report.json's lm-eval section, for the card's model-index (None without an evaluation)."""
+    report = evaluate_dir / "report.json" if evaluate_dir else None
+    return json.loads(report.read_text()).get("lm_eval") if report and report.is_file() else None
 
 
 STAGE = Stage(name="publish", items=items, config=config, depends_on=depends_on, check=check, run=run)

@@ -72,10 +72,16 @@ def depends_on(recipe: Recipe, item: str) -> list[StageRef]:
 
 def check(recipe: Recipe, item: str) -> None:
     """Known methods, sets that exist, something to learn and something to keep; nothing is loaded."""
-    from pipeline.merging.config import method_spec
+    from pipeline.merging.config import mergekit_only_keys, method_spec
     from pipeline.search.space import SEARCHABLE_METHODS
 
     search = recipe.search
+    needs_mergekit = mergekit_only_keys(recipe.merge)
+    if needs_mergekit:
+        raise RecipeError(
+            f"search: trials are merged in memory by the fused engine, which cannot run {', '.join(needs_mergekit)}"
+            " (mergekit only); remove the search: block or those keys"
+        )
     for method in search.space.methods:
         method_spec(method)  # a RecipeError naming mergekit's methods when unknown
         if method not in SEARCHABLE_METHODS:
@@ -103,11 +109,6 @@ def check(recipe: Recipe, item: str) -> None:
         raise RecipeError(
             "search: trials write each merge into the loaded target's weights, which a 4-bit model "
             "cannot hold; set evaluate.load_in_4bit: false for a search (or run it on a larger GPU)"
-        )
-    if recipe.merge.tokenizer_source:
-        raise RecipeError(
-            "search: trials are merged by the fused engine, which cannot rebuild the vocabulary for "
-            "merge.tokenizer_source"
         )
     adapters = selected_adapters(recipe)
     if not adapters:
