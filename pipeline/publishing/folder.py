@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.archive.store import ADAPTER_FILES
@@ -31,7 +32,7 @@ def assemble_folder(
     merged_dir: Path | None,
     adapter_dirs: dict[str, Path],
     evaluation_chart: Path | None = None,
-    gguf_files: list[Path] = (),
+    gguf_files: Sequence[Path] = (),
 ) -> None:
     """Fill `out_dir` with the merged model's files (its README.md is replaced by the publish card, hidden files are
     never published), its GGUF files beside them (linked, like the weights), and each archived adapter's config and
