@@ -53,7 +53,7 @@ def archive(tmp_path_factory, tiny_models):
     return root / "archive"
 
 
-def make_recipe(tiny_models, archive, output_dir, **merge_settings) -> Recipe:
+def make_recipe(tiny_models, archive, output_dir, *, finetunes: list[dict] = (), **merge_settings) -> Recipe:
     return Recipe.model_validate(
         {
             "name": "merge-test",
@@ -61,6 +61,7 @@ def make_recipe(tiny_models, archive, output_dir, **merge_settings) -> Recipe:
             "target_model": str(tiny_models["target"]),
             "output_dir": str(output_dir),
             "archive_dir": str(archive),
+            "finetunes": list(finetunes),
             "apply": {"device": "cpu"},
             "merge": {"device": "cpu", **merge_settings},
         }

@@ -15,7 +15,14 @@ import pytest
 import torch
 import yaml
 from test_apply import load_model_tensors
-from test_merge import ADAPTERS, applied, applied_inputs, archive, assert_same_tensors  # noqa: F401 (fixtures)
+from test_merge import (  # noqa: F401 (fixtures)
+    ADAPTERS,
+    applied,
+    applied_inputs,
+    archive,
+    assert_same_tensors,
+    make_recipe,
+)
 
 from pipeline.recipe import Recipe, RecipeError
 from pipeline.stages import Inputs, StageRef, merge, search
@@ -27,18 +34,7 @@ def moe_recipe(tiny_models, archive, output_dir, *, own: bool = True, **merge_se
     """alpha, beta and gamma as this recipe's own fine-tunes (`own`), or only as archived adapters."""
     finetunes = [{"name": name, "dataset": {"path": f"data/{name}.jsonl"}} for name in ADAPTERS] if own else []
     merge_settings = {"include_target": False, "moe": {"prompts_per_expert": 3}, **merge_settings}
-    return Recipe.model_validate(
-        {
-            "name": "moe-test",
-            "base_model": str(tiny_models["base"]),
-            "target_model": str(tiny_models["target"]),
-            "output_dir": str(output_dir),
-            "archive_dir": str(archive),
-            "finetunes": finetunes,
-            "apply": {"device": "cpu"},
-            "merge": {"device": "cpu", **merge_settings},
-        }
-    )
+    return make_recipe(tiny_models, archive, output_dir, finetunes=finetunes, **merge_settings)
 
 
 def prepared(root: Path) -> dict[StageRef, Path]:

@@ -156,6 +156,13 @@ def _parameters(parameters: dict) -> dict:
     return {"parameters": copy.deepcopy(parameters)} if parameters else {}
 
 
+def config_entries(config_dict: dict) -> list[dict]:
+    """The model entries of a mergekit config as written: its `models:`, or every source of its `slices:`."""
+    if "slices" in config_dict:
+        return [source for piece in config_dict["slices"] for source in piece["sources"]]
+    return config_dict["models"]
+
+
 def input_models(config) -> list:
     """The inputs of every tensor in mergekit's order: the listed models, then the base unless it is listed."""
     models = [entry.model for entry in config.models]
@@ -199,10 +206,7 @@ def validate_mergekit_config(config_dict: dict, num_layers: int | None = None):
 
     spec = method_spec(config_dict["merge_method"])
     sliced = "slices" in config_dict
-    entries = (
-        [source for piece in config_dict["slices"] for source in piece["sources"]] if sliced else config_dict["models"]
-    )
-    paths = [config_dict.get("base_model") or "", *(entry["model"] for entry in entries)]
+    paths = [config_dict.get("base_model") or "", *(entry["model"] for entry in config_entries(config_dict))]
     for path in paths:
         if "+" in path or "@" in path:
             raise RecipeError(f"merge: mergekit reads '+' and '@' in a model path as LoRA/revision syntax: {path}")

@@ -6,6 +6,8 @@ import contextlib
 import copy
 from pathlib import Path
 
+from pipeline.merging.config import config_entries
+
 # Seed for methods that prune at random (dare_*, della*), so a rerun gives the same tensors.
 MERGE_SEED = 0
 
@@ -27,8 +29,7 @@ def run_mergekit(
     from mergekit.io.tasks import LoaderCache
     from mergekit.merge import MergeOptions, run_merge
 
-    models = config_dict.get("models") or [s for piece in config_dict["slices"] for s in piece["sources"]]
-    for entry in [config_dict.get("base_model", "/"), *(m["model"] for m in models)]:
+    for entry in [config_dict.get("base_model", "/"), *(m["model"] for m in config_entries(config_dict))]:
         if not Path(entry).is_absolute():
             raise ValueError(f"mergekit config: model path {entry} must be absolute")
     config = MergeConfiguration.model_validate(copy.deepcopy(config_dict))

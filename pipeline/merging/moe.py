@@ -158,27 +158,19 @@ def run_moe(config_dict: dict, out_dir: Path, *, device: str, seed: int, trust_r
     build(config, str(out_dir), options, device=device)
 
 
-def adopt_target_tokenizer(out_dir: Path, target_dir: Path) -> None:
-    """The target's tokenizer, chat template and generation_config, as they are: mergekit-moe saves the base's
-    (here the target's) tokenizer through transformers with its pad token set to bos or eos."""
-    from pipeline.models.safetensors_io import TOKENIZER_FILES, copy_tokenizer_files
-
-    for name in TOKENIZER_FILES:
-        (Path(out_dir) / name).unlink(missing_ok=True)
-    copy_tokenizer_files(target_dir, out_dir)
-
-
 def write_moe_config(out_dir: Path, target_dir: Path) -> None:
     """The target's config.json as it was, with the keys mergekit-moe's config adds (num_experts, ...) and the ones
     it must change (`MOE_CHANGED_KEYS`, dtype) taken from the config mergekit wrote through transformers 5, which
     would have moved `rope_theta` and dropped `torch_dtype`."""
+    import torch
+
+    from pipeline.models.safetensors_io import write_config
+
     target_config = json.loads((Path(target_dir) / "config.json").read_text())
     written = json.loads((Path(out_dir) / "config.json").read_text())
-    renamed = {"rope_parameters"} if "rope_theta" in target_config else set()
-    config = {**target_config}
-    config.update({k: v for k, v in written.items() if k not in target_config and k not in renamed})
-    config.update({k: written[k] for k in MOE_CHANGED_KEYS if k in written})
+    # dtype is written under both names by write_config; rope_parameters is transformers 5's move of rope_theta
+    skipped = {"dtype", "torch_dtype", *(["rope_parameters"] if "rope_theta" in target_config else [])}
+    added = {k: v for k, v in written.items() if k not in target_config and k not in skipped}
+    changed = {k: written[k] for k in MOE_CHANGED_KEYS if k in written}
     dtype = written.get("dtype") or written.get("torch_dtype")
-    if dtype:
-        config.update(dtype=dtype, torch_dtype=dtype)
-    (Path(out_dir) / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_config(Path(target_dir) / "config.json", out_dir, getattr(torch, dtype) if dtype else None, added | changed)

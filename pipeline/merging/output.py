@@ -33,9 +33,7 @@ def adopt_target_files(out_dir: Path, target_dir: Path, *, keep_tokenizer: bool)
     10000, a broken model that loads fine."""
     out_dir, target_dir = Path(out_dir), Path(target_dir)
     if not keep_tokenizer:
-        for name in TOKENIZER_FILES:
-            (out_dir / name).unlink(missing_ok=True)
-        copy_tokenizer_files(target_dir, out_dir)
+        adopt_target_tokenizer(out_dir, target_dir)
     elif (target_dir / "generation_config.json").is_file():
         (out_dir / "generation_config.json").write_bytes((target_dir / "generation_config.json").read_bytes())
     target_config = json.loads((target_dir / "config.json").read_text())
@@ -47,6 +45,14 @@ def adopt_target_files(out_dir: Path, target_dir: Path, *, keep_tokenizer: bool)
     }
     dtype = written.get("dtype") or written.get("torch_dtype")
     write_config(target_dir / "config.json", out_dir, getattr(torch, dtype) if dtype else None, changed)
+
+
+def adopt_target_tokenizer(out_dir: Path, target_dir: Path) -> None:
+    """The target's tokenizer, chat template and generation_config, as they are, in place of the ones mergekit
+    saved (the base's, or for mergekit-moe the target's re-saved with its pad token set to bos or eos)."""
+    for name in TOKENIZER_FILES:
+        (Path(out_dir) / name).unlink(missing_ok=True)
+    copy_tokenizer_files(target_dir, out_dir)
 
 
 def vocabulary_size(model_dir: Path) -> int | None:

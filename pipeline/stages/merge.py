@@ -158,8 +158,14 @@ def _reference(model: str) -> str:
 
 
 def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
-    from pipeline.merging.adapted_model import check_architecture
-    from pipeline.merging.output import adopt_target_files, warn_if_vocabulary_changed, write_base_config, write_lineage
+    from pipeline.merging.adapted_model import check_architecture, resolve_device
+    from pipeline.merging.output import (
+        adopt_target_files,
+        adopt_target_tokenizer,
+        warn_if_vocabulary_changed,
+        write_base_config,
+        write_lineage,
+    )
 
     adapters = merged_adapters(recipe)
     engine = resolve_engine(recipe.merge)
@@ -175,7 +181,6 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
     settings, searched = chosen_settings(recipe, inputs)
     if settings.moe is not None:
         from pipeline.merging.moe import (
-            adopt_target_tokenizer,
             build_moe_config,
             output_architecture,
             run_moe,
@@ -193,7 +198,7 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
         run_moe(
             mergekit_config,
             out,
-            device=_device(recipe.merge.device),
+            device=str(resolve_device(recipe.merge.device)),
             seed=settings.moe.seed,
             trust_remote_code=recipe.trust_remote_code,
         )
@@ -262,14 +267,6 @@ def _moe_prompts(recipe: Recipe, merge: MergeConfig, adapters: list[str], target
             train = inputs.path("prepare", name) / "train"
             prompts[name] = sample_prompts(train, tokenizer, moe.prompts_per_expert, moe.prompt_tokens, moe.seed)
     return {name: prompts.get(name, []) for name in expert_names(merge, adapters)}
-
-
-def _device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def chosen_settings(recipe: Recipe, inputs: Inputs) -> tuple[MergeConfig, dict | None]:
