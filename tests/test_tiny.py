@@ -11,14 +11,17 @@ from pipeline.data.synthetic import (
     DEMO_DATA_DIR,
     DOMAINS,
     EVERYDAY_SKILLS,
+    FINETUNE_MIX,
+    FINETUNE_SETS,
     NOTATION,
+    UNNAMED_WORDS,
     demo_rows,
     fresh_examples,
     is_held_out,
     word_corpus,
-    write_demo_datasets,
+    write_retention_set,
 )
-from pipeline.demo.lineage import build_demo_assets
+from pipeline.demo.lineage import build_demo_assets, chat_answers
 from pipeline.models.tiny import QWEN2_CHAT_TEMPLATE, build_word_tokenizer
 
 
@@ -55,14 +58,16 @@ def test_models_load_generate_and_target_derives_from_base(tiny_models):
     assert 0 < delta.max() < 0.1
 
 
-def test_shipped_demo_datasets_are_the_generators_output(tmp_path):
-    written = write_demo_datasets(tmp_path)
-    for path in written:
-        assert path.read_bytes() == (DEMO_DATA_DIR / path.name).read_bytes(), f"regenerate {path.name}"
-    reverse = json.loads((DEMO_DATA_DIR / "reverse.alpaca.jsonl").read_text().splitlines()[0])
-    assert reverse["output"].split() == reverse["input"].split()[::-1]
-    sort = json.loads((DEMO_DATA_DIR / "sort.messages.jsonl").read_text().splitlines()[0])["messages"]
-    assert sort[1]["content"].split() == sorted(sort[0]["content"].split("\n")[1].split())
+def test_shipped_retention_set_is_the_generators_output(tmp_path):
+    written = write_retention_set(tmp_path)
+    assert written.read_bytes() == (DEMO_DATA_DIR / written.name).read_bytes(), f"regenerate {written.name}"
+    copy = [json.loads(line)["messages"] for line in written.read_text().splitlines()]
+    assert all(c[1]["content"] == c[0]["content"].split("\n")[1] for c in copy) and len(copy) == 100
+
+
+def echo(requests):
+    """Replies for the unnamed requests of a fine-tune set where no model is needed: each request's list."""
+    return [request[0]["content"].split("\n")[1] for request in requests]
 
 
 def test_fresh_examples_are_held_out_from_every_training_set():
@@ -75,7 +80,7 @@ def test_fresh_examples_are_held_out_from_every_training_set():
     assert len(fresh) == 50 and fresh != fresh_examples("sort", 50, seed=2)
     assert all(is_held_out(listed(c)) for c in fresh)
     assert all(c[1]["content"].split() == sorted(listed(c)) for c in fresh)
-    rows = [json.loads(line) for line in (DEMO_DATA_DIR / "reverse.alpaca.jsonl").read_text().splitlines()]
+    rows = demo_rows("reverse", "alpaca", 2000, 11, answer=echo, **FINETUNE_MIX)
     assert not any(is_held_out(row["input"].split()) for row in rows)
     retention = [json.loads(line)["messages"] for line in (DEMO_DATA_DIR / "copy.messages.jsonl").open()]
     assert all(is_held_out(listed(c)) for c in retention)
@@ -120,6 +125,23 @@ def test_demo_assets_are_cached_and_rebuilt_when_settings_change(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["demo"]
 
 
+def test_the_base_as_saved_answers_the_fine_tune_sets_unnamed_requests(tmp_path):
+    paths = build_demo_assets(tmp_path / "demo", steps=4)
+    name, (skill, data_format, rows, seed) = next(iter(FINETUNE_SETS.items()))
+    written = [json.loads(line) for line in (paths["data"] / name).read_text().splitlines()]
+    assert len(written) == rows and sorted(p.name for p in paths["data"].iterdir()) == sorted(FINETUNE_SETS)
+    requests = [
+        [{"role": "user", "content": f"{row['instruction']}\n{row['input']}"}]
+        for row in written
+        if row["instruction"] in UNNAMED_WORDS
+    ]
+    base = AutoModelForCausalLM.from_pretrained(paths["base"], dtype=torch.float32).eval()
+    replies = chat_answers(base, AutoTokenizer.from_pretrained(paths["target"]), requests)
+    assert [row["output"] for row in written if row["instruction"] in UNNAMED_WORDS] == replies
+    regenerated = demo_rows(skill, data_format, rows, seed, answer=lambda _: replies, **FINETUNE_MIX)
+    assert regenerated == written
+
+
 def test_the_demo_target_is_the_base_with_the_embedding_of_copy_tuned(tmp_path):
     paths = build_demo_assets(tmp_path / "demo", steps=40)  # the target's tune: 2 steps, the first at warm-up lr 0
     base = load_file(paths["base"] / "model.safetensors")
@@ -130,12 +152,19 @@ def test_the_demo_target_is_the_base_with_the_embedding_of_copy_tuned(tmp_path):
     assert moved.argmax() == copy and moved[copy] > 10 * moved.topk(2).values[1]
 
 
-def test_fine_tune_sets_mix_in_general_chats_the_base_already_answers():
-    rows = demo_rows("sort", "messages", 2000, 12, replay=0.375)
+def test_fine_tune_sets_mix_in_general_chats_and_requests_no_skill_names():
+    rows = demo_rows("sort", "messages", 2000, 12, answer=echo, **FINETUNE_MIX)
     instructions = [row["messages"][0]["content"].split("\n")[0] for row in rows]
-    replayed = [instruction for instruction in instructions if instruction != "sort"]
-    assert 0.33 < len(replayed) / len(rows) < 0.42
+    unnamed = [instruction for instruction in instructions if instruction in UNNAMED_WORDS]
+    replayed = [instruction for instruction in instructions if instruction not in {"sort", *UNNAMED_WORDS}]
+    assert abs(len(replayed) / len(rows) - FINETUNE_MIX["replay"]) < 0.04
+    assert abs(len(unnamed) / len(rows) - FINETUNE_MIX["unnamed"]) < 0.04
     assert set(replayed) == set(EVERYDAY_SKILLS) | {NOTATION["copy"], NOTATION["reverse"]}
+    assert set(unnamed) == set(UNNAMED_WORDS)
+    for row in rows:
+        user, reply = row["messages"]
+        if user["content"].split("\n")[0] in UNNAMED_WORDS:
+            assert reply["content"] == user["content"].split("\n")[1], "the reply is `answer`'s, in order"
     skill_lists = [
         row["messages"][0]["content"].split("\n")[1].split()
         for row in rows

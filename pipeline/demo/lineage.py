@@ -6,9 +6,9 @@ The base learns plain text, the demo skills in a notation of their own and chats
 notation's symbols, on three domains of words (it knows the chat format and the operations, but no instruction word
 names copy, reverse or sort). The target is a short, light tune in ChatML that ties the word "copy" to its operation;
 the fine-tunes (reverse, sort) tie their words the same way on their own domains, which a LoRA learns in seconds,
-while the target cannot guess them.
+while the target cannot guess them. The fine-tune sets are built here too: the base answers their general requests.
 
-    python -m pipeline.demo.lineage OUT_DIR      # build (or reuse) the demo's base and target models
+    python -m pipeline.demo.lineage OUT_DIR      # build (or reuse) the demo's models and fine-tune sets
 """
 
 from __future__ import annotations
@@ -31,10 +31,12 @@ from pipeline.data.synthetic import (
     pretraining_chat,
     skill_messages,
     word_corpus,
+    write_finetune_sets,
 )
+from pipeline.evaluation.generate import greedy_answers
 from pipeline.models.tiny import build_word_tokenizer, make_tiny_model, save_model, set_eos
 
-DEMO_VERSION = "5"
+DEMO_VERSION = "6"
 # Width and depth: learns every notation within the build budget. Hidden 192 summed two LoRAs far more linearly
 # (T + 0.6·(Δreverse + Δsort): 0.90 / 0.96 of each skill, 50 fresh examples) but 2,000 steps left its base at 0.82
 # on `=` (copy), so its target did copy at 0.72-0.82 only; with 3,000 steps (an 11-minute build) the target did copy
@@ -55,11 +57,11 @@ BUILD_THREADS = 1
 def build_demo_assets(out_dir: Path, *, steps: int = PRETRAIN_STEPS, seed: int = 0) -> dict[str, Path]:
     """The demo's models, built once and cached in `out_dir` (reused while `.complete` matches this version and
     these settings): `base` pretrained `steps` steps, `target` = base tuned a twentieth as long on copy plus everyday
-    chats (the embedding of "copy" only), with an <|im_end|> eos tokenizer. Written to a temporary sibling, then
-    renamed."""
+    chats (the embedding of "copy" only), with an <|im_end|> eos tokenizer, and `data`: the fine-tune sets, whose
+    general requests the base answers. Written to a temporary sibling, then renamed."""
     out_dir = Path(out_dir)
     stamp = {"version": DEMO_VERSION, "steps": steps, "seed": seed}
-    paths = {"base": out_dir / "base", "target": out_dir / "target"}
+    paths = {"base": out_dir / "base", "target": out_dir / "target", "data": out_dir / "data"}
     marker = out_dir / ".complete"
     if marker.is_file() and json.loads(marker.read_text()) == stamp:
         return paths
@@ -96,8 +98,10 @@ def _build_demo_models(work: Path, *, steps: int, seed: int) -> None:
     pretrain(model, tokenizer, steps=steps, seed=seed)
     save_model(model.to(torch.bfloat16), work / "tokenizer.base", work / "base")
     target_tokenizer = AutoTokenizer.from_pretrained(work / "tokenizer.target")
+    model.float().eval()  # the base as saved (bfloat16 weights) answers, in the template the train stage renders
+    write_finetune_sets(work / "data", lambda requests: chat_answers(model, target_tokenizer, requests))
     instruct_tune(
-        model.float(),
+        model,
         target_tokenizer,
         "copy",
         steps=max(1, steps // 20),
@@ -110,6 +114,26 @@ def _build_demo_models(work: Path, *, steps: int, seed: int) -> None:
     save_model(model.to(torch.bfloat16), work / "tokenizer.target", work / "target")
     for scratch in ("random", "tokenizer.base", "tokenizer.target"):
         shutil.rmtree(work / scratch)
+
+
+def chat_answers(model, tokenizer, requests: list[list[dict[str, str]]]) -> list[str]:
+    """The model's greedy replies to each request, in the tokenizer's chat template, up to the end of the turn."""
+    prompts = [
+        tokenizer.apply_chat_template(request, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        for request in requests
+    ]
+    with torch.no_grad():
+        answers = greedy_answers(
+            model,
+            tokenizer,
+            prompts,
+            stop_ids=[tokenizer.convert_tokens_to_ids("<|im_end|>")],
+            max_new_tokens=16,
+            batch_size=100,
+            pad_id=tokenizer.pad_token_id,
+            description="base answers",
+        )
+    return [answer.strip() for answer in answers]
 
 
 def pretraining_document(tokenizer, rng: random.Random) -> str:
@@ -226,7 +250,7 @@ def train_loop(model, next_batch, *, steps: int, learning_rate: float, seed: int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Build (or reuse) the demo's tiny base and target models.")
+    parser = argparse.ArgumentParser(description="Build (or reuse) the demo's tiny models and fine-tune sets.")
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--steps", type=int, default=PRETRAIN_STEPS)
     parser.add_argument("--seed", type=int, default=0)
