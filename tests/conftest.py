@@ -7,6 +7,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 
+from pipeline.data.synthetic import write_finetune_sets
 from pipeline.models.tiny import build_tokenizer, derive_tiny_target, make_tiny_model
 
 
@@ -25,3 +26,13 @@ def tiny_models(tmp_path_factory, tiny_tokenizer_dir):
     base = make_tiny_model(root / "base", tiny_tokenizer_dir, seed=0)
     target_tokenizer = build_tokenizer(root / "target_tokenizer", eos_token="<|im_end|>")
     return {"base": base, "target": derive_tiny_target(base, root / "target", target_tokenizer)}
+
+
+@pytest.fixture(scope="session")
+def finetune_sets(tmp_path_factory):
+    """The demo's fine-tune sets (reverse.alpaca.jsonl, sort.messages.jsonl) as data for pipeline tests, written
+    without the demo's trained base: each unnamed request is answered with its own list (what that base answers to
+    most of them). Returns their directory."""
+    directory = tmp_path_factory.mktemp("finetune_sets")
+    write_finetune_sets(directory, lambda requests: [request[0]["content"].split("\n", 1)[1] for request in requests])
+    return directory

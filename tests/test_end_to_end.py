@@ -23,7 +23,6 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_DATA = REPO / "data_templates" / "demo"
 STEPS = [
     "prepare.reverse",
     "prepare.sort",
@@ -48,7 +47,7 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     )
 
 
-def write_recipe(directory: Path, models: dict, **changes) -> Path:
+def write_recipe(directory: Path, models: dict, finetune_sets: Path, **changes) -> Path:
     recipe = {
         "name": "e2e",
         "output_dir": str(directory / "run"),
@@ -59,7 +58,7 @@ def write_recipe(directory: Path, models: dict, **changes) -> Path:
             {
                 "name": "reverse",
                 "dataset": {
-                    "path": str(DEMO_DATA / "reverse.alpaca.jsonl"),
+                    "path": str(finetune_sets / "reverse.alpaca.jsonl"),
                     "format": "alpaca",
                     "max_samples": 64,
                     "eval_size": 8,
@@ -68,7 +67,7 @@ def write_recipe(directory: Path, models: dict, **changes) -> Path:
             {
                 "name": "sort",
                 "dataset": {
-                    "path": str(DEMO_DATA / "sort.messages.jsonl"),
+                    "path": str(finetune_sets / "sort.messages.jsonl"),
                     "format": "messages",
                     "max_samples": 64,
                     "eval_size": 8,
@@ -114,9 +113,9 @@ def assert_same_tensors(left: dict, right: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, tiny_models):
+def finished_run(tmp_path_factory, tiny_models, finetune_sets):
     directory = tmp_path_factory.mktemp("e2e")
-    recipe = write_recipe(directory, tiny_models)
+    recipe = write_recipe(directory, tiny_models, finetune_sets)
     started = time.time()
     result = run_cli(recipe)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -222,7 +221,7 @@ def test_changed_learning_rate_reruns_train_and_downstream_only(finished_run, tm
     assert outcome == {"prepare.reverse": "skipped", "prepare.sort": "skipped", **{s: "done" for s in STEPS[2:]}}
 
 
-def test_bad_recipes_exit_2_before_any_stage_runs(tiny_models, tmp_path):
+def test_bad_recipes_exit_2_before_any_stage_runs(tiny_models, finetune_sets, tmp_path):
     cases = {
         "unknown key": ({"train": {"learning_rat": 1}}, "did you mean 'learning_rate'"),
         "missing model": ({"base_model": str(tmp_path / "nowhere")}, "base_model: local model directory not found"),
@@ -234,7 +233,7 @@ def test_bad_recipes_exit_2_before_any_stage_runs(tiny_models, tmp_path):
     for case, (change, expected) in cases.items():
         directory = tmp_path / case.replace(" ", "-")
         directory.mkdir()
-        result = run_cli(write_recipe(directory, tiny_models, **change))
+        result = run_cli(write_recipe(directory, tiny_models, finetune_sets, **change))
         assert result.returncode == 2, (case, result.stdout, result.stderr)
         assert expected in result.stderr, (case, result.stderr)
         assert not (directory / "run").exists(), f"{case}: something was written before the error"

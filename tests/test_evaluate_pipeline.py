@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO_DATA = REPO / "data_templates" / "demo"
 
 
-def test_pipeline_run_ends_with_the_evaluation_table(tiny_models, tmp_path):
+def test_pipeline_run_ends_with_the_evaluation_table(tiny_models, finetune_sets, tmp_path):
     recipe = {
         "name": "evaluate-e2e",
         "output_dir": str(tmp_path / "run"),
@@ -29,7 +29,7 @@ def test_pipeline_run_ends_with_the_evaluation_table(tiny_models, tmp_path):
             {
                 "name": "reverse",
                 "dataset": {
-                    "path": str(DEMO_DATA / "reverse.alpaca.jsonl"),
+                    "path": str(finetune_sets / "reverse.alpaca.jsonl"),
                     "format": "alpaca",
                     "max_samples": 24,
                     "eval_size": 4,
@@ -38,7 +38,7 @@ def test_pipeline_run_ends_with_the_evaluation_table(tiny_models, tmp_path):
             {
                 "name": "sort",
                 "dataset": {
-                    "path": str(DEMO_DATA / "sort.messages.jsonl"),
+                    "path": str(finetune_sets / "sort.messages.jsonl"),
                     "format": "messages",
                     "max_samples": 24,
                     "eval_size": 4,

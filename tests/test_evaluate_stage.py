@@ -47,7 +47,7 @@ def write_prepared(out_dir: Path, tokenizer_dir: Path, skill: str, rows: int = 6
     return out_dir
 
 
-def make_recipe(tiny_models, root: Path, **evaluate_settings) -> Recipe:
+def make_recipe(tiny_models, finetune_sets: Path, root: Path, **evaluate_settings) -> Recipe:
     return Recipe.model_validate(
         {
             "name": "evaluate-test",
@@ -56,8 +56,8 @@ def make_recipe(tiny_models, root: Path, **evaluate_settings) -> Recipe:
             "output_dir": str(root / "run"),
             "archive_dir": str(root / "archive"),
             "finetunes": [
-                {"name": "reverse", "dataset": {"path": str(DEMO_DATA / "reverse.alpaca.jsonl")}},
-                {"name": "sort", "dataset": {"path": str(DEMO_DATA / "sort.messages.jsonl"), "format": "messages"}},
+                {"name": "reverse", "dataset": {"path": str(finetune_sets / "reverse.alpaca.jsonl")}},
+                {"name": "sort", "dataset": {"path": str(finetune_sets / "sort.messages.jsonl"), "format": "messages"}},
             ],
             "apply": {"device": "cpu"},
             "merge": {"device": "cpu", "engine": "fused"},
@@ -78,11 +78,11 @@ def make_recipe(tiny_models, root: Path, **evaluate_settings) -> Recipe:
 
 
 @pytest.fixture(scope="module")
-def lineage(tmp_path_factory, tiny_models):
+def lineage(tmp_path_factory, tiny_models, finetune_sets):
     """Everything evaluate reads: two archived adapters, prepared eval splits, both applied (apply.save), and a real
     fused merge."""
     root = tmp_path_factory.mktemp("evaluate")
-    recipe = make_recipe(tiny_models, root)
+    recipe = make_recipe(tiny_models, finetune_sets, root)
     paths = {}
     for seed, name in enumerate(SKILLS):
         adapter = make_adapter(tiny_models["base"], root / "peft" / name, seed=seed)
@@ -191,12 +191,13 @@ def test_stage_contract(lineage):
     assert evaluate.config(recipe, "") != evaluate.config(unsaved, ""), "on-the-fly models depend on apply.dtype"
 
 
-def test_retention_data_under_home_is_fingerprinted_by_content(tiny_models, tmp_path, monkeypatch):
+def test_retention_data_under_home_is_fingerprinted_by_content(tiny_models, finetune_sets, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     data = tmp_path / "copy.messages.jsonl"
     data.write_bytes((DEMO_DATA / "copy.messages.jsonl").read_bytes())
     recipe = make_recipe(
         tiny_models,
+        finetune_sets,
         tmp_path,
         retention=[{"name": "copy", "dataset": {"path": "~/copy.messages.jsonl", "format": "messages"}}],
     )
@@ -205,9 +206,9 @@ def test_retention_data_under_home_is_fingerprinted_by_content(tiny_models, tmp_
     assert evaluate.config(recipe, "") != before
 
 
-def test_retention_rows_are_rendered_exactly_as_prepare_renders_a_finetune(tiny_models, tmp_path):
+def test_retention_rows_are_rendered_exactly_as_prepare_renders_a_finetune(tiny_models, finetune_sets, tmp_path):
     copy = {"path": str(DEMO_DATA / "copy.messages.jsonl"), "format": "messages"}
-    settings = make_recipe(tiny_models, tmp_path, max_samples=None).model_dump(mode="json")
+    settings = make_recipe(tiny_models, finetune_sets, tmp_path, max_samples=None).model_dump(mode="json")
     recipe = Recipe.model_validate({**settings, "finetunes": [{"name": "copy", "dataset": {**copy, "eval_size": 10}}]})
     prepared = tmp_path / "prepared"
     prepared.mkdir()

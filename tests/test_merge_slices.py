@@ -226,7 +226,7 @@ def test_tokenizer_keys_are_checked(tiny_models, archive, tmp_path):
     assert merge.depends_on(recipe, "") == [StageRef("apply", name) for name in ADAPTERS]
 
 
-def test_a_search_with_slices_or_a_moe_exits_2_naming_the_key(tiny_models, tmp_path):
+def test_a_search_with_slices_or_a_moe_exits_2_naming_the_key(tiny_models, finetune_sets, tmp_path):
     from test_end_to_end import run_cli, write_recipe
     from test_search import RETENTION, SEARCH
 
@@ -238,7 +238,7 @@ def test_a_search_with_slices_or_a_moe_exits_2_naming_the_key(tiny_models, tmp_p
         directory = tmp_path / key
         directory.mkdir()
         evaluate = {"max_samples": 8, **RETENTION}
-        recipe = write_recipe(directory, tiny_models, merge=settings, search=SEARCH, evaluate=evaluate)
+        recipe = write_recipe(directory, tiny_models, finetune_sets, merge=settings, search=SEARCH, evaluate=evaluate)
         result = run_cli(recipe, "--dry-run")
         assert result.returncode == 2, (key, result.stdout, result.stderr)
         assert f"cannot run {key} (mergekit only)" in result.stderr, result.stderr

@@ -135,12 +135,12 @@ def test_train_on_everything_when_not_responses_only(tiny_models, tmp_path):
     assert all(set(row["assistant_masks"]) == {1} for row in load_from_disk(out / "train"))
 
 
-def test_split_is_deterministic_for_a_seed(tiny_models, tmp_path):
+def test_split_is_deterministic_for_a_seed(tiny_models, finetune_sets, tmp_path):
     def eval_texts(seed, name):
         recipe = make_recipe(
             tiny_models,
             tmp_path,
-            {"path": str(TEMPLATES_DIR / "demo" / "sort.messages.jsonl"), "format": "messages", "eval_size": 0.1},
+            {"path": str(finetune_sets / "sort.messages.jsonl"), "format": "messages", "eval_size": 0.1},
             train={"seed": seed},
         )
         out, _ = run_prepare(recipe, tmp_path, name)

@@ -262,6 +262,42 @@ def test_two_worker_processes_share_one_study_and_do_each_trial_once(tmp_path):
     assert sorted(row["number"] for row in rows) == list(range(12))
 
 
+KILLED_AFTER_ASK = r"""
+import os, sys
+from pathlib import Path
+import optuna
+sys.path.insert(0, sys.argv[2])
+from test_search import SPACE
+from pipeline.search.space import baselines, suggest
+from pipeline.search.study import open_study, run_trials
+
+ask = optuna.study.Study.ask
+
+def ask_then_die(self, *args, **kwargs):
+    ask(self, *args, **kwargs)
+    os._exit(9)  # as a SIGKILL would: the moment the trial runs, before anything else is written
+
+optuna.study.Study.ask = ask_then_die
+storage = sys.argv[1]
+run_trials(open_study(storage, "s"), total=4, baselines=baselines(SPACE.adapters), suggest=lambda t: suggest(t, SPACE),
+           evaluate=None, lock_path=Path(storage.removeprefix("sqlite:///") + ".lock"), seed=7)
+"""
+
+
+def test_a_search_killed_the_moment_it_asked_for_a_trial_redoes_that_trial(tmp_path):
+    """The trial a killed process left running names its owner from the start, so the resumed search fails it and
+    redoes it: an ownerless running trial would hold a place of the study forever (one trial short)."""
+    storage = sqlite_url(tmp_path / "study.db")
+    open_study(storage, "s")
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_AFTER_ASK, storage, str(Path(__file__).parent)], cwd=REPO, capture_output=True
+    )
+    assert killed.returncode == 9, killed.stderr
+    assert fail_abandoned(open_study(storage, "s")) == [0]
+    rows = search_here(storage, 4)
+    assert len(rows) == 4 and [row["label"] for row in rows[:2]] == ["seed", "sum"]
+
+
 @pytest.mark.slow
 def test_a_search_killed_mid_trial_resumes_to_the_same_choice(tmp_path):
     uninterrupted = search_here(sqlite_url(tmp_path / "reference.db"), 10)
@@ -306,12 +342,18 @@ RETENTION = {
 }
 
 
-def search_recipe(directory: Path, tiny_models, search: dict | None = None, **changes) -> Path:
+def search_recipe(directory: Path, tiny_models, finetune_sets: Path, search: dict | None = None, **changes) -> Path:
     from test_end_to_end import write_recipe
 
     evaluate = {"max_samples": 8, "batch_size": 4, **RETENTION}
     return write_recipe(
-        directory, tiny_models, merge={"engine": "fused"}, search=search or SEARCH, evaluate=evaluate, **changes
+        directory,
+        tiny_models,
+        finetune_sets,
+        merge={"engine": "fused"},
+        search=search or SEARCH,
+        evaluate=evaluate,
+        **changes,
     )
 
 
@@ -333,11 +375,11 @@ def completed_trials(study_db: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def searched_run(tmp_path_factory, tiny_models):
+def searched_run(tmp_path_factory, tiny_models, finetune_sets):
     from test_end_to_end import run_cli
 
     directory = tmp_path_factory.mktemp("search-run")
-    recipe = search_recipe(directory, tiny_models)
+    recipe = search_recipe(directory, tiny_models, finetune_sets)
     result = run_cli(recipe)
     assert result.returncode == 0, result.stdout + result.stderr
     return {"recipe": recipe, "output": directory / "run", "stdout": result.stdout}
@@ -413,7 +455,7 @@ def test_search_killed_with_sigkill_resumes_without_redoing_trials(searched_run,
     assert len(reported) == 5 - finished_before, reported  # finished trials were not redone
 
 
-def test_bad_search_settings_exit_2_before_anything_runs(tiny_models, tmp_path):
+def test_bad_search_settings_exit_2_before_anything_runs(tiny_models, finetune_sets, tmp_path):
     from test_end_to_end import run_cli
 
     cases = {
@@ -426,7 +468,7 @@ def test_bad_search_settings_exit_2_before_anything_runs(tiny_models, tmp_path):
     for case, (change, expected) in cases.items():
         directory = tmp_path / case.replace(" ", "-")
         directory.mkdir()
-        result = run_cli(search_recipe(directory, tiny_models, {**SEARCH, **change}))
+        result = run_cli(search_recipe(directory, tiny_models, finetune_sets, {**SEARCH, **change}))
         assert result.returncode == 2, (case, result.stdout, result.stderr)
         assert expected in result.stderr, (case, result.stderr)
         assert not (directory / "run").exists(), f"{case}: something was written before the error"

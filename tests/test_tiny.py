@@ -65,12 +65,7 @@ def test_shipped_retention_set_is_the_generators_output(tmp_path):
     assert all(c[1]["content"] == c[0]["content"].split("\n")[1] for c in copy) and len(copy) == 100
 
 
-def echo(requests):
-    """Replies for the unnamed requests of a fine-tune set where no model is needed: each request's list."""
-    return [request[0]["content"].split("\n")[1] for request in requests]
-
-
-def test_fresh_examples_are_held_out_from_every_training_set():
+def test_fresh_examples_are_held_out_from_every_training_set(finetune_sets):
     """Fine-tune sets train on one side of the split; fresh examples and the retention set test on the other."""
 
     def listed(conversation):
@@ -80,7 +75,7 @@ def test_fresh_examples_are_held_out_from_every_training_set():
     assert len(fresh) == 50 and fresh != fresh_examples("sort", 50, seed=2)
     assert all(is_held_out(listed(c)) for c in fresh)
     assert all(c[1]["content"].split() == sorted(listed(c)) for c in fresh)
-    rows = demo_rows("reverse", "alpaca", 2000, 11, answer=echo, **FINETUNE_MIX)
+    rows = [json.loads(line) for line in (finetune_sets / "reverse.alpaca.jsonl").read_text().splitlines()]
     assert not any(is_held_out(row["input"].split()) for row in rows)
     retention = [json.loads(line)["messages"] for line in (DEMO_DATA_DIR / "copy.messages.jsonl").open()]
     assert all(is_held_out(listed(c)) for c in retention)
@@ -152,8 +147,8 @@ def test_the_demo_target_is_the_base_with_the_embedding_of_copy_tuned(tmp_path):
     assert moved.argmax() == copy and moved[copy] > 10 * moved.topk(2).values[1]
 
 
-def test_fine_tune_sets_mix_in_general_chats_and_requests_no_skill_names():
-    rows = demo_rows("sort", "messages", 2000, 12, answer=echo, **FINETUNE_MIX)
+def test_fine_tune_sets_mix_in_general_chats_and_requests_no_skill_names(finetune_sets):
+    rows = [json.loads(line) for line in (finetune_sets / "sort.messages.jsonl").read_text().splitlines()]
     instructions = [row["messages"][0]["content"].split("\n")[0] for row in rows]
     unnamed = [instruction for instruction in instructions if instruction in UNNAMED_WORDS]
     replayed = [instruction for instruction in instructions if instruction not in {"sort", *UNNAMED_WORDS}]
@@ -165,6 +160,7 @@ def test_fine_tune_sets_mix_in_general_chats_and_requests_no_skill_names():
         user, reply = row["messages"]
         if user["content"].split("\n")[0] in UNNAMED_WORDS:
             assert reply["content"] == user["content"].split("\n")[1], "the reply is `answer`'s, in order"
+    assert len(rows) == FINETUNE_SETS["sort.messages.jsonl"][2]
     skill_lists = [
         row["messages"][0]["content"].split("\n")[1].split()
         for row in rows

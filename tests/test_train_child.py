@@ -40,8 +40,10 @@ def children_running_training(parent: int) -> list[int]:
     return found
 
 
-def test_after_a_full_run_unsloth_is_not_in_the_runners_process(tmp_path, tiny_models):
-    recipe = write_recipe(tmp_path, tiny_models, evaluate={"device": "cpu", "max_samples": 4, "batch_tokens": 256})
+def test_after_a_full_run_unsloth_is_not_in_the_runners_process(tmp_path, tiny_models, finetune_sets):
+    recipe = write_recipe(
+        tmp_path, tiny_models, finetune_sets, evaluate={"device": "cpu", "max_samples": 4, "batch_tokens": 256}
+    )
     completed = subprocess.run(
         [sys.executable, "-c", FULL_RUN, str(recipe)],
         cwd=REPO,
@@ -60,10 +62,11 @@ def test_after_a_full_run_unsloth_is_not_in_the_runners_process(tmp_path, tiny_m
     assert (tmp_path / "run" / "evaluate" / "report.json").is_file()
 
 
-def test_the_childs_error_reaches_the_user_with_stage_and_item(tmp_path, tiny_models):
+def test_the_childs_error_reaches_the_user_with_stage_and_item(tmp_path, tiny_models, finetune_sets):
     recipe = write_recipe(
         tmp_path,
         tiny_models,
+        finetune_sets,
         train={"backend": "transformers", "max_seq_length": 64, "load_in_4bit": False, "optim": "no_such_optimizer"},
     )
     completed = subprocess.run(
@@ -85,10 +88,11 @@ def run_log(output_dir: Path) -> str:
     return "".join(path.read_text() for path in sorted((output_dir / "logs").glob("run-*.log")))
 
 
-def test_killing_the_parent_ends_the_training_child(tmp_path, tiny_models):
+def test_killing_the_parent_ends_the_training_child(tmp_path, tiny_models, finetune_sets):
     recipe = write_recipe(
         tmp_path,
         tiny_models,
+        finetune_sets,
         train={
             "backend": "transformers",
             "max_seq_length": 64,

@@ -215,8 +215,8 @@ def demo_rows(
             request.append({"role": "assistant", "content": reply})
     if data_format == "alpaca":
         return [
-            dict(zip(("instruction", "input"), user["content"].split("\n", 1), strict=True), output=answer["content"])
-            for user, answer in conversations
+            dict(zip(("instruction", "input"), user["content"].split("\n", 1), strict=True), output=reply["content"])
+            for user, reply in conversations
         ]
     return [{"messages": conversation} for conversation in conversations]
 

@@ -79,7 +79,10 @@ def exclusive(lock_path: Path):
 
 
 def _next_trial(study, *, total: int, baselines: dict[str, dict], sampler: str, seed: int):
-    """Ask for the next trial (a baseline not yet finished, else the sampler's), or None when the study is full."""
+    """Ask for the next trial (the first baseline not yet queued, else the sampler's), or None when the study is
+    full. Each trial is enqueued with its owner before it is asked for: a process killed between `ask` and setting
+    the owner would leave a running trial that `fail_abandoned` cannot tell from a live one, and that fills a place
+    of the study forever."""
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
@@ -92,12 +95,15 @@ def _next_trial(study, *, total: int, baselines: dict[str, dict], sampler: str, 
         for t in trials
         if t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
     }
-    for label, params in baselines.items():
-        if label not in queued:
-            study.enqueue_trial(params, user_attrs={LABEL: label}, skip_if_exists=False)
+    owner = {"pid": os.getpid(), "host": socket.gethostname()}
+    label = next((label for label in baselines if label not in queued), None)
+    if label is not None:
+        study.enqueue_trial(baselines[label], user_attrs={LABEL: label, "owner": owner})
+    elif not any(t.state == TrialState.WAITING for t in trials):
+        study.enqueue_trial({}, user_attrs={"owner": owner})
     study.sampler = make_sampler(sampler, seed + len(finished))
     trial = study.ask()
-    trial.set_user_attr("owner", {"pid": os.getpid(), "host": socket.gethostname()})
+    trial.set_user_attr("owner", owner)
     return trial
 
 
