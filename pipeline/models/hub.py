@@ -25,6 +25,13 @@ def check_model_reference(reference: str, key: str) -> None:
         raise ModelNotFound(f"{key}: local model directory not found: {reference} (nor is it a Hub id, org/name)")
 
 
+def local_config(reference: str) -> dict | None:
+    """A local model's config.json, None for a Hub id (its config is read when a stage runs: checks download
+    nothing)."""
+    path = Path(reference) / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def resolve_model(reference: str, key: str = "model", *, trust_remote_code: bool = False) -> Path:
     """A local directory for `reference`. A Hub id is downloaded: its index first, then only the shards it names
     and its config, tokenizer and generation files (no pickles, no duplicate checkpoints); its Python files too

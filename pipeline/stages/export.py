@@ -9,7 +9,6 @@ finished ones (the step is resumable), so it goes on with the next outtype.
 from __future__ import annotations
 
 import difflib
-import json
 import shutil
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from pipeline.models.gguf import (
     known_pre_tokenizers,
     supported_architectures,
 )
+from pipeline.models.hub import local_config
 from pipeline.recipe import Recipe, RecipeError
 from pipeline.stages.contract import Inputs, Stage, StageRef
 
@@ -55,9 +55,9 @@ def check(recipe: Recipe, item: str) -> None:
             "(a dependency of ftmerge; `make setup` installs it)"
         )
     problems = []
-    target_config = Path(recipe.target_model) / "config.json"
-    if target_config.is_file():
-        architectures = json.loads(target_config.read_text()).get("architectures") or []
+    target_config = local_config(recipe.target_model)
+    if target_config is not None:
+        architectures = target_config.get("architectures") or []
         unsupported = [a for a in architectures if a not in supported_architectures()]
         if unsupported:
             problems.append(f"export.gguf: llama.cpp's converter does not convert {unsupported[0]} (target_model)")

@@ -22,7 +22,7 @@ from pipeline.merging.config import (
     slice_adapters,
     validate_mergekit_config,
 )
-from pipeline.models.hub import check_model_reference
+from pipeline.models.hub import check_model_reference, local_config
 from pipeline.recipe import MergeConfig, Recipe, RecipeError
 from pipeline.stages.contract import Inputs, Stage, StageRef
 from pipeline.stages.selection import (
@@ -106,7 +106,7 @@ def check(recipe: Recipe, item: str) -> None:
         )
     check_model_reference(recipe.base_model, "base_model")
     check_model_reference(recipe.target_model, "target_model")
-    target_config = _local_config(recipe.target_model)
+    target_config = local_config(recipe.target_model)
     if recipe.merge.moe is not None:
         from pipeline.merging.moe import check_moe
 
@@ -145,12 +145,6 @@ def _check_named_models(recipe: Recipe, adapters: list[str]) -> None:
         if model in known or (not key.startswith("merge.slices") and Path(model).is_dir()):
             continue
         raise RecipeError(f"{key}: {model!r} is not base, target or a merged adapter (known: {', '.join(known)})")
-
-
-def _local_config(model: str) -> dict | None:
-    """A local model's config.json (a Hub id's is read when the stage runs: a check downloads nothing)."""
-    path = Path(model) / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _reference(model: str) -> str:
