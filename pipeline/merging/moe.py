@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import random
 from pathlib import Path
 
 from pipeline.recipe import MergeConfig, MoeConfig, RecipeError
 
-LOG = logging.getLogger(__name__)
 TARGET = "target"
 # model_type of the target → mergekit's output architecture name (its `architecture:` key)
 ARCHITECTURES = {"qwen2": "Qwen MoE", "llama": "Mixtral", "mistral": "Mixtral"}

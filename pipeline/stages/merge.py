@@ -22,6 +22,7 @@ from pipeline.merging.config import (
     slice_adapters,
     validate_mergekit_config,
 )
+from pipeline.merging.moe import needs_prompts
 from pipeline.models.hub import check_model_reference, local_config
 from pipeline.recipe import MergeConfig, Recipe, RecipeError
 from pipeline.stages.contract import Inputs, Stage, StageRef
@@ -51,7 +52,7 @@ def merged_adapters(recipe: Recipe) -> list[str]:
 def moe_prompt_sources(recipe: Recipe, adapters: list[str]) -> list[str]:
     """The experts whose prompts are sampled from this run's prepared data (none given in the recipe)."""
     moe = recipe.merge.moe
-    if moe is None or moe.gate_mode == "random":
+    if moe is None or not needs_prompts(moe):
         return []
     given = {name for name, expert in moe.experts.items() if expert.positive_prompts}
     return [name for name in adapters if name not in given and is_own_finetune(recipe, name)]
