@@ -187,33 +187,29 @@ def write_chart(report: dict, path: Path) -> None:
     columns = lm_eval_columns(lm_eval)
     width_in = max(6, 1.6 * len(sets) * len(panels) + 1.2 * len(columns) + 3)
     figure, axes = plt.subplots(1, len(panels) + bool(columns), figsize=(width_in, 4), squeeze=False)
-    width = 0.8 / max(1, len(models))
-    if columns:
-        _lm_eval_panel(axes[0][-1], lm_eval, columns, models, width)
     for axis, (metric, title) in zip(axes[0], panels, strict=False):
-        for index, model in enumerate(models):
-            values = [report["results"][model].get(name, {}).get(metric) for name in sets]
-            positions = [position + (index - (len(models) - 1) / 2) * width for position in range(len(sets))]
-            axis.bar(positions, [math.nan if v is None else v for v in values], width, label=model)
-        axis.set_xticks(range(len(sets)), [f"{s['name']}\n({s['kind']})" for s in report["sets"]])
-        axis.set_title(title)
+        values = {model: [report["results"][model].get(name, {}).get(metric) for name in sets] for model in models}
+        _grouped_bars(axis, values, [f"{s['name']}\n({s['kind']})" for s in report["sets"]], title)
         if metric == "exact_match":
             axis.set_ylim(0, 1)
+    if columns:  # a model without lm-eval scores has no bar
+        results = lm_eval["results"]
+        values = {model: [results.get(model, {}).get(t, {}).get(m) for t, m in columns] for model in models}
+        _grouped_bars(axes[0][-1], values, [f"{t}\n{m}" for t, m in columns], "lm-eval-harness tasks")
     axes[0][-1].legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
 
-def _lm_eval_panel(axis, lm_eval: dict, columns: list[tuple[str, str]], models: list[str], width: float) -> None:
-    """One group of bars per (task, metric), one bar per model (a model without lm-eval scores has no bar)."""
-    results = lm_eval["results"]
-    for index, model in enumerate(models):
-        values = [results.get(model, {}).get(task, {}).get(metric) for task, metric in columns]
-        positions = [position + (index - (len(models) - 1) / 2) * width for position in range(len(columns))]
-        axis.bar(positions, [math.nan if v is None else v for v in values], width, label=model)
-    axis.set_xticks(range(len(columns)), [f"{task}\n{metric}" for task, metric in columns])
-    axis.set_title("lm-eval-harness tasks")
+def _grouped_bars(axis, values: dict[str, list], labels: list[str], title: str) -> None:
+    """One group of bars per label, one bar per model (`values`: model → a value or None per label)."""
+    width = 0.8 / max(1, len(values))
+    for index, (model, row) in enumerate(values.items()):
+        positions = [position + (index - (len(values) - 1) / 2) * width for position in range(len(labels))]
+        axis.bar(positions, [math.nan if v is None else v for v in row], width, label=model)
+    axis.set_xticks(range(len(labels)), labels)
+    axis.set_title(title)
 
 
 def write_report(report: dict, out_dir: Path) -> str:
