@@ -258,8 +258,8 @@ class LmEvalConfig(Strict):
     limit: int | None = Field(None, gt=0)  # documents per task
     num_fewshot: int | None = Field(None, ge=0)
     batch_size: int | None = Field(None, gt=0)  # None: evaluate.batch_size
-    # auto: through the chat template for the instruct models (target, adapted, merged), plain text for the base,
-    # which was never trained on the template's turns; true or false: the same for every model
+    # auto: through the chat template for the instruct models (target, trained, adapted, merged), plain text for the
+    # base, which was never trained on the template's turns; true or false: the same for every model
     apply_chat_template: Literal["auto"] | bool = "auto"
     backend: Literal["hf", "vllm"] = "hf"  # vllm: lm-eval's vLLM backend (GPU), the model loaded from its directory
 
@@ -276,7 +276,14 @@ class LmEvalConfig(Strict):
 
 class EvaluateConfig(Strict):
     enabled: bool = True
-    models: list[Literal["base", "target", "adapted", "merged"]] = ["base", "target", "adapted", "merged"]
+    # trained: each adapter on the model it was trained on (base + LoRA), the yardstick of its transfer to the target
+    models: list[Literal["base", "target", "trained", "adapted", "merged"]] = [
+        "base",
+        "target",
+        "trained",
+        "adapted",
+        "merged",
+    ]
     retention: list[RetentionSet] = []
     max_samples: int | None = Field(200, gt=0)
     batch_size: int = Field(8, gt=0)  # rows per batch when generating and for lm-eval

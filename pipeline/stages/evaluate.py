@@ -1,5 +1,6 @@
-"""evaluate: base, target, each adapted model and the merged model, scored on every fine-tune's held-out split
-(what the merge learned) and on the retention sets (what it kept); report.json, report.md and report.png."""
+"""evaluate: base, target, each adapter on the base (trained) and on the target (adapted), and the merged model, scored
+on every fine-tune's held-out split (what the merge learned, and how much of each LoRA transfers to the target) and on
+the retention sets (what it kept); report.json, report.md and report.png."""
 
 from __future__ import annotations
 
@@ -38,6 +39,11 @@ def items(recipe: Recipe) -> list[str]:
 
 def _adapters(recipe: Recipe) -> list[str]:
     return selected_adapters(recipe) if "adapted" in recipe.evaluate.models else []
+
+
+def _trained(recipe: Recipe) -> list[str]:
+    """The adapters scored on the model they were trained on (base + LoRA), the yardstick of their transfer."""
+    return selected_adapters(recipe) if "trained" in recipe.evaluate.models else []
 
 
 def _fingerprint_of(reference: str) -> str:
@@ -96,14 +102,15 @@ def config(recipe: Recipe, item: str) -> dict:
         "target": model_fingerprint(recipe.target_model),
         "trust_remote_code": recipe.trust_remote_code,
         "adapters": _adapters(recipe),
+        "trained": _trained(recipe),
     }
     if recipe.evaluate.retention:
         settings["retention"] = retention_identity(recipe)
     if recipe.evaluate.lm_eval.include_path is not None:
         settings["lm_eval_tasks"] = content_fingerprint(recipe.evaluate.lm_eval.include_path)
-    if settings["adapters"] and not saves_adapted_models(recipe):
-        settings["apply_dtype"] = recipe.apply.dtype
-    foreign = foreign_adapter_files(recipe, settings["adapters"])
+    if (settings["adapters"] and not saves_adapted_models(recipe)) or settings["trained"]:
+        settings["apply_dtype"] = recipe.apply.dtype  # a model computed as weights + LoRA is loaded in it
+    foreign = foreign_adapter_files(recipe, list(dict.fromkeys([*settings["adapters"], *settings["trained"]])))
     if foreign:
         settings["adapter_files"] = foreign
     return settings
@@ -115,9 +122,10 @@ def depends_on(recipe: Recipe, item: str) -> list[StageRef]:
         dependencies.append(StageRef("search"))  # the seed's configuration is scored beside the chosen one
     dependencies += [StageRef("prepare", finetune.name) for finetune in recipe.finetunes]
     adapters = _adapters(recipe)
+    archived = archive_inputs(recipe, _trained(recipe))  # base + LoRA reads the archived adapter
     if saves_adapted_models(recipe):
-        return dependencies + [StageRef("apply", name) for name in adapters]
-    return dependencies + archive_inputs(recipe, adapters)
+        return dependencies + [StageRef("apply", name) for name in adapters] + archived
+    return dependencies + list(dict.fromkeys([*archive_inputs(recipe, adapters), *archived]))
 
 
 def check(recipe: Recipe, item: str) -> None:
@@ -175,7 +183,8 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
 
 def lineage(recipe: Recipe, inputs: Inputs) -> list[ModelSpec]:
     """The models `evaluate.models` asks for, in lineage order, each with the identity its cached scores are kept
-    under. An adapted model is apply's output when apply saves it, else the target plus its verified archived
+    under. A trained model is the base plus its archived adapter (computed on the fly, as PEFT merges it). An adapted
+    model is apply's output when apply saves it, else the target plus its verified archived
     adapter (computed on the fly). When the search chose another configuration than the seed's, the seed's merge is
     scored beside it (`merged:seed`, computed in memory)."""
     from pipeline.evaluation.models import ModelSpec
@@ -193,6 +202,14 @@ def lineage(recipe: Recipe, inputs: Inputs) -> list[ModelSpec]:
     target = resolve_model(recipe.target_model, "target_model", trust_remote_code=code)
     if "target" in wanted:
         specs.append(ModelSpec("target", "target", target, identity=target_id))
+    if _trained(recipe):
+        base = resolve_model(recipe.base_model, "base_model", trust_remote_code=code)
+    for name in _trained(recipe):
+        files = verify_adapter(adapter_dir(recipe, name))["files"]
+        identity = hash_json({"base": base_id, "adapter": files, "apply_dtype": recipe.apply.dtype})
+        specs.append(
+            ModelSpec(f"trained:{name}", "trained", base, adapter=adapter_dir(recipe, name), identity=identity)
+        )
     for name in _adapters(recipe):
         files = verify_adapter(adapter_dir(recipe, name))["files"]
         identity = hash_json({"target": target_id, "adapter": files, "apply_dtype": recipe.apply.dtype})

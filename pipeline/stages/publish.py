@@ -56,6 +56,7 @@ def check(recipe: Recipe, item: str) -> None:
 
 
 def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
+    from pipeline.evaluation.report import read_report
     from pipeline.publishing.card import find_license, model_card
     from pipeline.publishing.folder import CARD, EVALUATION_CHART, assemble_folder, published_files
     from pipeline.publishing.upload import hub_token, upload_folder
@@ -77,6 +78,7 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
         gguf_files,
     )
     token = None if recipe.publish.dry_run else hub_token()
+    evaluation_report = (read_report(evaluate_dir) if evaluate_dir else None) or {}
     report = evaluate_dir / "report.md" if evaluate_dir else None
     evaluation = report.read_text().split("\n", 1)[-1] if report and report.is_file() else None  # without title
     if evaluation and (out / EVALUATION_CHART).is_file():
@@ -90,7 +92,8 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
             evaluation,
             find_license(lineage.get("target_path"), recipe.target_model, token),
             gguf_files={file.name: file.stat().st_size for file in gguf_files},
-            lm_eval=_lm_eval_scores(evaluate_dir),
+            lm_eval=evaluation_report.get("lm_eval"),
+            transfer=evaluation_report.get("transfer"),
         )
     )
     summary = {
@@ -111,12 +114,6 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
     )
     print(f"publish: uploaded {len(summary['files'])} files to {result['repo_url']}")
     return {**summary, **result, "dry_run": False}
-
-
-def _lm_eval_scores(evaluate_dir: Path | None) -> dict | None:
-    """report.json's lm-eval section, for the card's model-index (None without an evaluation)."""
-    report = evaluate_dir / "report.json" if evaluate_dir else None
-    return json.loads(report.read_text()).get("lm_eval") if report and report.is_file() else None
 
 
 STAGE = Stage(name="publish", items=items, config=config, depends_on=depends_on, check=check, run=run)
