@@ -133,7 +133,7 @@ def test_replay_rows_are_the_bases_own_greedy_answers_mixed_into_train_only(
     assert report["prompts"] == 30 and report["duplicates"] == 30
     assert report["rows"] == summary["replay_rows"] == report["prompts"] - report["unfinished"] - report["empty"]
     assert 0 < report["unfinished"] < report["prompts"], "the fixture's base finishes some answers, not all"
-    assert report["answered_by"] == str(talking_base) and report["cached"] is False
+    assert report["answered_by"] == str(talking_base) and report["cached"] == 0
     assert f"{report['rows']} replay rows" in capsys.readouterr().out, "the screen says how many and from where"
 
     train, held_out = load_from_disk(str(out / "train")), load_from_disk(str(out / "eval"))
@@ -157,14 +157,28 @@ def test_answers_are_cached_by_content_and_the_fingerprint_follows_what_changes_
     }
     first = make_recipe(tiny_models, talking_base, tmp_path, settings)
     run_prepare(first, tmp_path / "first")
-    # another fine-tune with the same replay (same prompts drawn): nothing is generated again
-    monkeypatch.setattr(replay, "answer_prompts", lambda *a, **k: pytest.fail("answers were not read from the cache"))
+    # another fine-tune with the same replay (the same prompts drawn): nothing is generated again
+    generated = []
+    answer_prompts = replay.answer_prompts
+
+    def recorded(model_dir, prompts, *args, **kwargs):
+        generated.append(len(prompts))
+        return answer_prompts(model_dir, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(replay, "answer_prompts", recorded)
     second = make_recipe(tiny_models, talking_base, tmp_path, settings, name="other")
     run_prepare(second, tmp_path / "second")
     reports = [json.loads((tmp_path / d / "report.json").read_text())["replay"] for d in ("first", "second")]
-    assert reports[1] == {**reports[0], "cached": True}
+    assert generated == [] and reports[0]["cached"] == 0
+    assert reports[1] == {**reports[0], "cached": reports[0]["prompts"]}
     train = [load_from_disk(str(tmp_path / d / "train"))["input_ids"] for d in ("first", "second")]
     assert train[0] == train[1]
+    # more prompts drawn in the same seeded order: only those never answered are generated
+    more = make_recipe(tiny_models, talking_base, tmp_path, {**settings, "fraction": 0.45}, name="more")
+    run_prepare(more, tmp_path / "more")
+    third = json.loads((tmp_path / "more" / "report.json").read_text())["replay"]
+    assert third["prompts"] == replay.replay_count(36, 0.45) == 29 and reports[0]["prompts"] == 24
+    assert generated == [5] and third["cached"] == 24
 
     fingerprint = prepare.config(first, "ft")
     assert fingerprint["replay"]["base_model"]

@@ -6,9 +6,9 @@ answers are the base's own teach it to change what its data asks for and nothing
 nothing to learn but to leave the base's output as it is, so it also leaves the target's).
 
 The prompts come from any dataset (each row's conversation up to its last user turn), drawn in a seeded order; the
-base answers them in the recipe's chat template, as training renders them. Answers are cached by content: the base,
-the prompts, the template and the generation settings, so a second fine-tune (or a rerun) with the same replay
-reuses them.
+base answers them in the recipe's chat template, as training renders them. Answers are cached by content, per prompt
+under the base, the template and the generation settings, so a second fine-tune (or a rerun) drawing the same
+prompts generates only those it has not seen.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class ReplayRows:
     empty: int  # answers with nothing in them (the base ended the turn at once): left out
     rejected: dict[str, int] = field(default_factory=dict)  # rows that are no prompt, by reason
     duplicates: int = 0  # rows repeating a prompt already drawn
-    cached: bool = False
+    cached: int = 0  # prompts whose answer was read from the cache
 
     def summary(self) -> dict:
         return {
@@ -189,15 +189,15 @@ def replay_rows(
     trust_remote_code: bool = False,
 ) -> ReplayRows:
     """`count` prompts of `dataset` with the base's answers as conversations, ready to render like any messages row;
-    answers cut short by `max_new_tokens` or empty are left out and counted. The answers are read from `cache_dir`
-    when the same base (its files, the tokenizer's included), prompts, template and settings were answered before."""
+    answers cut short by `max_new_tokens` or empty are left out and counted. Each prompt's answer is read from
+    `cache_dir` when the same base (its files, the tokenizer's included), template and settings answered it before:
+    only the prompts never answered are generated."""
     from pipeline.evaluation.generate import Reply
 
     prompts, dataset_rows, rejected, duplicates = sample_prompts(dataset, count, seed, work_dir)
-    key = hash_json(
+    settings = hash_json(
         {
             "model": model_fingerprint(str(model_dir)),
-            "prompts": prompts,
             "template": chat.template,
             "template_kwargs": chat.template_kwargs,
             "end_of_turn": chat.end_of_turn,
@@ -206,14 +206,14 @@ def replay_rows(
             "load_in_4bit": load_in_4bit,
         }
     )
-    cache_file = Path(cache_dir) / f"{key[:32]}.json"
-    cached = cache_file.is_file()
-    if cached:
-        replies = [Reply(text, finished) for text, finished in json.loads(cache_file.read_text())["replies"]]
-    else:
-        replies = answer_prompts(
+    cache_file = Path(cache_dir) / f"{settings[:32]}.json"
+    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    keys = [hash_json(prompt) for prompt in prompts]
+    missing = [index for index, key in enumerate(keys) if key not in cache]
+    if missing:
+        answered = answer_prompts(
             model_dir,
-            prompts,
+            [prompts[index] for index in missing],
             chat,
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
@@ -222,7 +222,10 @@ def replay_rows(
             load_in_4bit=load_in_4bit,
             trust_remote_code=trust_remote_code,
         )
-        _write_json(cache_file, {"replies": [[reply.text, reply.finished] for reply in replies]})
+        for index, reply in zip(missing, answered, strict=True):
+            cache[keys[index]] = [reply.text, reply.finished]
+        _write_json(cache_file, cache)
+    replies = [Reply(*cache[key]) for key in keys]
     kept = [(p, r) for p, r in zip(prompts, replies, strict=True) if r.finished and r.text.strip()]
     return ReplayRows(
         conversations=[[*prompt, {"role": "assistant", "content": reply.text}] for prompt, reply in kept],
@@ -233,7 +236,7 @@ def replay_rows(
         empty=sum(reply.finished and not reply.text.strip() for reply in replies),
         rejected=dict(rejected.most_common()),
         duplicates=duplicates,
-        cached=cached,
+        cached=len(prompts) - len(missing),
     )
 
 

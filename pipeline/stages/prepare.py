@@ -226,7 +226,7 @@ def _replay_line(item: str, replay: dict) -> str:
     return (
         f"prepare {item}: {replay['rows']} replay rows ({replay['fraction_of_train']:.0%} of train): prompts of "
         f"{replay['dataset']} answered by the base {replay['answered_by']}"
-        + (" (answers cached)" if replay["cached"] else "")
+        + (f" ({replay['cached']} of {replay['prompts']} answers from the cache)" if replay["cached"] else "")
         + (f"; left out: {', '.join(left_out)}" if left_out else "")
     )
 
