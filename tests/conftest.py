@@ -7,8 +7,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 
-from pipeline.data.synthetic import write_finetune_sets
-from pipeline.models.tiny import build_tokenizer, derive_tiny_target, make_tiny_model
+from pipeline.demo.synthetic import write_finetune_sets
+from pipeline.demo.tiny import build_tokenizer, derive_tiny_target, make_tiny_model
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from pipeline.merging.adapted_model import IncompatibleAdapter, apply_adapter
 from pipeline.models.lora import AdapterRefused, load_adapter
 from pipeline.models.safetensors_io import INDEX_FILE, model_tensors
-from pipeline.models.tiny import derive_tiny_target, make_tiny_model
+from pipeline.demo.tiny import derive_tiny_target, make_tiny_model
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -61,7 +61,7 @@ def assert_identical(ours_dir, reference_dir):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tiny_tokenizer_dir):
     """base/target pairs: untied single-file, tied embeddings, and a sharded target."""
-    from pipeline.models.tiny import build_tokenizer
+    from pipeline.demo.tiny import build_tokenizer
 
     root = tmp_path_factory.mktemp("apply_models")
     target_tokenizer = build_tokenizer(root / "target_tokenizer", eos_token="<|im_end|>")
@@ -70,7 +70,7 @@ def models(tmp_path_factory, tiny_tokenizer_dir):
     sharded_target = root / "sharded_target"
     from transformers import AutoModelForCausalLM
 
-    from pipeline.models.tiny import save_model
+    from pipeline.demo.tiny import save_model
 
     target = derive_tiny_target(base, root / "target", target_tokenizer)
     save_model(

@@ -19,7 +19,7 @@ from test_merge import ADAPTERS, applied, archive, assert_same_tensors, merge_wi
 
 from pipeline.merging import fused
 from pipeline.models.lora import LoraFactors
-from pipeline.models.tiny import make_tiny_model
+from pipeline.demo.tiny import make_tiny_model
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -20,7 +20,7 @@ from test_train_backends import (  # noqa: F401 (prepared is a fixture)
     spec,
 )
 
-from pipeline.models.tiny import save_model
+from pipeline.demo.tiny import save_model
 from pipeline.training.untrained import fix_untrained_special_tokens
 
 CHATML = ("<|im_start|>", "<|im_end|>")

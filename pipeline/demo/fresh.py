@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from pipeline.data.synthetic import fresh_examples
+from pipeline.demo.synthetic import fresh_examples
 from pipeline.evaluation.generate import greedy_answers, score_answers
 
 KEEP, LEARN = 0.9, 0.7
