@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipeline.demo.tiny import derive_tiny_target, make_tiny_model
 from pipeline.merging.adapted_model import IncompatibleAdapter, apply_adapter
 from pipeline.models.lora import AdapterRefused, load_adapter
 from pipeline.models.safetensors_io import INDEX_FILE, model_tensors
-from pipeline.demo.tiny import derive_tiny_target, make_tiny_model
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

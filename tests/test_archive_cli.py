@@ -11,9 +11,9 @@ from test_apply import make_adapter
 
 from pipeline.archive.__main__ import main as archive_cli
 from pipeline.archive.store import archived_adapters, verify_adapter
+from pipeline.demo.tiny import make_tiny_model
 from pipeline.fingerprint import sha256_file
 from pipeline.models.lora import load_adapter
-from pipeline.demo.tiny import make_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import save_file
 from test_merge import ADAPTERS, applied, archive, assert_same_tensors, merge_with  # noqa: F401
 
+from pipeline.demo.tiny import make_tiny_model
 from pipeline.merging import fused
 from pipeline.models.lora import LoraFactors
-from pipeline.demo.tiny import make_tiny_model
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pipeline.demo.lineage import build_demo_assets, chat_answers
 from pipeline.demo.synthetic import (
     DEMO_DATA_DIR,
     DOMAINS,
@@ -21,7 +22,6 @@ from pipeline.demo.synthetic import (
     word_corpus,
     write_retention_set,
 )
-from pipeline.demo.lineage import build_demo_assets, chat_answers
 from pipeline.demo.tiny import QWEN2_CHAT_TEMPLATE, build_word_tokenizer
 
 

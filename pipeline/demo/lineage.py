@@ -33,8 +33,8 @@ from pipeline.demo.synthetic import (
     word_corpus,
     write_finetune_sets,
 )
-from pipeline.evaluation.generate import greedy_answers
 from pipeline.demo.tiny import build_word_tokenizer, make_tiny_model, save_model, set_eos
+from pipeline.evaluation.generate import greedy_answers
 
 DEMO_VERSION = "6"
 # Width and depth: learns every notation within the build budget. Hidden 192 summed two LoRAs far more linearly
