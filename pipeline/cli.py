@@ -21,7 +21,7 @@ def usage() -> str:
     return (
         "usage: ftmerge {"
         + ",".join(COMMANDS)
-        + "} ...\n\n"
+        + "} ...\n       ftmerge --version\n\n"
         + "\n".join(f"  {name:<8} {help_text}" for name, help_text in COMMANDS.items())
     )
 
@@ -31,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0 if argv else 2
+    if argv[0] == "--version":
+        from pipeline import __version__
+
+        print(f"ftmerge {__version__}")
+        return 0
     command, rest = argv[0], argv[1:]
     if command == "run":
         from pipeline.run import main as run_main

@@ -221,6 +221,23 @@ def test_changed_learning_rate_reruns_train_and_downstream_only(finished_run, tm
     assert outcome == {"prepare.reverse": "skipped", "prepare.sort": "skipped", **{s: "done" for s in STEPS[2:]}}
 
 
+def test_settings_that_cannot_change_a_result_redo_nothing(finished_run):
+    """Devices, memory budgets and log/checkpoint cadence are declared result-neutral once, in the schema: changing
+    them reruns no step (the merge, the adapted models and the archive are hours of work on a 7B)."""
+    neutral = {
+        "merge.memory_budget": "2.5",
+        "merge.device": "cpu",
+        "merge.low_cpu_memory": "true",
+        "apply.device": "cpu",
+        "train.logging_steps": "3",
+        "train.save_steps": "7",
+        "train.save_total_limit": "5",
+    }
+    result = run_cli(finished_run["recipe"], *(f"--set={key}={value}" for key, value in neutral.items()))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [line.split()[0] for line in result.stdout.splitlines() if "skipped" in line] == STEPS
+
+
 def test_bad_recipes_exit_2_before_any_stage_runs(tiny_models, finetune_sets, tmp_path):
     cases = {
         "unknown key": ({"train": {"learning_rat": 1}}, "did you mean 'learning_rate'"),
@@ -280,7 +297,8 @@ def test_kill_during_training_resumes_from_the_last_checkpoint(finished_run, tmp
     process = start_cli(*args, log=tmp_path / "killed.log")
     kill_when(process, lambda: (partial / "checkpoint-8" / "trainer_state.json").is_file(), tmp_path / "killed.log")
     assert not (copy / "train" / "reverse").exists()
-    result = run_cli(*args)
+    # Log and checkpoint cadence cannot change the adapter: changed after the kill, training still resumes.
+    result = run_cli(*args, "--set", "train.logging_steps=5", "--set", "train.save_steps=10")
     assert result.returncode == 0, result.stdout + result.stderr
     state = yaml.safe_load((copy / "state" / "train.reverse.json").read_text())
     assert state["status"] == "done" and state["summary"]["steps"] == 40

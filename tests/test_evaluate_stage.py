@@ -16,10 +16,11 @@ from test_apply import make_adapter
 from test_merge import archive_adapter
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pipeline.data import templates
 from pipeline.evaluation import lm_eval_tasks
 from pipeline.evaluation.lineage import Evaluation, evaluate_lineage
 from pipeline.evaluation.models import ModelSpec
-from pipeline.evaluation.sets import held_out_set
+from pipeline.evaluation.sets import held_out_set, retention_sets
 from pipeline.recipe import LmEvalConfig, Recipe
 from pipeline.stages import STAGES, Inputs, StageRef, apply, evaluate, merge, prepare
 
@@ -214,7 +215,10 @@ def test_retention_rows_are_rendered_exactly_as_prepare_renders_a_finetune(tiny_
     prepared.mkdir()
     prepare.run(recipe, "copy", prepared, Inputs())
     rows = concatenate_datasets([load_from_disk(str(prepared / split)) for split in ("train", "eval")])
-    [ours] = evaluate.retention_sets(recipe, evaluate.chat_format(recipe), tmp_path / "work")
+    chat = templates.chat_format(recipe.chat_template, recipe.base_model, recipe.target_model)
+    [ours] = retention_sets(
+        recipe.evaluate.retention, chat, tmp_path / "work", max_length=recipe.train.max_seq_length, max_samples=None
+    )
     expected = {(tuple(r["input_ids"]), tuple(r["assistant_masks"])) for r in rows}
     assert {(tuple(i), tuple(m)) for i, m in zip(ours.input_ids, ours.assistant_masks, strict=True)} == expected
     lines = (DEMO_DATA / "copy.messages.jsonl").read_text().splitlines()

@@ -24,8 +24,8 @@ from pipeline.run import main as run_pipeline
 
 HOLDER = """
 import sys, time
-from pipeline.locking import exclusive
-with exclusive(sys.argv[1], "test"):
+from pipeline.locking import try_exclusive
+with try_exclusive(sys.argv[1], "test"):
     print("held", flush=True)
     time.sleep(600)
 """
@@ -118,8 +118,8 @@ def test_without_flock_the_record_is_the_lock(tmp_path, monkeypatch):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     lock.write_text(f'{{"pid": {dead.pid}, "host": "{socket.gethostname()}", "started": "earlier"}}')
-    with locking.exclusive(lock, "output_dir x"):
+    with locking.try_exclusive(lock, "output_dir x"):
         assert locking.holder_of(lock)["pid"] == os.getpid()
-        with pytest.raises(locking.LockHeld, match=f"pid {os.getpid()}"), locking.exclusive(lock, "output_dir x"):
+        with pytest.raises(locking.LockHeld, match=f"pid {os.getpid()}"), locking.try_exclusive(lock, "output_dir x"):
             pass
     assert locking.holder_of(lock) == {}

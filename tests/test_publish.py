@@ -21,7 +21,7 @@ from test_apply import make_adapter
 
 from pipeline.archive.importing import import_adapter
 from pipeline.archive.store import verify_adapter
-from pipeline.publishing.card import find_license, model_card
+from pipeline.publishing.card import Release, find_license, model_card
 from pipeline.publishing.folder import published_files
 from pipeline.recipe import Recipe
 from pipeline.run import main as run_pipeline
@@ -160,8 +160,9 @@ def test_card_front_matter_license_and_evaluation(tmp_path):
         },
     }
     table = "| model | chat (fine-tune) |\n|---|---:|\n| merged | **1.234** |\n"
+    release = Release(REPO_ID, "merged", recipe.name, recipe.base_model, recipe.target_model)
     card = model_card(
-        recipe, lineage, "merge_method: ties\n", manifests, table, find_license(target_dir, recipe.target_model)
+        release, lineage, "merge_method: ties\n", manifests, table, find_license(target_dir, recipe.target_model)
     )
     meta = front_matter(card)
     assert meta["license"] == "apache-2.0"

@@ -32,13 +32,13 @@ def config_for(point: dict, adapted: dict[str, str], base: str, target: str) -> 
     return build_mergekit_config(settings, adapted, base, target)
 
 
-def test_seed_baseline_is_the_seed_recipes_merge():
+def test_published_baseline_is_the_published_recipes_merge():
     adapted = {name: f"/runs/x/apply/{name}" for name in ADAPTERS}
-    seed = config_for(baselines(ADAPTERS)["seed"], adapted, "/m/base", "/m/target")
-    assert seed == build_mergekit_config(MergeConfig(), adapted, "/m/base", "/m/target")
-    assert seed["merge_method"] == "ties" and seed["base_model"] == "/m/base"
-    assert seed["parameters"] == {"normalize": True, "int8_mask": True}
-    assert [m["parameters"] for m in seed["models"]] == [{"weight": 1.0, "density": 1.0}] * (len(ADAPTERS) + 1)
+    published = config_for(baselines(ADAPTERS)["published"], adapted, "/m/base", "/m/target")
+    assert published == build_mergekit_config(MergeConfig(), adapted, "/m/base", "/m/target")
+    assert published["merge_method"] == "ties" and published["base_model"] == "/m/base"
+    assert published["parameters"] == {"normalize": True, "int8_mask": True}
+    assert [m["parameters"] for m in published["models"]] == [{"weight": 1.0, "density": 1.0}] * (len(ADAPTERS) + 1)
     total = config_for(baselines(ADAPTERS)["sum"], adapted, "/m/base", "/m/target")
     assert total["merge_method"] == "task_arithmetic" and total["base_model"] == "/m/target"
     assert [m["model"] for m in total["models"]] == list(adapted.values())  # the target is the base, not an input
@@ -89,7 +89,7 @@ def test_the_worst_objective_is_decided_by_the_least_learned_fine_tune():
 @pytest.mark.parametrize(
     "point",
     [
-        baselines(ADAPTERS)["seed"],
+        baselines(ADAPTERS)["published"],
         baselines(ADAPTERS)["sum"],
         {
             "method": "ties",
@@ -108,7 +108,7 @@ def test_the_worst_objective_is_decided_by_the_least_learned_fine_tune():
         },
         {"method": "linear", "normalize": True, "target_weight": 1.2, **{f"weight.{n}": 0.5 for n in ADAPTERS}},
     ],
-    ids=["seed", "sum", "ties-over-target", "dare_ties", "linear"],
+    ids=["published", "sum", "ties-over-target", "dare_ties", "linear"],
 )
 def test_a_trial_merged_in_memory_equals_the_fused_merge_written_to_disk(tiny_models, archive, tmp_path, point):  # noqa: F811
     """What a trial scores is what the merge stage would write and evaluate would load (bf16 in both)."""
@@ -258,7 +258,7 @@ def test_two_worker_processes_share_one_study_and_do_each_trial_once(tmp_path):
     assert all(worker.returncode == 0 for worker in workers)
     rows = finished_trials(open_study(storage, "s"))
     assert len(rows) == 12 and sum(done) == 12 and all(done)  # both worked, none twice, none too many
-    assert [row["label"] for row in rows[:2]] == ["seed", "sum"]  # the baselines are trials 0 and 1
+    assert [row["label"] for row in rows[:2]] == ["published", "sum"]  # the baselines are trials 0 and 1
     assert sorted(row["number"] for row in rows) == list(range(12))
 
 
@@ -295,7 +295,7 @@ def test_a_search_killed_the_moment_it_asked_for_a_trial_redoes_that_trial(tmp_p
     assert killed.returncode == 9, killed.stderr
     assert fail_abandoned(open_study(storage, "s")) == [0]
     rows = search_here(storage, 4)
-    assert len(rows) == 4 and [row["label"] for row in rows[:2]] == ["seed", "sum"]
+    assert len(rows) == 4 and [row["label"] for row in rows[:2]] == ["published", "sum"]
 
 
 @pytest.mark.slow
@@ -325,7 +325,7 @@ SEARCH = {
     "max_samples": 6,
     "metric": "loss",
     "retention_tolerance": 0.5,
-    "fallback": "seed",
+    "fallback": "published",
     "space": {"methods": ["ties", "task_arithmetic", "linear"]},
 }
 RETENTION = {
@@ -391,29 +391,37 @@ def test_search_stage_writes_a_leaderboard_and_the_merge_uses_its_choice(searche
 
     search_dir = searched_run["output"] / "search"
     board = json.loads((search_dir / "leaderboard.json").read_text())
-    assert [t["label"] for t in board["trials"]] == ["seed", "sum", "2", "3", "4"]
+    assert [t["label"] for t in board["trials"]] == ["published", "sum", "2", "3", "4"]
     assert all(set(t["scores"]) == {"reverse", "sort", "copy"} for t in board["trials"])
     chosen = yaml.safe_load((search_dir / "chosen.yml").read_text())
     row = next(t for t in board["trials"] if t["label"] == chosen["trial"])
-    assert row["passes"] or board["fallback_to_seed"]
+    assert row["passes"] or board["fallback_to_published"]
     written = yaml.safe_load((searched_run["output"] / "merge" / "mergekit_config.yml").read_text())
     assert written == row["mergekit_config"]  # the merge stage ran the chosen trial's configuration
     lineage = json.loads((searched_run["output"] / "merge" / "lineage.json").read_text())
     assert lineage["search"]["chosen_trial"] == chosen["trial"]
     assert lineage["search"]["why"].startswith("the highest mean learned fraction")  # SEARCH's objective: mean
     assert (search_dir / "pareto.png").stat().st_size > 0
-    assert "| seed" in (search_dir / "leaderboard.md").read_text()
+    assert "| published" in (search_dir / "leaderboard.md").read_text()
 
 
 def test_the_lineage_names_the_worst_objective_when_the_search_used_it(tmp_path):
-    import yaml
-
     from pipeline.recipe import Recipe
+    from pipeline.search.leaderboard import write_outputs
     from pipeline.stages.contract import Inputs, StageRef
     from pipeline.stages.merge import chosen_settings
 
-    chosen = {"trial": "7", "objective": 0.5, "learned": {"a": 0.5}, "kept": {"r": 1.0}, "merge": {"weight": 0.7}}
-    (tmp_path / "chosen.yml").write_text(yaml.safe_dump(chosen))
+    row = {
+        "number": 7,
+        "label": "7",
+        "objective": 0.5,
+        "learned": {"a": 0.5},
+        "kept": {"r": 1.0},
+        "passes": True,
+        "violation": 0.0,
+        "merge": {"method": "ties", "base_model": "base", "include_target": True, "weight": 0.7, "models": {}},
+    }
+    write_outputs(tmp_path, [row], row, references={}, metric="loss", tolerance=0.05, fallback=False, objective="worst")
     recipe = Recipe.model_validate(
         {"name": "n", "base_model": "b", "target_model": "t", "search": {"objective": "worst"}}
     )
@@ -475,12 +483,12 @@ def test_bad_search_settings_exit_2_before_anything_runs(tiny_models, finetune_s
 
 
 @pytest.mark.slow
-def test_evaluate_scores_the_seed_beside_the_choice_and_caches_every_score(searched_run):
+def test_evaluate_scores_the_published_merge_beside_the_choice_and_caches_every_score(searched_run):
     from test_end_to_end import run_cli
 
     report = json.loads((searched_run["output"] / "evaluate" / "report.json").read_text())
     chosen = json.loads((searched_run["output"] / "search" / "leaderboard.json").read_text())["chosen"]
-    assert ("merged:seed" in report["models"]) == (chosen != "seed"), (chosen, report["models"])
+    assert ("merged:published" in report["models"]) == (chosen != "published"), (chosen, report["models"])
     again = run_cli(searched_run["recipe"], "--stage", "evaluate", "--force")
     assert again.returncode == 0, again.stdout + again.stderr
     cached = [line for line in newest_log(searched_run["output"]).splitlines() if line.endswith("every score cached")]

@@ -13,7 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.archive.store import ArchiveError, archived_adapters, archived_names, verify_adapter
+from pipeline.archive.combine import DEFAULT_METHOD
+from pipeline.archive.store import SEAL, ArchiveError, archived_names, read_manifest, stray_entries, verify_adapter
 
 
 def list_adapters(archive_dir: Path) -> int:
@@ -23,7 +24,14 @@ def list_adapters(archive_dir: Path) -> int:
     table = Table(title=str(archive_dir), title_justify="left")
     for column in ("name", "kind", "base", "dataset", "created", "eval loss", "size"):
         table.add_column(column, overflow="fold")
-    for name, manifest in archived_adapters(archive_dir).items():
+    broken = []
+    for name in archived_names(archive_dir):
+        try:
+            manifest = read_manifest(archive_dir / name)
+        except ArchiveError as error:
+            broken.append(str(error))
+            table.add_row(name, "BROKEN", "", "", "", "", "")
+            continue
         size = sum(f.stat().st_size for f in (archive_dir / name).iterdir() if f.is_file())
         eval_loss = manifest.get("metrics", {}).get("eval_loss")
         table.add_row(
@@ -36,21 +44,34 @@ def list_adapters(archive_dir: Path) -> int:
             f"{size / 2**20:.1f} MiB",
         )
     Console(width=200).print(table)
-    return 0
+    for problem in broken:
+        print(f"broken entry: {problem}", file=sys.stderr)
+    for name in stray_entries(archive_dir):
+        print(f"not an archived adapter (no manifest.json): {archive_dir / name}", file=sys.stderr)
+    return 1 if broken else 0
 
 
 def verify(archive_dir: Path) -> int:
+    """Every entry: exactly its manifest's files with their sha256, the manifest intact; folders that are no entry
+    are named too."""
     corrupt = []
     for name in archived_names(archive_dir):
         try:
-            verify_adapter(archive_dir / name)
-            print(f"ok       {name}")
+            manifest = verify_adapter(archive_dir / name)
+            print(f"ok       {name}" + ("" if SEAL in manifest else f" (its manifest predates {SEAL}: not sealed)"))
         except ArchiveError as error:
             corrupt.append(name)
             print(f"CORRUPT  {error}")
-    if corrupt:
-        print(f"{len(corrupt)} corrupt adapter(s): {', '.join(corrupt)}", file=sys.stderr)
-    return 1 if corrupt else 0
+    strays = stray_entries(archive_dir)
+    for name in strays:
+        print(f"STRAY    {name}: a folder without {archive_dir / name / 'manifest.json'}; not an archived adapter")
+    if corrupt or strays:
+        print(
+            f"{len(corrupt)} corrupt adapter(s){': ' + ', '.join(corrupt) if corrupt else ''}, {len(strays)} stray "
+            "folder(s)",
+            file=sys.stderr,
+        )
+    return 1 if corrupt or strays else 0
 
 
 def _archived(result: tuple[Path, bool]) -> int:
@@ -152,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     combine = commands.add_parser(
         "combine",
-        help="several archived adapters into one (PEFT add_weighted_adapter)",
+        help="several archived adapters into one (PEFT add_weighted_adapter; default: their exact weighted sum)",
         description="PEFT combines adapters inside a model: this loads the base model in its stored dtype "
         "(on a 7B base, about 15 GB of RAM). Only the combined adapter is saved.",
     )
@@ -161,9 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     combine.add_argument("--weights", required=True, type=numbers, help="one per adapter, e.g. 0.6,0.4")
     combine.add_argument(
         "--method",
-        default="linear",
-        help="a PEFT combination_type: linear (same ranks), cat, "
-        "ties, svd, ties_svd, dare_linear, dare_ties, magnitude_prune, ... (default linear)",
+        default=DEFAULT_METHOD,
+        help="a PEFT combination_type. cat (default): exactly the weighted sum of the updates, "
+        "sum(w_i * s_i * B_i A_i), rank = the sum of the ranks; svd: that sum factored to --svd-rank; "
+        "linear: PEFT's default, which adds the A and the B factors separately, "
+        "(sum sqrt(w_i) B_i)(sum sqrt(w_i) s_i A_i): the weighted updates plus cross terms B_i A_j, equal ranks "
+        "only; ties, dare_linear, dare_ties, magnitude_prune (+ _svd): pruned. The "
+        "manifest records each module's distance from the weighted sum.",
     )
     combine.add_argument("--density", type=float, help="fraction kept by ties/dare/magnitude_prune methods")
     combine.add_argument("--svd-rank", type=int, help="rank of *svd methods (default: largest source rank)")
@@ -182,7 +207,10 @@ def main(argv: list[str] | None = None) -> int:
         return verify(args.archive_dir)
     try:
         return list_adapters(args.archive_dir) if args.command == "list" else args.handler(args)
-    except (ArchiveError, ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError) as error:  # a bad argument or path: nothing was written
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except ArchiveError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 

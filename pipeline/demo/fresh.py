@@ -1,6 +1,6 @@
 """Judge a finished demo run on fresh examples no training saw: greedy answers in the target's chat template, exact
-match, for the target, each adapted model, the merged model and (when the search chose another) the seed's merge
-(`merged:seed`).
+match, for the target, each adapted model, the merged model and (when the search chose another) the published merge
+(`merged:published`).
 
     python -m pipeline.demo.fresh                  # runs/tiny-cpu, 100 examples per skill, seed 1
     python -m pipeline.demo.fresh --seed 7 -n 200
@@ -39,18 +39,15 @@ def exact_match(model, tokenizer, skill: str, n: int, seed: int) -> float:
 
 def lineage_models(recipe) -> dict[str, object]:
     """label → ModelSpec of the run's target, adapted models, merged model and (when the search chose another) the
-    seed's merge: the evaluate stage's own lineage of the finished run, without the base."""
-    from pipeline.stages import STAGES, Inputs, StageRef, evaluate
-    from pipeline.stages.selection import adapted_model_dir, saves_adapted_models, selected_adapters
+    published merge: the evaluate stage's own lineage of the finished run, without the base, read from the outputs
+    the runner hands the evaluate step."""
+    from pipeline.runner import inputs_of
+    from pipeline.stages import evaluate
 
-    paths = {StageRef("merge"): STAGES["merge"].output_path(recipe, "")}
-    search_dir = STAGES["search"].output_path(recipe, "")
-    if recipe.search is not None and search_dir.is_dir():
-        paths[StageRef("search")] = search_dir
-    if saves_adapted_models(recipe):
-        paths |= {StageRef("apply", name): adapted_model_dir(recipe, name) for name in selected_adapters(recipe)}
-    scored = recipe.evaluate.model_copy(update={"models": ["target", "adapted", "merged"]})
-    specs = evaluate.lineage(recipe.model_copy(update={"evaluate": scored}), Inputs(paths))
+    scored = recipe.model_copy(
+        update={"evaluate": recipe.evaluate.model_copy(update={"models": ["target", "adapted", "merged"]})}
+    )
+    specs = evaluate.lineage(scored, inputs_of(scored, "evaluate"))
     return {spec.label: spec for spec in specs}
 
 
@@ -115,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     table, learned, kept = judge(recipe, n=args.n, seed=args.seed)
     print(markdown(table, [*learned, *kept], args.n, args.seed))
     lines = verdict(table, learned, kept)
-    if "merged:seed" in table:
-        lines += verdict(table, learned, kept, "merged:seed")
+    if "merged:published" in table:
+        lines += verdict(table, learned, kept, "merged:published")
     print("\n".join(lines))
     return 0 if not any("FAIL" in line for line in verdict(table, learned, kept)) else 1
 

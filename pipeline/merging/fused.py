@@ -80,8 +80,8 @@ def plan_tensors(config_dir: Path, target: dict, base: dict | None, trust_remote
     arch = arch_info_for_config(config)
     if arch is None:
         raise ValueError(
-            f"mergekit has no architecture definition for {config.architectures}; the fused engine "
-            "needs one. Set merge.engine: mergekit"
+            f"mergekit has no architecture definition for {config.architectures}; the fused engine needs one "
+            "(the mergekit engine does not)"
         )
     planned = []
     for module in arch.modules.values():

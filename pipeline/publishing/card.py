@@ -3,13 +3,24 @@ weight came from, the mergekit config, the evaluation table when there is one, a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from pipeline.models.hub import HUB_ID
 from pipeline.publishing.model_index import model_index
-from pipeline.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class Release:
+    """What is published, and from which models: the card's subject. `what` is merged, adapters or both."""
+
+    repo_id: str
+    what: str
+    recipe_name: str
+    base_model: str
+    target_model: str
 
 
 def is_hub_id(reference: str) -> bool:
@@ -53,9 +64,9 @@ def origin(adapter: dict, manifest: dict) -> str:
     return f"dataset `{adapter.get('dataset')}`"
 
 
-def front_matter(recipe: Recipe, method: str, license_name: str | None) -> dict:
-    merged = recipe.publish.what != "adapters"
-    bases = [recipe.target_model, recipe.base_model] if merged else [recipe.base_model]
+def front_matter(release: Release, method: str, license_name: str | None) -> dict:
+    merged = release.what != "adapters"
+    bases = [release.target_model, release.base_model] if merged else [release.base_model]
     data = {"license": license_name} if license_name else {}
     hub_bases = [base for base in bases if is_hub_id(base)]
     if hub_bases:
@@ -83,10 +94,10 @@ def lineage_section(lineage: dict, manifests: dict[str, dict], method: str) -> s
 """
 
 
-def usage_section(recipe: Recipe, adapter_names: list[str]) -> str:
-    repo_id = recipe.publish.repo_id
+def usage_section(release: Release, adapter_names: list[str]) -> str:
+    repo_id = release.repo_id
     parts = ["## Usage"]
-    if recipe.publish.what != "adapters":
+    if release.what != "adapters":
         parts.append(f"""With transformers:
 
 ```python
@@ -101,7 +112,7 @@ inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, ret
 output = model.generate(**inputs, max_new_tokens=64)
 print(tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 ```""")
-    if recipe.publish.what != "merged" and adapter_names:
+    if release.what != "merged" and adapter_names:
         parts.append(f"""Each LoRA adapter is in `adapters/<name>/`. It was trained on the base and is meant to be
 applied to the target, with PEFT:
 
@@ -109,7 +120,7 @@ applied to the target, with PEFT:
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-target = AutoModelForCausalLM.from_pretrained("{recipe.target_model}", dtype="auto")
+target = AutoModelForCausalLM.from_pretrained("{release.target_model}", dtype="auto")
 model = PeftModel.from_pretrained(target, "{repo_id}", subfolder="adapters/{adapter_names[0]}")
 ```""")
     return "\n\n".join(parts) + "\n"
@@ -142,7 +153,7 @@ llama-cli -m {smallest} -cnv
 
 
 def model_card(
-    recipe: Recipe,
+    release: Release,
     lineage: dict,
     mergekit_yaml: str,
     manifests: dict[str, dict],
@@ -154,20 +165,20 @@ def model_card(
     """README.md for the published folder. `manifests` are the archived adapters' (name → manifest), for kinds;
     `gguf_files` the GGUF files published beside the merged model (name → bytes); `lm_eval` report.json's lm-eval
     section, whose scores of the merged model become the front matter's `model-index`."""
-    method = lineage.get("mergekit_config", {}).get("merge_method") or recipe.merge.method
+    method = lineage.get("mergekit_config", {}).get("merge_method") or lineage["engine"]
     names = [adapter["name"] for adapter in lineage["adapters"]]
     contents = {
         "merged": "A merged model",
         "adapters": "LoRA adapters",
         "both": "A merged model and the LoRA adapters it was made from",
-    }[recipe.publish.what]
-    metadata = front_matter(recipe, method, license_name)
-    if recipe.publish.what != "adapters":  # the scores are the merged model's
-        metadata.update(model_index(recipe.publish.repo_id.split("/")[-1], lm_eval))
+    }[release.what]
+    metadata = front_matter(release, method, license_name)
+    if release.what != "adapters":  # the scores are the merged model's
+        metadata.update(model_index(release.repo_id.split("/")[-1], lm_eval))
     sections = [
         f"---\n{yaml.safe_dump(metadata, sort_keys=False)}---",
-        f"# {recipe.publish.repo_id.split('/')[-1]}",
-        f"{contents}, made with ftmerge from the recipe `{recipe.name}`: {len(names)} LoRA fine-tune(s) of "
+        f"# {release.repo_id.split('/')[-1]}",
+        f"{contents}, made with ftmerge from the recipe `{release.recipe_name}`: {len(names)} LoRA fine-tune(s) of "
         f"`{lineage['base']}`, each applied to `{lineage['target']}`, then merged all at once with mergekit's "
         f"`{method}` over the base. The tokenizer, chat template and generation config are the target's.",
         lineage_section(lineage, manifests, method),
@@ -178,11 +189,11 @@ def model_card(
             f"retention sets{' and lm-eval-harness tasks' if (lm_eval or {}).get('results') else ''}."
             f"\n\n{evaluation.strip()}\n"
         )
-    if recipe.publish.what != "adapters":
+    if release.what != "adapters":
         sections.append(f"## mergekit configuration\n\n```yaml\n{mergekit_yaml.rstrip()}\n```\n")
-    sections.append(usage_section(recipe, names))
+    sections.append(usage_section(release, names))
     if gguf_files:
-        sections.append(gguf_section(recipe.publish.repo_id, gguf_files))
+        sections.append(gguf_section(release.repo_id, gguf_files))
     versions = lineage.get("versions") or {}
     if versions:
         sections.append("Library versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".\n")

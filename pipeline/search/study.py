@@ -10,15 +10,13 @@ search suggests what the uninterrupted one would have.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.locking import alive_here
+from pipeline.locking import alive_here, wait_exclusive
 
 LABEL = "label"
 RESULT = "result"
@@ -68,16 +66,6 @@ def fail_abandoned(study) -> list[int]:
     return abandoned
 
 
-@contextlib.contextmanager
-def exclusive(lock_path: Path):
-    with open(lock_path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _next_trial(study, *, total: int, baselines: dict[str, dict], sampler: str, seed: int):
     """Ask for the next trial (the first baseline not yet queued, else the sampler's), or None when the study is
     full. Each trial is enqueued with its owner before it is asked for: a process killed between `ask` and setting
@@ -124,7 +112,7 @@ def run_trials(
     of trials this process finished."""
     done = 0
     while True:
-        with exclusive(lock_path):
+        with wait_exclusive(lock_path):
             trial = _next_trial(study, total=total, baselines=baselines, sampler=sampler, seed=seed)
             if trial is None:
                 return done

@@ -127,12 +127,12 @@ def references_of(study) -> dict | None:
 def work(job: SearchJob, on_trial=None) -> int:
     """Run trials of the job's study until it is full; the references are computed once per study (by whichever
     process gets there first, under the study's lock) and read by every other. Returns trials finished here."""
-    from pipeline.search.study import exclusive
+    from pipeline.locking import wait_exclusive
 
     study = open_study(job.storage, job.study_name)
     runner = TrialRunner(job)
     try:
-        with exclusive(job.lock_path):
+        with wait_exclusive(job.lock_path):
             references = references_of(study)
             if references is None:
                 references = runner.references()

@@ -12,6 +12,7 @@ import difflib
 import shutil
 from pathlib import Path
 
+from pipeline import console
 from pipeline.models.gguf import (
     CONVERTER_OUTTYPES,
     QUANTIZE_OUTTYPES,
@@ -22,7 +23,7 @@ from pipeline.models.gguf import (
     supported_architectures,
 )
 from pipeline.models.hub import local_config
-from pipeline.recipe import Recipe, RecipeError
+from pipeline.recipe import Recipe, RecipeError, result_settings
 from pipeline.stages.contract import Inputs, Stage, StageRef
 
 WORK_DIR = "_work"
@@ -34,7 +35,7 @@ def items(recipe: Recipe) -> list[str]:
 
 def config(recipe: Recipe, item: str) -> dict:
     return {
-        "gguf": recipe.export.gguf.model_dump(),
+        "gguf": result_settings(recipe.export.gguf),
         "name": recipe.name,
         "converter": converter_version(),
         "merge_dtype": recipe.merge.dtype,
@@ -127,8 +128,17 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
             f"export.gguf.tokenizer_pre {settings.tokenizer_pre!r} was written, but llama.cpp's converter recognizes "
             f"this tokenizer as {detected!r}; remove tokenizer_pre unless you know better"
         )
-        print(summary["warning"])
+        console.notice(f"export: {summary['warning']}")
     return summary
 
 
-STAGE = Stage(name="export", items=items, config=config, depends_on=depends_on, check=check, run=run, resumable=True)
+STAGE = Stage(
+    name="export",
+    items=items,
+    config=config,
+    depends_on=depends_on,
+    check=check,
+    run=run,
+    resumable=True,
+    enabled_by="an export: block (export.gguf)",
+)

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import console
 from pipeline.data import formats, loading, templates
 from pipeline.fingerprint import content_fingerprint
-from pipeline.recipe import Recipe, RecipeError
-from pipeline.stages.contract import Inputs, Stage, each_finetune
+from pipeline.recipe import Recipe, RecipeError, result_settings
+from pipeline.stages.contract import Inputs, Stage, each_finetune, problems_at
 
 PARALLEL_FROM_ROWS = 20_000  # below this, worker start-up costs more than it saves
 
@@ -32,7 +33,7 @@ def config(recipe: Recipe, item: str) -> dict:
     dataset = recipe.finetune(item).dataset
     train = recipe.train_config(item)
     return {
-        "dataset": dataset.model_dump(),
+        "dataset": result_settings(dataset),
         "dataset_content": dataset_content(dataset.path),
         "chat_template": recipe.chat_template,
         "template_identity": templates.template_identity(recipe.chat_template, recipe.target_model),
@@ -47,7 +48,8 @@ def check(recipe: Recipe, item: str) -> None:
     index = each_finetune(recipe).index(item)
     dataset = recipe.finetune(item).dataset
     key = f"finetunes.{index}.dataset"
-    loading.check_dataset_path(dataset, key)
+    with problems_at(key):
+        loading.check_dataset_path(dataset)
     known = formats.FORMAT_FIELDS[dataset.format]
     unknown = sorted(set(dataset.columns) - set(known))
     if unknown:
@@ -57,7 +59,28 @@ def check(recipe: Recipe, item: str) -> None:
         )
     if dataset.eval_size >= 1 and dataset.eval_size != int(dataset.eval_size):
         raise RecipeError(f"{key}.eval_size: {dataset.eval_size} is neither a fraction (< 1) nor a row count")
-    templates.check_template(recipe.chat_template, recipe.target_model)
+    _check_mapped_columns(dataset, key)
+    with problems_at("chat_template"):
+        templates.check_template(recipe.chat_template, recipe.target_model)
+
+
+def _check_mapped_columns(dataset, key: str) -> None:
+    """Each column `dataset.columns` maps a field to is in the local file's first rows: a typo there would
+    otherwise reject every row as missing the field."""
+    path = Path(dataset.path).expanduser()
+    mapped = {f: c for f, c in dataset.columns.items() if f not in formats.TURN_FIELDS}
+    if not mapped or not path.exists():
+        return
+    files = loading.local_data_files(path)
+    present = loading.peek_columns(files)
+    absent = {f: c for f, c in mapped.items() if present is not None and c not in present}
+    if absent:
+        listing = ", ".join(f"{field} → {column!r}" for field, column in absent.items())
+        raise RecipeError(
+            f"{key}.columns: {listing}: no such column in {files[0]}"
+            + (" and the other files" if len(files) > 1 else "")
+            + f" (its rows have: {', '.join(sorted(present)) or 'nothing'})"
+        )
 
 
 def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
@@ -90,7 +113,13 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
     kept = render.kept_rows(processed)
     truncated = sum(1 for batch in kept.select_columns(["detail"]).iter(10_000) for d in batch["detail"] if d)
     unique = kept.select(_first_occurrences(kept))
-    train_rows, eval_rows = split_indices(len(unique), dataset.eval_size, train.seed)
+    try:
+        train_rows, eval_rows = split_indices(len(unique), dataset.eval_size, train.seed)
+    except ValueError as error:
+        raise ValueError(
+            f"{error} ({dataset.path}: {len(source)} rows read, {len(source) - len(kept)} rejected, "
+            f"{len(kept) - len(unique)} duplicates removed)"
+        ) from None
     columns = [c for c in unique.column_names if c not in render.HELPER_COLUMNS]
     _save(unique.select(train_rows).select_columns(columns), out / "train")
     _save(unique.select(eval_rows).select_columns(columns), out / "eval")
@@ -115,11 +144,22 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
     (out / "template.jinja").write_text(chat.template, encoding="utf-8")
     del source, processed, rejected, kept, unique
     shutil.rmtree(work, ignore_errors=True)
-    print(
-        f"prepare {item}: {summary['rows_in']} rows in, {summary['kept']} kept ({summary['train_rows']} train, "
-        f"{summary['eval_rows']} eval), {summary['rejected']} rejected, {summary['deduplicated']} duplicates"
-    )
+    _notify(item, summary, dataset.path, STAGE.output_path(recipe, item) / "rejected.jsonl")
     return {key: summary[key] for key in ("rows_in", "kept", "rejected", "deduplicated", "train_rows", "eval_rows")}
+
+
+def _notify(item: str, summary: dict, source: str, rejected_file: Path) -> None:
+    """The rows that did not make it as they were, on the screen: the user decides whether the data needs fixing."""
+    if summary["rejected"]:
+        reasons = ", ".join(f"{reason} {count}" for reason, count in summary["rejected_by_reason"].items())
+        console.notice(
+            f"prepare {item}: {summary['rejected']} of {summary['rows_in']} rows of {source} rejected ({reasons}); "
+            f"each with its reason in {rejected_file}"
+        )
+    if summary["deduplicated"]:
+        console.notice(f"prepare {item}: {summary['deduplicated']} duplicate conversations removed")
+    if summary["truncated"]:
+        console.notice(f"prepare {item}: {summary['truncated']} rows truncated to max_seq_length")
 
 
 def split_indices(rows: int, eval_size: float, seed: int) -> tuple[list[int], list[int]]:
@@ -155,4 +195,4 @@ def _first_occurrences(kept) -> list[int]:
     return first
 
 
-STAGE = Stage(name="prepare", items=each_finetune, config=config, check=check, run=run)
+STAGE = Stage(name="prepare", items=each_finetune, config=config, check=check, run=run, enabled_by="finetunes")
