@@ -6,30 +6,13 @@ import json
 
 import pytest
 import torch
+from helpers.models import load_model_tensors, make_adapter
 from safetensors.torch import load_file
 
 from pipeline.demo.tiny import derive_tiny_target, make_tiny_model
 from pipeline.merging.adapted_model import IncompatibleAdapter, apply_adapter
 from pipeline.models.lora import AdapterRefused, load_adapter
 from pipeline.models.safetensors_io import INDEX_FILE, model_tensors
-
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def make_adapter(base_dir, out_dir, seed=0, **lora_settings):
-    """A real PEFT LoRA on the base with random nonzero A and B (a fresh LoRA has B = 0 and changes nothing)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    settings = {"r": 8, "lora_alpha": 16, "target_modules": PROJECTIONS, **lora_settings}
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), LoraConfig(**settings))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
-    model.save_pretrained(out_dir)
-    return out_dir
 
 
 def peft_reference(target_dir, adapter_dir, out_dir, dtype=torch.bfloat16):
@@ -41,13 +24,6 @@ def peft_reference(target_dir, adapter_dir, out_dir, dtype=torch.bfloat16):
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     merged.save_pretrained(out_dir)
     return out_dir
-
-
-def load_model_tensors(model_dir):
-    tensors = {}
-    for file in sorted(model_dir.glob("*.safetensors")):
-        tensors.update(load_file(file))
-    return tensors
 
 
 def assert_identical(ours_dir, reference_dir):

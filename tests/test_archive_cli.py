@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from test_apply import make_adapter
+from helpers.models import make_adapter
 
 from pipeline.archive.__main__ import main as archive_cli
 from pipeline.archive.store import archived_adapters, verify_adapter

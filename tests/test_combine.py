@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.models import make_adapter
 from safetensors.torch import load_file
-from test_apply import make_adapter
 
 from pipeline.archive.__main__ import main as archive_cli
 from pipeline.archive.combine import combine_adapters

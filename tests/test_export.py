@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
+from helpers.models import make_adapter
+from helpers.recipes import recipe_data, write_recipe
 from safetensors.torch import load_file
-from test_apply import make_adapter
 
 from pipeline.archive.importing import import_adapter
 from pipeline.models import gguf as gguf_export
@@ -28,23 +28,18 @@ from pipeline.stages import Inputs, StageRef, export
 NAME = "export-test"
 
 
-def recipe_data(output_dir: Path, archive: Path, tiny_models, **sections) -> dict:
-    return {
-        "name": NAME,
-        "output_dir": str(output_dir),
-        "base_model": str(tiny_models["base"]),
-        "target_model": str(tiny_models["target"]),
-        "archive_dir": str(archive),
-        "apply": {"device": "cpu", "save": False},
-        "merge": {"adapters": ["alpha", "beta"], "device": "cpu"},
-        "evaluate": {"enabled": False},
+def export_recipe_data(output_dir: Path, archive: Path, tiny_models, **sections) -> dict:
+    """alpha and beta from `archive` merged on CPU (apply.save off), evaluate off; `sections` add keys."""
+    return recipe_data(
+        tiny_models,
+        output_dir,
+        name=NAME,
+        archive_dir=archive,
+        apply={"device": "cpu", "save": False},
+        merge={"adapters": ["alpha", "beta"], "device": "cpu"},
+        evaluate={"enabled": False},
         **sections,
-    }
-
-
-def write_recipe(path: Path, data: dict) -> Path:
-    path.write_text(yaml.safe_dump(data))
-    return path
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +49,7 @@ def exported(tmp_path_factory, tiny_models):
     for seed, name in enumerate(("alpha", "beta")):
         adapter = make_adapter(tiny_models["base"], root / name, seed=seed)
         import_adapter(root / "archive", adapter, name, str(tiny_models["base"]))
-    data = recipe_data(
+    data = export_recipe_data(
         root / "run",
         root / "archive",
         tiny_models,
@@ -179,7 +174,9 @@ def fake_llama_quantize(directory: Path) -> Path:
 
 
 def export_recipe(exported, tiny_models, output_dir: Path, **gguf) -> Recipe:
-    return Recipe.model_validate(recipe_data(output_dir, exported["archive"], tiny_models, export={"gguf": gguf}))
+    return Recipe.model_validate(
+        export_recipe_data(output_dir, exported["archive"], tiny_models, export={"gguf": gguf})
+    )
 
 
 def test_k_quants_go_through_llama_quantize_and_a_killed_run_resumes(exported, tiny_models, tmp_path, monkeypatch):
@@ -221,7 +218,7 @@ def test_bad_export_settings_stop_the_run_before_anything_runs(
     exported, tiny_models, tmp_path, monkeypatch, capsys, gguf, message
 ):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no llama-quantize
-    data = recipe_data(tmp_path / "run", exported["archive"], tiny_models, export={"gguf": gguf})
+    data = export_recipe_data(tmp_path / "run", exported["archive"], tiny_models, export={"gguf": gguf})
     assert run_pipeline([str(write_recipe(tmp_path / "recipe.yaml", data)), "--from", "apply"]) == 2
     error = capsys.readouterr().err
     assert re.search(message, error), error
@@ -232,7 +229,7 @@ def test_bad_export_settings_stop_the_run_before_anything_runs(
 def test_export_is_off_without_its_block_and_publish_reads_it_for_the_merged_model(tiny_models, tmp_path):
     from pipeline.stages import publish
 
-    data = recipe_data(tmp_path / "run", tmp_path / "archive", tiny_models, publish={"repo_id": "someone/x"})
+    data = export_recipe_data(tmp_path / "run", tmp_path / "archive", tiny_models, publish={"repo_id": "someone/x"})
     assert export.items(Recipe.model_validate(data)) == []
     recipe = Recipe.model_validate({**data, "export": {"gguf": {}}})
     assert export.items(recipe) == [""] and recipe.export.gguf.outtypes == ["q8_0"]

@@ -5,10 +5,10 @@ device stands in for it (no data, but every transfer is a real `.to` call that t
 from __future__ import annotations
 
 import torch
-from test_merge import ADAPTERS, archive  # noqa: F401  (archive is a fixture)
+from helpers.archive import ADAPTERS
 
 
-def test_each_distinct_input_goes_to_the_device_once(tiny_models, archive, monkeypatch):  # noqa: F811
+def test_each_distinct_input_goes_to_the_device_once(tiny_models, archive, monkeypatch):
     from pipeline.merging.fused import FusedInputs
     from pipeline.models.lora import load_adapter
 

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.cli import REPO
+from helpers.models import PROJECTIONS, assert_same_tensors
+from helpers.stages import merge_with
 from safetensors.torch import save_file
-from test_merge import ADAPTERS, applied, archive, assert_same_tensors, merge_with  # noqa: F401
 
 from pipeline.demo.tiny import make_tiny_model
 from pipeline.merging import fused
 from pipeline.models.lora import LoraFactors
-
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
@@ -121,8 +121,8 @@ def test_copies_shortcut_only_where_it_is_exact():
 
 def test_untouched_weights_take_the_shortcut_and_equal_the_mergekit_engine(
     tiny_models,
-    archive,  # noqa: F811
-    applied,  # noqa: F811
+    archive,
+    applied,
     tmp_path,
     monkeypatch,
 ):
@@ -214,7 +214,7 @@ def test_peak_memory_is_flat_from_one_to_eight_adapters(tiny_tokenizer_dir, tmp_
             capture_output=True,
             text=True,
             env={**os.environ, "HF_HUB_OFFLINE": "1"},
-            cwd=Path(__file__).resolve().parents[1],
+            cwd=REPO,
         )
         return int(result.stdout.strip().splitlines()[-1])
 

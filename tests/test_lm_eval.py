@@ -13,7 +13,6 @@ import pytest
 import torch
 import yaml
 from matplotlib.figure import Figure
-from test_evaluate_stage import lineage  # noqa: F401  (a fixture: adapters, apply and a fused merge)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.evaluation import lm_eval_tasks
@@ -221,7 +220,7 @@ def published_leaderboard(root: Path, merge_dir: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_stage_scores_every_model_caches_per_task_and_fills_the_card(lineage, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_stage_scores_every_model_caches_per_task_and_fills_the_card(lineage, tmp_path, monkeypatch, capsys):
     from huggingface_hub import ModelCard
     from huggingface_hub.repocard import metadata_load
 
@@ -309,7 +308,7 @@ def test_stage_scores_every_model_caches_per_task_and_fills_the_card(lineage, tm
 
 
 @pytest.mark.slow
-def test_bad_lm_eval_settings_fail_before_anything_is_written(lineage, tmp_path):  # noqa: F811
+def test_bad_lm_eval_settings_fail_before_anything_is_written(lineage, tmp_path):
     """A missing include_path fails at recipe validation, naming the key; an unknown task fails the stage's check
     (before any stage runs) with the closest known names; the vLLM backend without vLLM says how to get it."""
     tasks = write_tasks(tmp_path / "tasks", color_docs(), [{"prompt": "a", "answer": "a"}])

@@ -17,7 +17,8 @@ import re
 import httpx
 import pytest
 import yaml
-from test_apply import make_adapter
+from helpers.models import make_adapter
+from helpers.recipes import recipe_data, write_recipe
 
 from pipeline.archive.importing import import_adapter
 from pipeline.archive.store import verify_adapter
@@ -38,19 +39,17 @@ def published(tmp_path_factory, tiny_models):
         import_adapter(
             root / "archive", make_adapter(tiny_models["base"], root / name, seed=seed), name, str(tiny_models["base"])
         )
-    recipe = {
-        "name": "publish-test",
-        "output_dir": str(root / "run"),
-        "base_model": str(tiny_models["base"]),
-        "target_model": str(tiny_models["target"]),
-        "archive_dir": str(root / "archive"),
-        "apply": {"device": "cpu"},
-        "merge": {"adapters": ["alpha", "beta"], "device": "cpu"},
-        "evaluate": {"enabled": False},
-        "publish": {"repo_id": REPO_ID, "what": "both", "dry_run": True},
-    }
-    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    assert run_pipeline([str(root / "recipe.yaml"), "--from", "apply"]) == 0
+    data = recipe_data(
+        tiny_models,
+        root / "run",
+        name="publish-test",
+        archive_dir=root / "archive",
+        apply={"device": "cpu"},
+        merge={"adapters": ["alpha", "beta"], "device": "cpu"},
+        evaluate={"enabled": False},
+        publish={"repo_id": REPO_ID, "what": "both", "dry_run": True},
+    )
+    assert run_pipeline([str(write_recipe(root / "recipe.yaml", data)), "--from", "apply"]) == 0
     return {"root": root, "recipe": root / "recipe.yaml", "run": root / "run", "folder": root / "run" / "publish"}
 
 

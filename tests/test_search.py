@@ -15,16 +15,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_merge import ADAPTERS, archive, make_recipe, merge_with  # noqa: F401  (archive is a fixture)
+from helpers.archive import ADAPTERS
+from helpers.cli import REPO, TESTS, run_cli, start_cli
+from helpers.recipes import SEARCH, merge_recipe, write_search_recipe
+from helpers.search import SPACE, cheap_point_value
+from helpers.stages import merge_with
 
 from pipeline.merging.config import build_mergekit_config, validate_mergekit_config
 from pipeline.recipe import MergeConfig
 from pipeline.search.objective import judge
-from pipeline.search.space import Space, baselines, merge_settings, suggest, with_baselines
+from pipeline.search.space import baselines, merge_settings, suggest
 from pipeline.search.study import choose, fail_abandoned, finished_trials, open_study, run_trials, sqlite_url
-
-REPO = Path(__file__).resolve().parents[1]
-SPACE = with_baselines(Space(("a", "b"), ("ties", "linear"), ("base",), (0.2, 1.5), (0.5, 1.0), (0.5, 1.0), (True,)))
 
 
 def config_for(point: dict, adapted: dict[str, str], base: str, target: str) -> dict:
@@ -110,14 +111,14 @@ def test_the_worst_objective_is_decided_by_the_least_learned_fine_tune():
     ],
     ids=["published", "sum", "ties-over-target", "dare_ties", "linear"],
 )
-def test_a_trial_merged_in_memory_equals_the_fused_merge_written_to_disk(tiny_models, archive, tmp_path, point):  # noqa: F811
+def test_a_trial_merged_in_memory_equals_the_fused_merge_written_to_disk(tiny_models, archive, tmp_path, point):
     """What a trial scores is what the merge stage would write and evaluate would load (bf16 in both)."""
     from transformers import AutoModelForCausalLM
 
     from pipeline.merging.fused import FusedInputs, load_merged
     from pipeline.recipe import Recipe
 
-    recipe: Recipe = make_recipe(tiny_models, archive, tmp_path)
+    recipe: Recipe = merge_recipe(tiny_models, archive, tmp_path)
     settings = merge_settings(point)
     written = merge_with(tiny_models, archive, tmp_path, tmp_path / "disk", "fused", **settings)
     on_disk = AutoModelForCausalLM.from_pretrained(written, dtype=torch.bfloat16).state_dict()
@@ -140,7 +141,7 @@ def test_a_trial_merged_in_memory_equals_the_fused_merge_written_to_disk(tiny_mo
                 assert torch.equal(in_memory[name], tensor), name
 
 
-def test_sum_over_the_target_adds_each_adapters_own_delta(tiny_models, archive, tmp_path):  # noqa: F811
+def test_sum_over_the_target_adds_each_adapters_own_delta(tiny_models, archive, tmp_path):
     """T + Σ (Aᵢ − T): the configuration the seed's YAML cannot express, checked against the adapted models."""
     from transformers import AutoModelForCausalLM
 
@@ -173,26 +174,11 @@ def test_sum_over_the_target_adds_each_adapters_own_delta(tiny_models, archive, 
         torch.testing.assert_close(merged[key], expected[key], rtol=0, atol=2e-2)  # mergekit merges in bfloat16
 
 
-def cheap_point_value(point: dict) -> dict:
-    """A stand-in for scoring a merge (deterministic in the point): best near weights 0.8, gate on target_weight."""
-    weights = [value for key, value in point.items() if key.startswith("weight.")]
-    objective = 1 - sum((w - 0.8) ** 2 for w in weights)
-    violation = max(0.0, 0.6 - point.get("target_weight", 1.0))
-    return {
-        "objective": objective,
-        "violation": violation,
-        "passes": violation == 0,
-        "learned": {},
-        "kept": {},
-        "merge": merge_settings(point),
-    }
-
-
 WORKER = r"""
 import json, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[3])
-from test_search import SPACE, cheap_point_value
+from helpers.search import SPACE, cheap_point_value
 from pipeline.search.space import baselines, suggest
 from pipeline.search.study import open_study, run_trials
 
@@ -223,7 +209,7 @@ def start_worker(storage: str, total: int, *, pause_at: int = 0, marker: Path | 
             WORKER,
             storage,
             str(total),
-            str(Path(__file__).parent),
+            str(TESTS),
             str(pause_at),
             str(marker or ""),
         ],
@@ -267,7 +253,7 @@ import os, sys
 from pathlib import Path
 import optuna
 sys.path.insert(0, sys.argv[2])
-from test_search import SPACE
+from helpers.search import SPACE
 from pipeline.search.space import baselines, suggest
 from pipeline.search.study import open_study, run_trials
 
@@ -290,7 +276,7 @@ def test_a_search_killed_the_moment_it_asked_for_a_trial_redoes_that_trial(tmp_p
     storage = sqlite_url(tmp_path / "study.db")
     open_study(storage, "s")
     killed = subprocess.run(
-        [sys.executable, "-c", KILLED_AFTER_ASK, storage, str(Path(__file__).parent)], cwd=REPO, capture_output=True
+        [sys.executable, "-c", KILLED_AFTER_ASK, storage, str(TESTS)], cwd=REPO, capture_output=True
     )
     assert killed.returncode == 9, killed.stderr
     assert fail_abandoned(open_study(storage, "s")) == [0]
@@ -320,43 +306,6 @@ def test_a_search_killed_mid_trial_resumes_to_the_same_choice(tmp_path):
     assert all(row["passes"] == (row["violation"] == 0) for row in resumed)
 
 
-SEARCH = {
-    "trials": 5,
-    "max_samples": 6,
-    "metric": "loss",
-    "retention_tolerance": 0.5,
-    "fallback": "published",
-    "space": {"methods": ["ties", "task_arithmetic", "linear"]},
-}
-RETENTION = {
-    "retention": [
-        {
-            "name": "copy",
-            "dataset": {
-                "path": str(REPO / "data_templates/demo/copy.messages.jsonl"),
-                "format": "messages",
-                "max_samples": 8,
-            },
-        }
-    ]
-}
-
-
-def search_recipe(directory: Path, tiny_models, finetune_sets: Path, search: dict | None = None, **changes) -> Path:
-    from test_end_to_end import write_recipe
-
-    evaluate = {"max_samples": 8, "batch_size": 4, **RETENTION}
-    return write_recipe(
-        directory,
-        tiny_models,
-        finetune_sets,
-        merge={"engine": "fused"},
-        search=search or SEARCH,
-        evaluate=evaluate,
-        **changes,
-    )
-
-
 def newest_log(output_dir: Path) -> str:
     """The run's own log: what the stages print goes there, the screen gets progress and results."""
     return max((output_dir / "logs").glob("run-*.log"), key=lambda path: path.stat().st_mtime).read_text()
@@ -376,10 +325,8 @@ def completed_trials(study_db: Path) -> int:
 
 @pytest.fixture(scope="module")
 def searched_run(tmp_path_factory, tiny_models, finetune_sets):
-    from test_end_to_end import run_cli
-
     directory = tmp_path_factory.mktemp("search-run")
-    recipe = search_recipe(directory, tiny_models, finetune_sets)
+    recipe = write_search_recipe(directory, tiny_models, finetune_sets)
     result = run_cli(recipe)
     assert result.returncode == 0, result.stdout + result.stderr
     return {"recipe": recipe, "output": directory / "run", "stdout": result.stdout}
@@ -434,8 +381,6 @@ def test_the_lineage_names_the_worst_objective_when_the_search_used_it(tmp_path)
 def test_search_killed_with_sigkill_resumes_without_redoing_trials(searched_run, tmp_path, tiny_models):
     import shutil
 
-    from test_end_to_end import run_cli, start_cli
-
     copy = tmp_path / "run"
     shutil.copytree(searched_run["output"], copy)
     for stage in ("search", "merge"):
@@ -464,8 +409,6 @@ def test_search_killed_with_sigkill_resumes_without_redoing_trials(searched_run,
 
 
 def test_bad_search_settings_exit_2_before_anything_runs(tiny_models, finetune_sets, tmp_path):
-    from test_end_to_end import run_cli
-
     cases = {
         "unknown method": ({"space": {"methods": ["tiess"]}}, "not a mergekit merge method"),
         "not searchable": ({"space": {"methods": ["slerp"]}}, "search.space.methods: 'slerp'"),
@@ -476,7 +419,7 @@ def test_bad_search_settings_exit_2_before_anything_runs(tiny_models, finetune_s
     for case, (change, expected) in cases.items():
         directory = tmp_path / case.replace(" ", "-")
         directory.mkdir()
-        result = run_cli(search_recipe(directory, tiny_models, finetune_sets, {**SEARCH, **change}))
+        result = run_cli(write_search_recipe(directory, tiny_models, finetune_sets, {**SEARCH, **change}))
         assert result.returncode == 2, (case, result.stdout, result.stderr)
         assert expected in result.stderr, (case, result.stderr)
         assert not (directory / "run").exists(), f"{case}: something was written before the error"
@@ -484,8 +427,6 @@ def test_bad_search_settings_exit_2_before_anything_runs(tiny_models, finetune_s
 
 @pytest.mark.slow
 def test_evaluate_scores_the_published_merge_beside_the_choice_and_caches_every_score(searched_run):
-    from test_end_to_end import run_cli
-
     report = json.loads((searched_run["output"] / "evaluate" / "report.json").read_text())
     chosen = json.loads((searched_run["output"] / "search" / "leaderboard.json").read_text())["chosen"]
     assert ("merged:published" in report["models"]) == (chosen != "published"), (chosen, report["models"])
