@@ -131,16 +131,21 @@ def combined_update(path) -> dict[str, torch.Tensor]:
 
 def test_the_default_is_the_exact_weighted_sum_of_the_updates_for_different_ranks_too(archive):
     """PEFT's `linear` gives (Σ√wᵢBᵢ)(Σ√wᵢsᵢAᵢ), cross terms included, and refuses ranks 8 and 4; the default does
-    not: its update is Σ wᵢ·sᵢ·BᵢAᵢ per module, whatever the sources' ranks."""
-    assert archive_cli(["combine", str(archive), "--adapters", "a,c.r4", "--weights", "0.6,0.4", "--name", "sum"]) == 0
+    not: its update is Σ wᵢ·sᵢ·BᵢAᵢ per module, whatever the sources' ranks: exactly with `--dtype float32`, within the
+    bf16 rounding of the factors with the tiny base's own bf16 (what PEFT stores), and the manifest says which."""
+    args = ["combine", str(archive), "--adapters", "a,c.r4", "--weights", "0.6,0.4"]
+    assert archive_cli([*args, "--dtype", "float32", "--name", "sum"]) == 0
+    assert archive_cli([*args, "--name", "sum-bf16"]) == 0
     expected = weighted_sum(archive, ["a", "c.r4"], WEIGHTS)
-    got = combined_update(archive / "sum")
-    assert sorted(got) == sorted(expected)
-    for name, tensor in expected.items():
-        assert torch.allclose(got[name], tensor, rtol=1e-5, atol=1e-7), name
-    combination = verify_adapter(archive / "sum")["combination"]
-    assert combination["combination_type"] == "cat" and combination["reconstruction_error_max"] < 1e-5
-    assert load_adapter(archive / "sum").config["r"] == 12  # 8 + 4
+    for name, tolerance in (("sum", 1e-5), ("sum-bf16", 1e-2)):
+        got = combined_update(archive / name)
+        assert sorted(got) == sorted(expected)
+        worst = max(float(torch.linalg.norm(got[k] - t) / torch.linalg.norm(t)) for k, t in expected.items())
+        combination = verify_adapter(archive / name)["combination"]
+        assert combination["combination_type"] == "cat" and worst < tolerance, (name, worst)
+        assert combination["reconstruction_error_max"] == pytest.approx(worst, rel=1e-3, abs=1e-7)
+        assert load_adapter(archive / name).config["r"] == 12  # 8 + 4
+    assert verify_adapter(archive / "sum")["combination"]["dtype"] == "float32"
 
 
 def test_the_manifest_says_how_far_linear_and_svd_are_from_the_weighted_sum(archive):

@@ -207,6 +207,7 @@ def test_kill_during_training_resumes_from_the_last_checkpoint(finished_run, tmp
     assert state["status"] == "done" and state["summary"]["steps"] == 40
     resumed_from = state["summary"].get("resumed_from_step")
     assert resumed_from is not None and resumed_from >= 8, state["summary"]
+    assert f"note: train: unsloth backend; resuming from step {resumed_from}" in result.stdout  # on the screen
     assert not partial.exists()
 
 

@@ -200,7 +200,7 @@ def test_fused_writes_shards_as_they_fill_with_an_index(tiny_models, archive, ap
 
 
 def test_tokenizer_source_goes_to_mergekit_and_warns_when_the_vocabulary_shrinks(
-    tiny_models, archive, applied, tmp_path
+    tiny_models, archive, applied, tmp_path, capsys
 ):
     """The tiny target's embedding has more rows than its tokenizer has tokens (as Qwen2.5's 152064 vs 151665):
     mergekit rebuilds embed_tokens/lm_head to the tokenizer's length, and the summary says so."""
@@ -210,7 +210,9 @@ def test_tokenizer_source_goes_to_mergekit_and_warns_when_the_vocabulary_shrinks
     out = tmp_path / "merge"
     out.mkdir()
     merge.check(recipe, "")
+    capsys.readouterr()
     summary = merge.run(recipe, "", out, applied_inputs(recipe))
+    assert "merge: the merged tokenizer changed the vocabulary size" in capsys.readouterr().out  # a notice
     rows = len(AutoTokenizer.from_pretrained(tiny_models["target"]))
     target_rows = json.loads((tiny_models["target"] / "config.json").read_text())["vocab_size"]
     assert summary["engine"] == "mergekit" and rows < target_rows

@@ -311,6 +311,7 @@ def test_upload_sends_the_folder_and_never_shows_the_token(published, fake_hub, 
     summary = json.loads((published["run"] / "state" / "publish.json").read_text())["summary"]
     assert summary["commit_url"].endswith("/commit/0123abcd") and summary["dry_run"] is False
     captured = capsys.readouterr()
+    assert f"note: publish: uploaded {len(published_files(folder))} files to" in captured.out  # on the screen
     assert TOKEN not in caplog.text and TOKEN not in captured.out + captured.err
     written = [p for p in published["root"].rglob("*") if p.is_file()]
     assert not [p for p in written if TOKEN.encode() in p.read_bytes()]

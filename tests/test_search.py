@@ -406,6 +406,8 @@ def test_search_killed_with_sigkill_resumes_without_redoing_trials(searched_run,
     assert board["chosen"] == reference["chosen"]
     reported = [line for line in newest_log(copy).splitlines() if re.search(r"search: trial \S+: objective", line)]
     assert len(reported) == 5 - finished_before, reported  # finished trials were not redone
+    redone = [line for line in result.stdout.splitlines() if "were left running by a killed search" in line]
+    assert len(redone) <= 1 and all(line.startswith("  note: search: trials [") for line in redone), result.stdout
 
 
 def test_bad_search_settings_exit_2_before_anything_runs(tiny_models, finetune_sets, tmp_path):

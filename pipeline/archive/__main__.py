@@ -121,6 +121,7 @@ def _combine(args: argparse.Namespace) -> int:
             density=args.density,
             svd_rank=args.svd_rank,
             seed=args.seed,
+            dtype=args.dtype,
         )
     )
 
@@ -193,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     combine.add_argument("--density", type=float, help="fraction kept by ties/dare/magnitude_prune methods")
     combine.add_argument("--svd-rank", type=int, help="rank of *svd methods (default: largest source rank)")
     combine.add_argument("--seed", type=int, default=0, help="random seed for dare methods (default 0)")
+    combine.add_argument(
+        "--dtype",
+        choices=["auto", "float32"],
+        default="auto",
+        help="the base's dtype while combining, which PEFT gives the combined factors: auto (as stored; bf16 rounds "
+        "them to ~3 digits) or float32 (exact, twice the memory)",
+    )
     combine.add_argument("--name", required=True, help="name in the archive, [a-z0-9._-]+")
     combine.set_defaults(handler=_combine)
     return parser

@@ -81,10 +81,13 @@ def combine_adapters(
     density: float | None = None,
     svd_rank: int | None = None,
     seed: int = 0,
+    dtype: str = "auto",
 ) -> tuple[Path, bool]:
     """Combine archived adapters `sources` with `weights` into the archived adapter `name` (kind `combined`).
     `density` prunes for ties/dare/magnitude methods; `svd_rank` sets the rank of *svd methods (default: the
-    largest source rank); `seed` fixes DARE's random drop. Returns (path, written) as `write_adapter` does."""
+    largest source rank); `seed` fixes DARE's random drop. PEFT stores the combined factors in the base's dtype
+    (`auto`: as stored, bf16 for most releases, which rounds them to ~3 significant digits); `float32` keeps them
+    exact at twice the base's memory. Returns (path, written) as `write_adapter` does."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -94,7 +97,9 @@ def combine_adapters(
     manifests = {source: verify_adapter(archive_dir / source) for source in sources}
     base_model = common_base(manifests)
     base_dir = resolve_model(base_model, f"base_model of {sources[0]}")
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto", use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        base_dir, dtype="auto" if dtype == "auto" else getattr(torch, dtype), use_safetensors=True
+    )
     # PEFT adapter names become module keys, which cannot hold '.', so sources are loaded by position.
     peft_names = [f"source_{index}" for index in range(len(sources))]
     model = PeftModel.from_pretrained(model, archive_dir / sources[0], adapter_name=peft_names[0])
@@ -111,6 +116,7 @@ def combine_adapters(
         "density": density,
         "svd_rank": svd_rank,
         "seed": seed,
+        "dtype": str(model.dtype).removeprefix("torch."),
         "sources": [
             {
                 "name": source,

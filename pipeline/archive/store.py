@@ -63,19 +63,21 @@ def read_manifest(path: Path) -> dict:
     return data
 
 
-def archived_names(archive_dir: Path) -> list[str]:
-    """The names of the complete adapters in the archive; partial writes (`*.partial`) are never listed."""
+def _entries(archive_dir: Path) -> list[Path]:
+    """The archive's folders, hidden ones (locks, temporary writes) and partial or previous copies aside."""
     archive_dir = Path(archive_dir)
     if not archive_dir.is_dir():
         return []
     return [
-        entry.name
+        entry
         for entry in sorted(archive_dir.iterdir())
-        if entry.is_dir()
-        and (entry / MANIFEST).is_file()
-        and not entry.name.startswith(".")
-        and not entry.name.endswith((".partial", ".old"))
+        if entry.is_dir() and not entry.name.startswith(".") and not entry.name.endswith((".partial", ".old"))
     ]
+
+
+def archived_names(archive_dir: Path) -> list[str]:
+    """The names of the complete adapters in the archive; partial writes (`*.partial`) are never listed."""
+    return [entry.name for entry in _entries(archive_dir) if (entry / MANIFEST).is_file()]
 
 
 def archived_adapters(archive_dir: Path) -> dict[str, dict]:
@@ -164,18 +166,8 @@ def write_manifest(directory: Path, name: str, manifest: dict, hashes: dict[str,
 
 
 def stray_entries(archive_dir: Path) -> list[str]:
-    """Folders in the archive that are no archived adapter (no manifest), temporary and hidden ones aside."""
-    archive_dir = Path(archive_dir)
-    if not archive_dir.is_dir():
-        return []
-    return [
-        entry.name
-        for entry in sorted(archive_dir.iterdir())
-        if entry.is_dir()
-        and not (entry / MANIFEST).is_file()
-        and not entry.name.startswith(".")
-        and not entry.name.endswith((".partial", ".old"))
-    ]
+    """Folders in the archive that are no archived adapter (no manifest)."""
+    return [entry.name for entry in _entries(archive_dir) if not (entry / MANIFEST).is_file()]
 
 
 def share_permissions(directory: Path) -> None:
