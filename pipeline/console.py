@@ -415,10 +415,11 @@ class _Run:
     def _apply_marker(self, payload: str) -> None:
         try:
             event = json.loads(payload)
-            key = f"child:{event['key']}"
             if event["op"] == "notice":
                 self.notice(event["text"])
-            elif event["op"] == "start":
+                return
+            key = f"child:{event['key']}"
+            if event["op"] == "start":
                 self.display.start(key, event["description"], event["total"], event["unit"], event["completed"])
             elif event["op"] == "update":
                 self.display.update(key, event["completed"], event["info"])
