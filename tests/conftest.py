@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny real models built once per test session (no network: HF_HUB_OFFLINE is set here)."""
+"""Shared fixtures: tiny real models built once per test session (no network: HF_HUB_OFFLINE is set here), and a
+throwaway PostgreSQL server (tests/helpers/postgres.py) for the search across machines."""
 
 import os
 
@@ -6,6 +7,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
+from helpers.postgres import postgres_bindir, running_cluster
 
 from pipeline.data.synthetic import write_finetune_sets
 from pipeline.models.tiny import build_tokenizer, derive_tiny_target, make_tiny_model
@@ -36,3 +38,17 @@ def finetune_sets(tmp_path_factory):
     directory = tmp_path_factory.mktemp("finetune_sets")
     write_finetune_sets(directory, lambda requests: [request[0]["content"].split("\n", 1)[1] for request in requests])
     return directory
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL cluster started for the session (initdb in /tmp, a free port on 127.0.0.1, password auth),
+    stopped and removed after; each test takes a database of its own with `postgres.new_database()`. Skipped only
+    where PostgreSQL is not installed."""
+    if postgres_bindir() is None:
+        pytest.skip(
+            "PostgreSQL is not installed (initdb and pg_ctl, e.g. Debian's postgresql package): the search's "
+            "multi-machine tests need a real server"
+        )
+    with running_cluster() as cluster:
+        yield cluster

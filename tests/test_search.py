@@ -15,16 +15,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.search_standin import SPACE, cheap_point_value
 from test_merge import ADAPTERS, archive, make_recipe, merge_with  # noqa: F401  (archive is a fixture)
 
 from pipeline.merging.config import build_mergekit_config, validate_mergekit_config
 from pipeline.recipe import MergeConfig
+from pipeline.search.coordination import FileCoordination
 from pipeline.search.objective import judge
-from pipeline.search.space import Space, baselines, merge_settings, suggest, with_baselines
+from pipeline.search.space import baselines, merge_settings, suggest
 from pipeline.search.study import choose, fail_abandoned, finished_trials, open_study, run_trials, sqlite_url
 
 REPO = Path(__file__).resolve().parents[1]
-SPACE = with_baselines(Space(("a", "b"), ("ties", "linear"), ("base",), (0.2, 1.5), (0.5, 1.0), (0.5, 1.0), (True,)))
 
 
 def config_for(point: dict, adapted: dict[str, str], base: str, target: str) -> dict:
@@ -173,27 +174,13 @@ def test_sum_over_the_target_adds_each_adapters_own_delta(tiny_models, archive, 
         torch.testing.assert_close(merged[key], expected[key], rtol=0, atol=2e-2)  # mergekit merges in bfloat16
 
 
-def cheap_point_value(point: dict) -> dict:
-    """A stand-in for scoring a merge (deterministic in the point): best near weights 0.8, gate on target_weight."""
-    weights = [value for key, value in point.items() if key.startswith("weight.")]
-    objective = 1 - sum((w - 0.8) ** 2 for w in weights)
-    violation = max(0.0, 0.6 - point.get("target_weight", 1.0))
-    return {
-        "objective": objective,
-        "violation": violation,
-        "passes": violation == 0,
-        "learned": {},
-        "kept": {},
-        "merge": merge_settings(point),
-    }
-
-
 WORKER = r"""
 import json, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[3])
 from test_search import SPACE, cheap_point_value
 from pipeline.search.space import baselines, suggest
+from pipeline.search.coordination import FileCoordination
 from pipeline.search.study import open_study, run_trials
 
 storage, total, tests_dir, pause_at, marker = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
@@ -210,7 +197,8 @@ def evaluate(point):
     return cheap_point_value(point)
 
 done = run_trials(study, total=total, baselines=baselines(SPACE.adapters), suggest=lambda t: suggest(t, SPACE),
-                  evaluate=evaluate, lock_path=Path(storage.removeprefix("sqlite:///") + ".lock"), seed=7)
+                  evaluate=evaluate, coordination=FileCoordination(Path(storage.removeprefix("sqlite:///") + ".lock")),
+                  seed=7)
 print(json.dumps({"done": done}))
 """
 
@@ -243,7 +231,7 @@ def search_here(storage: str, total: int) -> list[dict]:
         baselines=baselines(SPACE.adapters),
         suggest=lambda t: suggest(t, SPACE),
         evaluate=cheap_point_value,
-        lock_path=Path(storage.removeprefix("sqlite:///") + ".lock"),
+        coordination=FileCoordination(Path(storage.removeprefix("sqlite:///") + ".lock")),
         seed=7,
     )
     return finished_trials(study)
@@ -268,6 +256,7 @@ from pathlib import Path
 import optuna
 sys.path.insert(0, sys.argv[2])
 from test_search import SPACE
+from pipeline.search.coordination import FileCoordination
 from pipeline.search.space import baselines, suggest
 from pipeline.search.study import open_study, run_trials
 
@@ -280,7 +269,7 @@ def ask_then_die(self, *args, **kwargs):
 optuna.study.Study.ask = ask_then_die
 storage = sys.argv[1]
 run_trials(open_study(storage, "s"), total=4, baselines=baselines(SPACE.adapters), suggest=lambda t: suggest(t, SPACE),
-           evaluate=None, lock_path=Path(storage.removeprefix("sqlite:///") + ".lock"), seed=7)
+           evaluate=None, coordination=FileCoordination(Path(storage.removeprefix("sqlite:///") + ".lock")), seed=7)
 """
 
 

@@ -4,19 +4,18 @@ chosen configuration. Runs when the recipe has a `search:` block.
 
 Trials 0 and 1 are always the seed's configuration and the sum of the adapters' deltas over the target, so the
 leaderboard shows them beside the chosen trial whatever they score. The study is `study.db` in the output (or
-`search.storage`, a database URL several machines share): a killed search resumes without redoing finished trials.
+`search.storage`, a PostgreSQL database that `ftmerge search-worker` processes on other machines share): a killed
+search resumes without redoing finished trials.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import shutil
-import time
 from dataclasses import replace
 from pathlib import Path
 
 from pipeline import console
-from pipeline.fingerprint import hash_json, model_fingerprint
+from pipeline.fingerprint import content_fingerprint, model_fingerprint
 from pipeline.models.hub import check_model_reference
 from pipeline.recipe import Recipe, RecipeError
 from pipeline.stages.contract import Inputs, Stage, StageRef
@@ -32,6 +31,8 @@ from pipeline.stages.selection import (
 
 # Merge settings a trial chooses; the rest of the recipe's `merge:` block is kept as it is.
 SEARCHED_KEYS = ("method", "base_model", "include_target", "weight", "density", "models", "parameters")
+# Settings of where and how trials run, which never change a trial's result.
+RUNTIME_KEYS = {"workers", "storage", "cache_gb", "heartbeat_interval", "grace_period"}
 
 
 def items(recipe: Recipe) -> list[str]:
@@ -51,7 +52,7 @@ def kept_sets(recipe: Recipe) -> list[str]:
 def config(recipe: Recipe, item: str) -> dict:
     search = recipe.search
     return {
-        "search": search.model_dump(exclude={"workers", "storage", "cache_gb"}),
+        "search": search.model_dump(exclude=RUNTIME_KEYS),
         "merge": recipe.merge.model_dump(exclude=set(SEARCHED_KEYS)),
         "adapters": selected_adapters(recipe),
         "base": model_fingerprint(recipe.base_model),
@@ -116,53 +117,30 @@ def check(recipe: Recipe, item: str) -> None:
     check_trained_on_base(recipe, adapters)
     check_model_reference(recipe.base_model, "base_model")
     check_model_reference(recipe.target_model, "target_model")
+    if search.storage is not None:
+        from pipeline.search.storage import StorageError, resolve_storage
+
+        try:
+            resolve_storage(search.storage)
+        except StorageError as error:
+            raise RecipeError(f"search.storage: {error}") from None
 
 
 def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
-    from pipeline.archive.store import verify_adapter
-    from pipeline.merging.config import resolve_model_once
     from pipeline.search.leaderboard import write_outputs
-    from pipeline.search.study import choose, closest, fail_abandoned, finished_trials, open_study, sqlite_url
-    from pipeline.search.trials import SearchJob, references_of
+    from pipeline.search.study import choose, closest, fail_abandoned, finished_trials, open_study
+    from pipeline.search.trials import mergekit_config, references_of, work_in_parallel
 
     search = recipe.search
-    adapters = {name: adapter_dir(recipe, name) for name in selected_adapters(recipe)}
-    for path in adapters.values():
-        verify_adapter(path)
-    metric = search.metric if search.metric != "auto" else ("exact_match" if recipe.evaluate.generate else "loss")
-    sets, evaluation = _sets(recipe, inputs, Path(out) / "_work", generate=metric == "exact_match")
-    shutil.rmtree(Path(out) / "_work", ignore_errors=True)  # the rendered retention sets are in `sets` now
-    job = SearchJob(
-        base_dir=resolve_model_once(recipe.base_model, "base_model", recipe.trust_remote_code),
-        target_dir=resolve_model_once(recipe.target_model, "target_model", recipe.trust_remote_code),
-        adapters=adapters,
-        adapted_paths={name: str(adapted_model_dir(recipe, name).resolve()) for name in adapters},
-        apply_dtype=recipe.apply.dtype,
-        sets=sets,
-        evaluation=evaluation,
-        finetunes=learned_sets(recipe),
-        retention=kept_sets(recipe),
-        metric=metric,
-        tolerance=search.retention_tolerance,
-        objective=search.objective,
-        space=_space(recipe, list(adapters)),
-        total=search.trials,
-        sampler=search.sampler,
-        seed=search.seed,
-        storage=search.storage or sqlite_url(Path(out) / "study.db"),
-        study_name=f"{recipe.name}-{hash_json(config(recipe, item))[:12]}",
-        lock_path=Path(out) / "study.lock",
-        device=recipe.merge.device,
-        trust_remote_code=recipe.trust_remote_code,
-        cache_bytes=int(search.cache_gb * 1024**3),
-        settings=recipe.merge.model_dump(exclude=set(SEARCHED_KEYS) | {"adapters"}),
-    )
-    study = open_study(job.storage, job.study_name)
+    job = search_job(recipe, inputs, Path(out) / "_work", Path(out) / "study.lock", default_db=Path(out) / "study.db")
+    say_storage(recipe, job)
+    study = open_study(job.storage, job.study_name, job.heartbeat)
     redone = fail_abandoned(study)
     if redone:
         print(f"search: trials {redone} were left running by a killed search; they are redone")
-    _work_in_parallel(job, search.workers)
-    rows = finished_trials(study)
+    work_in_parallel(job, search.workers, say=console.say)
+    # As the merge stage here writes each trial (a worker on another machine merged its own copies' paths).
+    rows = [{**row, "mergekit_config": mergekit_config(job, row["merge"])} for row in finished_trials(study)]
     chosen = choose(rows)
     fallback = False
     if chosen is None:
@@ -180,7 +158,7 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
         rows,
         chosen,
         references=references_of(study),
-        metric=metric,
+        metric=job.metric,
         tolerance=search.retention_tolerance,
         fallback=fallback,
         objective=search.objective,
@@ -194,9 +172,90 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
         "learned": chosen["learned"],
         "kept": chosen["kept"],
         "seed": None if seed is None else {"objective": round(seed["objective"], 4), "passes": seed["passes"]},
-        "metric": metric,
+        "metric": job.metric,
         "fallback_to_seed": fallback,
     }
+
+
+def search_job(recipe: Recipe, inputs: Inputs, work_dir: Path, lock_path: Path, default_db: Path | None = None):
+    """Everything a search process needs, from the recipe and the outputs it reads (prepare's held-out splits, the
+    archive): the stage's own process, its spawned workers and `ftmerge search-worker` on other machines alike.
+    `work_dir` is scratch space for rendering the retention sets; `default_db` the SQLite study without
+    `search.storage`."""
+    from pipeline.archive.store import verify_adapter
+    from pipeline.merging.config import resolve_model_once
+    from pipeline.search.coordination import Heartbeat
+    from pipeline.search.storage import resolve_storage, sqlite_storage
+    from pipeline.search.trials import SearchJob
+
+    search = recipe.search
+    adapters = {name: adapter_dir(recipe, name) for name in selected_adapters(recipe)}
+    for path in adapters.values():
+        verify_adapter(path)
+    metric = search.metric if search.metric != "auto" else ("exact_match" if recipe.evaluate.generate else "loss")
+    sets, evaluation = _sets(recipe, inputs, work_dir, generate=metric == "exact_match")
+    shutil.rmtree(work_dir, ignore_errors=True)  # the rendered retention sets are in `sets` now
+    return SearchJob(
+        base_dir=resolve_model_once(recipe.base_model, "base_model", recipe.trust_remote_code),
+        target_dir=resolve_model_once(recipe.target_model, "target_model", recipe.trust_remote_code),
+        adapters=adapters,
+        adapted_paths={name: str(adapted_model_dir(recipe, name).resolve()) for name in adapters},
+        apply_dtype=recipe.apply.dtype,
+        sets=sets,
+        evaluation=evaluation,
+        finetunes=learned_sets(recipe),
+        retention=kept_sets(recipe),
+        metric=metric,
+        tolerance=search.retention_tolerance,
+        objective=search.objective,
+        space=_space(recipe, list(adapters)),
+        total=search.trials,
+        sampler=search.sampler,
+        seed=search.seed,
+        storage=resolve_storage(search.storage) if search.storage else sqlite_storage(default_db),
+        study_name=study_name(recipe, inputs),
+        lock_path=lock_path,
+        heartbeat=Heartbeat(search.heartbeat_interval, search.grace_period),
+        device=recipe.merge.device,
+        trust_remote_code=recipe.trust_remote_code,
+        cache_bytes=int(search.cache_gb * 1024**3),
+        settings=recipe.merge.model_dump(exclude=set(SEARCHED_KEYS) | {"adapters"}),
+    )
+
+
+def study_name(recipe: Recipe, inputs: Inputs) -> str:
+    """The same on every machine for the same recipe and inputs: the stage's config without this machine's
+    `merge.device`, the models by content, every adapter's sha256 (from its manifest) and the held-out splits'
+    content; no path, no file time."""
+    from pipeline.archive.store import read_manifest
+    from pipeline.search import identity
+
+    settings = config(recipe, "")
+    settings["merge"].pop("device", None)
+    settings["base"] = identity.portable_model_identity(recipe.base_model)
+    settings["target"] = identity.portable_model_identity(recipe.target_model)
+    settings["adapter_files"] = {
+        name: read_manifest(adapter_dir(recipe, name))["files"] for name in settings["adapters"]
+    }
+    settings["held_out"] = {
+        name: content_fingerprint(inputs.path("prepare", name) / "eval") for name in learned_sets(recipe)
+    }
+    return identity.study_name(recipe.name, settings)
+
+
+def say_storage(recipe: Recipe, job) -> None:
+    """Where the study is, on the screen when it is a database (its password masked), and a warning when the recipe
+    spells that password out."""
+    from pipeline.search.storage import has_literal_password
+
+    if not job.storage.shared:
+        return
+    console.say(f"search: study {job.study_name} on {job.storage.display}")
+    if has_literal_password(recipe.search.storage):
+        console.say(
+            "warning: search.storage holds a password in the recipe; give it from the environment instead, "
+            "e.g. search.storage: ${FTMERGE_SEARCH_STORAGE}"
+        )
 
 
 def _space(recipe: Recipe, adapters: list[str]):
@@ -227,40 +286,6 @@ def _sets(recipe: Recipe, inputs: Inputs, work_dir: Path, *, generate: bool):
     sets += retention_sets(recipe, chat, work_dir, set(kept_sets(recipe)), max_samples=limit)
     evaluation = evaluation_settings(recipe, chat)
     return sets, replace(evaluation, config=evaluation.config.model_copy(update={"generate": generate}))
-
-
-def _work_in_parallel(job, workers: int) -> None:
-    """This process and `workers - 1` spawned ones on the same study; a worker that fails fails the stage."""
-    from pipeline.search.trials import work
-
-    started = time.time()
-    best: list[float] = []  # the best objective among trials that pass the gate, once one has
-    bar = console.open_task("search", total=job.total, unit="trials")
-
-    def progress(number: int, label: str | None, result: dict) -> None:
-        gate = "pass" if result["passes"] else "fail"
-        print(
-            f"search: trial {label or number}: objective {result['objective']:.3f}, gate {gate} "
-            f"({time.time() - started:.0f}s)",
-            flush=True,
-        )
-        if result["passes"]:
-            best[:] = [max([*best, result["objective"]])]
-        bar.advance(info=f"best passing {best[0]:.3f}" if best else "none passes the gate yet")
-
-    context = multiprocessing.get_context("spawn")
-    others = [context.Process(target=work, args=(job,), daemon=True) for _ in range(workers - 1)]
-    for process in others:
-        process.start()
-    try:
-        work(job, on_trial=progress)
-    finally:
-        bar.finish()
-        for process in others:
-            process.join()
-    failed = [process.exitcode for process in others if process.exitcode != 0]
-    if failed:
-        raise RuntimeError(f"search: {len(failed)} of {len(others)} worker processes failed (exit codes {failed})")
 
 
 STAGE = Stage(name="search", items=items, config=config, depends_on=depends_on, check=check, run=run, resumable=True)

@@ -1,0 +1,1 @@
+"""Test infrastructure shared by several test modules (servers, processes), imported by conftest.py."""
