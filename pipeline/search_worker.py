@@ -49,10 +49,21 @@ def worker_inputs(recipe: Recipe) -> Inputs:
 
     if recipe.search is None:
         raise RecipeError("the recipe has no search: block, so there is no study to work on")
+    from pipeline.search.storage import StorageError, resolve_storage
+
     if recipe.search.storage is None:
         raise RecipeError(
             "search.storage is not set: a worker joins a study in a database that every machine reaches "
             "(search.storage: postgresql://…); on one machine, search.workers runs several processes"
+        )
+    try:
+        storage = resolve_storage(recipe.search.storage)
+    except StorageError as error:
+        raise RecipeError(f"search.storage: {error}") from None
+    if not storage.shared:
+        raise RecipeError(
+            "search.storage: a worker joins a study on a database server (postgresql://…), whose lock and "
+            "heartbeats reach every machine; a SQLite file is one machine's (search.workers runs several processes)"
         )
     paths = {
         StageRef("prepare", name): Path(STAGES["prepare"].output_path(recipe, name)) for name in learned_sets(recipe)

@@ -153,3 +153,17 @@ def test_the_storage_url_is_read_from_the_environment(monkeypatch):
         resolve_storage("postgresql://ftmerge:${FTMERGE_TEST_PASSWORD}@db.example/search")
     with pytest.raises(StorageError, match="mysql: the search runs its study on PostgreSQL"):
         resolve_storage("mysql://u:p@h/d")
+
+
+def test_a_worker_refuses_a_study_that_is_no_database_server(tmp_path):
+    recipe = {"name": "n", "base_model": "b", "target_model": "t", "search": {"storage": "sqlite:///study.db"}}
+    (tmp_path / "recipe.yaml").write_text(json.dumps(recipe))
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "search-worker", "recipe.yaml"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "a SQLite file is one machine's" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "study.db").exists()

@@ -31,6 +31,7 @@ from pipeline.search.storage import Storage
 
 RECONNECT_SECONDS = 600.0  # how long a worker waits for its database to come back before it gives up
 RETRIES_PER_TRIAL = 2  # a trial whose process died this often is not queued again (it may be what kills them)
+KEEPALIVES = "-c tcp_keepalives_idle=30 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=3"
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class FileCoordination:
 
     waits_for_running = False  # a running trial here is a live sibling's, or failed by the next run's fail_abandoned
     poll_seconds = 0.0
+    say = staticmethod(print)
 
     def __init__(self, lock_path: Path):
         self.lock_path = Path(lock_path)
@@ -110,7 +112,14 @@ class DatabaseCoordination:
         if self._engine is None:
             import sqlalchemy
 
-            self._engine = sqlalchemy.create_engine(self.storage.url, pool_pre_ping=True, pool_size=1)
+            self._engine = sqlalchemy.create_engine(
+                self.storage.url,
+                pool_pre_ping=True,
+                pool_size=1,
+                # The server probes the lock's connection once idle for 30 s: a machine that vanishes while holding
+                # the lock (no FIN ever comes) gives it up in about a minute, not after the kernel's two hours.
+                connect_args={"options": KEEPALIVES},
+            )
         return self._engine.connect()
 
     @contextlib.contextmanager

@@ -237,14 +237,21 @@ def run_trials(
     `objective`, `violation`, `learned` and `kept`. `coordination` (a FileCoordination or DatabaseCoordination)
     decides how processes take turns. Returns the number of trials this process finished."""
     settings = {"total": total, "baselines": baselines, "sampler": sampler, "seed": seed}
-    done = 0
+    done, waiting = 0, False
     while True:
         taken = coordination.call(lambda: _take_trial(study, suggest, coordination, **settings))
         if taken is None:
             return done
         if taken is WAIT:
+            if not waiting:
+                coordination.say(
+                    "search: the study's last trials are running elsewhere; waiting for them (the trial of a worker "
+                    "that died is run again once its heartbeat is older than the grace period)"
+                )
+            waiting = True
             time.sleep(coordination.poll_seconds)
             continue
+        waiting = False
         trial, point, heartbeat = taken
         with heartbeat:
             result = evaluate(point)
