@@ -47,6 +47,7 @@ bench: setup
 	$(PY) bench/apply.py
 	$(PY) bench/merge.py
 	$(PY) bench/search.py
+	$(PY) bench/search_workers.py
 
 clean:
 	rm -rf runs .cache

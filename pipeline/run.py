@@ -18,6 +18,7 @@ from pathlib import Path
 from pipeline import console, distributed, locking, runner
 from pipeline.archive.store import ArchiveError
 from pipeline.recipe import Recipe, RecipeError, load_recipe
+from pipeline.search.storage import mask_url_passwords
 from pipeline.stages import STAGES
 
 
@@ -133,7 +134,7 @@ def run_recipe(
     shared = [s.output for s in selected if s.stage.write_once and (force or not runner.is_done(recipe, s))]
     locks = locking.run_locks(recipe.output_dir, shared) if main else contextlib.nullcontext()
     quiet = (
-        console.run_console(recipe.output_dir, verbose=verbose, command=" ".join(sys.argv))
+        console.run_console(recipe.output_dir, verbose=verbose, command=mask_url_passwords(" ".join(sys.argv)))
         if main
         else contextlib.nullcontext()
     )

@@ -18,7 +18,7 @@ from helpers.machines import can_name_hosts, on_machine
 from helpers.study_worker import HEARTBEAT, STUDY
 
 from pipeline.search.coordination import DatabaseCoordination, LockLost
-from pipeline.search.storage import Storage, StorageError, resolve_storage
+from pipeline.search.storage import Storage, StorageError, mask_url_passwords, resolve_storage
 from pipeline.search.study import finished_trials, open_study
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,7 +143,7 @@ def test_a_lost_lock_is_reported_and_the_storage_never_shows_its_password(postgr
     assert "password authentication failed" in str(refused.value) and "not-the-password" not in str(refused.value)
 
 
-def test_the_storage_url_is_read_from_the_environment(monkeypatch):
+def test_the_storage_url_is_read_from_the_environment_and_its_password_masked(monkeypatch):
     monkeypatch.setenv("FTMERGE_TEST_PASSWORD", "s3cret-Value")
     storage = resolve_storage("postgresql://ftmerge:${FTMERGE_TEST_PASSWORD}@db.example:5432/search")
     assert storage.url == "postgresql://ftmerge:s3cret-Value@db.example:5432/search"
@@ -153,6 +153,11 @@ def test_the_storage_url_is_read_from_the_environment(monkeypatch):
         resolve_storage("postgresql://ftmerge:${FTMERGE_TEST_PASSWORD}@db.example/search")
     with pytest.raises(StorageError, match="mysql: the search runs its study on PostgreSQL"):
         resolve_storage("mysql://u:p@h/d")
+    command = "pipeline.run r.yaml --set search.storage=postgresql://u:pa:ss@w0rd@db:5432/s --set x=https://h/y"
+    assert (
+        mask_url_passwords(command)
+        == "pipeline.run r.yaml --set search.storage=postgresql://u:***@db:5432/s --set x=https://h/y"
+    )
 
 
 def test_a_worker_refuses_a_study_that_is_no_database_server(tmp_path):

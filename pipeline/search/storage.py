@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ENVIRONMENT_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]+:)\S+@")  # to the last @: masks more, never less
 DIALECTS = ("sqlite", "postgresql")  # one machine, several machines: the two the search is tested on
 DRIVER_HINT = "pip install 'ftmerge[postgres]' installs psycopg 3, SQLAlchemy's driver for postgresql:// URLs"
 
@@ -87,6 +88,11 @@ def resolve_storage(value: str) -> Storage:
                 f"the PostgreSQL driver {url.get_driver_name()} is not installed: {DRIVER_HINT}"
             ) from None
     return storage
+
+
+def mask_url_passwords(text: str) -> str:
+    """`scheme://user:password@…` anywhere in `text` with the password as *** (a command line for the log)."""
+    return URL_PASSWORD.sub(r"\1***@", text)
 
 
 def has_literal_password(value: str) -> bool:
