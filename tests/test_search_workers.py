@@ -211,8 +211,10 @@ def test_a_worker_killed_mid_trial_is_redone_by_another_and_counted_once(machine
             trials = study_trials(url)
         except ValueError:  # the study does not exist yet
             continue
-        running = [
-            t for t in trials if t.state.name == "RUNNING" and t.user_attrs.get("worker", "").endswith(f":{victim.pid}")
+        running = [  # its parameters suggested: it is being scored
+            t
+            for t in trials
+            if t.state.name == "RUNNING" and t.params and t.user_attrs.get("worker", "").endswith(f":{victim.pid}")
         ]
     victim.send_signal(signal.SIGKILL)
     victim.communicate()
@@ -233,7 +235,7 @@ def test_a_worker_killed_mid_trial_is_redone_by_another_and_counted_once(machine
     assert len(retried) == 1  # the killed trial's rerun, once; the killed trial itself is no row
     assert running[0].number not in [row["number"] for row in board["trials"]]
     rerun = next(trial for trial in trials if trial.number == retried[0]["number"])
-    assert rerun.params == running[0].params
+    assert rerun.params == failed[0].params == running[0].params
 
 
 def test_a_worker_without_the_searchs_inputs_says_what_to_copy(machines, tmp_path):
