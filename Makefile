@@ -7,7 +7,7 @@ STAMP := $(VENV)/.ftmerge-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test screenshot browser lint bench clean
 
 setup: $(STAMP)
 
@@ -16,7 +16,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml requirements/unsloth-deps.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e '.[dev,lm-eval]'
+	$(PIP) install -e '.[dev,lm-eval,postgres,dashboard]'
 	$(PIP) install -r requirements/unsloth-deps.txt
 	$(PIP) install --no-deps unsloth==2026.10.9 unsloth-zoo==2026.10.9
 	$(PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('torchvision') is not None)" \
@@ -26,10 +26,19 @@ $(STAMP): pyproject.toml requirements/unsloth-deps.txt Makefile
 demo: setup
 	$(PY) -m pipeline.demo
 
+# The tests start their own PostgreSQL (Debian's postgresql package: initdb and pg_ctl in `pg_config --bindir`).
 test: setup
 	$(PY) -m ruff check pipeline tests bench
 	$(PY) -m ruff format --check pipeline tests bench
 	$(PY) -m pytest -q
+
+# Screenshots of optuna-dashboard's study pages (runs/dashboard-*.png) by headless chromium; `make test` runs the same
+# test where chromium is installed (`make browser`, as root: Debian's package).
+screenshot: setup
+	FTMERGE_SCREENSHOT_DIR=runs $(PY) -m pytest -q -m screenshot tests/test_search_dashboard.py
+
+browser:
+	apt-get install -y chromium
 
 # Benchmarks print ratios against the reference tools; each takes minutes and builds its models under /tmp.
 bench: setup
@@ -38,6 +47,7 @@ bench: setup
 	$(PY) bench/apply.py
 	$(PY) bench/merge.py
 	$(PY) bench/search.py
+	$(PY) bench/search_workers.py
 
 clean:
 	rm -rf runs .cache

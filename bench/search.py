@@ -3,7 +3,7 @@
     .venv/bin/python bench/search.py                  # 0.5B-shaped models cached under $TMPDIR/ftmerge-bench
 
 Each side runs in its own process on the models of bench/merge.py (2 adapters, TIES): the fused merge stage writing
-the seed's configuration to disk, and a search process merging K configurations (other weights each time) into one
+the published configuration to disk, and a search process merging K configurations (other weights each time) into one
 loaded model with the inputs cached (`search.cache_gb`). Prints the time of a trial's merge against the disk merge
 (the first trial reads and caches every input; later ones only rerun mergekit's kernel), and peak RSS for K = 2, 4
 and 8 trials (flat: trials reuse one model and one cache). Scoring is left out: it depends on the eval sets.
@@ -51,7 +51,7 @@ def trials_worker(count: int) -> None:
         adapters={adapted[name]: archive_dir / name for name in names},
     ) as inputs:
         for index in range(count):
-            point = {**baselines(tuple(names))["seed"], **{f"weight.{n}": 0.5 + 0.1 * index for n in names}}
+            point = {**baselines(tuple(names))["published"], **{f"weight.{n}": 0.5 + 0.1 * index for n in names}}
             settings = MergeConfig.model_validate({**merge_settings(point), "adapters": names})
             config = validate_mergekit_config(build_mergekit_config(settings, adapted, str(base), str(target)))
             started = time.perf_counter()

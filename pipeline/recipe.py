@@ -273,9 +273,22 @@ class SearchConfig(Strict):
     objective: Literal["mean", "worst"] = "mean"  # worst: the least-learned fine-tune decides
     fallback: Literal["published"] | None = None  # merge the published configuration when no trial passes
     workers: int = neutral(1, ge=1)
+    # An Optuna database URL that workers on several machines share (postgresql://…); `${NAME}` is read from the
+    # environment when the study is opened, e.g. `${FTMERGE_SEARCH_STORAGE}`. None: SQLite in the output.
     storage: str | None = neutral(None)
+    heartbeat_interval: int = neutral(30, gt=0)  # seconds; a trial on a database records a heartbeat this often
+    grace_period: int = neutral(120, gt=0)  # seconds without one before another worker fails it and queues it again
     cache_gb: float = neutral(4.0, ge=0)
     space: SearchSpaceConfig = SearchSpaceConfig()
+
+    @model_validator(mode="after")
+    def _grace_outlasts_a_heartbeat(self) -> SearchConfig:
+        if self.grace_period <= self.heartbeat_interval:
+            raise ValueError(
+                f"search.grace_period ({self.grace_period}s) must be longer than search.heartbeat_interval "
+                f"({self.heartbeat_interval}s), or every running trial looks dead between two heartbeats"
+            )
+        return self
 
 
 class RetentionSet(Strict):

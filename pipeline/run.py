@@ -21,6 +21,7 @@ from pipeline.archive.store import ArchiveError
 from pipeline.errors import ConfigProblem
 from pipeline.models.hub import ModelNotFound
 from pipeline.recipe import Recipe, RecipeError, load_recipe, recipe_renames
+from pipeline.search.storage import mask_url_passwords
 from pipeline.stages import STAGES
 
 
@@ -181,7 +182,7 @@ def _execute(
     shared = [s.output for s in selected if s.stage.write_once and (force or not runner.is_done(recipe, s))]
     locks = locking.run_locks(recipe.output_dir, shared) if main else contextlib.nullcontext()
     quiet = (
-        console.run_console(recipe.output_dir, verbose=verbose, command=" ".join(sys.argv))
+        console.run_console(recipe.output_dir, verbose=verbose, command=mask_url_passwords(" ".join(sys.argv)))
         if main
         else contextlib.nullcontext()
     )

@@ -1,6 +1,7 @@
 """Every fixture more than one test module uses: tiny real models built once per test session (no network:
-HF_HUB_OFFLINE is set here), and per module an adapter archive, its apply outputs, an evaluated lineage's inputs
-and prepared data. Builders and constants are in helpers/."""
+HF_HUB_OFFLINE is set here), a throwaway PostgreSQL server for the search across machines (helpers/postgres.py), and
+per module an adapter archive, its apply outputs, an evaluated lineage's inputs and prepared data. Builders and
+constants are in helpers/."""
 
 import os
 
@@ -10,6 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 from helpers.archive import ADAPTERS, archive_adapter
 from helpers.models import PROJECTIONS, make_adapter
+from helpers.postgres import postgres_bindir, running_cluster
 from helpers.recipes import evaluate_recipe, merge_recipe
 
 from pipeline.demo.synthetic import write_finetune_sets
@@ -41,6 +43,20 @@ def finetune_sets(tmp_path_factory):
     directory = tmp_path_factory.mktemp("finetune_sets")
     write_finetune_sets(directory, lambda requests: [request[0]["content"].split("\n", 1)[1] for request in requests])
     return directory
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL cluster started for the session (initdb in /tmp, a free port on 127.0.0.1, password auth),
+    stopped and removed after; each test takes a database of its own with `postgres.new_database()`. Skipped only
+    where PostgreSQL is not installed."""
+    if postgres_bindir() is None:
+        pytest.skip(
+            "PostgreSQL is not installed (initdb and pg_ctl, e.g. Debian's postgresql package): the search's "
+            "multi-machine tests need a real server"
+        )
+    with running_cluster() as cluster:
+        yield cluster
 
 
 # Module-scoped fixtures shared by several test modules: each module that asks for one gets its own (as when each

@@ -18,11 +18,12 @@ import torch
 from helpers.archive import ADAPTERS
 from helpers.cli import REPO, TESTS, run_cli, start_cli
 from helpers.recipes import SEARCH, merge_recipe, write_search_recipe
-from helpers.search import SPACE, cheap_point_value
+from helpers.search_standin import SPACE, cheap_point_value
 from helpers.stages import merge_with
 
 from pipeline.merging.config import build_mergekit_config, validate_mergekit_config
 from pipeline.recipe import MergeConfig
+from pipeline.search.coordination import FileCoordination
 from pipeline.search.objective import judge
 from pipeline.search.space import baselines, merge_settings, suggest
 from pipeline.search.study import choose, fail_abandoned, finished_trials, open_study, run_trials, sqlite_url
@@ -178,8 +179,9 @@ WORKER = r"""
 import json, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[3])
-from helpers.search import SPACE, cheap_point_value
+from helpers.search_standin import SPACE, cheap_point_value
 from pipeline.search.space import baselines, suggest
+from pipeline.search.coordination import FileCoordination
 from pipeline.search.study import open_study, run_trials
 
 storage, total, tests_dir, pause_at, marker = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
@@ -196,7 +198,8 @@ def evaluate(point):
     return cheap_point_value(point)
 
 done = run_trials(study, total=total, baselines=baselines(SPACE.adapters), suggest=lambda t: suggest(t, SPACE),
-                  evaluate=evaluate, lock_path=Path(storage.removeprefix("sqlite:///") + ".lock"), seed=7)
+                  evaluate=evaluate, coordination=FileCoordination(Path(storage.removeprefix("sqlite:///") + ".lock")),
+                  seed=7)
 print(json.dumps({"done": done}))
 """
 
@@ -229,7 +232,7 @@ def search_here(storage: str, total: int) -> list[dict]:
         baselines=baselines(SPACE.adapters),
         suggest=lambda t: suggest(t, SPACE),
         evaluate=cheap_point_value,
-        lock_path=Path(storage.removeprefix("sqlite:///") + ".lock"),
+        coordination=FileCoordination(Path(storage.removeprefix("sqlite:///") + ".lock")),
         seed=7,
     )
     return finished_trials(study)
@@ -253,7 +256,8 @@ import os, sys
 from pathlib import Path
 import optuna
 sys.path.insert(0, sys.argv[2])
-from helpers.search import SPACE
+from helpers.search_standin import SPACE
+from pipeline.search.coordination import FileCoordination
 from pipeline.search.space import baselines, suggest
 from pipeline.search.study import open_study, run_trials
 
@@ -266,7 +270,7 @@ def ask_then_die(self, *args, **kwargs):
 optuna.study.Study.ask = ask_then_die
 storage = sys.argv[1]
 run_trials(open_study(storage, "s"), total=4, baselines=baselines(SPACE.adapters), suggest=lambda t: suggest(t, SPACE),
-           evaluate=None, lock_path=Path(storage.removeprefix("sqlite:///") + ".lock"), seed=7)
+           evaluate=None, coordination=FileCoordination(Path(storage.removeprefix("sqlite:///") + ".lock")), seed=7)
 """
 
 

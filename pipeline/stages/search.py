@@ -4,19 +4,18 @@ chosen configuration. Runs when the recipe has a `search:` block.
 
 Trials 0 and 1 are always the published configuration and the sum of the adapters' deltas over the target, so the
 leaderboard shows them beside the chosen trial whatever they score. The study is `study.db` in the output (or
-`search.storage`, a database URL several machines share): a killed search resumes without redoing finished trials.
+`search.storage`, a PostgreSQL database that `ftmerge search-worker` processes on other machines share): a killed
+search resumes without redoing finished trials.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import shutil
-import time
 from dataclasses import replace
 from pathlib import Path
 
 from pipeline import console
-from pipeline.fingerprint import hash_json, model_fingerprint
+from pipeline.fingerprint import content_fingerprint, model_fingerprint
 from pipeline.models.hub import check_model_reference
 from pipeline.recipe import Recipe, RecipeError, result_settings
 from pipeline.stages.contract import Inputs, Stage, StageRef, problems_at
@@ -24,6 +23,7 @@ from pipeline.stages.selection import adapted_model_dir, adapter_set, check_trai
 
 # Merge settings a trial chooses; the rest of the recipe's `merge:` block is kept as it is.
 SEARCHED_KEYS = ("method", "base_model", "include_target", "weight", "density", "models", "parameters")
+# Settings of where and how trials run, which never change a trial's result.
 
 
 def items(recipe: Recipe) -> list[str]:
@@ -121,22 +121,31 @@ def check(recipe: Recipe, item: str) -> None:
     with problems_at():
         check_model_reference(recipe.base_model, "base_model")
         check_model_reference(recipe.target_model, "target_model")
+    if search.storage is not None:
+        from pipeline.search.storage import StorageError, resolve_storage
+
+        try:
+            resolve_storage(search.storage)
+        except StorageError as error:
+            raise RecipeError(f"search.storage: {error}") from None
 
 
 def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
     from pipeline.search.leaderboard import write_outputs
     from pipeline.search.space import PUBLISHED
     from pipeline.search.study import choose, fail_abandoned, finished_trials, open_study
-    from pipeline.search.trials import references_of
+    from pipeline.search.trials import mergekit_config, references_of, work_in_parallel
 
     search = recipe.search
-    job = _job(recipe, item, Path(out), inputs)
-    study = open_study(job.storage, job.study_name)
+    job = search_job(recipe, inputs, Path(out) / "_work", Path(out) / "study.lock", default_db=Path(out) / "study.db")
+    say_storage(recipe, job)
+    study = open_study(job.storage, job.study_name, job.heartbeat)
     redone = fail_abandoned(study)
     if redone:
         console.notice(f"search: trials {redone} were left running by a killed search; they are redone")
-    _work_in_parallel(job, search.workers)
-    rows = finished_trials(study)
+    work_in_parallel(job, search.workers, say=console.say)
+    # As the merge stage here writes each trial (a worker on another machine merged its own copies' paths).
+    rows = [{**row, "mergekit_config": mergekit_config(job, row["merge"])} for row in finished_trials(study)]
     chosen = choose(rows)
     fallback = chosen is None
     if fallback:
@@ -167,11 +176,33 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
     }
 
 
-def _job(recipe: Recipe, item: str, out: Path, inputs: Inputs):
-    """Everything a search process needs, as plain values (worker processes receive it pickled)."""
+def _fallback(recipe: Recipe, rows: list[dict]) -> dict:
+    """The published configuration's trial when `search.fallback` allows it; otherwise the search fails, saying
+    which trial came closest to the gate."""
+    from pipeline.search.space import PUBLISHED
+    from pipeline.search.study import closest
+
+    if recipe.search.fallback is None:
+        nearest = closest(rows)
+        raise RuntimeError(
+            f"search: none of {len(rows)} trials kept every retention set within "
+            f"{recipe.search.retention_tolerance:g} of the target; closest: trial {nearest['label']} (kept "
+            f"{nearest['kept']}, learned {nearest['learned']}). Widen search.space, raise "
+            "search.retention_tolerance, or set search.fallback: published"
+        )
+    console.notice("search: no trial passed the gate; the published configuration is merged (search.fallback)")
+    return next(row for row in rows if row["label"] == PUBLISHED)
+
+
+def search_job(recipe: Recipe, inputs: Inputs, work_dir: Path, lock_path: Path, default_db: Path | None = None):
+    """Everything a search process needs, from the recipe and the outputs it reads (prepare's held-out splits, the
+    archive): the stage's own process, its spawned workers and `ftmerge search-worker` on other machines alike.
+    `work_dir` is scratch space for rendering the retention sets; `default_db` the SQLite study without
+    `search.storage`."""
     from pipeline.archive.store import verify_adapter
     from pipeline.merging.config import resolve_model_once
-    from pipeline.search.study import sqlite_url
+    from pipeline.search.coordination import Heartbeat
+    from pipeline.search.storage import resolve_storage, sqlite_storage
     from pipeline.search.trials import SearchJob
 
     search = recipe.search
@@ -179,8 +210,8 @@ def _job(recipe: Recipe, item: str, out: Path, inputs: Inputs):
     for path in adapters.values():
         verify_adapter(path)
     metric = search.metric if search.metric != "auto" else ("exact_match" if recipe.evaluate.generate else "loss")
-    sets, evaluation = _sets(recipe, inputs, out / "_work", generate=metric == "exact_match")
-    shutil.rmtree(out / "_work", ignore_errors=True)  # the rendered retention sets are in `sets` now
+    sets, evaluation = _sets(recipe, inputs, work_dir, generate=metric == "exact_match")
+    shutil.rmtree(work_dir, ignore_errors=True)  # the rendered retention sets are in `sets` now
     return SearchJob(
         base_dir=resolve_model_once(recipe.base_model, "base_model", recipe.trust_remote_code),
         target_dir=resolve_model_once(recipe.target_model, "target_model", recipe.trust_remote_code),
@@ -198,9 +229,10 @@ def _job(recipe: Recipe, item: str, out: Path, inputs: Inputs):
         total=search.trials,
         sampler=search.sampler,
         seed=search.seed,
-        storage=search.storage or sqlite_url(out / "study.db"),
-        study_name=f"{recipe.name}-{hash_json(config(recipe, item))[:12]}",
-        lock_path=out / "study.lock",
+        storage=resolve_storage(search.storage) if search.storage else sqlite_storage(default_db),
+        study_name=study_name(recipe, inputs),
+        lock_path=lock_path,
+        heartbeat=Heartbeat(search.heartbeat_interval, search.grace_period),
         device=recipe.merge.device,
         trust_remote_code=recipe.trust_remote_code,
         cache_bytes=int(search.cache_gb * 1024**3),
@@ -208,22 +240,38 @@ def _job(recipe: Recipe, item: str, out: Path, inputs: Inputs):
     )
 
 
-def _fallback(recipe: Recipe, rows: list[dict]) -> dict:
-    """The published configuration's trial when `search.fallback` allows it; otherwise the search fails, saying
-    which trial came closest to the gate."""
-    from pipeline.search.space import PUBLISHED
-    from pipeline.search.study import closest
+def study_name(recipe: Recipe, inputs: Inputs) -> str:
+    """The same on every machine for the same recipe and inputs: the stage's config (whose result-neutral settings,
+    `merge.device` among them, are left out already), the models by content, every adapter's sha256 (from its
+    manifest) and the held-out splits' content; no path, no file time."""
+    from pipeline.archive.store import read_manifest
+    from pipeline.search import identity
 
-    if recipe.search.fallback is None:
-        nearest = closest(rows)
-        raise RuntimeError(
-            f"search: none of {len(rows)} trials kept every retention set within "
-            f"{recipe.search.retention_tolerance:g} of the target; closest: trial {nearest['label']} (kept "
-            f"{nearest['kept']}, learned {nearest['learned']}). Widen search.space, raise "
-            "search.retention_tolerance, or set search.fallback: published"
+    settings = config(recipe, "")
+    settings["base"] = identity.portable_model_identity(recipe.base_model)
+    settings["target"] = identity.portable_model_identity(recipe.target_model)
+    settings["adapter_files"] = {
+        name: read_manifest(adapter_set(recipe)[name].directory)["files"] for name in settings["adapters"]
+    }
+    settings["held_out"] = {
+        name: content_fingerprint(inputs.path("prepare", name) / "eval") for name in learned_sets(recipe)
+    }
+    return identity.study_name(recipe.name, settings)
+
+
+def say_storage(recipe: Recipe, job) -> None:
+    """Where the study is, on the screen when it is a database (its password masked), and a warning when the recipe
+    spells that password out."""
+    from pipeline.search.storage import has_literal_password
+
+    if not job.storage.shared:
+        return
+    console.say(f"search: study {job.study_name} on {job.storage.display}")
+    if has_literal_password(recipe.search.storage):
+        console.say(
+            "warning: search.storage holds a password in the recipe; give it from the environment instead, "
+            "e.g. search.storage: ${FTMERGE_SEARCH_STORAGE}"
         )
-    console.notice("search: no trial passed the gate; the published configuration is merged (search.fallback)")
-    return next(row for row in rows if row["label"] == PUBLISHED)
 
 
 def _space(recipe: Recipe, adapters: list[str]):
@@ -265,40 +313,6 @@ def _sets(recipe: Recipe, inputs: Inputs, work_dir: Path, *, generate: bool):
         recipe.evaluate, chat, trust_remote_code=recipe.trust_remote_code, adapter_dtype=recipe.apply.dtype
     )
     return sets, replace(evaluation, config=evaluation.config.model_copy(update={"generate": generate}))
-
-
-def _work_in_parallel(job, workers: int) -> None:
-    """This process and `workers - 1` spawned ones on the same study; a worker that fails fails the stage."""
-    from pipeline.search.trials import work
-
-    started = time.time()
-    best: list[float] = []  # the best objective among trials that pass the gate, once one has
-    bar = console.open_task("search", total=job.total, unit="trials")
-
-    def progress(number: int, label: str | None, result: dict) -> None:
-        gate = "pass" if result["passes"] else "fail"
-        print(
-            f"search: trial {label or number}: objective {result['objective']:.3f}, gate {gate} "
-            f"({time.time() - started:.0f}s)",
-            flush=True,
-        )
-        if result["passes"]:
-            best[:] = [max([*best, result["objective"]])]
-        bar.advance(info=f"best passing {best[0]:.3f}" if best else "none passes the gate yet")
-
-    context = multiprocessing.get_context("spawn")
-    others = [context.Process(target=work, args=(job,), daemon=True) for _ in range(workers - 1)]
-    for process in others:
-        process.start()
-    try:
-        work(job, on_trial=progress)
-    finally:
-        bar.finish()
-        for process in others:
-            process.join()
-    failed = [process.exitcode for process in others if process.exitcode != 0]
-    if failed:
-        raise RuntimeError(f"search: {len(failed)} of {len(others)} worker processes failed (exit codes {failed})")
 
 
 STAGE = Stage(
