@@ -7,9 +7,9 @@ STAMP := $(VENV)/.ftmerge-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup llama-cpp demo test lint bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) llama-cpp
 
 # torch first (a range would pull a multi-GB CUDA build here), then the pinned set, then Unsloth without its
 # declared dependencies (certifi pin unresolvable on this registry; torchvision breaks the CPU torch).
@@ -23,7 +23,14 @@ $(STAMP): pyproject.toml requirements/unsloth-deps.txt Makefile
 		|| (echo "torchvision is installed in $(VENV); it breaks the CPU torch: pip uninstall torchvision" && exit 1)
 	touch $@
 
-demo: setup
+# llama.cpp's llama-completion and llama-quantize (the export stage runs and quantizes GGUF files with them), built
+# from a pinned source once per machine into ~/.cache/ftmerge (about 9 minutes on 2 cores); nothing to do when they
+# are there. Without cmake or a C++ compiler: a message, and GGUF files are exported unverified.
+llama-cpp: $(STAMP)
+	$(PY) -m pipeline.llama_cpp build --skip-without-compiler
+
+# The demo exports no GGUF: it does not wait for llama.cpp.
+demo: $(STAMP)
 	$(PY) -m pipeline.demo
 
 test: setup

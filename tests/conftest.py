@@ -36,3 +36,27 @@ def finetune_sets(tmp_path_factory):
     directory = tmp_path_factory.mktemp("finetune_sets")
     write_finetune_sets(directory, lambda requests: [request[0]["content"].split("\n", 1)[1] for request in requests])
     return directory
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_or_none():
+    """llama.cpp's programs as the project builds them (`make setup` does, once per machine; built here when it has
+    not): {"llama-completion": path, "llama-quantize": path}, or None where nothing can build them (no cmake or no
+    compiler)."""
+    from pipeline.llama_cpp import install
+
+    if not all(install.installed_tool(tool) for tool in install.TOOLS) and install.missing_build_tools():
+        return None
+    directory = install.build()
+    return {tool: directory / "bin" / tool for tool in install.TOOLS}
+
+
+@pytest.fixture(scope="session")
+def llama_cpp(llama_cpp_or_none):
+    """As llama_cpp_or_none; a test that needs it is skipped, with what is missing as the reason, only where
+    nothing can build it."""
+    from pipeline.llama_cpp import install
+
+    if llama_cpp_or_none is None:
+        pytest.skip(f"llama.cpp cannot be built on this machine: {', '.join(install.missing_build_tools())} not found")
+    return llama_cpp_or_none
