@@ -1,15 +1,12 @@
 """export: the merged tiny model written as GGUF by llama.cpp's own converter, read back with `gguf.GGUFReader`;
-the publish folder and card carrying the files; the K-quants' llama-quantize found or refused before anything runs.
-
-No llama.cpp runtime loads the files here: llama-cpp-python builds from source only (see README, "What ran where").
+K-quants made by llama.cpp's own llama-quantize (the project's build); the publish folder and card carrying the
+files; settings refused before anything runs. What llama.cpp does with the files: tests/test_export_verify.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import stat
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +45,9 @@ def write_recipe(path: Path, data: dict) -> Path:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, tiny_models):
-    """Two imported adapters merged (fused), exported as bf16 and q8_0, and published as a dry run: the CLI path."""
+def exported(tmp_path_factory, tiny_models, llama_cpp_or_none):
+    """Two imported adapters merged (fused), exported as bf16 and q8_0 (and checked by llama.cpp where it can be
+    built), and published as a dry run: the CLI path."""
     root = tmp_path_factory.mktemp("export")
     for seed, name in enumerate(("alpha", "beta")):
         adapter = make_adapter(tiny_models["base"], root / name, seed=seed)
@@ -168,24 +166,16 @@ def test_tokenizer_pre_replaces_what_the_converter_detects(exported, tmp_path, m
     assert field(read_gguf(tmp_path / "b.gguf"), "tokenizer.ggml.pre") == "qwen2"
 
 
-def fake_llama_quantize(directory: Path) -> Path:
-    """A stand-in for llama.cpp's llama-quantize (not installable here): records its arguments and copies its
-    input, so only the export stage's plumbing is tested."""
-    directory.mkdir(parents=True, exist_ok=True)
-    binary = directory / "llama-quantize"
-    binary.write_text(f'#!/bin/sh\necho "$@" > {directory}/arguments\ncp "$1" "$2"\n')
-    binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
-    return binary
-
-
 def export_recipe(exported, tiny_models, output_dir: Path, **gguf) -> Recipe:
     return Recipe.model_validate(recipe_data(output_dir, exported["archive"], tiny_models, export={"gguf": gguf}))
 
 
-def test_k_quants_go_through_llama_quantize_and_a_killed_run_resumes(exported, tiny_models, tmp_path, monkeypatch):
-    binary = fake_llama_quantize(tmp_path / "bin")
-    monkeypatch.setenv("PATH", f"{binary.parent}{os.pathsep}{os.environ['PATH']}")
-    recipe = export_recipe(exported, tiny_models, tmp_path / "run", outtypes=["q8_0", "q4_k_m"], tokenizer_pre="qwen2")
+def test_k_quants_are_made_by_llama_quantize_and_a_killed_run_resumes(
+    exported, tiny_models, tmp_path, monkeypatch, llama_cpp
+):
+    recipe = export_recipe(
+        exported, tiny_models, tmp_path / "run", outtypes=["q8_0", "q4_k_m"], tokenizer_pre="qwen2", verify=False
+    )
     export.check(recipe, "")
     out = tmp_path / "export.partial"
     out.mkdir()
@@ -196,10 +186,18 @@ def test_k_quants_go_through_llama_quantize_and_a_killed_run_resumes(exported, t
     monkeypatch.setattr(gguf_export, "convert_to_gguf", lambda *a, **k: converted.append(a[2]) or convert(*a, **k))
     summary = export.run(recipe, "", out, Inputs({StageRef("merge"): exported["merge"]}))
     assert converted == ["bf16"], "q8_0 was kept; bf16 is llama-quantize's input"
-    source, target, outtype = (tmp_path / "bin" / "arguments").read_text().split()
-    assert (Path(source).name, outtype) == (f"{NAME}-bf16.gguf", "Q4_K_M") and Path(target).name.startswith(".")
-    assert sorted(p.name for p in out.iterdir()) == [f"{NAME}-q4_k_m.gguf", f"{NAME}-q8_0.gguf"], "bf16 removed"
+    assert sorted(p.name for p in out.iterdir()) == [
+        f"{NAME}-q4_k_m.gguf",
+        f"{NAME}-q8_0.gguf",
+        "verification.json",
+    ], "bf16 removed"
     assert list(summary["files"]) == ["q8_0", "q4_k_m"]
+    # llama.cpp's own K-quant: 4-bit K blocks for the projections (their rows are multiples of 256 elements), with
+    # the fallback types llama-quantize picks for rows that are not
+    types = {tensor.name: tensor.tensor_type.name for tensor in read_gguf(out / f"{NAME}-q4_k_m.gguf").tensors}
+    assert {types[f"blk.0.{name}.weight"] for name in ("ffn_gate", "ffn_up")} <= {"Q4_K", "Q5_0", "Q5_1", "Q4_0"}
+    assert field(read_gguf(out / f"{NAME}-q4_k_m.gguf"), "general.file_type") == 15, "LLAMA_FTYPE_MOSTLY_Q4_K_M"
+    assert summary["verification"] == {"verified": False, "reason": "export.gguf.verify is false"}
     assert export.STAGE.resumable and export.depends_on(recipe, "") == [StageRef("merge")]
 
 
@@ -208,7 +206,7 @@ def test_k_quants_go_through_llama_quantize_and_a_killed_run_resumes(exported, t
     [
         (
             {"outtypes": ["q4_k_m"]},
-            r"export\.gguf\.outtypes: q4_k_m: made by llama\.cpp's llama-quantize, which is not on PATH",
+            r"export\.gguf\.outtypes: q4_k_m: made by llama\.cpp's llama-quantize, which is not on PATH nor built",
         ),
         ({"outtypes": ["q4_k_m"], "llama_quantize": "/nowhere/llama-quantize"}, r"export\.gguf\.llama_quantize"),
         ({"tokenizer_pre": "qwen"}, r"export\.gguf\.tokenizer_pre: 'qwen' .*did you mean 'qwen2'"),
@@ -220,7 +218,8 @@ def test_k_quants_go_through_llama_quantize_and_a_killed_run_resumes(exported, t
 def test_bad_export_settings_stop_the_run_before_anything_runs(
     exported, tiny_models, tmp_path, monkeypatch, capsys, gguf, message
 ):
-    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no llama-quantize
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no llama-quantize, nor ftmerge's build of it
+    monkeypatch.setenv("FTMERGE_LLAMA_CPP_DIR", str(tmp_path / "no-llama.cpp"))
     data = recipe_data(tmp_path / "run", exported["archive"], tiny_models, export={"gguf": gguf})
     assert run_pipeline([str(write_recipe(tmp_path / "recipe.yaml", data)), "--from", "apply"]) == 2
     error = capsys.readouterr().err
