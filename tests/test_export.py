@@ -61,7 +61,13 @@ def exported(tmp_path_factory, tiny_models, llama_cpp_or_none):
     )
     assert run_pipeline([str(write_recipe(root / "recipe.yaml", data)), "--from", "apply"]) == 0
     run = root / "run"
-    return {"archive": root / "archive", "run": run, "merge": run / "merge", "export": run / "export"}
+    return {
+        "archive": root / "archive",
+        "run": run,
+        "merge": run / "merge",
+        "export": run / "export",
+        "llama_cpp": llama_cpp_or_none,
+    }
 
 
 def read_gguf(path: Path):
@@ -126,7 +132,11 @@ def test_q8_0_is_written_and_smaller(exported):
     assert q8_0.stat().st_size < bf16.stat().st_size
     types = {tensor.name: tensor.tensor_type.name for tensor in read_gguf(q8_0).tensors}
     assert types["token_embd.weight"] == "Q8_0" and types["blk.0.attn_q.weight"] == "Q8_0"
-    assert sorted(p.name for p in exported["export"].iterdir()) == [f"{NAME}-bf16.gguf", f"{NAME}-q8_0.gguf"]
+    assert sorted(p.name for p in exported["export"].iterdir()) == [
+        f"{NAME}-bf16.gguf",
+        f"{NAME}-q8_0.gguf",
+        "verification.json",
+    ]
     state = json.loads((exported["run"] / "state" / "export.json").read_text())
     assert state["summary"]["files"]["q8_0"] == {"file": q8_0.name, "bytes": q8_0.stat().st_size}
     assert state["summary"]["tokenizer_pre"] == "qwen2" and state["summary"]["detected_tokenizer_pre"] is None
@@ -139,8 +149,29 @@ def test_publish_folder_and_card_carry_the_gguf_files(exported):
         assert published.stat().st_ino == (exported["export"] / published.name).stat().st_ino, "a hard link"
     card = (folder / "README.md").read_text()
     assert "## GGUF" in card and f"`{NAME}-q8_0.gguf` | q8_0 |" in card
+    assert "| file | type | size | llama.cpp check |" in card
+    row = next(line for line in card.splitlines() if line.startswith(f"| `{NAME}-bf16.gguf` |"))
+    if exported["llama_cpp"]:
+        assert "prompts identical to transformers" in row and "stops at <|im_end|>" in row, row
+        assert "llama.cpp (`llama-completion`, greedy) ran each file on 4 chat prompts" in card
+    else:
+        assert row.endswith("| – |") and "These files were not run by llama.cpp" in card
     state = json.loads((exported["run"] / "state" / "publish.json").read_text())
     assert f"{NAME}-bf16.gguf" in state["summary"]["files"]
+
+
+def test_the_run_checks_each_file_with_llama_cpp_and_ends_with_what_it_found(exported, llama_cpp):
+    """The random tiny model: its greedy steps are often ties (0.000 logits apart), which is told apart from a
+    difference; none of the bf16 file's prompts may differ (tests/test_export_verify.py holds it to identical)."""
+    state = json.loads((exported["run"] / "state" / "export.json").read_text())
+    files = state["summary"]["verification"]["files"]
+    assert files["bf16"]["differs"] == 0 and files["bf16"]["identical"] + files["bf16"]["near_tie"] == 4
+    assert files["q8_0"]["stops_at_end_of_turn"] and files["bf16"]["stops_at_end_of_turn"]
+    log = next((exported["run"] / "logs").glob("*.log")).read_text()
+    assert f"[ftmerge] export: {NAME}-bf16.gguf: " in log, "the per-file line reached the screen"
+    assert f"[ftmerge] GGUF files, run by llama.cpp ({exported['export'] / 'verification.json'}):" in log
+    assert f"  {NAME}-q8_0.gguf: {files['q8_0']['summary']}" in log
+    assert "llama_model_loader" in log or "print_info" in log, "llama.cpp's own output is in the log"
 
 
 def test_unrecognized_tokenizer_names_the_setting(exported, tmp_path):

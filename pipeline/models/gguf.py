@@ -94,23 +94,27 @@ def known_pre_tokenizers() -> set[str]:
 
 
 def check_tokenizer(model_dir: Path) -> None:
-    """Raise TokenizerMismatch when the tokenizer in `model_dir` is a byte-level BPE (GPT-2 style: bytes are ordinary
-    tokens) that says `byte_fallback: true`, as a tokenizer transformers rebuilds from a GGUF file may. llama.cpp's
-    converter then takes it for a SentencePiece vocabulary (`tokenizer.ggml.model llama`, pre-tokenizer `default`),
-    and llama.cpp aborts on the file (`std::out_of_range` in `llama_vocab::byte_to_token`): it looks for the byte
-    tokens `<0x00>`…`<0xFF>` that such a vocabulary has and this one has not."""
+    """Raise TokenizerMismatch when the tokenizer in `model_dir` would be written as a vocabulary of another kind
+    than it is: a BPE with `byte_fallback: true` and a SentencePiece-style decoder (a `Sequence`), but no byte tokens
+    `<0x00>`…`<0xFF>` (a byte-level BPE: its bytes are ordinary tokens). transformers rebuilds every Llama GGUF's
+    tokenizer that way. llama.cpp's converter (gguf's LlamaHfVocab, on exactly these settings) writes it as a
+    SentencePiece vocabulary (`tokenizer.ggml.model llama`, pre-tokenizer `default`), and llama.cpp aborts on the
+    file (`std::out_of_range` in `llama_vocab::byte_to_token`, looking up the byte tokens it lacks)."""
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
         return
-    model = json.loads(path.read_text(encoding="utf-8")).get("model") or {}
-    if model.get("type") != "BPE" or not model.get("byte_fallback") or "<0x0A>" in (model.get("vocab") or {}):
+    tokenizer = json.loads(path.read_text(encoding="utf-8"))
+    model, decoder = tokenizer.get("model") or {}, tokenizer.get("decoder") or {}
+    byte_fallback = model.get("type") == "BPE" and model.get("byte_fallback")
+    if not byte_fallback or decoder.get("type") != "Sequence" or "<0x0A>" in (model.get("vocab") or {}):
         return
     raise TokenizerMismatch(
-        f"{path}: model.byte_fallback is true, but the vocabulary has no byte tokens (<0x00> to <0xFF>): it is a "
-        "byte-level BPE, whose bytes are ordinary tokens. llama.cpp's converter would write it as a SentencePiece "
-        "vocabulary (tokenizer.ggml.model llama, pre-tokenizer default) that llama.cpp cannot run (it aborts with "
-        'std::out_of_range in byte_to_token). Set "byte_fallback": false in that tokenizer.json, as the model\'s '
-        "original tokenizer has it (a tokenizer transformers rebuilds from a GGUF file gets it wrong)."
+        f"{path}: model.byte_fallback is true and the decoder is SentencePiece-style, but the vocabulary has no byte "
+        "tokens (<0x00> to <0xFF>): it is a byte-level BPE. llama.cpp's converter would write it as a SentencePiece "
+        "vocabulary (tokenizer.ggml.model llama, pre-tokenizer default), which llama.cpp cannot run (it aborts with "
+        "std::out_of_range in byte_to_token). Restore the model's own tokenizer.json (for a byte-level BPE: "
+        '"byte_fallback": false and a ByteLevel decoder): a tokenizer transformers rebuilt from a GGUF file has these '
+        "settings wrong."
     )
 
 

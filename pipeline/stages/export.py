@@ -22,7 +22,7 @@ from pathlib import Path
 from pipeline import console
 from pipeline.fingerprint import content_fingerprint, sha256_file
 from pipeline.llama_cpp.install import find_tool
-from pipeline.llama_cpp.verify import TIE_MARGIN, TOP_CANDIDATES
+from pipeline.llama_cpp.verify import TIE_RELATIVE, TOP_CANDIDATES
 from pipeline.models.gguf import (
     CONVERTER_OUTTYPES,
     QUANTIZE_OUTTYPES,
@@ -74,7 +74,7 @@ def config(recipe: Recipe, item: str) -> dict:
     }
     if _verifies(recipe):
         identity["verification"] = {
-            "tie_margin": TIE_MARGIN,
+            "tie_relative": TIE_RELATIVE,
             "candidates": TOP_CANDIDATES,
             "retention": {r.name: _content(r.dataset.path) for r in recipe.evaluate.retention},
             "trust_remote_code": recipe.trust_remote_code,
@@ -288,7 +288,7 @@ def _compare_with_transformers(
         "llama_completion": str(binary),
         "reference": f"transformers, float32, {device}",
         "max_new_tokens": settings.verify_max_new_tokens,
-        "tie_margin": TIE_MARGIN,
+        "tie_relative": TIE_RELATIVE,
         "prompts": [{"source": source, "request": label} for (source, _), label in zip(requests, labels, strict=True)],
         "files": results,
     }
