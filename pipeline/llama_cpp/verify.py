@@ -106,6 +106,8 @@ class FileVerification:
         if differing:
             agreeing = sum(o.agreeing_tokens for o in differing) / len(differing)
             parts.append(f"{len(differing)} differ (after {agreeing:.1f} tokens on average)")
+        if self.count("identical") < total:
+            parts.append(f"{self.token_agreement():.0%} of tokens agree before a first difference")
         stops = sum(outcome.stopped for outcome in self.outcomes)
         if self.stops_at_end_of_turn is not None:
             where = (
@@ -115,6 +117,11 @@ class FileVerification:
             )
             parts.append(f"{where} ({stops}/{total} replies ended there)")
         return ", ".join(parts)
+
+    def token_agreement(self) -> float | None:
+        """The share of transformers' tokens llama.cpp gave before its first difference, over all prompts."""
+        tokens = sum(o.tokens for o in self.outcomes)
+        return sum(o.agreeing_tokens for o in self.outcomes) / tokens if tokens else None
 
     def as_dict(self) -> dict:
         return {
@@ -126,6 +133,7 @@ class FileVerification:
             "near_tie": self.count("near-tie"),
             "differs": self.count("differs") + self.count("prompt-differs"),
             "agreement": round(self.count("identical") / len(self.outcomes), 4) if self.outcomes else None,
+            "token_agreement": None if self.token_agreement() is None else round(self.token_agreement(), 4),
             "end_of_turn": self.end_of_turn,
             "stops_at_end_of_turn": self.stops_at_end_of_turn,
             "end_of_generation_tokens": self.end_of_generation,
