@@ -21,6 +21,7 @@ GENERAL_REQUESTS = (
     "Translate 'thank you' into Spanish.",
 )
 Conversation = list[dict[str, str]]
+MAX_PROMPT_TOKENS = 512  # a request longer than this is passed over: the check is about the model, not long contexts
 
 
 def request(messages: Conversation) -> Conversation | None:
@@ -78,3 +79,36 @@ def render_prompts(tokenizer, conversations: list[Conversation]) -> list[str]:
 def last_request(conversation: Conversation) -> str:
     """The user's last message: how a prompt is named on the screen."""
     return next((m["content"] for m in reversed(conversation) if m["role"] == "user"), "")
+
+
+def choose_requests(
+    tokenizer,
+    held_out: dict[str, Path],
+    retention: dict[str, object],
+    work_dir: Path,
+    count: int,
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS,
+) -> list[tuple[str, Conversation]]:
+    """`count` (source, request) pairs whose prompts are at most `max_prompt_tokens` long: one from each fine-tune's
+    held-out split (`held_out`: name → prepare's output) in turn, then from the retention sets (name → dataset
+    block), then GENERAL_REQUESTS."""
+
+    def labelled(source: str, conversations: Iterable[Conversation]):
+        return ((source, conversation) for conversation in conversations)
+
+    candidates = chain(
+        interleave(labelled(f"held-out {name}", held_out_requests(path)) for name, path in held_out.items()),
+        interleave(
+            labelled(f"retention {name}", dataset_requests(dataset, Path(work_dir) / name))
+            for name, dataset in retention.items()
+        ),
+        labelled("general", ([{"role": "user", "content": text}] for text in GENERAL_REQUESTS)),
+    )
+    chosen: list[tuple[str, Conversation]] = []
+    for source, conversation in candidates:
+        if len(chosen) == count:
+            break
+        prompt = render_prompts(tokenizer, [conversation])[0]
+        if len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) <= max_prompt_tokens:
+            chosen.append((source, conversation))
+    return chosen

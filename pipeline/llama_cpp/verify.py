@@ -370,3 +370,81 @@ def read_verification(export_dir: Path) -> dict | None:
     """What `write_verification` wrote in an export directory; None when there is nothing (an older export)."""
     path = Path(export_dir) / VERIFICATION_FILE
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def template_end_of_turn(tokenizer) -> tuple[int, str] | None:
+    """The chat template's end-of-turn token (id, text); None without a template or when a reply does not end with
+    one special token."""
+    from pipeline.data.templates import end_of_turn_token, load_template
+    from pipeline.recipe import RecipeError
+
+    try:
+        template = load_template("target", tokenizer)
+        token = end_of_turn_token(template, tokenizer, dict(tokenizer.special_tokens_map))
+    except RecipeError:
+        return None
+    return tokenizer.convert_tokens_to_ids(token), token
+
+
+def check_files(
+    model_dir: Path,
+    tokenizer,
+    files: dict[str, tuple[Path, bool]],
+    requests: list[tuple[str, list[dict]]],
+    *,
+    llama_completion: Path,
+    max_new_tokens: int,
+    trust_remote_code: bool = False,
+    say=print,
+) -> tuple[dict, list[str]]:
+    """Every GGUF file (outtype → (path, kept: False for a temporary one)) against transformers on `model_dir`, on
+    the (source, conversation) requests; `say` gets one line per file. Returns the outcome (what verification.json
+    holds) and the problems of the files that fail. Raises LlamaCppFailed when llama.cpp fails or crashes."""
+    import torch
+
+    from pipeline.llama_cpp.prompts import last_request, render_prompts
+
+    prompts = render_prompts(tokenizer, [conversation for _, conversation in requests])
+    turn_end = template_end_of_turn(tokenizer)
+    stop_ids = sorted({tokenizer.eos_token_id, *([turn_end[0]] if turn_end else [])} - {None})
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    say(
+        f"export: checking {len(files)} GGUF file(s) with llama.cpp against transformers ({device}, float32) on "
+        f"{len(prompts)} prompts, {max_new_tokens} new tokens each"
+    )
+    references = transformers_references(
+        model_dir,
+        tokenizer,
+        prompts,
+        stop_ids=stop_ids,
+        max_new_tokens=max_new_tokens,
+        device=device,
+        trust_remote_code=trust_remote_code,
+    )
+    labels = [last_request(conversation) for _, conversation in requests]
+    results, failures = {}, []
+    for outtype, (file, kept) in files.items():
+        result = verify_file(
+            llama_completion,
+            file,
+            outtype,
+            tokenizer,
+            references,
+            max_new_tokens=max_new_tokens,
+            end_of_turn=turn_end,
+            labels=labels,
+        )
+        name = file.name if kept else f"{file.name} (llama-quantize's input, not kept)"
+        say(f"export: {name}: {result.summary_line()}")
+        results[outtype] = {**result.as_dict(), "kept": kept}
+        failures += [f"{file.name}: {problem}" for problem in result.problems()]
+    outcome = {
+        "verified": True,
+        "llama_completion": str(llama_completion),
+        "reference": f"transformers, float32, {device}",
+        "max_new_tokens": max_new_tokens,
+        "tie_relative": TIE_RELATIVE,
+        "prompts": [{"source": source, "request": label} for (source, _), label in zip(requests, labels, strict=True)],
+        "files": results,
+    }
+    return outcome, failures

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import difflib
 import shutil
-from itertools import chain
 from pathlib import Path
 
 from pipeline import console
@@ -230,117 +229,44 @@ def _verify(recipe: Recipe, inputs: Inputs, out: Path, files: dict[str, Path]) -
 def _compare_with_transformers(
     recipe: Recipe, inputs: Inputs, out: Path, files: dict[str, Path], binary: Path
 ) -> tuple[dict, list[str]]:
-    import torch
     from transformers import AutoTokenizer
 
     from pipeline.llama_cpp.completion import LlamaCppFailed
-    from pipeline.llama_cpp.prompts import last_request, render_prompts
-    from pipeline.llama_cpp.verify import GgufVerificationFailed, transformers_references, verify_file
+    from pipeline.llama_cpp.verify import GgufVerificationFailed, check_files
 
-    settings = recipe.export.gguf
     merged = inputs.path("merge")
     tokenizer = AutoTokenizer.from_pretrained(merged, trust_remote_code=recipe.trust_remote_code)
-    requests = _requests(recipe, inputs, out / WORK_DIR, tokenizer)
-    prompts = render_prompts(tokenizer, [conversation for _, conversation in requests])
-    end_of_turn = _end_of_turn(tokenizer)
-    stop_ids = sorted({tokenizer.eos_token_id, *([end_of_turn[0]] if end_of_turn else [])} - {None})
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    console.say(
-        f"export: checking {len(files)} GGUF file(s) with llama.cpp against transformers ({device}, float32) on "
-        f"{len(prompts)} prompts, {settings.verify_max_new_tokens} new tokens each"
-    )
-    references = transformers_references(
-        merged,
-        tokenizer,
-        prompts,
-        stop_ids=stop_ids,
-        max_new_tokens=settings.verify_max_new_tokens,
-        device=device,
-        trust_remote_code=recipe.trust_remote_code,
-    )
-    labels = [last_request(conversation) for _, conversation in requests]
-    results, failures = {}, []
-    for outtype, file in files.items():
-        kept = file.parent == out
-        try:
-            result = verify_file(
-                binary,
-                file,
-                outtype,
-                tokenizer,
-                references,
-                max_new_tokens=settings.verify_max_new_tokens,
-                end_of_turn=end_of_turn,
-                labels=labels,
-            )
-        except LlamaCppFailed as error:
-            raise GgufVerificationFailed(
-                f"{file.name}: {error}\n    The file was written but llama.cpp cannot run it. An abort while "
-                "loading (std::out_of_range, unknown pre-tokenizer) points at the tokenizer: see export.gguf."
-                "tokenizer_pre and the target's tokenizer.json."
-            ) from None
-        name = file.name if kept else f"{file.name} (llama-quantize's input, not kept)"
-        console.say(f"export: {name}: {result.summary_line()}")
-        results[outtype] = {**result.as_dict(), "kept": kept}
-        failures += [f"{file.name}: {problem}" for problem in result.problems()]
-    outcome = {
-        "verified": True,
-        "llama_completion": str(binary),
-        "reference": f"transformers, float32, {device}",
-        "max_new_tokens": settings.verify_max_new_tokens,
-        "tie_relative": TIE_RELATIVE,
-        "prompts": [{"source": source, "request": label} for (source, _), label in zip(requests, labels, strict=True)],
-        "files": results,
-    }
-    return outcome, failures
-
-
-MAX_PROMPT_TOKENS = 512
+    try:
+        return check_files(
+            merged,
+            tokenizer,
+            {outtype: (file, file.parent == out) for outtype, file in files.items()},
+            _requests(recipe, inputs, out / WORK_DIR, tokenizer),
+            llama_completion=binary,
+            max_new_tokens=recipe.export.gguf.verify_max_new_tokens,
+            trust_remote_code=recipe.trust_remote_code,
+            say=console.say,
+        )
+    except LlamaCppFailed as error:
+        raise GgufVerificationFailed(
+            f"{error}\n    The file was written but llama.cpp cannot run it. An abort while loading "
+            "(std::out_of_range, unknown pre-tokenizer) points at the tokenizer: see export.gguf.tokenizer_pre and "
+            "the target's tokenizer.json."
+        ) from None
 
 
 def _requests(recipe: Recipe, inputs: Inputs, work_dir: Path, tokenizer) -> list[tuple[str, list[dict]]]:
-    """`verify_prompts` (source, conversation) requests of at most MAX_PROMPT_TOKENS: the fine-tunes' held-out
-    splits in turn, then the retention sets, then general requests."""
-    from pipeline.llama_cpp.prompts import (
-        GENERAL_REQUESTS,
-        dataset_requests,
-        held_out_requests,
-        interleave,
-        render_prompts,
+    """`verify_prompts` requests from the fine-tunes' held-out splits in turn, then the retention sets, then general
+    ones, each with its source."""
+    from pipeline.llama_cpp.prompts import choose_requests
+
+    return choose_requests(
+        tokenizer,
+        {f.name: inputs.path("prepare", f.name) for f in recipe.finetunes},
+        {r.name: r.dataset for r in recipe.evaluate.retention},
+        work_dir,
+        recipe.export.gguf.verify_prompts,
     )
-
-    def labelled(source: str, conversations):
-        return ((source, conversation) for conversation in conversations)
-
-    held_out = interleave(
-        labelled(f"held-out {f.name}", held_out_requests(inputs.path("prepare", f.name))) for f in recipe.finetunes
-    )
-    retention = interleave(
-        labelled(f"retention {r.name}", dataset_requests(r.dataset, work_dir / r.name))
-        for r in recipe.evaluate.retention
-    )
-    general = labelled("general", ([{"role": "user", "content": text}] for text in GENERAL_REQUESTS))
-    chosen = []
-    for source, conversation in chain(held_out, retention, general):
-        prompt = render_prompts(tokenizer, [conversation])[0]
-        if len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) <= MAX_PROMPT_TOKENS:
-            chosen.append((source, conversation))
-        if len(chosen) == recipe.export.gguf.verify_prompts:
-            break
-    return chosen
-
-
-def _end_of_turn(tokenizer) -> tuple[int, str] | None:
-    """The chat template's end-of-turn token (id, text); None without a template or when a reply does not end with
-    one special token."""
-    from pipeline.data.templates import end_of_turn_token, load_template
-
-    try:
-        template = load_template("target", tokenizer)
-        token = end_of_turn_token(template, tokenizer, dict(tokenizer.special_tokens_map))
-    except RecipeError:
-        return None
-    return tokenizer.convert_tokens_to_ids(token), token
 
 
 STAGE = Stage(name="export", items=items, config=config, depends_on=depends_on, check=check, run=run, resumable=True)
