@@ -58,8 +58,7 @@ def build_machines(root: Path, trials: int, max_samples: int) -> dict:
 
 
 def run_workers(machines: dict, url: str, count: int) -> dict:
-    from helpers.machines import can_name_hosts
-    from test_search_workers import MACHINES, cli, finished, study_trials
+    from helpers.machines import MACHINES, can_name_hosts, cli, finished, study_trials
 
     started = time.monotonic()
     workers = [

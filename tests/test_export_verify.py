@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from pipeline.models.tiny import make_tiny_model
 from safetensors.torch import load_file, save_file
 
+from pipeline.demo.tiny import make_tiny_model
 from pipeline.llama_cpp.verify import GgufVerificationFailed, read_verification
 from pipeline.models import gguf as gguf_export
 from pipeline.recipe import Recipe, RecipeError

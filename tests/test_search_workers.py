@@ -14,11 +14,18 @@ import time
 
 import pytest
 import yaml
-from helpers.machines import MACHINES, TRIALS, can_name_hosts, cli, finished, recipe_text, set_up_machines
+from helpers.machines import (
+    MACHINES,
+    TRIALS,
+    can_name_hosts,
+    cli,
+    finished,
+    recipe_text,
+    set_up_machines,
+    study_trials,
+)
 
-from pipeline.search.coordination import Heartbeat
-from pipeline.search.storage import Storage
-from pipeline.search.study import choose, open_study
+from pipeline.search.study import choose
 
 pytestmark = pytest.mark.slow
 
@@ -26,14 +33,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def machines(tmp_path_factory, tiny_models, finetune_sets, postgres):
     return set_up_machines(tmp_path_factory.mktemp("machines"), tiny_models, finetune_sets, recipe_text())
-
-
-def study_trials(url: str):
-    from optuna.study import get_all_study_names
-
-    storage = Storage(url)
-    (name,) = get_all_study_names(storage=url)
-    return open_study(storage, name, Heartbeat(1, 6)).get_trials(deepcopy=False)
 
 
 def test_three_worker_machines_fill_the_study_and_the_merge_writes_its_best_passing_trial(machines, postgres):

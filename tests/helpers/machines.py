@@ -15,6 +15,9 @@ import yaml
 
 from helpers.cli import REPO
 from helpers.recipes import RETENTION
+from pipeline.search.coordination import Heartbeat
+from pipeline.search.storage import Storage
+from pipeline.search.study import open_study
 
 
 @functools.cache
@@ -136,3 +139,11 @@ def set_up_machines(root: Path, models: dict, finetune_sets: Path, recipe: str, 
         copy_without_times(coordinator / "run" / "prepare", directory / "run" / "prepare")
         workers.append(directory)
     return {"root": root, "coordinator": coordinator, "workers": workers}
+
+
+def study_trials(url: str):
+    from optuna.study import get_all_study_names
+
+    storage = Storage(url)
+    (name,) = get_all_study_names(storage=url)
+    return open_study(storage, name, Heartbeat(1, 6)).get_trials(deepcopy=False)
