@@ -162,7 +162,8 @@ class AdaptedRows:
         return self.load_dtype or self.adapted_dtype
 
     def materialize(self) -> torch.Tensor:
-        adapted = (self.target.to(torch.float32) + self.product * self.scale).to(self.adapted_dtype)
+        target32 = self.target.to(self.product.device, torch.float32)
+        adapted = (target32 + self.product * self.scale).to(self.adapted_dtype)
         return adapted.to(self.load_dtype) if self.load_dtype and adapted.dtype != self.load_dtype else adapted
 
 
@@ -213,7 +214,7 @@ class KernelMerge:
         `out_dtype`, or the merge dtype, when not given). Returns the result, or None when the kernel does not cover
         these inputs (dtypes, device, layout): the caller then runs mergekit's code."""
         module = extension()
-        dtype = _promoted([value.dtype for value in inputs])
+        dtype = promoted_dtype([value.dtype for value in inputs])
         if module is None or dtype not in DTYPE_CODES or not _kernel_inputs(inputs):
             return None
         numel = inputs[0].target.numel() if isinstance(inputs[0], AdaptedRows) else inputs[0].numel()
@@ -284,7 +285,8 @@ def _per_input(value, ids: list, base_index: int | None) -> list:
     return [value] * len(bound)
 
 
-def _promoted(dtypes: list[torch.dtype]) -> torch.dtype:
+def promoted_dtype(dtypes: list[torch.dtype]) -> torch.dtype:
+    """mergekit's merge dtype for inputs of these dtypes (its `promoted_dtype`)."""
     dtype = dtypes[0]
     for other in dtypes[1:]:
         dtype = torch.promote_types(dtype, other)
