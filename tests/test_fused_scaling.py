@@ -126,8 +126,12 @@ def test_untouched_weights_take_the_shortcut_and_equal_the_mergekit_engine(
     tmp_path,
     monkeypatch,
 ):
-    """End to end: the tiny models' embeddings and norms (no adapter touches them) go through `merge_copies`, for
-    TIES and task arithmetic, and the whole merge still equals mergekit's engine."""
+    """End to end without the merge kernel (no compiler): the tiny models' embeddings and norms (no adapter touches
+    them) go through `merge_copies`, for TIES and task arithmetic, and the whole merge still equals mergekit's
+    engine."""
+    from pipeline.merging import kernel
+
+    monkeypatch.setattr(kernel, "extension", lambda: None)
     calls = []
     real = fused.merge_copies
     monkeypatch.setattr(fused, "merge_copies", lambda spec, *args: calls.append(spec.name) or real(spec, *args))

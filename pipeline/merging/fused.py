@@ -32,6 +32,7 @@ from pipeline.console import tqdm
 from pipeline.merging.adapted_model import check_compatibility, output_dtype, read_ahead, resolve_device
 from pipeline.merging.config import input_models, tensor_parameters
 from pipeline.merging.kernel import AdaptedRows, KernelMerge, materialize, promoted_dtype
+from pipeline.merging.kernel import status as kernel_status
 from pipeline.merging.mergekit_engine import MERGE_SEED
 from pipeline.models.lora import LoraFactors, load_adapter
 from pipeline.models.safetensors_io import (
@@ -362,9 +363,9 @@ class TensorWork:
         dtype = self.chosen_dtype() or promoted_dtype([value.dtype for value in inputs])
         shape = (self.blocks[-1].stop, *first.shape[1:])
         target = self.destination
-        if target is not None and (target.dtype, tuple(target.shape), target.device) == (dtype, shape, first.device):
-            if target.is_contiguous():
-                return target
+        layout = (dtype, shape, first.device, True)
+        if target is not None and (target.dtype, tuple(target.shape), target.device, target.is_contiguous()) == layout:
+            return target
         return torch.empty(shape, dtype=dtype, device=first.device)
 
 
@@ -564,7 +565,7 @@ def fused_merge(
                 for name, tensor in itertools.islice(merged, len(shard)):
                     if written is not None:
                         written.result()  # one tensor in flight: memory holds at most two outputs
-                    written = disk.submit(writer.write, name, tensor.cpu())
+                    written = disk.submit(writer.write, name, tensor)  # moved off a GPU there, beside the merge
                     bar.update()
                 if written is not None:
                     written.result()
@@ -573,7 +574,13 @@ def fused_merge(
                 total += writer.nbytes
     if len(files) > 1:
         write_index(out_dir, weight_map, total)
-    return {"tensors": len(order), "bytes_written": total, "adapters": len(adapters), "device": str(inputs.device)}
+    return {
+        "tensors": len(order),
+        "bytes_written": total,
+        "adapters": len(adapters),
+        "device": str(inputs.device),
+        "kernel": kernel_status() if inputs.device.type == "cpu" else "mergekit's torch code on the GPU",
+    }
 
 
 def load_merged(inputs: FusedInputs, config, model) -> None:

@@ -32,7 +32,9 @@ SOURCE = Path(__file__).with_name("merge_kernel.cpp")
 # No -ffast-math (signed zeros, NaN and subnormals must behave as in torch); no contraction of a*b+c into a fused
 # multiply-add: the kernel fuses only where torch does, with std::fma. -fno-trapping-math and -fno-math-errno (torch
 # is built with both) change no value; they let the compiler turn the kernel's selects into vector blends.
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-fno-fast-math", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno")
+FLAGS = ("-O3", "-std=c++17", "-fno-fast-math", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno")
+# Vector instructions of this CPU (AVX2/AVX-512, F16C here); a compiler that refuses it builds without.
+NATIVE = "-march=native"
 # The mergekit version whose merge code merge_kernel.cpp reproduces; another version falls back to mergekit's.
 TRACED_MERGEKIT = "0.1.5"
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -65,18 +67,25 @@ def extension():
         return _module
 
 
-def unavailable_reason() -> str | None:
-    """Why the extension could not be built, after `extension()` tried; None when it was."""
-    return _failure
+def status() -> str:
+    """What merges the elementwise methods here, for the merge's summary."""
+    return "one-pass kernel" if extension() is not None else f"mergekit's torch code (no kernel: {_failure})"
 
 
 def _build():
+    try:
+        return _load([*FLAGS, NATIVE])
+    except Exception as error:  # a compiler without -march=native gets one more try without it
+        LOG.info("merge kernel: building with %s failed (%s); building without it", NATIVE, error)
+    return _load(list(FLAGS))
+
+
+def _load(flags: list[str]):
     from torch.utils import cpp_extension
 
-    source = SOURCE.read_text()
-    key = "\n".join([source, *FLAGS, torch.__version__, platform.machine(), _cpu_flags()])
+    key = "\n".join([SOURCE.read_text(), *flags, torch.__version__, platform.machine(), _cpu_flags()])
     name = f"ftmerge_merge_kernel_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-    return cpp_extension.load(name, [str(SOURCE)], extra_cflags=list(FLAGS), verbose=False)
+    return cpp_extension.load(name, [str(SOURCE)], extra_cflags=flags, verbose=False)
 
 
 def _cpu_flags() -> str:
@@ -215,7 +224,7 @@ class KernelMerge:
         these inputs (dtypes, device, layout): the caller then runs mergekit's code."""
         module = extension()
         dtype = promoted_dtype([value.dtype for value in inputs])
-        if module is None or dtype not in DTYPE_CODES or not _kernel_inputs(inputs):
+        if module is None or dtype not in DTYPE_CODES or not _kernel_inputs(inputs, dtype):
             return None
         numel = inputs[0].target.numel() if isinstance(inputs[0], AdaptedRows) else inputs[0].numel()
         layout = sum_layout(dtype)
@@ -293,15 +302,15 @@ def promoted_dtype(dtypes: list[torch.dtype]) -> torch.dtype:
     return dtype
 
 
-def _kernel_inputs(inputs: list) -> bool:
+def _kernel_inputs(inputs: list, dtype: torch.dtype) -> bool:
     """Contiguous CPU tensors of one size, in dtypes the kernel reads (AdaptedRows: the target's rows and a float32
-    product of the same size)."""
+    product of the same size, loaded in the merge dtype `dtype` or not cast, as the kernel rounds them)."""
     tensors = []
     for value in inputs:
         if isinstance(value, AdaptedRows):
             if value.product.dtype != torch.float32 or value.product.shape != value.target.shape:
                 return False
-            if value.adapted_dtype not in DTYPE_CODES:
+            if value.adapted_dtype not in DTYPE_CODES or value.load_dtype not in (None, dtype):
                 return False
             tensors += [value.target, value.product]
         else:

@@ -62,7 +62,7 @@ enum Dtype : int { F32 = 0, BF16 = 1, F16 = 2 };
 enum Method : int { TIES = 0, TASK_ARITHMETIC = 1, LINEAR = 2 };
 
 // Elements per step: every intermediate of a step (a few arrays per model) stays in the L1/L2 caches.
-constexpr int CHUNK = 256;
+constexpr int CHUNK = 512;
 
 inline uint32_t bits_of(float value) {
   uint32_t bits;
@@ -176,22 +176,6 @@ struct Source {
   int via_dtype;
 };
 
-template <int D>
-void source_values(const Source& source, int64_t start, int count, float* out) {
-  load_floats(source.values, source.dtype, start, count, out);
-  if (source.product != nullptr) {
-    const float* product = source.product + start;
-    const float scale = source.scale;
-    for (int k = 0; k < count; ++k) {
-      const float delta = product[k] * scale;
-      out[k] = out[k] + delta;
-    }
-  }
-  // A float32 sum is rounded even when the stored dtype is already the adapted one.
-  if (source.product != nullptr || source.via_dtype != source.dtype) round_array(source.via_dtype, count, out);
-  if (source.via_dtype != D) round_array(D, count, out);
-}
-
 struct Plan {
   int method;
   int dtype;
@@ -209,10 +193,12 @@ struct Plan {
   float lambda;
   float divisor;
   bool fused_multiply_add;
-  // Distinct (source, weight) pairs: equal inputs with equal weights share one product.
+  // Distinct (source, weight) pairs: equal inputs with equal weights share one product. A source with a single
+  // product (`single_product[j]` >= 0) goes straight to it; the others keep their delta for each of their products.
   std::vector<int> product_source;
   std::vector<float> product_weight;
   std::vector<int> input_product;
+  std::vector<int> single_product;
 };
 
 int ceil_log2(int64_t value) {
@@ -221,47 +207,72 @@ int ceil_log2(int64_t value) {
   return result;
 }
 
-// ATen's multi_row_sum for one column range [k0, k1): rows summed in order into acc[0], flushed up a level every
-// level_step rows; `add_row(i, k0, k1, destination)` adds row i's terms. Sums start at +0 as ATen's do.
-template <class AddRow>
-void cascade_sum(int64_t rows, int k0, int k1, float* out, float* levels, AddRow&& add_row) {
+// ATen's multi_row_sum for one column range [k0, k1), for `Outputs` sums at once: rows summed in order into
+// acc[0], flushed up a level every level_step rows; `add_row(i, k0, k1, destinations)` adds row i's terms to each
+// output. Sums start at +0 as ATen's do. A level not used yet holds +0, and a sum that starts at +0 is never -0, so
+// adding it is skipped and adding into it is a copy: the same values in fewer passes.
+template <int Outputs, class AddRow>
+void cascade_sum(int64_t rows, int k0, int k1, float* const* out, float* levels, AddRow&& add_row) {
   constexpr int kLevels = 4;
   const int level_power = std::max(4, ceil_log2(rows) / kLevels);
   const int64_t level_step = int64_t(1) << level_power;
   const int64_t level_mask = level_step - 1;
-  float* acc[kLevels] = {out, levels, levels + CHUNK, levels + 2 * CHUNK};
-  for (int j = 0; j < kLevels; ++j)
-    for (int k = k0; k < k1; ++k) acc[j][k] = 0.0f;
+  float* acc[kLevels][Outputs];
+  for (int o = 0; o < Outputs; ++o) {
+    acc[0][o] = out[o];
+    for (int level = 1; level < kLevels; ++level) acc[level][o] = levels + ((level - 1) * Outputs + o) * CHUNK;
+    for (int k = k0; k < k1; ++k) acc[0][o][k] = 0.0f;
+  }
+  bool used[kLevels] = {true, false, false, false};
   int64_t i = 0;
   while (i + level_step <= rows) {
     for (int64_t j = 0; j < level_step; ++j, ++i) add_row(i, k0, k1, acc[0]);
     for (int j = 1; j < kLevels; ++j) {
-      for (int k = k0; k < k1; ++k) {
-        acc[j][k] += acc[j - 1][k];
-        acc[j - 1][k] = 0.0f;
+      for (int o = 0; o < Outputs; ++o) {
+        float* __restrict upper = acc[j][o];
+        float* __restrict lower = acc[j - 1][o];
+        if (used[j]) {
+          for (int k = k0; k < k1; ++k) upper[k] += lower[k];
+        } else {
+          for (int k = k0; k < k1; ++k) upper[k] = lower[k];
+        }
+        for (int k = k0; k < k1; ++k) lower[k] = 0.0f;
       }
+      used[j] = true;
       if ((i & (level_mask << (j * level_power))) != 0) break;
     }
   }
   for (; i < rows; ++i) add_row(i, k0, k1, acc[0]);
   for (int j = 1; j < kLevels; ++j)
-    for (int k = k0; k < k1; ++k) acc[0][k] += acc[j][k];
+    if (used[j])
+      for (int o = 0; o < Outputs; ++o)
+        for (int k = k0; k < k1; ++k) acc[0][o][k] += acc[j][o][k];
 }
 
 // ATen's row_sum: rows 4i+part go to four partial sums (each a multi_row_sum over rows/4), the remaining rows to
 // the first, then the partials are added in order.
-template <class AddRow>
-void interleaved_sum(int64_t rows, int k0, int k1, float* out, float* partials, float* levels, AddRow&& add_row) {
+template <int Outputs, class AddRow>
+void interleaved_sum(int64_t rows, int k0, int k1, float* const* out, float* partials, float* levels,
+                     AddRow&& add_row) {
   const int64_t per_part = rows / 4;
-  float* part_sums[4] = {out, partials, partials + CHUNK, partials + 2 * CHUNK};
+  float* part_sums[4][Outputs];
+  for (int o = 0; o < Outputs; ++o) {
+    part_sums[0][o] = out[o];
+    for (int part = 1; part < 4; ++part) part_sums[part][o] = partials + ((part - 1) * Outputs + o) * CHUNK;
+  }
   for (int part = 0; part < 4; ++part) {
-    cascade_sum(per_part, k0, k1, part_sums[part], levels,
-                [&](int64_t i, int a, int b, float* destination) { add_row(4 * i + part, a, b, destination); });
+    cascade_sum<Outputs>(per_part, k0, k1, part_sums[part], levels,
+                         [&](int64_t i, int a, int b, float* const* destinations) {
+                           add_row(4 * i + part, a, b, destinations);
+                         });
   }
   for (int64_t i = per_part * 4; i < rows; ++i) add_row(i, k0, k1, out);
   for (int part = 1; part < 4; ++part)
-    for (int k = k0; k < k1; ++k) out[k] += part_sums[part][k];
+    for (int o = 0; o < Outputs; ++o)
+      for (int k = k0; k < k1; ++k) out[o][k] += part_sums[part][o][k];
 }
+
+constexpr int kMaxOutputs = 2;
 
 struct Scratch {
   std::vector<float> memory;
@@ -271,12 +282,13 @@ struct Scratch {
   float* mixed;
   float* divisor;
   float* majority;
-  float* partials;
-  float* levels;
+  float* partials;  // 3 per output
+  float* levels;    // 3 per output
   float* deltas;    // one array per source
   float* products;  // one array per distinct product
 
-  Scratch(int sources, int products_count) : memory(static_cast<size_t>(CHUNK) * (12 + sources + products_count)) {
+  Scratch(int sources, int products_count)
+      : memory(static_cast<size_t>(CHUNK) * (6 + 6 * kMaxOutputs + sources + products_count)) {
     float* next = memory.data();
     auto take = [&next](int arrays) {
       float* start = next;
@@ -289,20 +301,68 @@ struct Scratch {
     mixed = take(1);
     divisor = take(1);
     majority = take(1);
-    partials = take(3);
-    levels = take(3);
+    partials = take(3 * kMaxOutputs);
+    levels = take(3 * kMaxOutputs);
     deltas = take(sources);
     products = take(products_count);
   }
 };
 
 // Sums `add_row` over the inputs for every column of the chunk, each column in the order torch uses for it.
-template <class AddRow>
-void sum_inputs(const Plan& plan, int64_t start, int count, float* out, Scratch& scratch, AddRow&& add_row) {
+template <int Outputs, class AddRow>
+void sum_inputs(const Plan& plan, int64_t start, int count, float* const* out, Scratch& scratch, AddRow&& add_row) {
   const int64_t rows = static_cast<int64_t>(plan.input_source.size());
   const int split = static_cast<int>(std::clamp<int64_t>(plan.cascade_columns - start, 0, count));
-  if (split > 0) cascade_sum(rows, 0, split, out, scratch.levels, add_row);
-  if (split < count) interleaved_sum(rows, split, count, out, scratch.partials, scratch.levels, add_row);
+  if (split > 0) cascade_sum<Outputs>(rows, 0, split, out, scratch.levels, add_row);
+  if (split < count) interleaved_sum<Outputs>(rows, split, count, out, scratch.partials, scratch.levels, add_row);
+}
+
+// How a source's loaded values become mergekit's input: as they are (D is the inputs' promoted dtype, so every
+// stored input is exact in it), or an adapted model's target + product·scale rounded to its dtype (Via) and then to
+// the merge dtype (kernel.py passes adapted rows only where that is their load dtype or wider).
+enum SourceKind : int { STORED = 0, ADAPTED = 1 };
+
+// delta = D(input - base), and with `Weighted` the product D(delta * weight): one pass per source.
+template <int D, int Kind, int Via, bool Weighted>
+void source_deltas(const float* __restrict values, const float* __restrict lora, float scale,
+                   const float* __restrict base, float weight, int count, float* __restrict out) {
+  for (int k = 0; k < count; ++k) {
+    float value = values[k];
+    if constexpr (Kind == ADAPTED) {
+      const float update = lora[k] * scale;
+      value = round_to<Via>(value + update);
+      if constexpr (Via != D) value = round_to<D>(value);
+    }
+    float delta = round_to<D>(value - base[k]);
+    if constexpr (Weighted) delta = round_to<D>(delta * weight);
+    out[k] = delta;
+  }
+}
+
+template <int D, int Kind, bool Weighted>
+void source_deltas_via(int via, const float* values, const float* lora, float scale, const float* base, float weight,
+                       int count, float* out) {
+  switch (via) {
+    case BF16:
+      source_deltas<D, Kind, BF16, Weighted>(values, lora, scale, base, weight, count, out);
+      break;
+    case F16:
+      source_deltas<D, Kind, F16, Weighted>(values, lora, scale, base, weight, count, out);
+      break;
+    default:
+      source_deltas<D, Kind, F32, Weighted>(values, lora, scale, base, weight, count, out);
+  }
+}
+
+template <int D, bool Weighted>
+void source_deltas_of(const Source& source, const float* values, int64_t start, const float* base, float weight,
+                      int count, float* out) {
+  if (source.product != nullptr) {
+    source_deltas_via<D, ADAPTED, Weighted>(source.via_dtype, values, source.product + start, source.scale, base,
+                                            weight, count, out);
+  } else {
+    source_deltas<D, STORED, D, Weighted>(values, nullptr, 1.0f, base, weight, count, out);
+  }
 }
 
 // TIES keeps a delta whose sign (0 for ±0 and NaN) equals the majority sign `majority` (+1 where the sum is >= 0,
@@ -312,70 +372,111 @@ inline bool kept(float majority, float product) { return product * majority > 0.
 template <int D>
 void task_arithmetic_chunk(const Plan& plan, int64_t start, int count, Scratch& s) {
   load_floats(plan.base, plan.base_dtype, start, count, s.base);
-  if (plan.base_dtype != D) round_array(D, count, s.base);
+  const void* loaded = nullptr;  // adapted models share the target's rows: loaded once
+  int loaded_dtype = -1;
   for (size_t j = 0; j < plan.sources.size(); ++j) {
-    source_values<D>(plan.sources[j], start, count, s.values);
-    float* delta = s.deltas + j * CHUNK;
-    for (int k = 0; k < count; ++k) delta[k] = round_to<D>(s.values[k] - s.base[k]);
+    const Source& source = plan.sources[j];
+    if (source.values != loaded || source.dtype != loaded_dtype) {
+      load_floats(source.values, source.dtype, start, count, s.values);
+      loaded = source.values;
+      loaded_dtype = source.dtype;
+    }
+    const int single = plan.single_product[j];
+    if (single >= 0) {
+      source_deltas_of<D, true>(source, s.values, start, s.base, plan.product_weight[single], count,
+                                s.products + static_cast<size_t>(single) * CHUNK);
+    } else {
+      source_deltas_of<D, false>(source, s.values, start, s.base, 1.0f, count, s.deltas + j * CHUNK);
+    }
   }
   for (size_t q = 0; q < plan.product_source.size(); ++q) {
-    const float* delta = s.deltas + static_cast<size_t>(plan.product_source[q]) * CHUNK;
+    const int source = plan.product_source[q];
+    if (plan.single_product[source] >= 0) continue;
+    const float* __restrict delta = s.deltas + static_cast<size_t>(source) * CHUNK;
     const float weight = plan.product_weight[q];
-    float* product = s.products + q * CHUNK;
+    float* __restrict product = s.products + q * CHUNK;
     for (int k = 0; k < count; ++k) product[k] = round_to<D>(delta[k] * weight);
   }
   auto product_of = [&](int64_t i) { return s.products + static_cast<size_t>(plan.input_product[i]) * CHUNK; };
-  const float* divisor = nullptr;
+  float* __restrict mixed = s.mixed;
+  float* __restrict divisor = s.divisor;
   if (plan.method == TIES) {
-    sum_inputs(plan, start, count, s.sum, s, [&](int64_t i, int k0, int k1, float* __restrict destination) {
+    float* const sum_out[1] = {s.sum};
+    sum_inputs<1>(plan, start, count, sum_out, s, [&](int64_t i, int k0, int k1, float* const* destinations) {
       const float* __restrict product = product_of(i);
+      float* __restrict destination = destinations[0];
       for (int k = k0; k < k1; ++k) destination[k] += product[k];
     });
     for (int k = 0; k < count; ++k) s.majority[k] = round_to<D>(s.sum[k]) >= 0.0f ? 1.0f : -1.0f;
-    sum_inputs(plan, start, count, s.mixed, s, [&](int64_t i, int k0, int k1, float* __restrict destination) {
+    float* const masked_out[2] = {s.mixed, s.divisor};
+    sum_inputs<2>(plan, start, count, masked_out, s, [&](int64_t i, int k0, int k1, float* const* destinations) {
       const float* __restrict product = product_of(i);
       const float* __restrict majority = s.majority;
+      float* __restrict mixed_sum = destinations[0];
+      float* __restrict weight_sum = destinations[1];
+      const float weight = plan.input_weight[i];
+      const float masked_weight = weight * 0.0f;
       for (int k = k0; k < k1; ++k) {
         const float p = product[k];
         const float masked = p * 0.0f;  // ±0, or NaN for ±inf and NaN, as torch's deltas * mask
-        destination[k] += kept(majority[k], p) ? p : masked;
+        const bool keep = kept(majority[k], p);
+        mixed_sum[k] += keep ? p : masked;
+        weight_sum[k] += keep ? weight : masked_weight;
       }
     });
-    sum_inputs(plan, start, count, s.divisor, s, [&](int64_t i, int k0, int k1, float* __restrict destination) {
-      const float* __restrict product = product_of(i);
-      const float* __restrict majority = s.majority;
-      const float weight = plan.input_weight[i];
-      const float masked = weight * 0.0f;
-      for (int k = k0; k < k1; ++k) destination[k] += kept(majority[k], product[k]) ? weight : masked;
-    });
     for (int k = 0; k < count; ++k) {
-      const float rounded = round_to<D>(s.divisor[k]);
-      s.divisor[k] = rounded == 0.0f ? 1.0f : rounded;
+      const float rounded = round_to<D>(divisor[k]);
+      divisor[k] = rounded == 0.0f ? 1.0f : rounded;
     }
-    divisor = s.divisor;
   } else {
-    sum_inputs(plan, start, count, s.mixed, s, [&](int64_t i, int k0, int k1, float* __restrict destination) {
+    float* const sum_out[1] = {s.mixed};
+    sum_inputs<1>(plan, start, count, sum_out, s, [&](int64_t i, int k0, int k1, float* const* destinations) {
       const float* __restrict product = product_of(i);
+      float* __restrict destination = destinations[0];
       for (int k = k0; k < k1; ++k) destination[k] += product[k];
     });
   }
-  for (int k = 0; k < count; ++k) {
-    float mixed = round_to<D>(s.mixed[k]);
-    if (plan.normalize) mixed = round_to<D>(mixed / (divisor != nullptr ? divisor[k] : plan.divisor));
-    if (plan.apply_lambda) mixed = round_to<D>(mixed * plan.lambda);
-    s.mixed[k] = round_to<D>(s.base[k] + mixed);
+  // One simple loop per step, so that each is vectorized.
+  for (int k = 0; k < count; ++k) mixed[k] = round_to<D>(mixed[k]);
+  if (plan.normalize && plan.method == TIES) {
+    for (int k = 0; k < count; ++k) mixed[k] = round_to<D>(mixed[k] / divisor[k]);
+  } else if (plan.normalize) {
+    const float scalar_divisor = plan.divisor;
+    for (int k = 0; k < count; ++k) mixed[k] = round_to<D>(mixed[k] / scalar_divisor);
   }
-  if (plan.out_dtype != D) round_array(plan.out_dtype, count, s.mixed);
-  store_floats(s.mixed, plan.out_dtype, start, count, plan.out);
+  if (plan.apply_lambda) {
+    const float lambda = plan.lambda;
+    for (int k = 0; k < count; ++k) mixed[k] = round_to<D>(mixed[k] * lambda);
+  }
+  const float* __restrict base = s.base;
+  for (int k = 0; k < count; ++k) mixed[k] = round_to<D>(base[k] + mixed[k]);
+  if (plan.out_dtype != D) round_array(plan.out_dtype, count, mixed);
+  store_floats(mixed, plan.out_dtype, start, count, plan.out);
+}
+
+// An input as mergekit's linear merge receives it (rounded to the merge dtype), for every element of the chunk.
+template <int D>
+void source_values(const Source& source, int64_t start, int count, float* out) {
+  load_floats(source.values, source.dtype, start, count, out);
+  if (source.product != nullptr) {
+    const float* __restrict lora = source.product + start;
+    const float scale = source.scale;
+    for (int k = 0; k < count; ++k) {
+      const float update = lora[k] * scale;
+      out[k] = out[k] + update;
+    }
+    round_array(source.via_dtype, count, out);
+    if (source.via_dtype != D) round_array(D, count, out);
+  }
 }
 
 template <int D>
 void linear_chunk(const Plan& plan, int64_t start, int count, Scratch& s) {
   for (size_t j = 0; j < plan.sources.size(); ++j) source_values<D>(plan.sources[j], start, count, s.deltas + j * CHUNK);
-  float* result = s.mixed;
+  float* __restrict result = s.mixed;
   for (int k = 0; k < count; ++k) result[k] = 0.0f;
   for (size_t i = 0; i < plan.input_source.size(); ++i) {
-    const float* values = s.deltas + static_cast<size_t>(plan.input_source[i]) * CHUNK;
+    const float* __restrict values = s.deltas + static_cast<size_t>(plan.input_source[i]) * CHUNK;
     const float coefficient = plan.input_weight[i];
     if (plan.fused_multiply_add) {
       for (int k = 0; k < count; ++k) result[k] = std::fma(values[k], coefficient, result[k]);
@@ -386,8 +487,10 @@ void linear_chunk(const Plan& plan, int64_t start, int count, Scratch& s) {
       }
     }
   }
-  if (plan.normalize)
-    for (int k = 0; k < count; ++k) result[k] = result[k] / plan.divisor;
+  if (plan.normalize) {
+    const float divisor = plan.divisor;
+    for (int k = 0; k < count; ++k) result[k] = result[k] / divisor;
+  }
   round_array(D, count, result);
   if (plan.out_dtype != D) round_array(plan.out_dtype, count, result);
   store_floats(result, plan.out_dtype, start, count, plan.out);
@@ -486,6 +589,11 @@ PyObject* merge(PyObject*, PyObject* args) {
     }
     plan.input_product.push_back(found->second);
   }
+  std::vector<int> products_of_source(plan.sources.size(), 0);
+  for (int source : plan.product_source) ++products_of_source[source];
+  plan.single_product.assign(plan.sources.size(), -1);
+  for (size_t q = 0; q < plan.product_source.size(); ++q)
+    if (products_of_source[plan.product_source[q]] == 1) plan.single_product[plan.product_source[q]] = static_cast<int>(q);
   if (plan.input_source.empty()) {
     PyErr_SetString(PyExc_ValueError, "merge kernel: no inputs");
     return nullptr;
