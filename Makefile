@@ -12,7 +12,9 @@ export TOKENIZERS_PARALLELISM ?= false
 setup: $(STAMP)
 
 # torch first (a range would pull a multi-GB CUDA build here), then the pinned set, then Unsloth without its
-# declared dependencies (certifi pin unresolvable on this registry; torchvision breaks the CPU torch).
+# declared dependencies (certifi pin unresolvable on this registry; torchvision breaks the CPU torch). Last, the fused
+# merge's one-pass kernel, compiled into torch's extension cache (~/.cache/torch_extensions): without a C++ compiler
+# and ninja the merge uses mergekit's own code, slower, and that line says so.
 $(STAMP): pyproject.toml requirements/unsloth-deps.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0
@@ -21,6 +23,7 @@ $(STAMP): pyproject.toml requirements/unsloth-deps.txt Makefile
 	$(PIP) install --no-deps unsloth==2026.10.9 unsloth-zoo==2026.10.9
 	$(PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('torchvision') is not None)" \
 		|| (echo "torchvision is installed in $(VENV); it breaks the CPU torch: pip uninstall torchvision" && exit 1)
+	$(PY) -c "from pipeline.merging.kernel import status; print('merge kernel:', status())"
 	touch $@
 
 demo: setup
