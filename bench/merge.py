@@ -88,7 +88,7 @@ def worker(engine: str, count: int, output_dir: Path, device: str) -> None:
     written = sum(f.stat().st_size for f in files)
     intermediate = sum(f.stat().st_size for f in files if out not in f.parents)
     measured = {"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime, "written": written}
-    kernel = {"kernel": summary["kernel"]} if "kernel" in summary else {}
+    kernel = {"kernel": f"merge kernel: {summary['merge_kernel']}"} if "merge_kernel" in summary else {}
     print(json.dumps({**measured, "intermediate": intermediate, "peak_rss": peak_rss(), **kernel}))
 
 

@@ -68,8 +68,8 @@ def extension():
 
 
 def status() -> str:
-    """What merges the elementwise methods here, for the merge's summary."""
-    return "one-pass kernel" if extension() is not None else f"mergekit's torch code (no kernel: {_failure})"
+    """Whether the kernel merges here, for the merge's summary and `make setup`."""
+    return "compiled" if extension() is not None else f"not built ({_failure}): mergekit's torch code merges"
 
 
 def _build():
