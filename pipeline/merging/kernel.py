@@ -11,8 +11,9 @@ running sum and which as four interleaved partial sums (it depends on torch's ve
 The extension is compiled on first use with `torch.utils.cpp_extension` into torch's extension cache (outside the
 clone: `$TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`), keyed by its source, the flags, torch's
 version and the CPU. It includes only Python.h, so the build takes seconds. Where it cannot be built (no C++
-compiler, no ninja) or does not cover a merge (other methods, density < 1, float64, a GPU, anything `covers` says
-no to), the caller uses mergekit's own `merge_tensors`, which stays the reference: the tests compare the two.
+compiler, no ninja) or does not cover a merge (`KernelMerge.resolve` or the call returns None: other methods,
+density < 1, float64, a GPU, another mergekit version), the caller uses mergekit's own `merge_tensors`, which stays
+the reference: tests/test_merge_kernel.py compares the two.
 """
 
 from __future__ import annotations
@@ -209,12 +210,14 @@ class KernelMerge:
             if any(density < 1 for density in _per_input(parameters.get("density", 1.0), ids, base_index)):
                 return None  # sparsified: mergekit's magnitude/random pruning is not elementwise
         specs = {spec.name: spec for spec in method.spec.parameters}
+        weight_base = None if specs["weight"].scope == ParameterScope.INPUT else base_index
+        if "weight" not in parameters or not _binds(parameters["weight"], ids, weight_base):
+            return None  # mergekit's own code raises its error for a missing weight
         shared = {
             spec.name: spec.validate(parameters.get(spec.name, spec.default))
             for spec in specs.values()
             if spec.scope == ParameterScope.SHARED
         }
-        weight_base = None if specs["weight"].scope == ParameterScope.INPUT else base_index
         weights = tuple(float(specs["weight"].validate(w)) for w in _per_input(parameters["weight"], ids, weight_base))
         return cls(name, base_index, weights, bool(shared["normalize"]), float(shared.get("lambda", 1.0)))
 
@@ -281,6 +284,14 @@ def _mergekit_version() -> str:
     from importlib.metadata import version
 
     return version("mergekit")
+
+
+def _binds(value, ids: list, base_index: int | None) -> bool:
+    """Whether a per-input parameter has a value for every input it binds (see `_per_input`)."""
+    count = len(ids) - (base_index is not None)
+    if isinstance(value, dict):
+        return all(model in value for index, model in enumerate(ids) if index != base_index)
+    return len(value) == count if isinstance(value, (list, tuple)) else True
 
 
 def _per_input(value, ids: list, base_index: int | None) -> list:

@@ -16,6 +16,10 @@
 //   normalize: mixed = D(mixed / divisor); lambda != 1: mixed = D(mixed * float(lambda))
 //   result   = D(base + mixed), then cast to the output dtype
 //
+// D is the inputs' promoted dtype (mergekit's `promoted_dtype`), so every stored input is exact in it. int8_mask only
+// changes the dtype the signs are compared in (-1, 0, 1 either way), not the mask; lambda is float32(lambda), as
+// torch multiplies a tensor by a Python float.
+//
 // The float32 sums over the models follow ATen's cascade_sum (SumKernel.cpp) for a [N, numel] tensor reduced over
 // dim 0 on one thread: the first `cascade_columns` columns are summed by multi_row_sum (a running sum, in chunks of
 // 16 rows and more when N > 16), the rest by row_sum (four interleaved partial sums). Which columns take which path
