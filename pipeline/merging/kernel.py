@@ -14,6 +14,13 @@ version and the CPU. It includes only Python.h, so the build takes seconds. Wher
 compiler, no ninja) or does not cover a merge (`KernelMerge.resolve` or the call returns None: other methods,
 density < 1, float64, a GPU, another mergekit version), the caller uses mergekit's own `merge_tensors`, which stays
 the reference: tests/test_merge_kernel.py compares the two.
+
+Why C++ rather than torch.compile or numba (measured on this project's CPU, TIES over 9 bfloat16 inputs, blocks of
+256K elements, one thread): mergekit's code 28 ms a block; `torch.compile` of the same code 18.5 ms but not equal to
+it (7% of the elements differ: Inductor keeps bfloat16 intermediates in float32), 10.6 ms and equal on that case with
+`emulate_precision_casts`, after a 33 s compile per process and shape, with its own reduction order that nothing
+pins down; this kernel about 2 ms, and it also adds the LoRA products. numba (not a dependency) would need the same
+bit-level bfloat16/float16 code by hand, plus llvmlite, and compiles on first use as well.
 """
 
 from __future__ import annotations
