@@ -16,8 +16,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from test_merge import ADAPTERS, applied, archive, assert_same_tensors, merge_with  # noqa: F401
+from test_merge_kernel import bit_identical
 
 from pipeline.merging import fused
+from pipeline.merging.kernel import KernelMerge
 from pipeline.models.lora import LoraFactors
 from pipeline.models.tiny import make_tiny_model
 
@@ -67,7 +69,8 @@ def special_values(dtype: torch.dtype, count: int, generator: torch.Generator) -
 @pytest.mark.parametrize("method", fused.COPY_METHODS)
 def test_copies_of_one_input_merge_as_mergekit_does(method, dtype):
     """Every merged input but the base is one tensor (a weight no adapter touches, the target included): the
-    shortcut's result equals mergekit's kernel over that many separate copies, for every parameter it reads."""
+    shortcut's result (without the merge kernel) and the kernel's (one source for all of them) equal mergekit's code
+    over that many separate copies, for every parameter it reads."""
     from mergekit import merge_methods
     from mergekit.merge_methods.api import merge_tensors
 
@@ -96,6 +99,8 @@ def test_copies_of_one_input_merge_as_mergekit_does(method, dtype):
         assert merge.copies([value] * count + [base]) is not None
         result = fused.merge_copies(spec, base, value, count, weight, parameters)
         assert torch.equal(result.view(torch.int16), expected.view(torch.int16)), (count, weight, normalize, scale)
+        by_kernel = KernelMerge.resolve(merge_methods.get(method), parameters, models, count)([value] * count + [base])
+        assert bit_identical(by_kernel, expected), (count, weight, normalize, scale)  # the kernel's path for them
 
 
 def test_copies_shortcut_only_where_it_is_exact():
