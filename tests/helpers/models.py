@@ -45,3 +45,14 @@ def assert_same_state(ours: dict, theirs: dict) -> None:
 def assert_same_tensors(left: Path, right: Path) -> None:
     """Two model directories hold the same tensors, bit for bit."""
     assert_same_state(load_model_tensors(left), load_model_tensors(right))
+
+
+def bit_identical(left: torch.Tensor, right: torch.Tensor) -> bool:
+    """Same dtype, shape and bit patterns, NaN where the other has NaN (NaN payloads aside: torch's own vary)."""
+    if left.dtype != right.dtype or left.shape != right.shape:
+        return False
+    nan = left.isnan()
+    if not torch.equal(nan, right.isnan()):
+        return False
+    bits = {2: torch.int16, 4: torch.int32}[left.element_size()]
+    return torch.equal(left.view(bits)[~nan], right.view(bits)[~nan])
