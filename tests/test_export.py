@@ -163,7 +163,7 @@ def test_the_run_checks_each_file_with_llama_cpp_and_ends_with_what_it_found(exp
     assert files["bf16"]["differs"] == 0 and files["bf16"]["identical"] + files["bf16"]["near_tie"] == 4
     assert files["q8_0"]["stops_at_end_of_turn"] and files["bf16"]["stops_at_end_of_turn"]
     log = next((exported["run"] / "logs").glob("*.log")).read_text()
-    assert f"[ftmerge] export: {NAME}-bf16.gguf: " in log, "the per-file line reached the screen"
+    assert f"[ftmerge]   note: export: {NAME}-bf16.gguf: " in log, "the per-file line reached the screen"
     assert f"[ftmerge] GGUF files, run by llama.cpp ({exported['export'] / 'verification.json'}):" in log
     assert f"  {NAME}-q8_0.gguf: {files['q8_0']['summary']}" in log
     assert "llama_model_loader" in log or "print_info" in log, "llama.cpp's own output is in the log"
