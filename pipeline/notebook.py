@@ -266,10 +266,10 @@ def choose_recipe(session: Session) -> None:
 def run_stage(session: Session, stage: str) -> None:
     """One stage through the CLI's code path; finished steps are skipped, a stage the recipe does not enable too
     (*Run all* goes on). Raises when it fails."""
-    from pipeline.stages import STAGES
+    from pipeline.stages import ENABLED_BY, STAGES
 
     if not STAGES[stage].items(session.load()):
-        print(f"{stage}: not enabled by this recipe (it runs with {STAGES[stage].enabled_by}); skipped")
+        print(f"{stage}: not enabled by this recipe (it runs with {ENABLED_BY[stage]}); skipped")
         return
     code = _run(session, stages=[stage])
     if code != 0:

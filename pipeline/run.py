@@ -22,7 +22,7 @@ from pipeline.errors import ConfigProblem
 from pipeline.models.hub import ModelNotFound
 from pipeline.recipe import Recipe, RecipeError, load_recipe, recipe_renames
 from pipeline.search.storage import mask_url_passwords
-from pipeline.stages import STAGES
+from pipeline.stages import ENABLED_BY, STAGES
 
 
 def parse_args(argv: list[str] | None, prog: str = "python -m pipeline.run") -> argparse.Namespace:
@@ -149,13 +149,11 @@ def _plan(
     off = [name for name in stages or [] if name not in planned]
     if off:
         raise RecipeError(
-            "; ".join(
-                f"stage {name} is not enabled by this recipe (it runs with {STAGES[name].enabled_by})" for name in off
-            )
+            "; ".join(f"stage {name} is not enabled by this recipe (it runs with {ENABLED_BY[name]})" for name in off)
         )
     if from_stage and from_stage not in planned:
         print(
-            f"note: stage {from_stage} is not enabled by this recipe (it runs with {STAGES[from_stage].enabled_by}); "
+            f"note: stage {from_stage} is not enabled by this recipe (it runs with {ENABLED_BY[from_stage]}); "
             "starting at the next stage it enables"
         )
     return steps, runner.select(steps, stages, from_stage)

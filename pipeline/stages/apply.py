@@ -75,12 +75,5 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
 
 
 STAGE = Stage(
-    name="apply",
-    items=items,
-    output_path=adapted_model_dir,
-    config=config,
-    depends_on=depends_on,
-    check=check,
-    run=run,
-    enabled_by="adapters to merge and apply.save: true (or merge.engine: mergekit)",
+    name="apply", items=items, output_path=adapted_model_dir, config=config, depends_on=depends_on, check=check, run=run
 )

@@ -88,5 +88,4 @@ STAGE = Stage(
     depends_on=depends_on,
     run=run,
     write_once=True,
-    enabled_by="finetunes",
 )

@@ -111,7 +111,6 @@ class Stage:
         resumable: keep `<output>.partial/` from a killed run of the same fingerprint (train checkpoints) instead
             of wiping it.
         write_once: an existing output is never replaced (the archive); `run` must refuse a conflict.
-        enabled_by: what in a recipe gives the stage items, for the message when it has none ("an export: block").
     """
 
     name: str
@@ -123,7 +122,6 @@ class Stage:
     output_path: Callable[[Recipe, str], Path] | None = None
     resumable: bool = False
     write_once: bool = False
-    enabled_by: str = "every recipe"
 
     def __post_init__(self) -> None:
         if self.output_path is None:

@@ -219,12 +219,4 @@ def _published_merge(recipe: Recipe, inputs: Inputs, target: Path, base_id: str,
     )
 
 
-STAGE = Stage(
-    name="evaluate",
-    items=items,
-    config=config,
-    depends_on=depends_on,
-    check=check,
-    run=run,
-    enabled_by="evaluate.enabled: true",
-)
+STAGE = Stage(name="evaluate", items=items, config=config, depends_on=depends_on, check=check, run=run)

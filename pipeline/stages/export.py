@@ -269,13 +269,4 @@ def _requests(recipe: Recipe, inputs: Inputs, work_dir: Path, tokenizer) -> list
     )
 
 
-STAGE = Stage(
-    name="export",
-    items=items,
-    config=config,
-    depends_on=depends_on,
-    check=check,
-    run=run,
-    resumable=True,
-    enabled_by="an export: block (export.gguf)",
-)
+STAGE = Stage(name="export", items=items, config=config, depends_on=depends_on, check=check, run=run, resumable=True)

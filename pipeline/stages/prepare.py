@@ -195,4 +195,4 @@ def _first_occurrences(kept) -> list[int]:
     return first
 
 
-STAGE = Stage(name="prepare", items=each_finetune, config=config, check=check, run=run, enabled_by="finetunes")
+STAGE = Stage(name="prepare", items=each_finetune, config=config, check=check, run=run)

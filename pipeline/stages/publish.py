@@ -118,12 +118,4 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
     return {**summary, **result, "dry_run": False}
 
 
-STAGE = Stage(
-    name="publish",
-    items=items,
-    config=config,
-    depends_on=depends_on,
-    check=check,
-    run=run,
-    enabled_by="publish.repo_id",
-)
+STAGE = Stage(name="publish", items=items, config=config, depends_on=depends_on, check=check, run=run)

@@ -315,13 +315,4 @@ def _sets(recipe: Recipe, inputs: Inputs, work_dir: Path, *, generate: bool):
     return sets, replace(evaluation, config=evaluation.config.model_copy(update={"generate": generate}))
 
 
-STAGE = Stage(
-    name="search",
-    items=items,
-    config=config,
-    depends_on=depends_on,
-    check=check,
-    run=run,
-    resumable=True,
-    enabled_by="a search: block",
-)
+STAGE = Stage(name="search", items=items, config=config, depends_on=depends_on, check=check, run=run, resumable=True)

@@ -57,12 +57,5 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
 
 
 STAGE = Stage(
-    name="train",
-    items=each_finetune,
-    config=config,
-    depends_on=depends_on,
-    check=check,
-    run=run,
-    resumable=True,
-    enabled_by="finetunes",
+    name="train", items=each_finetune, config=config, depends_on=depends_on, check=check, run=run, resumable=True
 )
