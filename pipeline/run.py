@@ -25,15 +25,8 @@ from pipeline.search.storage import mask_url_passwords
 from pipeline.stages import ENABLED_BY, STAGES
 
 
-def parse_args(argv: list[str] | None, prog: str = "python -m pipeline.run") -> argparse.Namespace:
-    """The command's arguments; `ftmerge run` passes its own `prog`."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    parser.add_argument("recipe", help="a recipe YAML, e.g. recipes/tiny_cpu.yaml")
-    parser.add_argument("--stage", action="append", choices=list(STAGES), help="run only this stage (repeatable)")
-    parser.add_argument("--from", dest="from_stage", choices=list(STAGES), help="run this stage and the ones after")
-    parser.add_argument("--force", action="store_true", help="redo the selected stages even if they are done")
-    parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; loads no model")
-    parser.add_argument("--status", action="store_true", help="print the state of every step and exit")
+def add_recipe_options(parser: argparse.ArgumentParser) -> None:
+    """`--set` and `--verbose`, as every command that runs a recipe takes them."""
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -47,6 +40,18 @@ def parse_args(argv: list[str] | None, prog: str = "python -m pipeline.run") -> 
         action="store_true",
         help="show the libraries' output on the screen too (it is always in <output_dir>/logs/)",
     )
+
+
+def parse_args(argv: list[str] | None, prog: str = "python -m pipeline.run") -> argparse.Namespace:
+    """The command's arguments; `ftmerge run` passes its own `prog`."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser.add_argument("recipe", help="a recipe YAML, e.g. recipes/tiny_cpu.yaml")
+    parser.add_argument("--stage", action="append", choices=list(STAGES), help="run only this stage (repeatable)")
+    parser.add_argument("--from", dest="from_stage", choices=list(STAGES), help="run this stage and the ones after")
+    parser.add_argument("--force", action="store_true", help="redo the selected stages even if they are done")
+    parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; loads no model")
+    parser.add_argument("--status", action="store_true", help="print the state of every step and exit")
+    add_recipe_options(parser)
     parser.add_argument("--version", action="version", version=f"ftmerge {__version__}")
     args = parser.parse_args(argv)
     if args.stage and args.from_stage:

@@ -23,21 +23,18 @@ from pathlib import Path
 from pipeline import console
 from pipeline.archive.store import ArchiveError
 from pipeline.recipe import Recipe, RecipeError, load_recipe
+from pipeline.run import add_recipe_options
 from pipeline.stages.contract import Inputs, StageRef
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="ftmerge search-worker", description=__doc__.splitlines()[0])
-    parser.add_argument("recipe", help="the recipe the coordinating run uses (its search: block names the database)")
     parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe key, as `ftmerge run` does (the study's settings must stay the other machines')",
+        "recipe",
+        help="the recipe the coordinating run uses (its search: block names the database); with --set, the study's "
+        "settings must stay the other machines'",
     )
-    parser.add_argument("--verbose", action="store_true", help="show the libraries' output on the screen too")
+    add_recipe_options(parser)
     return parser.parse_args(argv)
 
 

@@ -134,32 +134,39 @@ def numbers(text: str) -> list[float]:
     return [float(part) for part in names(text)]
 
 
+def _writer(commands, command: str, handler, help_text: str, description: str | None = None):
+    """A subcommand that writes one adapter into the archive: the archive and the new entry's name, then its own."""
+    parser = commands.add_parser(command, help=help_text, description=description)
+    parser.add_argument("archive_dir", type=Path)
+    parser.add_argument("--name", required=True, help="name in the archive, [a-z0-9._-]+")
+    parser.set_defaults(handler=handler)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline.archive", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("list", "table of archived adapters"), ("verify", "check every file's sha256")):
         commands.add_parser(name, help=help_text).add_argument("archive_dir", type=Path)
     base_help = "the base model as recipes name it (Hub id or local dir): merge selects adapters by this string"
+    target_help = "the model it is meant to be applied to, recorded in the manifest"
 
-    add = commands.add_parser("add", help="import a PEFT LoRA trained elsewhere (safetensors only)")
-    add.add_argument("archive_dir", type=Path)
+    add = _writer(commands, "add", _add, "import a PEFT LoRA trained elsewhere (safetensors only)")
     add.add_argument("path", type=Path, help="adapter directory: adapter_config.json + adapter_model.safetensors")
-    add.add_argument("--name", required=True, help="name in the archive, [a-z0-9._-]+")
     add.add_argument("--base", required=True, help=base_help)
-    add.add_argument("--target", help="the model it is meant to be applied to, recorded in the manifest")
-    add.set_defaults(handler=_add)
+    add.add_argument("--target", help=target_help)
 
-    extract = commands.add_parser(
+    extract = _writer(
+        commands,
         "extract",
-        help="a full fine-tune minus its base, as a LoRA (mergekit)",
-        description="mergekit reads both models tensor by tensor (neither is loaded whole). Embeddings and norms are "
-        "left out by default: they would overwrite the target's.",
+        _extract,
+        "a full fine-tune minus its base, as a LoRA (mergekit)",
+        "mergekit reads both models tensor by tensor (neither is loaded whole). Embeddings and norms are left out by "
+        "default: they would overwrite the target's.",
     )
-    extract.add_argument("archive_dir", type=Path)
     extract.add_argument("--model", required=True, help="the fine-tuned model (Hub id or local dir)")
     extract.add_argument("--base", required=True, help=base_help)
     extract.add_argument("--rank", type=int, default=32, help="maximum LoRA rank (default 32)")
-    extract.add_argument("--name", required=True, help="name in the archive, [a-z0-9._-]+")
     extract.add_argument(
         "--exclude",
         action="append",
@@ -167,18 +174,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="REGEX",
         help="also leave out modules matching REGEX (repeatable)",
     )
-    extract.add_argument("--target", help="the model it is meant to be applied to, recorded in the manifest")
+    extract.add_argument("--target", help=target_help)
     extract.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     extract.add_argument("--trust-remote-code", action="store_true")
-    extract.set_defaults(handler=_extract)
 
-    combine = commands.add_parser(
+    combine = _writer(
+        commands,
         "combine",
-        help="several archived adapters into one (PEFT add_weighted_adapter; default: their exact weighted sum)",
-        description="PEFT combines adapters inside a model: this loads the base model in its stored dtype "
-        "(on a 7B base, about 15 GB of RAM). Only the combined adapter is saved.",
+        _combine,
+        "several archived adapters into one (PEFT add_weighted_adapter; default: their exact weighted sum)",
+        "PEFT combines adapters inside a model: this loads the base model in its stored dtype (on a 7B base, about "
+        "15 GB of RAM). Only the combined adapter is saved.",
     )
-    combine.add_argument("archive_dir", type=Path)
     combine.add_argument("--adapters", required=True, type=names, help="archived names, e.g. a,b")
     combine.add_argument("--weights", required=True, type=numbers, help="one per adapter, e.g. 0.6,0.4")
     combine.add_argument(
@@ -201,8 +208,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="the base's dtype while combining, which PEFT gives the combined factors: auto (as stored; bf16 rounds "
         "them to ~3 digits) or float32 (exact, twice the memory)",
     )
-    combine.add_argument("--name", required=True, help="name in the archive, [a-z0-9._-]+")
-    combine.set_defaults(handler=_combine)
     return parser
 
 

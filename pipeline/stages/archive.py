@@ -81,11 +81,5 @@ def _read_json(path: Path) -> dict:
 
 # check: nothing the fingerprint does not cover; the runner refuses an existing name from another source.
 STAGE = Stage(
-    name="archive",
-    items=each_finetune,
-    output_path=archive_entry,
-    config=config,
-    depends_on=depends_on,
-    run=run,
-    write_once=True,
+    "archive", config, run, items=each_finetune, depends_on=depends_on, output_path=archive_entry, write_once=True
 )
