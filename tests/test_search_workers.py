@@ -122,7 +122,10 @@ def test_a_worker_killed_mid_trial_is_redone_by_another_and_counted_once(machine
     assert len(retried) == 1  # the killed trial's rerun, once; the killed trial itself is no row
     assert running[0].number not in [row["number"] for row in board["trials"]]
     rerun = next(trial for trial in trials if trial.number == retried[0]["number"])
-    assert rerun.params == failed[0].params == running[0].params
+    # The kill can land between two suggestions (each is written as it is made): the retry keeps every parameter
+    # the killed trial had and suggests any missing ones.
+    assert failed[0].params.items() >= running[0].params.items()
+    assert rerun.params.items() >= failed[0].params.items()
 
 
 def test_a_worker_without_the_searchs_inputs_says_what_to_copy(machines, tmp_path):
