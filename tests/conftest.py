@@ -50,3 +50,12 @@ def smollm2_base():
     from pipeline.demo.smollm2 import build_base
 
     return build_base(REAL_MODEL_CACHE / "smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_base):
+    """{"base", "target", "data"}: the base above, the target (the base after a short instruct step on every
+    projection and norm, a few minutes once) and the data of recipes/smollm2_135m_cpu.yaml, in .cache/smollm2."""
+    from pipeline.demo.smollm2 import build_smollm2
+
+    return build_smollm2(REAL_MODEL_CACHE / "smollm2")
