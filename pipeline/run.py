@@ -165,10 +165,22 @@ def _failed(error: Exception, log: Path | None, code: int) -> int:
 
 
 def _show_results(steps: list[runner.Step], echo) -> None:
-    """The evaluate report's table, when there is one: what the run was for, at the end where it is seen."""
+    """The evaluate report's table and llama.cpp's check of the GGUF files, when there are: what the run was for, at
+    the end where it is seen."""
+    from pipeline.llama_cpp.verify import VERIFICATION_FILE, read_verification
+
     report = next((s.output / "report.md" for s in steps if s.stage.name == "evaluate"), None)
     if report is not None and report.is_file():
         echo(f"results ({report}):\n{report.read_text(encoding='utf-8').strip()}")
+    exported = next((s.output for s in steps if s.stage.name == "export"), None)
+    verification = read_verification(exported) if exported is not None and exported.is_dir() else None
+    if verification is not None:
+        lines = [f"  {f['file']}: {f['summary']}" for f in verification.get("files", {}).values() if f.get("kept")]
+        echo(
+            f"GGUF files, run by llama.cpp ({exported / VERIFICATION_FILE}):\n" + "\n".join(lines)
+            if verification["verified"]
+            else f"GGUF files not verified by llama.cpp: {verification['reason']}"
+        )
 
 
 if __name__ == "__main__":

@@ -59,3 +59,27 @@ def smollm2(smollm2_base):
     from pipeline.demo.smollm2 import build_smollm2
 
     return build_smollm2(REAL_MODEL_CACHE / "smollm2")
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_or_none():
+    """llama.cpp's programs as the project builds them (`make setup` does, once per machine; built here when it has
+    not): {"llama-completion": path, "llama-quantize": path}, or None where nothing can build them (no cmake or no
+    compiler)."""
+    from pipeline.llama_cpp import install
+
+    if not all(install.installed_tool(tool) for tool in install.TOOLS) and install.missing_build_tools():
+        return None
+    directory = install.build()
+    return {tool: directory / "bin" / tool for tool in install.TOOLS}
+
+
+@pytest.fixture(scope="session")
+def llama_cpp(llama_cpp_or_none):
+    """As llama_cpp_or_none; a test that needs it is skipped, with what is missing as the reason, only where
+    nothing can build it."""
+    from pipeline.llama_cpp import install
+
+    if llama_cpp_or_none is None:
+        pytest.skip(f"llama.cpp cannot be built on this machine: {', '.join(install.missing_build_tools())} not found")
+    return llama_cpp_or_none

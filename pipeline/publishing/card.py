@@ -115,23 +115,35 @@ model = PeftModel.from_pretrained(target, "{repo_id}", subfolder="adapters/{adap
     return "\n\n".join(parts) + "\n"
 
 
-def gguf_section(repo_id: str, gguf_files: dict[str, int]) -> str:
-    """The GGUF files (name → bytes) the export stage wrote with llama.cpp's converter, and how to run one."""
+def gguf_section(repo_id: str, gguf_files: dict[str, int], verification: dict | None = None) -> str:
+    """The GGUF files (name → bytes) the export stage wrote with llama.cpp's converter, what llama.cpp's check of
+    each found (`verification`, the export's verification.json), and how to run one."""
 
     def size(n: int) -> str:
         return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
+    checked = {result["file"]: result["summary"] for result in (verification or {}).get("files", {}).values()}
     rows = "\n".join(
-        f"| `{name}` | {name.removesuffix('.gguf').rsplit('-', 1)[-1]} | {size(n)} |" for name, n in gguf_files.items()
+        f"| `{name}` | {name.removesuffix('.gguf').rsplit('-', 1)[-1]} | {size(n)} | {checked.get(name, '–')} |"
+        for name, n in gguf_files.items()
     )
+    if verification and verification.get("verified"):
+        check = (
+            f"Before publishing, llama.cpp (`llama-completion`, greedy) ran each file on "
+            f"{len(verification['prompts'])} chat prompts, {verification['max_new_tokens']} new tokens each, and its "
+            f"text was compared with {verification['reference']} on the merged model."
+        )
+    else:
+        reason = (verification or {}).get("reason", "the export predates the check")
+        check = f"These files were not run by llama.cpp before publishing ({reason})."
     smallest = min(gguf_files, key=gguf_files.get)
     return f"""## GGUF
 
 For llama.cpp, Ollama and LM Studio: the merged model converted by llama.cpp's own converter (`convert_hf_to_gguf`;
-K-quants then by its `llama-quantize`), with the target's chat template and end-of-turn token.
+K-quants then by its `llama-quantize`), with the target's chat template and end-of-turn token. {check}
 
-| file | type | size |
-|---|---|---|
+| file | type | size | llama.cpp check |
+|---|---|---|---|
 {rows}
 
 ```sh
@@ -150,10 +162,12 @@ def model_card(
     license_name: str | None,
     gguf_files: dict[str, int] | None = None,
     lm_eval: dict | None = None,
+    gguf_verification: dict | None = None,
 ) -> str:
     """README.md for the published folder. `manifests` are the archived adapters' (name → manifest), for kinds;
     `gguf_files` the GGUF files published beside the merged model (name → bytes); `lm_eval` report.json's lm-eval
-    section, whose scores of the merged model become the front matter's `model-index`."""
+    section, whose scores of the merged model become the front matter's `model-index`; `gguf_verification` what
+    llama.cpp's check of the GGUF files found."""
     method = lineage.get("mergekit_config", {}).get("merge_method") or recipe.merge.method
     names = [adapter["name"] for adapter in lineage["adapters"]]
     contents = {
@@ -182,7 +196,7 @@ def model_card(
         sections.append(f"## mergekit configuration\n\n```yaml\n{mergekit_yaml.rstrip()}\n```\n")
     sections.append(usage_section(recipe, names))
     if gguf_files:
-        sections.append(gguf_section(recipe.publish.repo_id, gguf_files))
+        sections.append(gguf_section(recipe.publish.repo_id, gguf_files, gguf_verification))
     versions = lineage.get("versions") or {}
     if versions:
         sections.append("Library versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".\n")

@@ -56,6 +56,7 @@ def check(recipe: Recipe, item: str) -> None:
 
 
 def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
+    from pipeline.llama_cpp.verify import read_verification
     from pipeline.publishing.card import find_license, model_card
     from pipeline.publishing.folder import CARD, EVALUATION_CHART, assemble_folder, published_files
     from pipeline.publishing.upload import hub_token, upload_folder
@@ -91,6 +92,7 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
             find_license(lineage.get("target_path"), recipe.target_model, token),
             gguf_files={file.name: file.stat().st_size for file in gguf_files},
             lm_eval=_lm_eval_scores(evaluate_dir),
+            gguf_verification=read_verification(export_dir) if export_dir else None,
         )
     )
     summary = {
