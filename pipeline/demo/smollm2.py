@@ -12,11 +12,12 @@ metadata, which installing `gguf` into the environment would overwrite and break
 registry's `gguf` into a directory of its own (GGUF_DISTRIBUTION, `pip install --target`), and only the child process
 that dequantizes puts it first on its PYTHONPATH (pipeline/demo/dequantize.py); no other process ever sees it.
 
-The target (`<root>/target`) is the base after a short instruct step (instruct_step): a full fine-tune of every
-projection and every RMSNorm of every layer (the tied embedding stays the base's) on the target's own skill,
-`hyphenate` (pipeline/demo/smollm2_data.py), so a LoRA trained on the base meets different weights everywhere it is
-applied, as it does on a real instruct model. `<root>/target/instruct_step.json` records ‖T−B‖/‖B‖. `<root>/data`
-holds the recipe's fine-tune sets and retention set.
+`<root>/data` holds the recipe's fine-tune sets and retention set, with the base's own answers to requests no skill
+names replayed in them (pipeline/demo/smollm2_data.py). The target (`<root>/target`) is the base after a short
+instruct step (instruct_step): a full fine-tune of every projection and every RMSNorm of every layer (the tied
+embedding stays the base's) on the target's own skill, `hyphenate`, and the replayed chats, so a LoRA trained on the
+base meets different weights everywhere it is applied, as it does on a real instruct model.
+`<root>/target/instruct_step.json` records ‖T−B‖/‖B‖.
 
 Built once and cached by content: each directory's `.complete` records what it was built from (the GGUF's sha256,
 the base's record, the build settings and versions), and one whose record differs is rebuilt. A build is written to
@@ -53,17 +54,21 @@ GGUF_DISTRIBUTION = Path(sys.prefix) / "gguf-dist"
 GGUF_DISTRIBUTION_REQUIREMENTS = "requirements/gguf-dist.txt"
 # Bump when a build changes what it writes: the cache is rebuilt.
 BASE_VERSION = "1"
-TARGET_VERSION = "1"
-DATA_VERSION = "1"
+TARGET_VERSION = "2"
+DATA_VERSION = "2"
 STAMP = ".complete"
 # The instruct step: every q/k/v/o/gate/up/down projection and every RMSNorm (the embedding, tied to lm_head, stays
 # the base's: a LoRA never trains it either), full fine-tuning on the target's skill.
 TARGET_TRAINABLE = r"(_proj|norm)\.weight$"
 TARGET_SKILL = "hyphenate"
-TARGET_STEPS = 8
+TARGET_STEPS = 16
 TARGET_BATCH = 8
 TARGET_LEARNING_RATE = 1e-4
 TARGET_SEED = 0
+# Half of each batch of the instruct step is self-distilled replay (smollm2_data.REPLAY_REQUESTS, the base's answers).
+TARGET_REPLAY_SHARE = 0.5
+# The base's replayed answers: up to this many tokens; one that does not end by then is left out.
+REPLAY_MAX_TOKENS = 32
 
 
 class SmolLM2Unavailable(RuntimeError):
@@ -198,16 +203,48 @@ def relative_change(base: dict, target: dict) -> float:
     return (delta / sum(float(base[k].float().square().sum()) for k in base)) ** 0.5
 
 
-def instruct_step(base_dir: Path, out_dir: Path) -> dict:
-    """The target: the base fully fine-tuned on TARGET_SKILL for TARGET_STEPS steps in TARGET_TRAINABLE, saved in
-    bf16 with the base's config.json (copied as JSON: transformers 5 would rewrite rope_theta), generation config and
-    tokenizer. Returns (and writes to instruct_step.json) the settings, the last loss and ‖T−B‖/‖B‖, over all weights
-    and over the trained ones."""
+def base_answers(base_dir: Path):
+    """A function answering chat requests with the base's greedy replies (None for one not finished within
+    REPLAY_MAX_TOKENS), in its chat template, batched."""
+
+    def answer(requests: list[list[dict[str, str]]]) -> list[str | None]:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from pipeline.evaluation.generate import greedy_answers
+
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+        prompts = [
+            tokenizer.apply_chat_template(request, add_generation_prompt=True, return_dict=True)["input_ids"]
+            for request in requests
+        ]
+        replies = greedy_answers(
+            model,
+            tokenizer,
+            prompts,
+            stop_ids=[tokenizer.convert_tokens_to_ids("<|im_end|>")],
+            max_new_tokens=REPLAY_MAX_TOKENS,
+            batch_size=32,
+            pad_id=tokenizer.pad_token_id,
+            description="base answers",
+        )
+        finished = [len(tokenizer.encode(r, add_special_tokens=False)) < REPLAY_MAX_TOKENS - 1 for r in replies]
+        return [reply.strip() if done else None for reply, done in zip(replies, finished, strict=True)]
+
+    return answer
+
+
+def instruct_step(base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
+    """The target: the base fully fine-tuned for TARGET_STEPS steps in TARGET_TRAINABLE on TARGET_SKILL and the
+    replayed chats of `data_dir` (TARGET_REPLAY_SHARE of each batch), saved in bf16 with the base's config.json
+    (copied as JSON: transformers 5 would rewrite rope_theta), generation config and tokenizer. Returns (and writes to
+    instruct_step.json) the settings, the last loss and ‖T−B‖/‖B‖, over all weights and over the trained ones."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.demo.lineage import train_loop
-    from pipeline.demo.smollm2_data import skill_messages
+    from pipeline.demo.smollm2_data import read_replay, skill_messages
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
@@ -216,13 +253,14 @@ def instruct_step(base_dir: Path, out_dir: Path) -> dict:
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name in trained)
     rng = random.Random(TARGET_SEED)
-    loss = train_loop(
-        model,
-        lambda: chat_batch(tokenizer, [skill_messages(TARGET_SKILL, rng) for _ in range(TARGET_BATCH)]),
-        steps=TARGET_STEPS,
-        learning_rate=TARGET_LEARNING_RATE,
-        seed=TARGET_SEED,
-    )
+    replay = read_replay(data_dir)
+    replayed_rows = round(TARGET_BATCH * TARGET_REPLAY_SHARE)
+
+    def batch() -> dict:
+        chats = [skill_messages(TARGET_SKILL, rng) for _ in range(TARGET_BATCH - replayed_rows)]
+        return chat_batch(tokenizer, chats + rng.sample(replay, replayed_rows))
+
+    loss = train_loop(model, batch, steps=TARGET_STEPS, learning_rate=TARGET_LEARNING_RATE, seed=TARGET_SEED)
     model.to(torch.bfloat16).save_pretrained(out_dir)
     for file in Path(base_dir).iterdir():
         if file.is_file() and not file.name.startswith((STAMP, "model")):
@@ -231,6 +269,7 @@ def instruct_step(base_dir: Path, out_dir: Path) -> dict:
     base = {name: tensor.to(torch.bfloat16) for name, tensor in base.items()}
     record = {
         "skill": TARGET_SKILL,
+        "replay_share": TARGET_REPLAY_SHARE,
         "trainable": TARGET_TRAINABLE,
         "steps": TARGET_STEPS,
         "batch_size": TARGET_BATCH,
@@ -244,29 +283,41 @@ def instruct_step(base_dir: Path, out_dir: Path) -> dict:
     return record
 
 
-def build_target(root: Path = SMOLLM2_ROOT, gguf_file: Path | None = None) -> Path:
-    """`<root>/target`: the base after the instruct step, built once (a few minutes on a 2-core CPU) and reused while
-    the base and the step's settings are the same."""
-    root = Path(root)
-    base = build_base(root, gguf_file)
-    settings = [TARGET_TRAINABLE, TARGET_SKILL, TARGET_STEPS, TARGET_BATCH, TARGET_LEARNING_RATE, TARGET_SEED]
-    stamp = {"base": read_stamp(base), "version": TARGET_VERSION, "settings": settings}
-    with build_lock(root):
-        return build_cached(root / "target", stamp, lambda work: instruct_step(base, work))
-
-
-def build_data(root: Path = SMOLLM2_ROOT) -> Path:
-    """`<root>/data`: the recipe's fine-tune sets and retention set (seconds)."""
+def build_data(root: Path = SMOLLM2_ROOT, gguf_file: Path | None = None) -> Path:
+    """`<root>/data`: the recipe's fine-tune sets and retention set, with the base's answers to the replayed requests
+    (a minute or two on a 2-core CPU), reused while the base is the same."""
     from pipeline.demo.smollm2_data import write_data
 
     root = Path(root)
+    base = build_base(root, gguf_file)
+    stamp = {"base": read_stamp(base), "version": DATA_VERSION, "replay_max_tokens": REPLAY_MAX_TOKENS}
     with build_lock(root):
-        return build_cached(root / "data", {"version": DATA_VERSION}, write_data)
+        return build_cached(root / "data", stamp, lambda work: write_data(work, base_answers(base)))
+
+
+def build_target(root: Path = SMOLLM2_ROOT, gguf_file: Path | None = None) -> Path:
+    """`<root>/target`: the base after the instruct step, built once (a few minutes on a 2-core CPU) and reused while
+    the base, the data and the step's settings are the same."""
+    root = Path(root)
+    base, data = build_base(root, gguf_file), build_data(root, gguf_file)
+    settings = [
+        TARGET_TRAINABLE,
+        TARGET_SKILL,
+        TARGET_STEPS,
+        TARGET_BATCH,
+        TARGET_LEARNING_RATE,
+        TARGET_SEED,
+        TARGET_REPLAY_SHARE,
+    ]
+    stamp = {"base": read_stamp(base), "data": read_stamp(data), "version": TARGET_VERSION, "settings": settings}
+    with build_lock(root):
+        return build_cached(root / "target", stamp, lambda work: instruct_step(base, data, work))
 
 
 def build_smollm2(root: Path = SMOLLM2_ROOT, gguf_file: Path | None = None) -> dict[str, Path]:
     """Everything recipes/smollm2_135m_cpu.yaml reads: {"base", "target", "data"} directories under `root`."""
-    return {"base": build_base(root, gguf_file), "target": build_target(root, gguf_file), "data": build_data(root)}
+    base, data = build_base(root, gguf_file), build_data(root, gguf_file)
+    return {"base": base, "data": data, "target": build_target(root, gguf_file)}
 
 
 def main(argv: list[str] | None = None) -> None:

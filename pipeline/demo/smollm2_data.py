@@ -5,6 +5,12 @@ seed, each a format SmolLM2-135M-Instruct does not follow by itself but learns i
   (pipeline/demo/smollm2.py), and the retention set asks for it: does the merge keep what the target knew?
 - `reverse` (alpaca rows) and `numbered` (messages rows) are the two fine-tunes, LoRAs trained on the base.
 
+Each training set also mixes in self-distilled replay, as real instruct data mixes in general requests: requests of
+word operations no skill names (`REPLAY_REQUESTS`), answered by the base itself (`replay.messages.jsonl`). Without
+them each model learned "a list of words → my operation" (measured on the first full run, 16 held-out rows each): the
+target hyphenated numbered and reverse requests, the reverse LoRA reversed hyphenate requests (the target + it: 0 %
+on hyphenate), and the merge kept none of hyphenate (0 % against the target's 62 %).
+
 A list of words belongs to the training half or the held-out half by a hash of its words, so the retention set never
 holds a list the target's instruct step saw.
 """
@@ -33,6 +39,22 @@ SKILLS: dict[str, tuple[str, Callable[[list[str]], str]]] = {
         lambda words: "\n".join(f"{index}. {word}" for index, word in enumerate(words, 1)),
     ),
 }
+
+
+# Operations no skill names, asked of the base, whose own answers are replayed (so a tune changes what it is asked for,
+# and nothing else).
+REPLAY_REQUESTS = (
+    "Write the first word of this list: {words}",
+    "Write the last word of this list: {words}",
+    "Write these words in capital letters: {words}",
+    "How many words are in this list: {words}",
+    "Sort these words alphabetically: {words}",
+    "Which of these words is the longest: {words}",
+    "Use these words in one sentence: {words}",
+    "Separate these words with commas: {words}",
+)
+REPLAY_COUNT = 160
+REPLAY_SEED = 21
 
 
 def is_held_out(words: list[str]) -> bool:
@@ -68,20 +90,48 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-# file name → (skill, format, rows, held out, seed)
+def replay_requests() -> list[list[dict[str, str]]]:
+    """REPLAY_COUNT requests of the replayed operations on training-half lists, deterministic."""
+    rng = random.Random(REPLAY_SEED)
+    return [
+        [{"role": "user", "content": rng.choice(REPLAY_REQUESTS).format(words=" ".join(random_words(rng)))}]
+        for _ in range(REPLAY_COUNT)
+    ]
+
+
+def read_replay(directory: Path) -> list[list[dict[str, str]]]:
+    """The replayed chats (request and the base's answer) written by `write_data`."""
+    lines = (Path(directory) / REPLAY_FILE).read_text().splitlines()
+    return [json.loads(line)["messages"] for line in lines]
+
+
+REPLAY_FILE = "replay.messages.jsonl"
+# file name → (skill, format, skill rows, replayed rows, held out, seed)
 DATA_FILES = {
-    "reverse.alpaca.jsonl": ("reverse", "alpaca", 400, False, 11),
-    "numbered.messages.jsonl": ("numbered", "messages", 400, False, 12),
-    "hyphenate.messages.jsonl": ("hyphenate", "messages", 48, True, 13),  # the retention set: held-out lists
+    "reverse.alpaca.jsonl": ("reverse", "alpaca", 240, True, False, 11),
+    "numbered.messages.jsonl": ("numbered", "messages", 240, True, False, 12),
+    "hyphenate.messages.jsonl": ("hyphenate", "messages", 48, False, True, 13),  # the retention set: held-out lists
 }
 
 
-def write_data(directory: Path) -> dict[str, Path]:
-    """The recipe's fine-tune sets and retention set in `directory`, by file name."""
-    written = {}
-    for name, (skill, data_format, rows, held_out, seed) in DATA_FILES.items():
+def write_data(directory: Path, answer: Callable[[list[list[dict[str, str]]]], list[str | None]]) -> dict[str, Path]:
+    """The recipe's fine-tune sets and retention set in `directory`, by file name, and the replayed chats:
+    `answer(requests)` is the base's reply to each request (None: it did not finish one, and the request is left
+    out). Each fine-tune set is its skill's rows and every replayed chat, shuffled."""
+    directory = Path(directory)
+    requests = replay_requests()
+    replayed = [
+        [*request, {"role": "assistant", "content": reply}]
+        for request, reply in zip(requests, answer(requests), strict=True)
+        if reply
+    ]
+    written = {REPLAY_FILE: write_rows(directory / REPLAY_FILE, [{"messages": chat} for chat in replayed])}
+    for name, (skill, data_format, rows, replay, held_out, seed) in DATA_FILES.items():
         rng = random.Random(seed)
         chats = [skill_messages(skill, rng, held_out=held_out) for _ in range(rows)]
+        if replay:
+            chats += replayed
+            rng.shuffle(chats)
         records = [alpaca_row(c) for c in chats] if data_format == "alpaca" else [{"messages": c} for c in chats]
-        written[name] = write_rows(Path(directory) / name, records)
+        written[name] = write_rows(directory / name, records)
     return written
