@@ -15,7 +15,7 @@ MODELS = ["target", "merged"]  # the lineage's other rows go through the same co
 
 
 @pytest.mark.slow
-def test_every_stage_runs_on_the_real_model(smollm2, tmp_path, monkeypatch):
+def test_every_stage_runs_on_the_real_model(smollm2, llama_cpp, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the recipe's paths (.cache/smollm2, data_templates/) are relative to the clone
     out = tmp_path / "run"
     overrides = {
@@ -28,6 +28,8 @@ def test_every_stage_runs_on_the_real_model(smollm2, tmp_path, monkeypatch):
         "evaluate.max_new_tokens": 8,
         "evaluate.lm_eval.limit": 4,
         "export.gguf.outtypes": "[bf16]",
+        "export.gguf.verify_prompts": 2,
+        "export.gguf.verify_max_new_tokens": 12,
     }
     assert run.main([str(RECIPE), *(a for k, v in overrides.items() for a in ("--set", f"{k}={v}"))]) == 0
 
@@ -46,4 +48,7 @@ def test_every_stage_runs_on_the_real_model(smollm2, tmp_path, monkeypatch):
     assert sorted(capitals) == sorted(MODELS) and all("world_capitals" in capitals[m] for m in MODELS)
     exported = summary("export")
     assert exported["tokenizer_pre"] == "smollm" and exported["architecture"] == "LlamaForCausalLM"
+    checked = exported["verification"]["files"]["bf16"]  # llama.cpp ran it: transformers' text, and it stops
+    assert checked["identical"] + checked["near_tie"] == checked["prompts"] == 2, checked["outcomes"]
+    assert checked["stops_at_end_of_turn"]
     assert (out / "export" / "smollm2-135m-cpu-bf16.gguf").stat().st_size > 200_000_000

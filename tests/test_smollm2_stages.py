@@ -236,14 +236,20 @@ def test_extract_and_combine_archive_adapters_that_apply_to_the_llama_target(lin
         ), name
 
 
-def test_export_writes_the_merged_llama_as_gguf_with_the_targets_vocabulary_and_turns(lineage, merged, tmp_path):
+def test_export_writes_the_merged_llama_with_the_targets_vocabulary_and_llama_cpp_runs_it(
+    lineage, merged, llama_cpp, tmp_path
+):
+    """The merged model (not the base) through the export: the GGUF carries the target's vocabulary and end of turn,
+    not the base's, and one tied embedding; llama.cpp's greedy text equals transformers' and stops at <|im_end|>.
+    (q8_0 and q4_k_m of this model family: tests/test_export_verify.py.)"""
     from gguf import GGUFReader
 
     from pipeline.recipe import ExportConfig
     from pipeline.stages import export
 
     recipe = make_recipe(lineage, lineage["archive"], lineage["run"])
-    recipe.export = ExportConfig.model_validate({"gguf": {"outtypes": ["bf16", "q8_0"]}})
+    gguf = {"outtypes": ["bf16"], "verify": True, "verify_prompts": 2, "verify_max_new_tokens": 12}
+    recipe.export = ExportConfig.model_validate({"gguf": gguf})
     export.check(recipe, "")
     out = tmp_path / "export"
     out.mkdir()
@@ -256,4 +262,6 @@ def test_export_writes_the_merged_llama_as_gguf_with_the_targets_vocabulary_and_
     assert template == (lineage["target"] / "chat_template.jinja").read_text()
     names = {tensor.name for tensor in reader.tensors}
     assert "token_embd.weight" in names and "output.weight" not in names  # tied: llama.cpp reuses the embedding
-    assert summary["files"]["q8_0"]["bytes"] < summary["files"]["bf16"]["bytes"]
+    checked = summary["verification"]["files"]["bf16"]
+    assert (checked["identical"] + checked["near_tie"], checked["prompts"]) == (2, 2), checked["outcomes"]
+    assert checked["stops_at_end_of_turn"] and checked["end_of_turn"] == "<|im_end|>"
