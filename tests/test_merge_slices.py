@@ -5,9 +5,7 @@ slices) and mergekit's tokenizer block, run on the mergekit engine over the appl
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,8 +13,9 @@ import torch
 import yaml
 from helpers.archive import ADAPTERS
 from helpers.cli import run_cli
-from helpers.models import assert_same_tensors, load_model_tensors
+from helpers.models import assert_same_tensors, layer_tensors, load_model_tensors
 from helpers.recipes import RETENTION, SEARCH, merge_recipe, write_pipeline_recipe
+from helpers.references import mergekit_yaml
 from helpers.stages import applied_inputs
 
 from pipeline.recipe import Recipe, RecipeError
@@ -35,28 +34,6 @@ def merge_into(tiny_models, archive, applied, out: Path, **settings) -> tuple[Pa
     out.mkdir(parents=True)
     merge.check(recipe, "")
     return out, merge.run(recipe, "", out, applied_inputs(recipe))
-
-
-def mergekit_yaml(config: Path, out: Path, *, fixed_layer_types: bool = False) -> Path:
-    """`mergekit-yaml CONFIG OUT`; with `fixed_layer_types`, the same CLI under the engine's one config fix."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    if fixed_layer_types:
-        command = [
-            sys.executable,
-            "-c",
-            "import sys; from mergekit.scripts.run_yaml import main; "
-            "from pipeline.merging.mergekit_engine import layer_types_following_slices\n"
-            "with layer_types_following_slices(): main(sys.argv[1:], standalone_mode=False)",
-        ]
-    else:
-        command = [str(Path(sys.executable).with_name("mergekit-yaml"))]
-    subprocess.run([*command, str(config), str(out)], check=True, env=env, capture_output=True, text=True)
-    return out
-
-
-def layer_tensors(tensors: dict, layer: int) -> dict:
-    prefix = f"model.layers.{layer}."
-    return {name.removeprefix(prefix): t for name, t in tensors.items() if name.startswith(prefix)}
 
 
 def test_passthrough_slices_take_each_layer_from_the_named_source_and_equal_mergekit_yaml(

@@ -56,3 +56,8 @@ def bit_identical(left: torch.Tensor, right: torch.Tensor) -> bool:
         return False
     bits = {2: torch.int16, 4: torch.int32}[left.element_size()]
     return torch.equal(left.view(bits)[~nan], right.view(bits)[~nan])
+
+
+def layer_tensors(tensors: dict, layer: int) -> dict:
+    prefix = f"model.layers.{layer}."
+    return {name.removeprefix(prefix): t for name, t in tensors.items() if name.startswith(prefix)}
