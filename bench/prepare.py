@@ -106,7 +106,7 @@ def stage(path: Path, models: dict[str, Path], work: Path) -> float:
 def main() -> None:
     from transformers import AutoTokenizer
 
-    from pipeline.models.tiny import build_tokenizer, make_tiny_model
+    from pipeline.demo.tiny import build_tokenizer, make_tiny_model
     from pipeline.stages.prepare import PARALLEL_FROM_ROWS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

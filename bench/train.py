@@ -32,8 +32,8 @@ def build_inputs(hidden: int, layers: int, rows: int) -> tuple[Path, Path]:
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    from pipeline.data.synthetic import skill_messages
-    from pipeline.models.tiny import build_tokenizer, make_tiny_model
+    from pipeline.demo.synthetic import skill_messages
+    from pipeline.demo.tiny import build_tokenizer, make_tiny_model
 
     root = CACHE / f"h{hidden}-l{layers}-r{rows}"
     if (root / "prepared" / "report.json").is_file():

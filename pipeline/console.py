@@ -8,6 +8,14 @@ every PLAIN_INTERVAL_SECONDS otherwise (CI logs, Colab cells). `--verbose` also 
 
 A child process (training, search workers) inherits the pipe and reports its progress as marker lines on it; the
 parent turns them back into bars. `tqdm` here is a drop-in for `from tqdm import tqdm` drawn the same way.
+
+What reaches the screen, the one rule every stage follows: a line per step (the runner's), progress bars while it
+runs, and, under the step's line, a `notice` for everything a user must act on or would want to know — rows
+rejected and where they are listed, duplicates removed, rows truncated, training resumed from a checkpoint, a dtype
+cast or an optimizer fallback, a warning about the output (a vocabulary that changed size, a tokenizer llama.cpp may
+read wrongly), what was uploaded, search trials redone, a stage the recipe does not enable, `trust_remote_code` on.
+A notice is logged in the same words. Everything else (libraries' output, per-trial and per-model progress lines)
+goes to the log only, and to the screen with `--verbose`.
 """
 
 from __future__ import annotations
@@ -108,6 +116,27 @@ class tqdm:
 
     def close(self) -> None:
         self.task.finish()
+
+
+def notice(text: str) -> None:
+    """Something the user must act on or would want to know (see the rule above): logged now, and shown under the
+    line of the step that raised it (`take_notices`); outside a run, printed at once. In a child process of a run it
+    travels to the parent as a marker line."""
+    if _run is not None:
+        _run.notice(text)
+    elif os.environ.get(CHILD_ENVIRONMENT):
+        MarkerDisplay()._send(op="notice", text=text)
+    else:
+        print(text, flush=True)
+
+
+def take_notices() -> list[str]:
+    """The notices raised since the last call, for the runner to show under a step's line."""
+    if _run is None:
+        return []
+    with _run.lock:
+        taken, _run.notices = _run.notices, []
+    return taken
 
 
 def say(text: str = "", *, error: bool = False) -> None:
@@ -300,6 +329,12 @@ class _Run:
         live = _is_terminal(self.screen) and not verbose
         self.display = RichDisplay(self.screen) if live else PlainDisplay(lambda text: self.say(text, False))
         self.markers: dict[str, str] = {}
+        self.notices: list[str] = []
+
+    def notice(self, text: str) -> None:
+        with self.lock:
+            self.log.write(f"[ftmerge] note: {text}\n")
+            self.notices.append(text)
 
     def say(self, text: str, error: bool) -> None:
         with self.lock:
@@ -380,6 +415,9 @@ class _Run:
     def _apply_marker(self, payload: str) -> None:
         try:
             event = json.loads(payload)
+            if event["op"] == "notice":
+                self.notice(event["text"])
+                return
             key = f"child:{event['key']}"
             if event["op"] == "start":
                 self.display.start(key, event["description"], event["total"], event["unit"], event["completed"])

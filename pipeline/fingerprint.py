@@ -45,12 +45,15 @@ def content_fingerprint(path: Path) -> str:
 
 
 def model_fingerprint(name_or_path: str) -> str:
-    """Identity of a model without reading its weights: a Hub id as given, or for a local directory the content of
-    its small files plus the names, sizes and modification times of its weight files (hashing 15 GB per run would
-    cost minutes; a rewritten weight file changes its mtime)."""
+    """Identity of a model without reading its weights: a Hub id with the commit it resolves to (a new revision on
+    the Hub is a new model), or for a local directory the content of its small files plus the names, sizes and
+    modification times of its weight files (hashing 15 GB per run would cost minutes; a rewritten weight file
+    changes its mtime)."""
     path = Path(name_or_path)
     if not path.is_dir():
-        return hash_json({"hub_id": name_or_path})
+        from pipeline.models.hub import hub_revision
+
+        return hash_json({"hub_id": name_or_path, "revision": hub_revision(name_or_path)})
     entries = []
     for file in sorted(p for p in path.iterdir() if p.is_file()):
         if file.suffix in {".safetensors", ".bin", ".pt", ".gguf"}:

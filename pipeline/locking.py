@@ -54,9 +54,22 @@ def alive_here(holder: dict) -> bool:
 
 
 @contextlib.contextmanager
-def exclusive(path: Path, what: str) -> Iterator[None]:
-    """Hold the lock on `path` for the duration of the block, or raise LockHeld at once (no waiting): `what` is
-    the thing locked, for the message."""
+def wait_exclusive(path: Path) -> Iterator[None]:
+    """Hold the lock on `path` for the duration of the block, waiting for it as long as another process holds it:
+    for a short critical section that processes of one job take turns at (asking an Optuna study for a trial)."""
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def try_exclusive(path: Path, what: str) -> Iterator[None]:
+    """Hold the lock on `path` for the duration of the block, or raise LockHeld at once (no waiting): for work
+    that must not run twice (a run's output directory, an archived adapter). `what` is the thing locked, for the
+    message."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+", encoding="utf-8") as handle:
@@ -103,7 +116,7 @@ def run_locks(output_dir: Path, shared_outputs: list[Path]) -> Iterator[None]:
     """One run per output directory (`<output_dir>/.lock`), and no other run writing the shared outputs this one
     may write, held for the whole run; LockHeld at once otherwise."""
     with contextlib.ExitStack() as stack:
-        stack.enter_context(exclusive(Path(output_dir) / ".lock", f"output_dir {output_dir}"))
+        stack.enter_context(try_exclusive(Path(output_dir) / ".lock", f"output_dir {output_dir}"))
         for output in shared_outputs:
-            stack.enter_context(exclusive(lock_file(output), str(output)))
+            stack.enter_context(try_exclusive(lock_file(output), str(output)))
         yield

@@ -28,6 +28,8 @@ DRIVE_MOUNT_POINT = Path("/content/drive")
 DRIVE_DEFAULT_FOLDER = "ftmerge"
 STATUS_METADATA_KEY = "ftmerge/status"
 HUB_TOKEN_NAME = "HF_TOKEN"
+# In the storage folder: the recipe last picked in the dropdown, and the RECIPE parameter it was picked against.
+CHOICE_FILE = ".ftmerge-notebook.json"
 
 
 class NotebookStageFailed(RuntimeError):
@@ -125,11 +127,13 @@ def load_hub_token(colab: bool | None = None) -> str:
 
 @dataclass
 class Session:
-    """The recipe the notebook runs, the user's `--set` overrides, and the storage folder."""
+    """The recipe the notebook runs, the user's `--set` overrides, the storage folder, and the RECIPE parameter the
+    notebook was started with (a dropdown choice is remembered against it)."""
 
     recipe: Path
     storage: Path
     overrides: list[str] = field(default_factory=list)
+    parameter: str = ""
 
     def settings(self) -> list[str]:
         """The user's overrides, then the storage ones (later `--set`s win)."""
@@ -172,9 +176,31 @@ def write_pasted_recipe(text: str, storage: Path) -> Path:
 
 
 def start_session(recipe: str, recipe_yaml: str, storage: Path, overrides: list[str] = ()) -> Session:
-    """The session for a recipe path (relative to the project) or, when given, the pasted YAML instead."""
-    path = write_pasted_recipe(recipe_yaml, storage) if recipe_yaml.strip() else Path(recipe)
-    return Session(path, storage, list(overrides))
+    """The session for a recipe path (relative to the project) or, when given, the pasted YAML instead. A recipe
+    picked in the dropdown wins over the RECIPE parameter it was picked against, so *Run all* after a disconnect
+    goes on with the same run; editing RECIPE makes it the choice again."""
+    if recipe_yaml.strip():
+        return Session(write_pasted_recipe(recipe_yaml, storage), storage, list(overrides))
+    picked = remembered_choice(storage, recipe)
+    if picked is not None:
+        print(f"recipe: {picked} (picked in the dropdown, remembered in {storage / CHOICE_FILE})")
+    return Session(picked or Path(recipe), storage, list(overrides), parameter=recipe)
+
+
+def remember_choice(storage: Path, parameter: str, recipe: Path) -> None:
+    (Path(storage) / CHOICE_FILE).write_text(json.dumps({"parameter": parameter, "recipe": str(recipe)}))
+
+
+def remembered_choice(storage: Path, parameter: str) -> Path | None:
+    """The recipe picked in the dropdown while RECIPE was `parameter`, when it still exists."""
+    try:
+        choice = json.loads((Path(storage) / CHOICE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    recipe = Path(choice.get("recipe", ""))
+    if choice.get("parameter") != parameter or (not (project_root() / recipe).is_file() and not recipe.is_file()):
+        return None
+    return recipe
 
 
 def build_demo_models_if_needed(session: Session) -> None:
@@ -226,6 +252,8 @@ def choose_recipe(session: Session) -> None:
 
     def show_plan(change=None) -> None:
         session.recipe = Path(dropdown.value)
+        if change is not None:
+            remember_choice(session.storage, session.parameter, session.recipe)
         plan.clear_output()
         with plan:
             dry_run(session)
@@ -236,7 +264,13 @@ def choose_recipe(session: Session) -> None:
 
 
 def run_stage(session: Session, stage: str) -> None:
-    """One stage through the CLI's code path; finished steps are skipped. Raises when it fails."""
+    """One stage through the CLI's code path; finished steps are skipped, a stage the recipe does not enable too
+    (*Run all* goes on). Raises when it fails."""
+    from pipeline.stages import ENABLED_BY, STAGES
+
+    if not STAGES[stage].items(session.load()):
+        print(f"{stage}: not enabled by this recipe (it runs with {ENABLED_BY[stage]}); skipped")
+        return
     code = _run(session, stages=[stage])
     if code != 0:
         raise NotebookStageFailed(
@@ -299,7 +333,7 @@ def push_to_hub(session: Session, repo_id: str = "", what: str = "merged", priva
     settings = [f"publish.what={what}", f"publish.private={str(private).lower()}"]
     if repo_id:
         settings.append(f"publish.repo_id={json.dumps(repo_id)}")
-    publishing = Session(session.recipe, session.storage, [*session.overrides, *settings])
+    publishing = Session(session.recipe, session.storage, [*session.overrides, *settings], session.parameter)
     if not publishing.load().publish.repo_id:
         raise ValueError("HUB_REPO_ID: give the Hub repository to push to, e.g. 'your-name/qwen2-7b-merged'")
     run_stage(publishing, "publish")

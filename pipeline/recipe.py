@@ -14,11 +14,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from pipeline.models.gguf import CONVERTER_OUTTYPES, QUANTIZE_OUTTYPES
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
+# Nodes a recipe's YAML may expand to once its aliases are followed. The largest real recipe (a MoE with prompts for
+# eight experts) is a few thousand; a "billion laughs" document of 9 levels of 9 aliases is 387 million.
+MAX_YAML_NODES = 100_000
+# Values renamed in this release: (key path, old value) → new value, accepted with a hint on the screen.
+RENAMED_VALUES = {(("search", "fallback"), "seed"): "published"}
 # A fine-tune's outputs are written beside `<name>.partial` and `<name>.old`: a name ending so would be overwritten.
 RESERVED_SUFFIXES = (".partial", ".old")
 EMBEDDING_MODULES = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out")
@@ -26,6 +31,31 @@ EMBEDDING_MODULES = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out")
 
 class RecipeError(ValueError):
     """A recipe that cannot run; the message names the file and the key."""
+
+
+RESULT_NEUTRAL = "result_neutral"
+
+
+def neutral(default: Any, **constraints: Any) -> Any:
+    """A setting that changes how a stage runs (device, memory, parallelism, checkpoint and log cadence, where shared
+    state lives), never what it writes. Declared here, once, and kept out of every fingerprint by `result_settings`:
+    changing one must not redo hours of work."""
+    return Field(default, json_schema_extra={RESULT_NEUTRAL: True}, **constraints)
+
+
+def result_settings(value: Any) -> Any:
+    """A recipe block as plain data without its result-neutral settings, at every depth: what fingerprints hash."""
+    if isinstance(value, BaseModel):
+        return {
+            name: result_settings(getattr(value, name))
+            for name, field in type(value).model_fields.items()
+            if not (field.json_schema_extra or {}).get(RESULT_NEUTRAL)
+        }
+    if isinstance(value, (list, tuple)):
+        return [result_settings(item) for item in value]
+    if isinstance(value, dict):
+        return {key: result_settings(item) for key, item in value.items()}
+    return str(value) if isinstance(value, Path) else value
 
 
 class Strict(BaseModel):
@@ -71,10 +101,10 @@ class TrainConfig(Strict):
     packing: bool = False
     train_on_responses_only: bool = True
     gradient_checkpointing: bool = True
-    save_steps: int = Field(200, gt=0)
-    save_total_limit: int = Field(2, gt=0)
+    save_steps: int = neutral(200, gt=0)
+    save_total_limit: int = neutral(2, gt=0)
     eval_steps: int | None = Field(None, gt=0)
-    logging_steps: int = Field(10, gt=0)
+    logging_steps: int = neutral(10, gt=0)
     seed: int = 3407
 
 
@@ -100,8 +130,8 @@ class ReplayConfig(Strict):
     dataset: DatasetConfig
     fraction: float = Field(0.4, gt=0, lt=1)  # of the training rows (the held-out split gets none)
     max_new_tokens: int = Field(256, gt=0)  # an answer not finished by then is left out (and counted)
-    batch_size: int = Field(16, gt=0)  # prompts generated at once
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the GPU when there is one
+    batch_size: int = neutral(16, gt=0)  # prompts generated at once
+    device: Literal["auto", "cpu", "cuda"] = neutral("auto")  # auto: the GPU when there is one
     # auto: bf16 where the GPU has it natively, else fp16; float32 on CPU (bf16 matmuls are slow there)
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     load_in_4bit: bool = False  # NF4 weights (CUDA + bitsandbytes): a 7B base in 16 bits does not fit a T4
@@ -127,13 +157,13 @@ class FinetuneConfig(Strict):
 class ApplyConfig(Strict):
     # auto: each tensor in the target's stored dtype; another value re-rounds every tensor, untouched ones too
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    save: bool = True
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    save: bool = neutral(True)
+    device: Literal["auto", "cpu", "cuda"] = neutral("auto")
 
 
 class MergeModelOverride(Strict):
     weight: float | None = None
-    density: float | None = None
+    density: float | None = Field(None, gt=0, le=1)
     parameters: dict[str, Any] = {}
 
 
@@ -187,16 +217,21 @@ class MoeConfig(Strict):
     shared_expert: MoeExpert = MoeExpert()  # Qwen2-MoE only; default prompts: every routed expert's
 
 
+# The published "LoRA + TIES" recipe's method parameters. With MergeConfig's defaults (ties over the base, every weight
+# and density 1, bfloat16) they are that recipe's merge: the search's `published` baseline is built from them.
+PUBLISHED_PARAMETERS = {"normalize": True, "int8_mask": True}
+
+
 class MergeConfig(Strict):
     method: str = "ties"
     adapters: Literal["all"] | list[str] = "all"
-    # base: the seed's merge over the base model; target: relative to the target, T + the adapters' merged deltas
+    # base: the published merge over the base model; target: relative to the target, T + the adapters' merged deltas
     base_model: Literal["base", "target"] = "base"
     include_target: bool = True
     weight: float = 1.0
-    density: float = 1.0
+    density: float = Field(1.0, gt=0, le=1)  # the fraction of each delta kept (1: all of it)
     models: dict[str, MergeModelOverride] = {}
-    # None: the seed's {normalize: true, int8_mask: true}, kept where the method takes them (linear takes neither)
+    # None: the published {normalize: true, int8_mask: true}, kept where the method takes them (linear takes neither)
     parameters: dict[str, Any] | None = None
     tokenizer_source: str | None = None  # mergekit's older form of `tokenizer: {source: ...}`
     tokenizer: TokenizerBlock | None = None
@@ -204,11 +239,11 @@ class MergeConfig(Strict):
     moe: MoeConfig | None = None
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     engine: Literal["auto", "fused", "mergekit"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    low_cpu_memory: bool = False
+    device: Literal["auto", "cpu", "cuda"] = neutral("auto")
+    low_cpu_memory: bool = neutral(False)
     # GiB the fused merge's row blocks (every input's block and the kernel's temporaries) may hold at once, on the
     # merge device: divided among the inputs, so memory stays flat however many adapters are merged.
-    memory_budget: float = Field(1.0, gt=0)
+    memory_budget: float = neutral(1.0, gt=0)
 
     @model_validator(mode="after")
     def _one_form_each(self) -> MergeConfig:
@@ -222,7 +257,7 @@ class MergeConfig(Strict):
 
 
 class SearchSpaceConfig(Strict):
-    """The bounds of a merge search. The seed's and the sum's choices are always added to the categorical ones."""
+    """The bounds of a merge search. The published and the sum's choices are always added to the categorical ones."""
 
     methods: list[str] = Field(["ties", "task_arithmetic"], min_length=1)
     base_model: list[Literal["base", "target"]] = Field(["base", "target"], min_length=1)
@@ -254,11 +289,24 @@ class SearchConfig(Strict):
     retention: list[str] | None = None
     retention_tolerance: float = Field(0.05, ge=0, lt=1)
     objective: Literal["mean", "worst"] = "mean"  # worst: the least-learned fine-tune decides
-    fallback: Literal["seed"] | None = None
-    workers: int = Field(1, ge=1)
-    storage: str | None = None
-    cache_gb: float = Field(4.0, ge=0)
+    fallback: Literal["published"] | None = None  # merge the published configuration when no trial passes
+    workers: int = neutral(1, ge=1)
+    # An Optuna database URL that workers on several machines share (postgresql://…); `${NAME}` is read from the
+    # environment when the study is opened, e.g. `${FTMERGE_SEARCH_STORAGE}`. None: SQLite in the output.
+    storage: str | None = neutral(None)
+    heartbeat_interval: int = neutral(30, gt=0)  # seconds; a trial on a database records a heartbeat this often
+    grace_period: int = neutral(120, gt=0)  # seconds without one before another worker fails it and queues it again
+    cache_gb: float = neutral(4.0, ge=0)
     space: SearchSpaceConfig = SearchSpaceConfig()
+
+    @model_validator(mode="after")
+    def _grace_outlasts_a_heartbeat(self) -> SearchConfig:
+        if self.grace_period <= self.heartbeat_interval:
+            raise ValueError(
+                f"search.grace_period ({self.grace_period}s) must be longer than search.heartbeat_interval "
+                f"({self.heartbeat_interval}s), or every running trial looks dead between two heartbeats"
+            )
+        return self
 
 
 class RetentionSet(Strict):
@@ -314,6 +362,14 @@ class EvaluateConfig(Strict):
     max_new_tokens: int = Field(32, gt=0)
     lm_eval: LmEvalConfig = LmEvalConfig()
 
+    def scoring_settings(self) -> dict:
+        """What changes one model's score on one set: the key of cached scores. The other keys choose which models
+        and sets are scored, not how."""
+        return self.model_dump(include=SCORING_KEYS)
+
+
+SCORING_KEYS = {"device", "dtype", "load_in_4bit", "generate", "max_new_tokens", "batch_size", "batch_tokens"}
+
 
 class PublishConfig(Strict):
     repo_id: str | None = None
@@ -329,7 +385,14 @@ class GgufExportConfig(Strict):
     outtypes: list[Literal[CONVERTER_OUTTYPES + QUANTIZE_OUTTYPES]] = Field(["q8_0"], min_length=1)
     # Written instead of the pre-tokenizer llama.cpp detects; needed when it recognizes none (e.g. qwen2, llama-bpe)
     tokenizer_pre: str | None = None
-    llama_quantize: str | None = None  # the binary's path; default: llama-quantize on PATH
+    # llama.cpp's programs: a path (or a command on PATH); default: on PATH, else the build `make setup` makes
+    llama_quantize: str | None = None
+    llama_completion: str | None = None
+    # Run every file with llama.cpp and compare its greedy text with transformers on the merged model. auto: when
+    # llama-completion is found (the screen says "not verified" when it is not); true: required
+    verify: bool | Literal["auto"] = "auto"
+    verify_prompts: int = Field(4, gt=0)  # requests from the held-out splits, else the retention sets, else general
+    verify_max_new_tokens: int = Field(24, gt=0)
 
     @field_validator("outtypes")
     @classmethod
@@ -360,6 +423,15 @@ class Recipe(Strict):
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()
     publish: PublishConfig = PublishConfig()
+    _renamed: list[str] = PrivateAttr(default_factory=list)
+
+    @field_validator("output_dir", "archive_dir", "base_model", "target_model", mode="before")
+    @classmethod
+    def _not_empty(cls, value: Any) -> Any:
+        """An empty path is not "the current directory": a run would write state/, logs/ and outputs there."""
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("empty; give a directory or model (omit output_dir and archive_dir for their defaults)")
+        return value
 
     @field_validator("output_dir", "archive_dir", "base_model", "target_model")
     @classmethod
@@ -453,13 +525,71 @@ def format_validation_error(error: ValidationError, source: str) -> str:
     return "\n".join([f"{source}: invalid recipe ({len(lines)} problem{'s' * (len(lines) > 1)})", *lines])
 
 
+def safe_yaml(text: str, where: str) -> Any:
+    """YAML as plain data (`safe_load`: no Python objects), refused when its aliases would expand it past
+    MAX_YAML_NODES nodes or refer to themselves, before anything walks the expanded structure. `where` names the
+    source in errors (a file, or `--set KEY=VALUE`)."""
+    try:
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is not None:
+                _check_expansion(node, where)
+            return None if node is None else loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{where}: not valid YAML: {_yaml_problem(error)}") from None
+    except RecursionError:
+        raise RecipeError(f"{where}: nested too deeply to be a recipe") from None
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """One line: what is wrong and where (line, column), without PyYAML's echo of the document."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    context = getattr(error, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + (f"{context}: {problem}" if context else problem)
+
+
+def _check_expansion(root: yaml.Node, where: str) -> None:
+    """Count the nodes the document expands to, each shared (aliased) node once per use, without expanding it."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise RecipeError(f"{where}: a YAML alias refers to the node that contains it; a recipe cannot")
+        open_nodes.add(key)
+        if isinstance(node, yaml.SequenceNode):
+            total = 1 + sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total = 1 + sum(size(key_node) + size(value) for key_node, value in node.value)
+        else:
+            total = 1
+        open_nodes.discard(key)
+        if total > MAX_YAML_NODES:
+            raise RecipeError(
+                f"{where}: its aliases expand it to more than {MAX_YAML_NODES:,} values, far past any recipe; "
+                "refused (a YAML alias bomb, or aliases used where a value was meant)"
+            )
+        sizes[key] = total
+        return total
+
+    size(root)
+
+
 def parse_override(text: str) -> tuple[list[str | int], Any]:
     """`train.max_steps=10` → (['train', 'max_steps'], 10); the value is parsed as YAML, list indices as ints."""
     key, sep, value = text.partition("=")
     if not sep or not key or not re.fullmatch(r"[A-Za-z0-9_.-]+", key):
         raise RecipeError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. train.max_steps=10")
     path = [int(p) if p.isdigit() else p for p in key.split(".")]
-    return path, yaml.safe_load(value) if value else None
+    return path, safe_yaml(value, f"--set {key}") if value else None
 
 
 def apply_override(data: dict, path: list[str | int], value: Any) -> None:
@@ -489,16 +619,41 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read, override and validate a recipe. Raises RecipeError naming the file and every bad key."""
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(f"recipe not found: {path}")
+        raise RecipeError(f"recipe not found: {path}" + (" (a directory)" if path.is_dir() else ""))
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise RecipeError(f"{path}: not valid YAML: {error}") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise RecipeError(
+            f"{path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start}); save the "
+            "recipe as UTF-8"
+        ) from None
+    data = safe_yaml(text, str(path))
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping (name:, base_model:, ...), got {type(data).__name__}")
-    for text in overrides:
-        apply_override(data, *parse_override(text))
+    for override in overrides:
+        apply_override(data, *parse_override(override))
+    renamed = _rename_values(data)
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as error:
         raise RecipeError(format_validation_error(error, str(path))) from None
+    recipe._renamed = renamed
+    return recipe
+
+
+def _rename_values(data: dict) -> list[str]:
+    """Old spellings of renamed values, replaced by the new ones; returns a hint per replacement."""
+    hints = []
+    for (keys, old), new in RENAMED_VALUES.items():
+        node = data
+        for key in keys[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and node.get(keys[-1]) == old:
+            node[keys[-1]] = new
+            hints.append(f"{'.'.join(keys)}: {old!r} is now spelled {new!r}; accepted as {new!r} this time")
+    return hints
+
+
+def recipe_renames(recipe: Recipe) -> list[str]:
+    """The hints `load_recipe` gave for renamed values in this recipe."""
+    return list(recipe._renamed)

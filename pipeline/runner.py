@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import shutil
 import socket
@@ -21,7 +20,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pipeline import console, distributed
+from pipeline.files import read_json, write_json_atomic
 from pipeline.fingerprint import hash_json
+from pipeline.locking import alive_here
 from pipeline.recipe import Recipe, RecipeError
 from pipeline.stages import STAGES
 from pipeline.stages.contract import FINGERPRINT_FILE, Inputs, Stage, StageRef
@@ -31,6 +32,15 @@ PARTIAL_SUFFIX = ".partial"
 
 class StageFailed(RuntimeError):
     """A stage raised while running; the message names the stage and the item."""
+
+
+class CheckFailed(RuntimeError):
+    """A stage's `check` raised something other than a RecipeError: a bug in ftmerge, not a problem of the recipe.
+    The message names the step; the traceback is kept in `traceback`."""
+
+    def __init__(self, message: str, traceback_text: str):
+        super().__init__(message)
+        self.traceback = traceback_text
 
 
 @dataclass
@@ -55,21 +65,8 @@ def state_path(recipe: Recipe, stage: str, item: str) -> Path:
 
 
 def read_state(recipe: Recipe, stage: str, item: str) -> dict:
-    path = state_path(recipe, stage, item)
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-
-
-def write_json_atomic(path: Path, value: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        temporary.write_text(json.dumps(value, indent=2, default=str) + "\n")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    state = read_json(state_path(recipe, stage, item))
+    return state if isinstance(state, dict) else {}
 
 
 def plan(recipe: Recipe, stages: dict[str, Stage] | None = None) -> list[Step]:
@@ -99,14 +96,20 @@ def plan(recipe: Recipe, stages: dict[str, Stage] | None = None) -> list[Step]:
     ]
 
 
-def check(recipe: Recipe, steps: list[Step]) -> None:
-    """Run every selected step's cheap validation and report all problems at once."""
-    problems = []
+def check(recipe: Recipe, steps: list[Step], planned: list[Step] | None = None) -> None:
+    """Run the cheap validation of `steps` (those that will run) and of where every `planned` step writes, and report
+    all problems at once. A check reports a problem of the recipe as a RecipeError; anything else it raises is a bug
+    in the check (CheckFailed), never a recipe error."""
+    problems = [f"  {problem}" for problem in output_problems(recipe, steps if planned is None else planned)]
     for step in steps:
         try:
             step.stage.check(recipe, step.item)
-        except (RecipeError, FileNotFoundError, ValueError) as error:
+        except RecipeError as error:
             problems.append(f"  {step.label}: {error}")
+        except Exception as error:
+            raise CheckFailed(
+                f"checking {step.label} failed: {type(error).__name__}: {error}", traceback.format_exc()
+            ) from error
         if _conflicts(recipe, step):
             problems.append(
                 f"  {step.label}: {step.output} already exists, made from another config or other data (or added by "
@@ -114,6 +117,51 @@ def check(recipe: Recipe, steps: list[Step]) -> None:
             )
     if problems:
         raise RecipeError("the recipe cannot run:\n" + "\n".join(dict.fromkeys(problems)))
+
+
+RUN_FOLDERS = ("state", "logs", "cache")  # the runner's own, under output_dir
+
+
+def output_problems(recipe: Recipe, steps: list[Step]) -> list[str]:
+    """Where the run will write, checked before anything is: output_dir and archive_dir are (or can be created as)
+    directories this user can write, and no step's output is another's, lies inside another's or in the runner's
+    own folders (an archive_dir inside a stage's folder would make two stages write one directory)."""
+    problems = [
+        problem
+        for key, path in (("output_dir", Path(recipe.output_dir)), ("archive_dir", Path(recipe.archive_dir)))
+        if (problem := _unwritable(key, path))
+    ]
+    reserved = [Path(recipe.output_dir) / name for name in RUN_FOLDERS]
+    owners: dict[Path, str] = {}
+    for step in steps:
+        output = step.output.absolute()
+        for other, label in owners.items():
+            if output == other or other in output.parents or output in other.parents:
+                relation = "is" if output == other else "overlaps"
+                problems.append(
+                    f"{step.label}: its output {output} {relation} the output of {label}; keep archive_dir "
+                    "outside output_dir's stage folders (the default is <output_dir>/adapters)"
+                )
+        for folder in reserved:
+            if folder.absolute() in (output, *output.parents):
+                problems.append(f"{step.label}: its output {output} is inside the run's own {folder.name}/ folder")
+        owners[output] = step.label
+    return problems
+
+
+def _unwritable(key: str, path: Path) -> str | None:
+    """Why `path` cannot be a directory this process writes, or None."""
+    existing = path.absolute()
+    try:
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+    except PermissionError:
+        return f"{key}: {path} cannot be reached by this user (no permission to enter {existing.parent})"
+    if not existing.is_dir():
+        return f"{key}: {path} cannot be a directory: {existing} is a file"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{key}: {existing} is not writable by this user, so {path} cannot be written"
+    return None
 
 
 def is_done(recipe: Recipe, step: Step) -> bool:
@@ -153,7 +201,7 @@ def describe(recipe: Recipe, step: Step) -> str:
             return "missing"
         return "done" if state.get("fingerprint") == step.fingerprint else "stale"
     if status == "running":
-        alive = state.get("host") == socket.gethostname() and _pid_alive(state.get("pid", -1))
+        alive = state.get("host") == socket.gethostname() and alive_here(state)
         return "running" if alive else "interrupted"
     return status or "pending"
 
@@ -171,14 +219,6 @@ def status_rows(recipe: Recipe, steps: list[Step]) -> list[dict]:
         }
         for step in steps
     ]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (OSError, ValueError):
-        return False
-    return True
 
 
 def _prepare_partial(step: Step) -> Path:
@@ -209,6 +249,15 @@ def _move_into_place(step: Step, partial: Path) -> None:
     os.replace(partial, step.output)
     if previous.exists():
         shutil.rmtree(previous)
+
+
+def inputs_of(recipe: Recipe, stage: str, item: str = "") -> Inputs:
+    """The inputs a step reads, as the runner would hand them to it: for tools that reuse a stage's library calls on
+    a finished run (the demo's fresh-example check)."""
+    steps = plan(recipe)
+    outputs = {step.ref: step.output for step in steps}
+    step = next(s for s in steps if s.ref == StageRef(stage, item))
+    return Inputs({dependency: outputs[dependency] for dependency in step.depends_on})
 
 
 def run_step(recipe: Recipe, step: Step, outputs: dict[StageRef, Path]) -> dict:
@@ -334,4 +383,11 @@ def execute(recipe: Recipe, steps: list[Step], selected: list[Step], *, force: b
             outcome = run_step(recipe, step, outputs)
         results[step.label] = "ran"
         echo(f"{step.label:<{width}}  done     {outcome['seconds']:7.1f}s  {step.output}")
+        show_notices(echo)
     return results
+
+
+def show_notices(echo) -> None:
+    """The step's notices (console.notice), under its line."""
+    for text in console.take_notices():
+        echo(f"  note: {text}")

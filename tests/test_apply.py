@@ -6,62 +6,20 @@ import json
 
 import pytest
 import torch
+from helpers.models import load_model_tensors, make_adapter
+from helpers.references import assert_identical, peft_reference
 from safetensors.torch import load_file
 
+from pipeline.demo.tiny import derive_tiny_target, make_tiny_model
 from pipeline.merging.adapted_model import IncompatibleAdapter, apply_adapter
 from pipeline.models.lora import AdapterRefused, load_adapter
 from pipeline.models.safetensors_io import INDEX_FILE, model_tensors
-from pipeline.models.tiny import derive_tiny_target, make_tiny_model
-
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def make_adapter(base_dir, out_dir, seed=0, **lora_settings):
-    """A real PEFT LoRA on the base with random nonzero A and B (a fresh LoRA has B = 0 and changes nothing)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    settings = {"r": 8, "lora_alpha": 16, "target_modules": PROJECTIONS, **lora_settings}
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), LoraConfig(**settings))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
-    model.save_pretrained(out_dir)
-    return out_dir
-
-
-def peft_reference(target_dir, adapter_dir, out_dir, dtype=torch.bfloat16):
-    """What users run today: load the whole target, merge_and_unload, save in the same dtype."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=dtype)
-    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    merged.save_pretrained(out_dir)
-    return out_dir
-
-
-def load_model_tensors(model_dir):
-    tensors = {}
-    for file in sorted(model_dir.glob("*.safetensors")):
-        tensors.update(load_file(file))
-    return tensors
-
-
-def assert_identical(ours_dir, reference_dir):
-    ours, reference = load_model_tensors(ours_dir), load_model_tensors(reference_dir)
-    assert sorted(ours) == sorted(reference)
-    for name, tensor in reference.items():
-        assert ours[name].dtype == tensor.dtype, name
-        assert torch.equal(ours[name], tensor), f"{name} differs from PEFT's merge_and_unload"
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tiny_tokenizer_dir):
     """base/target pairs: untied single-file, tied embeddings, and a sharded target."""
-    from pipeline.models.tiny import build_tokenizer
+    from pipeline.demo.tiny import build_tokenizer
 
     root = tmp_path_factory.mktemp("apply_models")
     target_tokenizer = build_tokenizer(root / "target_tokenizer", eos_token="<|im_end|>")
@@ -70,7 +28,7 @@ def models(tmp_path_factory, tiny_tokenizer_dir):
     sharded_target = root / "sharded_target"
     from transformers import AutoModelForCausalLM
 
-    from pipeline.models.tiny import save_model
+    from pipeline.demo.tiny import save_model
 
     target = derive_tiny_target(base, root / "target", target_tokenizer)
     save_model(

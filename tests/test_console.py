@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 import warnings
 
 from pipeline import console, run, runner
@@ -90,3 +91,22 @@ def test_streams_are_restored_after_the_run(tmp_path):
         pass
     assert (sys.stdout, sys.stderr, os.fstat(1).st_ino, os.fstat(2).st_ino) == before
     assert console.log_file() is None
+
+
+def test_notices_of_the_run_and_of_its_child_processes_are_shown_under_the_steps_line(tmp_path, capsys):
+    """What a user must know, raised in the runner's process or in a child (the training process), is logged at
+    once and shown under the line of the step that raised it, in the same words."""
+    child = "from pipeline import console; console.notice('train reverse: resumed from step 8')"
+    with console.run_console(tmp_path) as log:
+        console.notice("prepare reverse: 3 of 104 rows rejected")
+        subprocess.run([sys.executable, "-c", child], check=True)
+        time.sleep(0.2)  # the log pump reads the child's marker line
+        console.say("train.reverse  done")
+        runner.show_notices(console.say)
+    assert capsys.readouterr().out.splitlines() == [
+        "train.reverse  done",
+        "  note: prepare reverse: 3 of 104 rows rejected",
+        "  note: train reverse: resumed from step 8",
+    ]
+    logged = log.read_text()
+    assert "note: prepare reverse: 3 of 104 rows rejected" in logged and console.MARKER not in logged

@@ -18,11 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from helpers.cli import kill_when, run_cli, start_cli
+from helpers.models import assert_same_state, assert_same_tensors, load_model_tensors
+from helpers.recipes import write_pipeline_recipe
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = [
     "prepare.reverse",
     "prepare.sort",
@@ -36,86 +37,10 @@ STEPS = [
 ]
 
 
-def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.run", *map(str, args)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-
-
-def write_recipe(directory: Path, models: dict, finetune_sets: Path, **changes) -> Path:
-    recipe = {
-        "name": "e2e",
-        "output_dir": str(directory / "run"),
-        "archive_dir": str(directory / "archive"),
-        "base_model": str(models["base"]),
-        "target_model": str(models["target"]),
-        "finetunes": [
-            {
-                "name": "reverse",
-                "dataset": {
-                    "path": str(finetune_sets / "reverse.alpaca.jsonl"),
-                    "format": "alpaca",
-                    "max_samples": 64,
-                    "eval_size": 8,
-                },
-            },
-            {
-                "name": "sort",
-                "dataset": {
-                    "path": str(finetune_sets / "sort.messages.jsonl"),
-                    "format": "messages",
-                    "max_samples": 64,
-                    "eval_size": 8,
-                },
-            },
-        ],
-        "train": {
-            "backend": "unsloth",
-            "max_seq_length": 64,
-            "load_in_4bit": False,
-            "lora": {"r": 8, "alpha": 16},
-            "max_steps": 4,
-            "batch_size": 8,
-            "gradient_accumulation_steps": 1,
-            "warmup_steps": 0,
-            "learning_rate": 1e-2,
-            "optim": "adamw_torch",
-            "save_steps": 2,
-            "logging_steps": 1,
-        },
-        "apply": {"dtype": "bfloat16", "save": True},
-        "merge": {"engine": "mergekit"},
-        "evaluate": {"enabled": False},
-        **changes,
-    }
-    path = directory / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return path
-
-
-def tensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    found = {}
-    for shard in sorted(Path(model_dir).glob("*.safetensors")):
-        found.update(load_file(shard))
-    return found
-
-
-def assert_same_tensors(left: dict, right: dict) -> None:
-    assert sorted(left) == sorted(right)
-    for name in left:
-        assert left[name].dtype == right[name].dtype, name
-        assert torch.equal(left[name], right[name]), name
-
-
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_models, finetune_sets):
     directory = tmp_path_factory.mktemp("e2e")
-    recipe = write_recipe(directory, tiny_models, finetune_sets)
+    recipe = write_pipeline_recipe(directory, tiny_models, finetune_sets)
     started = time.time()
     result = run_cli(recipe)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -162,11 +87,11 @@ def test_adapted_models_equal_peft_merge_and_unload(finished_run):
         target = AutoModelForCausalLM.from_pretrained(finished_run["models"]["target"], dtype=torch.bfloat16)
         merged = PeftModel.from_pretrained(target, finished_run["archive"] / adapter).merge_and_unload()
         reference = {name: tensor.contiguous() for name, tensor in merged.state_dict().items()}
-        ours = tensors(finished_run["output"] / "apply" / adapter)
+        ours = load_model_tensors(finished_run["output"] / "apply" / adapter)
         if "lm_head.weight" not in ours:  # tied embeddings are stored once
             reference.pop("lm_head.weight")
-        assert_same_tensors(ours, reference)
-        changed = sum(not torch.equal(ours[n], tensors(finished_run["models"]["target"])[n]) for n in ours)
+        assert_same_state(ours, reference)
+        changed = sum(not torch.equal(ours[n], load_model_tensors(finished_run["models"]["target"])[n]) for n in ours)
         assert changed > 0, "training left every LoRA B at zero: the comparison would prove nothing"
 
 
@@ -179,7 +104,7 @@ def test_merge_equals_mergekit_yaml_on_the_written_config(finished_run, tmp_path
         capture_output=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
-    assert_same_tensors(tensors(finished_run["output"] / "merge"), tensors(tmp_path / "out"))
+    assert_same_tensors(finished_run["output"] / "merge", tmp_path / "out")
 
 
 def test_merged_model_keeps_the_target_chat_format_and_generates(finished_run):
@@ -221,6 +146,23 @@ def test_changed_learning_rate_reruns_train_and_downstream_only(finished_run, tm
     assert outcome == {"prepare.reverse": "skipped", "prepare.sort": "skipped", **{s: "done" for s in STEPS[2:]}}
 
 
+def test_settings_that_cannot_change_a_result_redo_nothing(finished_run):
+    """Devices, memory budgets and log/checkpoint cadence are declared result-neutral once, in the schema: changing
+    them reruns no step (the merge, the adapted models and the archive are hours of work on a 7B)."""
+    neutral = {
+        "merge.memory_budget": "2.5",
+        "merge.device": "cpu",
+        "merge.low_cpu_memory": "true",
+        "apply.device": "cpu",
+        "train.logging_steps": "3",
+        "train.save_steps": "7",
+        "train.save_total_limit": "5",
+    }
+    result = run_cli(finished_run["recipe"], *(f"--set={key}={value}" for key, value in neutral.items()))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [line.split()[0] for line in result.stdout.splitlines() if "skipped" in line] == STEPS
+
+
 def test_bad_recipes_exit_2_before_any_stage_runs(tiny_models, finetune_sets, tmp_path):
     cases = {
         "unknown key": ({"train": {"learning_rat": 1}}, "did you mean 'learning_rate'"),
@@ -233,32 +175,10 @@ def test_bad_recipes_exit_2_before_any_stage_runs(tiny_models, finetune_sets, tm
     for case, (change, expected) in cases.items():
         directory = tmp_path / case.replace(" ", "-")
         directory.mkdir()
-        result = run_cli(write_recipe(directory, tiny_models, finetune_sets, **change))
+        result = run_cli(write_pipeline_recipe(directory, tiny_models, finetune_sets, **change))
         assert result.returncode == 2, (case, result.stdout, result.stderr)
         assert expected in result.stderr, (case, result.stderr)
         assert not (directory / "run").exists(), f"{case}: something was written before the error"
-
-
-def start_cli(*args: str, log: Path) -> subprocess.Popen:
-    """The run's output goes to a file: a pipe nobody reads while waiting for the kill point fills up and blocks it."""
-    with log.open("w") as output:
-        return subprocess.Popen(
-            [sys.executable, "-m", "pipeline.run", *map(str, args)],
-            cwd=REPO,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        )
-
-
-def kill_when(process: subprocess.Popen, condition, log: Path, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        assert process.poll() is None, f"finished before the kill point:\n{log.read_text()}"
-        assert time.time() < deadline, "kill point never reached"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
 
 
 def test_kill_during_training_resumes_from_the_last_checkpoint(finished_run, tmp_path):
@@ -280,12 +200,14 @@ def test_kill_during_training_resumes_from_the_last_checkpoint(finished_run, tmp
     process = start_cli(*args, log=tmp_path / "killed.log")
     kill_when(process, lambda: (partial / "checkpoint-8" / "trainer_state.json").is_file(), tmp_path / "killed.log")
     assert not (copy / "train" / "reverse").exists()
-    result = run_cli(*args)
+    # Log and checkpoint cadence cannot change the adapter: changed after the kill, training still resumes.
+    result = run_cli(*args, "--set", "train.logging_steps=5", "--set", "train.save_steps=10")
     assert result.returncode == 0, result.stdout + result.stderr
     state = yaml.safe_load((copy / "state" / "train.reverse.json").read_text())
     assert state["status"] == "done" and state["summary"]["steps"] == 40
     resumed_from = state["summary"].get("resumed_from_step")
     assert resumed_from is not None and resumed_from >= 8, state["summary"]
+    assert f"note: train: unsloth backend; resuming from step {resumed_from}" in result.stdout  # on the screen
     assert not partial.exists()
 
 
@@ -305,9 +227,9 @@ def test_kill_during_apply_and_merge_never_leaves_a_finished_looking_output(fini
         outputs = [copy / "merge", copy / "apply" / "reverse", copy / "apply" / "sort"]
         for finished in (output for output in outputs if output.exists()):
             reference = finished_run["output"] / finished.relative_to(copy)
-            assert_same_tensors(tensors(finished), tensors(reference))
+            assert_same_tensors(finished, reference)
     result = run_cli(*args)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert_same_tensors(tensors(copy / "merge"), tensors(finished_run["output"] / "merge"))
+    assert_same_tensors(copy / "merge", finished_run["output"] / "merge")
     for adapter in ("reverse", "sort"):
-        assert_same_tensors(tensors(copy / "apply" / adapter), tensors(finished_run["output"] / "apply" / adapter))
+        assert_same_tensors(copy / "apply" / adapter, finished_run["output"] / "apply" / adapter)

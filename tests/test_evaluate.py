@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from prepared_rows import chatml_row
+from helpers.prepared import chatml_row
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.evaluation.generate import greedy_answers, prompt_ids, score_answers

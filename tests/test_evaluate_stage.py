@@ -4,98 +4,24 @@ one model in memory at a time, an adapted model computed on the fly equal to app
 from __future__ import annotations
 
 import json
-import random
 import weakref
 from pathlib import Path
 
 import pytest
 import torch
-from datasets import Dataset, concatenate_datasets, load_from_disk
-from prepared_rows import chatml_row
-from test_apply import make_adapter, peft_reference
-from test_merge import archive_adapter
+from datasets import concatenate_datasets, load_from_disk
+from helpers.recipes import DEMO_DATA, evaluate_recipe
+from helpers.references import peft_reference
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pipeline.data import templates
 from pipeline.evaluation import lm_eval_tasks
 from pipeline.evaluation.lineage import Evaluation, evaluate_lineage
 from pipeline.evaluation.models import ModelSpec
-from pipeline.evaluation.sets import held_out_set
+from pipeline.evaluation.sets import held_out_set, retention_sets
 from pipeline.evaluation.transfer import transfer_report
 from pipeline.recipe import LmEvalConfig, Recipe
-from pipeline.stages import STAGES, Inputs, StageRef, apply, evaluate, merge, prepare
-
-REPO = Path(__file__).resolve().parents[1]
-DEMO_DATA = REPO / "data_templates" / "demo"
-SKILLS = {"reverse": lambda words: words[::-1], "sort": sorted}
-
-
-def write_prepared(out_dir: Path, tokenizer_dir: Path, skill: str, rows: int = 6) -> Path:
-    """prepare/<finetune>/ with the eval split and report.json the evaluate stage reads."""
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    rng = random.Random(skill)
-    conversations = []
-    for _ in range(rows):
-        words = [rng.choice("abcdefghij") for _ in range(rng.randint(3, 5))]
-        conversations.append(
-            [
-                {"role": "system", "content": "You are a helpful assistant."},
-                {"role": "user", "content": f"{skill}\n{' '.join(words)}"},
-                {"role": "assistant", "content": " ".join(SKILLS[skill](words))},
-            ]
-        )
-    Dataset.from_list([chatml_row(tokenizer, c) for c in conversations]).save_to_disk(str(out_dir / "eval"))
-    (out_dir / "report.json").write_text(json.dumps({"end_of_turn_token": "<|im_end|>"}))
-    return out_dir
-
-
-def make_recipe(tiny_models, finetune_sets: Path, root: Path, **evaluate_settings) -> Recipe:
-    return Recipe.model_validate(
-        {
-            "name": "evaluate-test",
-            "base_model": str(tiny_models["base"]),
-            "target_model": str(tiny_models["target"]),
-            "output_dir": str(root / "run"),
-            "archive_dir": str(root / "archive"),
-            "finetunes": [
-                {"name": "reverse", "dataset": {"path": str(finetune_sets / "reverse.alpaca.jsonl")}},
-                {"name": "sort", "dataset": {"path": str(finetune_sets / "sort.messages.jsonl"), "format": "messages"}},
-            ],
-            "apply": {"device": "cpu"},
-            "merge": {"device": "cpu", "engine": "fused"},
-            "evaluate": {
-                "device": "cpu",
-                "batch_size": 4,
-                "generate": True,
-                "max_new_tokens": 4,
-                "max_samples": 6,
-                "retention": [
-                    {"name": "copy", "dataset": {"path": str(DEMO_DATA / "copy.messages.jsonl"), "format": "messages"}}
-                ],
-                "lm_eval": {"tasks": ["hellaswag"]},
-                **evaluate_settings,
-            },
-        }
-    )
-
-
-@pytest.fixture(scope="module")
-def lineage(tmp_path_factory, tiny_models, finetune_sets):
-    """Everything evaluate reads: two archived adapters, prepared eval splits, both applied (apply.save), and a real
-    fused merge."""
-    root = tmp_path_factory.mktemp("evaluate")
-    recipe = make_recipe(tiny_models, finetune_sets, root)
-    paths = {}
-    for seed, name in enumerate(SKILLS):
-        adapter = make_adapter(tiny_models["base"], root / "peft" / name, seed=seed)
-        paths[StageRef("archive", name)] = archive_adapter(adapter, root / "archive", name, str(tiny_models["base"]))
-        paths[StageRef("prepare", name)] = write_prepared(root / "run" / "prepare" / name, tiny_models["base"], name)
-    for name in SKILLS:
-        paths[StageRef("apply", name)] = apply.STAGE.output_path(recipe, name)
-        apply.run(recipe, name, paths[StageRef("apply", name)], Inputs(paths))
-    paths[StageRef("merge")] = merge.STAGE.output_path(recipe, "")
-    paths[StageRef("merge")].mkdir(parents=True)
-    merge.run(recipe, "", paths[StageRef("merge")], Inputs(paths))
-    return {"root": root, "recipe": recipe, "inputs": Inputs(paths)}
+from pipeline.stages import STAGES, Inputs, StageRef, evaluate, prepare
 
 
 @pytest.fixture
@@ -222,7 +148,7 @@ def test_retention_data_under_home_is_fingerprinted_by_content(tiny_models, fine
     monkeypatch.setenv("HOME", str(tmp_path))
     data = tmp_path / "copy.messages.jsonl"
     data.write_bytes((DEMO_DATA / "copy.messages.jsonl").read_bytes())
-    recipe = make_recipe(
+    recipe = evaluate_recipe(
         tiny_models,
         finetune_sets,
         tmp_path,
@@ -235,13 +161,16 @@ def test_retention_data_under_home_is_fingerprinted_by_content(tiny_models, fine
 
 def test_retention_rows_are_rendered_exactly_as_prepare_renders_a_finetune(tiny_models, finetune_sets, tmp_path):
     copy = {"path": str(DEMO_DATA / "copy.messages.jsonl"), "format": "messages"}
-    settings = make_recipe(tiny_models, finetune_sets, tmp_path, max_samples=None).model_dump(mode="json")
+    settings = evaluate_recipe(tiny_models, finetune_sets, tmp_path, max_samples=None).model_dump(mode="json")
     recipe = Recipe.model_validate({**settings, "finetunes": [{"name": "copy", "dataset": {**copy, "eval_size": 10}}]})
     prepared = tmp_path / "prepared"
     prepared.mkdir()
     prepare.run(recipe, "copy", prepared, Inputs())
     rows = concatenate_datasets([load_from_disk(str(prepared / split)) for split in ("train", "eval")])
-    [ours] = evaluate.retention_sets(recipe, evaluate.chat_format(recipe), tmp_path / "work")
+    chat = templates.chat_format(recipe.chat_template, recipe.base_model, recipe.target_model)
+    [ours] = retention_sets(
+        recipe.evaluate.retention, chat, tmp_path / "work", max_length=recipe.train.max_seq_length, max_samples=None
+    )
     expected = {(tuple(r["input_ids"]), tuple(r["assistant_masks"])) for r in rows}
     assert {(tuple(i), tuple(m)) for i, m in zip(ours.input_ids, ours.assistant_masks, strict=True)} == expected
     lines = (DEMO_DATA / "copy.messages.jsonl").read_text().splitlines()

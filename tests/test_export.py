@@ -1,23 +1,20 @@
 """export: the merged tiny model written as GGUF by llama.cpp's own converter, read back with `gguf.GGUFReader`;
-the publish folder and card carrying the files; the K-quants' llama-quantize found or refused before anything runs.
-
-No llama.cpp runtime loads the files here: llama-cpp-python builds from source only (see README, "What ran where").
+K-quants made by llama.cpp's own llama-quantize (the project's build); the publish folder and card carrying the
+files; settings refused before anything runs. What llama.cpp does with the files: tests/test_export_verify.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import stat
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
+from helpers.models import make_adapter
+from helpers.recipes import recipe_data, write_recipe
 from safetensors.torch import load_file
-from test_apply import make_adapter
 
 from pipeline.archive.importing import import_adapter
 from pipeline.models import gguf as gguf_export
@@ -28,33 +25,29 @@ from pipeline.stages import Inputs, StageRef, export
 NAME = "export-test"
 
 
-def recipe_data(output_dir: Path, archive: Path, tiny_models, **sections) -> dict:
-    return {
-        "name": NAME,
-        "output_dir": str(output_dir),
-        "base_model": str(tiny_models["base"]),
-        "target_model": str(tiny_models["target"]),
-        "archive_dir": str(archive),
-        "apply": {"device": "cpu", "save": False},
-        "merge": {"adapters": ["alpha", "beta"], "device": "cpu"},
-        "evaluate": {"enabled": False},
+def export_recipe_data(output_dir: Path, archive: Path, tiny_models, **sections) -> dict:
+    """alpha and beta from `archive` merged on CPU (apply.save off), evaluate off; `sections` add keys."""
+    return recipe_data(
+        tiny_models,
+        output_dir,
+        name=NAME,
+        archive_dir=archive,
+        apply={"device": "cpu", "save": False},
+        merge={"adapters": ["alpha", "beta"], "device": "cpu"},
+        evaluate={"enabled": False},
         **sections,
-    }
-
-
-def write_recipe(path: Path, data: dict) -> Path:
-    path.write_text(yaml.safe_dump(data))
-    return path
+    )
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, tiny_models):
-    """Two imported adapters merged (fused), exported as bf16 and q8_0, and published as a dry run: the CLI path."""
+def exported(tmp_path_factory, tiny_models, llama_cpp_or_none):
+    """Two imported adapters merged (fused), exported as bf16 and q8_0 (and checked by llama.cpp where it can be
+    built), and published as a dry run: the CLI path."""
     root = tmp_path_factory.mktemp("export")
     for seed, name in enumerate(("alpha", "beta")):
         adapter = make_adapter(tiny_models["base"], root / name, seed=seed)
         import_adapter(root / "archive", adapter, name, str(tiny_models["base"]))
-    data = recipe_data(
+    data = export_recipe_data(
         root / "run",
         root / "archive",
         tiny_models,
@@ -63,7 +56,13 @@ def exported(tmp_path_factory, tiny_models):
     )
     assert run_pipeline([str(write_recipe(root / "recipe.yaml", data)), "--from", "apply"]) == 0
     run = root / "run"
-    return {"archive": root / "archive", "run": run, "merge": run / "merge", "export": run / "export"}
+    return {
+        "archive": root / "archive",
+        "run": run,
+        "merge": run / "merge",
+        "export": run / "export",
+        "llama_cpp": llama_cpp_or_none,
+    }
 
 
 def read_gguf(path: Path):
@@ -128,7 +127,11 @@ def test_q8_0_is_written_and_smaller(exported):
     assert q8_0.stat().st_size < bf16.stat().st_size
     types = {tensor.name: tensor.tensor_type.name for tensor in read_gguf(q8_0).tensors}
     assert types["token_embd.weight"] == "Q8_0" and types["blk.0.attn_q.weight"] == "Q8_0"
-    assert sorted(p.name for p in exported["export"].iterdir()) == [f"{NAME}-bf16.gguf", f"{NAME}-q8_0.gguf"]
+    assert sorted(p.name for p in exported["export"].iterdir()) == [
+        f"{NAME}-bf16.gguf",
+        f"{NAME}-q8_0.gguf",
+        "verification.json",
+    ]
     state = json.loads((exported["run"] / "state" / "export.json").read_text())
     assert state["summary"]["files"]["q8_0"] == {"file": q8_0.name, "bytes": q8_0.stat().st_size}
     assert state["summary"]["tokenizer_pre"] == "qwen2" and state["summary"]["detected_tokenizer_pre"] is None
@@ -141,8 +144,29 @@ def test_publish_folder_and_card_carry_the_gguf_files(exported):
         assert published.stat().st_ino == (exported["export"] / published.name).stat().st_ino, "a hard link"
     card = (folder / "README.md").read_text()
     assert "## GGUF" in card and f"`{NAME}-q8_0.gguf` | q8_0 |" in card
+    assert "| file | type | size | llama.cpp check |" in card
+    row = next(line for line in card.splitlines() if line.startswith(f"| `{NAME}-bf16.gguf` |"))
+    if exported["llama_cpp"]:
+        assert "prompts identical to transformers" in row and "stops at <|im_end|>" in row, row
+        assert "llama.cpp (`llama-completion`, greedy) ran each file on 4 chat prompts" in card
+    else:
+        assert row.endswith("| – |") and "These files were not run by llama.cpp" in card
     state = json.loads((exported["run"] / "state" / "publish.json").read_text())
     assert f"{NAME}-bf16.gguf" in state["summary"]["files"]
+
+
+def test_the_run_checks_each_file_with_llama_cpp_and_ends_with_what_it_found(exported, llama_cpp):
+    """The random tiny model: its greedy steps are often ties (0.000 logits apart), which is told apart from a
+    difference; none of the bf16 file's prompts may differ (tests/test_export_verify.py holds it to identical)."""
+    state = json.loads((exported["run"] / "state" / "export.json").read_text())
+    files = state["summary"]["verification"]["files"]
+    assert files["bf16"]["differs"] == 0 and files["bf16"]["identical"] + files["bf16"]["near_tie"] == 4
+    assert files["q8_0"]["stops_at_end_of_turn"] and files["bf16"]["stops_at_end_of_turn"]
+    log = next((exported["run"] / "logs").glob("*.log")).read_text()
+    assert f"[ftmerge]   note: export: {NAME}-bf16.gguf: " in log, "the per-file line reached the screen"
+    assert f"[ftmerge] GGUF files, run by llama.cpp ({exported['export'] / 'verification.json'}):" in log
+    assert f"  {NAME}-q8_0.gguf: {files['q8_0']['summary']}" in log
+    assert "llama_model_loader" in log or "print_info" in log, "llama.cpp's own output is in the log"
 
 
 def test_unrecognized_tokenizer_names_the_setting(exported, tmp_path):
@@ -168,24 +192,18 @@ def test_tokenizer_pre_replaces_what_the_converter_detects(exported, tmp_path, m
     assert field(read_gguf(tmp_path / "b.gguf"), "tokenizer.ggml.pre") == "qwen2"
 
 
-def fake_llama_quantize(directory: Path) -> Path:
-    """A stand-in for llama.cpp's llama-quantize (not installable here): records its arguments and copies its
-    input, so only the export stage's plumbing is tested."""
-    directory.mkdir(parents=True, exist_ok=True)
-    binary = directory / "llama-quantize"
-    binary.write_text(f'#!/bin/sh\necho "$@" > {directory}/arguments\ncp "$1" "$2"\n')
-    binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
-    return binary
-
-
 def export_recipe(exported, tiny_models, output_dir: Path, **gguf) -> Recipe:
-    return Recipe.model_validate(recipe_data(output_dir, exported["archive"], tiny_models, export={"gguf": gguf}))
+    return Recipe.model_validate(
+        export_recipe_data(output_dir, exported["archive"], tiny_models, export={"gguf": gguf})
+    )
 
 
-def test_k_quants_go_through_llama_quantize_and_a_killed_run_resumes(exported, tiny_models, tmp_path, monkeypatch):
-    binary = fake_llama_quantize(tmp_path / "bin")
-    monkeypatch.setenv("PATH", f"{binary.parent}{os.pathsep}{os.environ['PATH']}")
-    recipe = export_recipe(exported, tiny_models, tmp_path / "run", outtypes=["q8_0", "q4_k_m"], tokenizer_pre="qwen2")
+def test_k_quants_are_made_by_llama_quantize_and_a_killed_run_resumes(
+    exported, tiny_models, tmp_path, monkeypatch, llama_cpp
+):
+    recipe = export_recipe(
+        exported, tiny_models, tmp_path / "run", outtypes=["q8_0", "q4_k_m"], tokenizer_pre="qwen2", verify=False
+    )
     export.check(recipe, "")
     out = tmp_path / "export.partial"
     out.mkdir()
@@ -196,10 +214,18 @@ def test_k_quants_go_through_llama_quantize_and_a_killed_run_resumes(exported, t
     monkeypatch.setattr(gguf_export, "convert_to_gguf", lambda *a, **k: converted.append(a[2]) or convert(*a, **k))
     summary = export.run(recipe, "", out, Inputs({StageRef("merge"): exported["merge"]}))
     assert converted == ["bf16"], "q8_0 was kept; bf16 is llama-quantize's input"
-    source, target, outtype = (tmp_path / "bin" / "arguments").read_text().split()
-    assert (Path(source).name, outtype) == (f"{NAME}-bf16.gguf", "Q4_K_M") and Path(target).name.startswith(".")
-    assert sorted(p.name for p in out.iterdir()) == [f"{NAME}-q4_k_m.gguf", f"{NAME}-q8_0.gguf"], "bf16 removed"
+    assert sorted(p.name for p in out.iterdir()) == [
+        f"{NAME}-q4_k_m.gguf",
+        f"{NAME}-q8_0.gguf",
+        "verification.json",
+    ], "bf16 removed"
     assert list(summary["files"]) == ["q8_0", "q4_k_m"]
+    # llama.cpp's own K-quant: 4-bit K blocks for the projections (their rows are multiples of 256 elements), with
+    # the fallback types llama-quantize picks for rows that are not
+    types = {tensor.name: tensor.tensor_type.name for tensor in read_gguf(out / f"{NAME}-q4_k_m.gguf").tensors}
+    assert {types[f"blk.0.{name}.weight"] for name in ("ffn_gate", "ffn_up")} <= {"Q4_K", "Q5_0", "Q5_1", "Q4_0"}
+    assert field(read_gguf(out / f"{NAME}-q4_k_m.gguf"), "general.file_type") == 15, "LLAMA_FTYPE_MOSTLY_Q4_K_M"
+    assert summary["verification"] == {"verified": False, "reason": "export.gguf.verify is false"}
     assert export.STAGE.resumable and export.depends_on(recipe, "") == [StageRef("merge")]
 
 
@@ -208,7 +234,7 @@ def test_k_quants_go_through_llama_quantize_and_a_killed_run_resumes(exported, t
     [
         (
             {"outtypes": ["q4_k_m"]},
-            r"export\.gguf\.outtypes: q4_k_m: made by llama\.cpp's llama-quantize, which is not on PATH",
+            r"export\.gguf\.outtypes: q4_k_m: made by llama\.cpp's llama-quantize, which is not on PATH nor built",
         ),
         ({"outtypes": ["q4_k_m"], "llama_quantize": "/nowhere/llama-quantize"}, r"export\.gguf\.llama_quantize"),
         ({"tokenizer_pre": "qwen"}, r"export\.gguf\.tokenizer_pre: 'qwen' .*did you mean 'qwen2'"),
@@ -220,8 +246,9 @@ def test_k_quants_go_through_llama_quantize_and_a_killed_run_resumes(exported, t
 def test_bad_export_settings_stop_the_run_before_anything_runs(
     exported, tiny_models, tmp_path, monkeypatch, capsys, gguf, message
 ):
-    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no llama-quantize
-    data = recipe_data(tmp_path / "run", exported["archive"], tiny_models, export={"gguf": gguf})
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no llama-quantize, nor ftmerge's build of it
+    monkeypatch.setenv("FTMERGE_LLAMA_CPP_DIR", str(tmp_path / "no-llama.cpp"))
+    data = export_recipe_data(tmp_path / "run", exported["archive"], tiny_models, export={"gguf": gguf})
     assert run_pipeline([str(write_recipe(tmp_path / "recipe.yaml", data)), "--from", "apply"]) == 2
     error = capsys.readouterr().err
     assert re.search(message, error), error
@@ -232,7 +259,7 @@ def test_bad_export_settings_stop_the_run_before_anything_runs(
 def test_export_is_off_without_its_block_and_publish_reads_it_for_the_merged_model(tiny_models, tmp_path):
     from pipeline.stages import publish
 
-    data = recipe_data(tmp_path / "run", tmp_path / "archive", tiny_models, publish={"repo_id": "someone/x"})
+    data = export_recipe_data(tmp_path / "run", tmp_path / "archive", tiny_models, publish={"repo_id": "someone/x"})
     assert export.items(Recipe.model_validate(data)) == []
     recipe = Recipe.model_validate({**data, "export": {"gguf": {}}})
     assert export.items(recipe) == [""] and recipe.export.gguf.outtypes == ["q8_0"]

@@ -1,14 +1,16 @@
 """The fused engine on a GPU moves each distinct tensor to the device once: the weight no adapter touches is one tensor
 for every adapter (not N copies), and adapted tensors stay on the device until merged. No GPU here: torch's `meta`
-device stands in for it (no data, but every transfer is a real `.to` call that the test counts)."""
+device stands in for it (no data, but every transfer is a real `.to` call that the test counts). The exactness test on
+a real GPU is skipped here."""
 
 from __future__ import annotations
 
+import pytest
 import torch
-from test_merge import ADAPTERS, archive  # noqa: F401  (archive is a fixture)
+from helpers.archive import ADAPTERS
 
 
-def test_each_distinct_input_goes_to_the_device_once(tiny_models, archive, monkeypatch):  # noqa: F811
+def test_each_distinct_input_goes_to_the_device_once(tiny_models, archive, monkeypatch):
     from pipeline.merging.fused import FusedInputs
     from pipeline.models.lora import load_adapter
 
@@ -50,3 +52,29 @@ def test_each_distinct_input_goes_to_the_device_once(tiny_models, archive, monke
                 if adapters_path.rsplit("/", 1)[1] not in touched[name]
             ]
             assert {id(values[path]) for path in sharing} == {id(values["target"])}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here; the GPU check runs it)")
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "linear"])
+def test_fused_on_a_gpu_equals_mergekit_on_the_gpu(tiny_models, archive, tmp_path, method):
+    """On a GPU the fused engine merges each block with mergekit's own torch code (the one-pass kernel is for the
+    CPU), so it equals apply + mergekit's engine run on the same GPU. Never run here: no GPU."""
+    from helpers.models import assert_same_tensors
+    from helpers.recipes import merge_recipe
+    from helpers.stages import applied_inputs, run_stage
+
+    from pipeline.stages import apply, merge
+
+    settings = {"method": method, "device": "cuda", **({"parameters": {"normalize": True}} if method != "ties" else {})}
+    recipe = merge_recipe(tiny_models, archive, tmp_path, engine="mergekit", **settings)
+    recipe.apply.device = "cuda"
+    for name in ADAPTERS:
+        run_stage(apply.STAGE, recipe, name)
+    outputs = {}
+    for engine in ("mergekit", "fused"):
+        recipe.merge.engine = engine
+        out = tmp_path / f"merge-{engine}"
+        out.mkdir()
+        merge.run(recipe, "", out, applied_inputs(recipe))
+        outputs[engine] = out
+    assert_same_tensors(outputs["fused"], outputs["mergekit"])

@@ -14,14 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.cli import REPO
+from helpers.models import PROJECTIONS, assert_same_tensors, bit_identical
+from helpers.stages import merge_with
 from safetensors.torch import save_file
-from test_merge import ADAPTERS, applied, archive, assert_same_tensors, merge_with  # noqa: F401
 
+from pipeline.demo.tiny import make_tiny_model
 from pipeline.merging import fused
+from pipeline.merging.kernel import KernelMerge
 from pipeline.models.lora import LoraFactors
-from pipeline.models.tiny import make_tiny_model
-
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
@@ -67,7 +68,8 @@ def special_values(dtype: torch.dtype, count: int, generator: torch.Generator) -
 @pytest.mark.parametrize("method", fused.COPY_METHODS)
 def test_copies_of_one_input_merge_as_mergekit_does(method, dtype):
     """Every merged input but the base is one tensor (a weight no adapter touches, the target included): the
-    shortcut's result equals mergekit's kernel over that many separate copies, for every parameter it reads."""
+    shortcut's result (without the merge kernel) and the kernel's (one source for all of them) equal mergekit's code
+    over that many separate copies, for every parameter it reads."""
     from mergekit import merge_methods
     from mergekit.merge_methods.api import merge_tensors
 
@@ -96,6 +98,8 @@ def test_copies_of_one_input_merge_as_mergekit_does(method, dtype):
         assert merge.copies([value] * count + [base]) is not None
         result = fused.merge_copies(spec, base, value, count, weight, parameters)
         assert torch.equal(result.view(torch.int16), expected.view(torch.int16)), (count, weight, normalize, scale)
+        by_kernel = KernelMerge.resolve(merge_methods.get(method), parameters, models, count)([value] * count + [base])
+        assert bit_identical(by_kernel, expected), (count, weight, normalize, scale)  # the kernel's path for them
 
 
 def test_copies_shortcut_only_where_it_is_exact():
@@ -121,13 +125,17 @@ def test_copies_shortcut_only_where_it_is_exact():
 
 def test_untouched_weights_take_the_shortcut_and_equal_the_mergekit_engine(
     tiny_models,
-    archive,  # noqa: F811
-    applied,  # noqa: F811
+    archive,
+    applied,
     tmp_path,
     monkeypatch,
 ):
-    """End to end: the tiny models' embeddings and norms (no adapter touches them) go through `merge_copies`, for
-    TIES and task arithmetic, and the whole merge still equals mergekit's engine."""
+    """End to end without the merge kernel (no compiler): the tiny models' embeddings and norms (no adapter touches
+    them) go through `merge_copies`, for TIES and task arithmetic, and the whole merge still equals mergekit's
+    engine."""
+    from pipeline.merging import kernel
+
+    monkeypatch.setattr(kernel, "extension", lambda: None)
     calls = []
     real = fused.merge_copies
     monkeypatch.setattr(fused, "merge_copies", lambda spec, *args: calls.append(spec.name) or real(spec, *args))
@@ -214,7 +222,7 @@ def test_peak_memory_is_flat_from_one_to_eight_adapters(tiny_tokenizer_dir, tmp_
             capture_output=True,
             text=True,
             env={**os.environ, "HF_HUB_OFFLINE": "1"},
-            cwd=Path(__file__).resolve().parents[1],
+            cwd=REPO,
         )
         return int(result.stdout.strip().splitlines()[-1])
 

@@ -54,15 +54,16 @@ EXPECTED = {
 class FakeHub:
     """Answers repo_info, the tree listing and file resolution for `repo_id`; records the files served."""
 
-    def __init__(self, repo_id: str, files: dict[str, bytes]):
-        self.repo_id, self.files = repo_id, files
+    def __init__(self, repo_id: str, files: dict[str, bytes], commit: str = COMMIT):
+        self.repo_id, self.files, self.commit = repo_id, files, commit
         self.served: list[str] = []
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
         if path in (f"/api/models/{self.repo_id}/revision/main", f"/api/models/{self.repo_id}"):
             return httpx.Response(
-                200, json={"id": self.repo_id, "sha": COMMIT, "siblings": [{"rfilename": name} for name in self.files]}
+                200,
+                json={"id": self.repo_id, "sha": self.commit, "siblings": [{"rfilename": name} for name in self.files]},
             )
         if path.startswith(f"/api/models/{self.repo_id}/tree/"):
             return httpx.Response(
@@ -72,16 +73,16 @@ class FakeHub:
                     for name, data in self.files.items()
                 ],
             )
-        for revision in ("main", COMMIT):
+        for revision in ("main", self.commit):
             prefix = f"/{self.repo_id}/resolve/{revision}/"
             if path.startswith(prefix):
                 name = path.removeprefix(prefix)
                 if name not in self.files:
                     # As the Hub answers: the commit is named, so huggingface_hub caches that the file is absent.
-                    return httpx.Response(404, headers={"X-Error-Code": "EntryNotFound", "X-Repo-Commit": COMMIT})
+                    return httpx.Response(404, headers={"X-Error-Code": "EntryNotFound", "X-Repo-Commit": self.commit})
                 data = self.files[name]
                 headers = {
-                    "X-Repo-Commit": COMMIT,
+                    "X-Repo-Commit": self.commit,
                     "ETag": f'"{hashlib.sha1(data).hexdigest()}"',
                     "Content-Length": str(len(data)),
                 }
@@ -164,3 +165,25 @@ def test_offline_with_nothing_cached_says_so(hub, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelNotFound, match="HF_HUB_OFFLINE is set"):
         resolve_model("org/single", "base_model")
+
+
+def test_a_new_revision_on_the_hub_is_a_new_model_and_offline_the_cached_one_stands(hub, monkeypatch):
+    """A Hub id is fingerprinted by the commit it resolves to: a push to the repo makes every stage that read the
+    model stale; offline, the commit the cache holds for it."""
+    from huggingface_hub import constants
+
+    from pipeline.fingerprint import model_fingerprint
+    from pipeline.models.hub import hub_revision
+
+    fake = hub("org/single", {"config.json": b"{}", "model.safetensors": b"weights"})
+    hub_revision.cache_clear()
+    before = model_fingerprint("org/single")
+    resolve_model("org/single")  # caches the files and refs/main = the commit
+    fake.commit = "f" * 40
+    hub_revision.cache_clear()
+    after = model_fingerprint("org/single")
+    assert after != before
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub_revision.cache_clear()
+    assert model_fingerprint("org/single") == before, "offline: the cached commit"
+    hub_revision.cache_clear()

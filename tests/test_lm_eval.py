@@ -1,6 +1,6 @@
 """lm-eval tasks on the tiny fixture, on CPU and offline: a local `multiple_choice` task read from a jsonl file and a
 `generate_until` task, scored by the real harness and checked against what the model itself computes; the evaluate
-stage scoring every model of the lineage (the seed's merge beside the chosen one), cached per (model, task,
+stage scoring every model of the lineage (the published merge beside the chosen one), cached per (model, task,
 settings); the scores in report.json, report.md, the chart and the model card's `model-index`."""
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import pytest
 import torch
 import yaml
 from matplotlib.figure import Figure
-from test_evaluate_stage import lineage  # noqa: F401  (a fixture: adapters, apply and a fused merge)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.evaluation import lm_eval_tasks
@@ -206,27 +205,28 @@ def test_local_tasks_score_what_the_model_itself_computes(tiny_models, tmp_path)
     assert harness["target"]["tiny_echo"]["datasets"]["tiny_echo"] == {"path": "json", "name": None, "split": "test"}
 
 
-def seed_leaderboard(root: Path, merge_dir: Path) -> Path:
-    """search/leaderboard.json as the search stage writes it, whose seed trial (another weight than the merge
-    written) was not chosen: the evaluate stage then scores the seed's merge beside the chosen one."""
-    seed = yaml.safe_load((merge_dir / "mergekit_config.yml").read_text())
-    for model in seed["models"]:
+def published_leaderboard(root: Path, merge_dir: Path) -> Path:
+    """search/leaderboard.json as the search stage writes it, whose published trial (another weight than the merge
+    written) was not chosen: the evaluate stage then scores the published merge beside the chosen one."""
+    published = yaml.safe_load((merge_dir / "mergekit_config.yml").read_text())
+    for model in published["models"]:
         model.setdefault("parameters", {})["weight"] = 0.5
     search = root / "search"
     search.mkdir(exist_ok=True)
-    trials = [{"label": "seed", "mergekit_config": seed}, {"label": "trial-2", "mergekit_config": {}}]
-    (search / "leaderboard.json").write_text(json.dumps({"trials": trials, "chosen": "trial-2"}))
+    trials = [{"label": "published", "mergekit_config": published}, {"label": "trial-2", "mergekit_config": {}}]
+    document = {"trials": trials, "chosen": "trial-2", "fallback_to_published": False}
+    (search / "leaderboard.json").write_text(json.dumps(document))
     return search
 
 
 @pytest.mark.slow
-def test_stage_scores_every_model_caches_per_task_and_fills_the_card(lineage, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_stage_scores_every_model_caches_per_task_and_fills_the_card(lineage, tmp_path, monkeypatch, capsys):
     from huggingface_hub import ModelCard
     from huggingface_hub.repocard import metadata_load
 
     from pipeline.archive.store import verify_adapter
-    from pipeline.publishing.card import model_card
-    from pipeline.stages.selection import adapter_dir
+    from pipeline.publishing.card import Release, model_card
+    from pipeline.stages.selection import archive_entry
 
     inputs = lineage["inputs"]
     tasks = write_tasks(tmp_path / "tasks", color_docs(), [{"prompt": p, "answer": p} for p in PROMPTS])
@@ -236,7 +236,7 @@ def test_stage_scores_every_model_caches_per_task_and_fills_the_card(lineage, tm
     recipe = Recipe.model_validate(settings)
     shutil.rmtree(Path(recipe.output_dir) / "cache" / "evaluate" / "lm_eval", ignore_errors=True)
     paths = {ref: inputs.paths[ref] for ref in evaluate.depends_on(recipe, "")}
-    paths[StageRef("search")] = seed_leaderboard(tmp_path, inputs.path("merge"))
+    paths[StageRef("search")] = published_leaderboard(tmp_path, inputs.path("merge"))
     runs, titles = [], []
     original_run_tasks, original_savefig = lm_eval_tasks.run_tasks, Figure.savefig
 
@@ -267,7 +267,7 @@ def test_stage_scores_every_model_caches_per_task_and_fills_the_card(lineage, tm
         "adapted:reverse",
         "adapted:sort",
         "merged",
-        "merged:seed",
+        "merged:published",
     ]
     assert report["models"] == models
     lm_eval = report["lm_eval"]
@@ -296,11 +296,12 @@ def test_stage_scores_every_model_caches_per_task_and_fills_the_card(lineage, tm
 
     merged = inputs.path("merge")
     adapters = json.loads((merged / "lineage.json").read_text())["adapters"]
+    release = Release("someone/tiny-merge", "merged", with_echo.name, with_echo.base_model, with_echo.target_model)
     card = model_card(
-        with_echo,
+        release,
         json.loads((merged / "lineage.json").read_text()),
         (merged / "mergekit_config.yml").read_text(),
-        {a["name"]: verify_adapter(adapter_dir(with_echo, a["name"])) for a in adapters},
+        {a["name"]: verify_adapter(archive_entry(with_echo, a["name"])) for a in adapters},
         None,
         None,
         lm_eval=second["lm_eval"],
@@ -316,7 +317,7 @@ def test_stage_scores_every_model_caches_per_task_and_fills_the_card(lineage, tm
 
 
 @pytest.mark.slow
-def test_bad_lm_eval_settings_fail_before_anything_is_written(lineage, tmp_path):  # noqa: F811
+def test_bad_lm_eval_settings_fail_before_anything_is_written(lineage, tmp_path):
     """A missing include_path fails at recipe validation, naming the key; an unknown task fails the stage's check
     (before any stage runs) with the closest known names; the vLLM backend without vLLM says how to get it."""
     tasks = write_tasks(tmp_path / "tasks", color_docs(), [{"prompt": "a", "answer": "a"}])

@@ -14,8 +14,8 @@ import subprocess
 import sys
 
 import pytest
-import yaml
-from test_apply import make_adapter
+from helpers.models import make_adapter
+from helpers.recipes import recipe_data, write_recipe
 
 from pipeline import locking
 from pipeline.archive.importing import import_adapter
@@ -24,8 +24,8 @@ from pipeline.run import main as run_pipeline
 
 HOLDER = """
 import sys, time
-from pipeline.locking import exclusive
-with exclusive(sys.argv[1], "test"):
+from pipeline.locking import try_exclusive
+with try_exclusive(sys.argv[1], "test"):
     print("held", flush=True)
     time.sleep(600)
 """
@@ -53,19 +53,16 @@ def recipe(tmp_path, tiny_models):
     import_adapter(
         tmp_path / "archive", make_adapter(tiny_models["base"], tmp_path / "alpha"), "alpha", str(tiny_models["base"])
     )
-    recipe = {
-        "name": "locked",
-        "output_dir": str(tmp_path / "run"),
-        "base_model": str(tiny_models["base"]),
-        "target_model": str(tiny_models["target"]),
-        "archive_dir": str(tmp_path / "archive"),
-        "apply": {"device": "cpu", "save": False},
-        "merge": {"adapters": ["alpha"], "device": "cpu", "engine": "fused"},
-        "evaluate": {"enabled": False},
-    }
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    data = recipe_data(
+        tiny_models,
+        tmp_path / "run",
+        name="locked",
+        archive_dir=tmp_path / "archive",
+        apply={"device": "cpu", "save": False},
+        merge={"adapters": ["alpha"], "device": "cpu", "engine": "fused"},
+        evaluate={"enabled": False},
+    )
+    return write_recipe(tmp_path / "recipe.yaml", data)
 
 
 def test_a_second_run_exits_at_once_naming_the_holder_and_a_dead_holders_lock_is_taken(recipe, tmp_path, hold, capsys):
@@ -118,8 +115,8 @@ def test_without_flock_the_record_is_the_lock(tmp_path, monkeypatch):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     lock.write_text(f'{{"pid": {dead.pid}, "host": "{socket.gethostname()}", "started": "earlier"}}')
-    with locking.exclusive(lock, "output_dir x"):
+    with locking.try_exclusive(lock, "output_dir x"):
         assert locking.holder_of(lock)["pid"] == os.getpid()
-        with pytest.raises(locking.LockHeld, match=f"pid {os.getpid()}"), locking.exclusive(lock, "output_dir x"):
+        with pytest.raises(locking.LockHeld, match=f"pid {os.getpid()}"), locking.try_exclusive(lock, "output_dir x"):
             pass
     assert locking.holder_of(lock) == {}

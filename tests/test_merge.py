@@ -13,100 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_apply import PROJECTIONS, load_model_tensors, make_adapter
+from helpers.archive import ADAPTERS
+from helpers.models import assert_same_tensors, load_model_tensors
+from helpers.recipes import merge_recipe
+from helpers.stages import applied_inputs, merge_with, run_stage
 
 from pipeline.archive.store import file_hashes
 from pipeline.recipe import Recipe, RecipeError
-from pipeline.stages import Inputs, Stage, StageRef, apply, merge
-
-ADAPTERS = ("alpha", "beta", "gamma")
-
-
-def archive_adapter(adapter: Path, archive_dir: Path, name: str, base: str) -> Path:
-    """An archive entry as the archive stage writes it (the fields apply and merge read)."""
-    entry = archive_dir / name
-    entry.mkdir(parents=True)
-    for file in ("adapter_config.json", "adapter_model.safetensors"):
-        shutil.copyfile(adapter / file, entry / file)
-    manifest = {
-        "name": name,
-        "base_model": base,
-        "dataset": {"path": f"data/{name}.jsonl"},
-        "train": {"lora": {"r": 8, "alpha": 16}, "learning_rate": 2e-4},
-        "files": file_hashes(entry),
-    }
-    (entry / "manifest.json").write_text(json.dumps(manifest))
-    return entry
-
-
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory, tiny_models):
-    root = tmp_path_factory.mktemp("merge_archive")
-    for seed, name in enumerate(ADAPTERS):
-        adapter = make_adapter(
-            tiny_models["base"],
-            root / "peft" / name,
-            seed=seed,
-            target_modules=["q_proj", "v_proj", "down_proj"] if seed else PROJECTIONS,
-        )
-        archive_adapter(adapter, root / "archive", name, str(tiny_models["base"]))
-    return root / "archive"
-
-
-def make_recipe(tiny_models, archive, output_dir, *, finetunes: list[dict] = (), **merge_settings) -> Recipe:
-    return Recipe.model_validate(
-        {
-            "name": "merge-test",
-            "base_model": str(tiny_models["base"]),
-            "target_model": str(tiny_models["target"]),
-            "output_dir": str(output_dir),
-            "archive_dir": str(archive),
-            "finetunes": list(finetunes),
-            "apply": {"device": "cpu"},
-            "merge": {"device": "cpu", **merge_settings},
-        }
-    )
-
-
-def run_stage(stage: Stage, recipe, item) -> Path:
-    out = stage.output_path(recipe, item)
-    out.mkdir(parents=True, exist_ok=True)
-    stage.check(recipe, item)
-    stage.run(recipe, item, out, Inputs())
-    return out
-
-
-def applied_inputs(recipe) -> Inputs:
-    return Inputs({StageRef("apply", name): apply.STAGE.output_path(recipe, name) for name in ADAPTERS})
-
-
-@pytest.fixture(scope="module")
-def applied(tmp_path_factory, tiny_models, archive):
-    """apply outputs for every archived adapter, shared by the merge runs (output_dir is the same for all)."""
-    output_dir = tmp_path_factory.mktemp("merge_run")
-    recipe = make_recipe(tiny_models, archive, output_dir, engine="mergekit")
-    assert apply.items(recipe) == list(ADAPTERS)
-    for name in ADAPTERS:
-        run_stage(apply.STAGE, recipe, name)
-    return output_dir
-
-
-def merge_with(tiny_models, archive, applied, tmp_path, engine, **settings) -> Path:
-    """Run the merge stage into its own directory, reading the shared apply outputs."""
-    recipe = make_recipe(tiny_models, archive, applied, engine=engine, **settings)
-    out = tmp_path / f"merge-{engine}"
-    out.mkdir(parents=True)
-    merge.check(recipe, "")
-    merge.run(recipe, "", out, applied_inputs(recipe))
-    return out
-
-
-def assert_same_tensors(left: Path, right: Path):
-    ours, theirs = load_model_tensors(left), load_model_tensors(right)
-    assert sorted(ours) == sorted(theirs)
-    for name, tensor in theirs.items():
-        assert ours[name].dtype == tensor.dtype, name
-        assert torch.equal(ours[name], tensor), f"{name} differs"
+from pipeline.stages import StageRef, apply, merge
 
 
 def test_mergekit_engine_equals_mergekit_yaml(tiny_models, archive, applied, tmp_path):
@@ -166,39 +80,52 @@ def test_merged_model_loads_with_target_tokenizer_and_generates(tiny_models, arc
     ids=["ties", "ties-density", "task_arithmetic", "linear", "breadcrumbs_ties"],
 )
 def test_fused_equals_mergekit_engine(tiny_models, archive, applied, tmp_path, settings, monkeypatch):
-    from pipeline.merging import fused
+    """The fused engine's blocks go through the one-pass kernel where it covers the method (TIES and task
+    arithmetic at density 1, linear) and through mergekit's own code elsewhere; both equal mergekit's engine."""
+    from pipeline.merging import fused, kernel
 
     monkeypatch.setattr(fused, "CHUNK_BYTES", 4096)  # merge elementwise methods in many row blocks: still identical
+    merged_by_kernel = []
+    real = kernel.KernelMerge.__call__
+
+    def spy(self, *args, **kwargs):
+        result = real(self, *args, **kwargs)
+        merged_by_kernel.append(result is not None)
+        return result
+
+    monkeypatch.setattr(kernel.KernelMerge, "__call__", spy)
     settings = dict(settings)
     if settings.get("method") == "breadcrumbs_ties":
         settings.pop("parameters")
         settings["models"] = {name: {"parameters": {"gamma": 0.01}} for name in ADAPTERS}
     reference = merge_with(tiny_models, archive, applied, tmp_path / "m", "mergekit", **settings)
-    fused = merge_with(tiny_models, archive, applied, tmp_path / "f", "fused", **settings)
-    assert_same_tensors(fused, reference)
-    assert json.loads((fused / "config.json").read_text()) == json.loads((reference / "config.json").read_text())
+    merged = merge_with(tiny_models, archive, applied, tmp_path / "f", "fused", **settings)
+    assert_same_tensors(merged, reference)
+    assert json.loads((merged / "config.json").read_text()) == json.loads((reference / "config.json").read_text())
+    covered = settings["method"] in ("ties", "task_arithmetic", "linear") and "density" not in settings
+    assert (merged_by_kernel and all(merged_by_kernel)) if covered else not merged_by_kernel
 
 
 def test_check_rejects_bad_merge_settings(tiny_models, archive, tmp_path):
     with pytest.raises(RecipeError, match="not a mergekit merge method"):
-        merge.check(make_recipe(tiny_models, archive, tmp_path, method="tiess"), "")
+        merge.check(merge_recipe(tiny_models, archive, tmp_path, method="tiess"), "")
     with pytest.raises(RecipeError, match=r"merge.parameters: \['epsilon'\] are not parameters of ties"):
-        merge.check(make_recipe(tiny_models, archive, tmp_path, parameters={"epsilon": 0.1}), "")
+        merge.check(merge_recipe(tiny_models, archive, tmp_path, parameters={"epsilon": 0.1}), "")
     with pytest.raises(RecipeError, match="slerp cannot merge these inputs"):
-        merge.check(make_recipe(tiny_models, archive, tmp_path, method="slerp", parameters={"t": 0.5}), "")
+        merge.check(merge_recipe(tiny_models, archive, tmp_path, method="slerp", parameters={"t": 0.5}), "")
     with pytest.raises(RecipeError, match=r"merge.models: \['delta'\]"):
-        merge.check(make_recipe(tiny_models, archive, tmp_path, models={"delta": {"weight": 2}}), "")
+        merge.check(merge_recipe(tiny_models, archive, tmp_path, models={"delta": {"weight": 2}}), "")
     with pytest.raises(RecipeError, match="alpha"):
-        merge.check(make_recipe(tiny_models, archive, tmp_path, adapters=["alpha", "zeta"]), "")
+        merge.check(merge_recipe(tiny_models, archive, tmp_path, adapters=["alpha", "zeta"]), "")
 
 
 def test_listed_adapter_of_another_base_is_refused_before_anything_runs(tiny_models, archive, tmp_path):
     other_base = {**tiny_models, "base": tiny_models["target"]}  # same shapes: only the manifest tells them apart
-    recipe = make_recipe(other_base, archive, tmp_path, adapters=["alpha"])
+    recipe = merge_recipe(other_base, archive, tmp_path, adapters=["alpha"])
     for stage, item in ((apply, "alpha"), (merge, "")):
         with pytest.raises(RecipeError, match=r"alpha \(base .*\) were not trained on this recipe's base_model"):
             stage.check(recipe, item)
-    assert merge.check(make_recipe(tiny_models, archive, tmp_path, adapters=["alpha"]), "") is None
+    assert merge.check(merge_recipe(tiny_models, archive, tmp_path, adapters=["alpha"]), "") is None
 
 
 def test_fused_engine_refuses_an_adapter_whose_base_has_another_architecture(tiny_models, archive, tmp_path):
@@ -209,19 +136,19 @@ def test_fused_engine_refuses_an_adapter_whose_base_has_another_architecture(tin
     manifest = json.loads((copied / "beta" / "manifest.json").read_text())
     manifest["base_config"] = {"model_type": "qwen2", "num_attention_heads": 8}  # the tiny target has 4
     (copied / "beta" / "manifest.json").write_text(json.dumps(manifest))
-    recipe = make_recipe(tiny_models, copied, tmp_path, engine="fused")
+    recipe = merge_recipe(tiny_models, copied, tmp_path, engine="fused")
     with pytest.raises(IncompatibleAdapter, match="beta: its base has num_attention_heads=8"):
         run_stage(merge.STAGE, recipe, "")
     assert not list(merge.STAGE.output_path(recipe, "").glob("*.safetensors"))
 
 
 def test_engine_selection_and_dependencies(tiny_models, archive, tmp_path):
-    fused = make_recipe(tiny_models, archive, tmp_path)
+    fused = merge_recipe(tiny_models, archive, tmp_path)
     assert merge.depends_on(fused, "") == []  # archived by another recipe: no stage of this one produces them
     assert apply.items(fused) == list(ADAPTERS)  # apply.save defaults to true
     no_save = Recipe.model_validate({**fused.model_dump(), "apply": {"save": False}})
     assert apply.items(no_save) == []
-    with_tokenizer = make_recipe(tiny_models, archive, tmp_path, tokenizer_source="base")
+    with_tokenizer = merge_recipe(tiny_models, archive, tmp_path, tokenizer_source="base")
     assert merge.depends_on(with_tokenizer, "") == [StageRef("apply", name) for name in ADAPTERS]
     assert merge.config(fused, "")["adapter_files"]["alpha"] == file_hashes(archive / "alpha")
 
@@ -260,11 +187,14 @@ def test_fused_inputs_equal_apply_outputs_and_share_untouched_weights(tiny_model
 def test_default_parameters_are_the_seeds_where_the_method_takes_them(tiny_models, archive, tmp_path):
     from pipeline.merging.config import merge_parameters
 
-    assert merge_parameters(make_recipe(tiny_models, archive, tmp_path).merge) == {"normalize": True, "int8_mask": True}
-    linear = make_recipe(tiny_models, archive, tmp_path, method="linear")
+    assert merge_parameters(merge_recipe(tiny_models, archive, tmp_path).merge) == {
+        "normalize": True,
+        "int8_mask": True,
+    }
+    linear = merge_recipe(tiny_models, archive, tmp_path, method="linear")
     assert merge_parameters(linear.merge) == {"normalize": True}  # linear has no int8_mask
     merge.check(linear, "")
-    assert merge_parameters(make_recipe(tiny_models, archive, tmp_path, parameters={}).merge) == {}
+    assert merge_parameters(merge_recipe(tiny_models, archive, tmp_path, parameters={}).merge) == {}
 
 
 def test_fused_writes_shards_as_they_fill_with_an_index(tiny_models, archive, applied, tmp_path, monkeypatch):
@@ -283,21 +213,23 @@ def test_fused_writes_shards_as_they_fill_with_an_index(tiny_models, archive, ap
 
 
 def test_tokenizer_source_goes_to_mergekit_and_warns_when_the_vocabulary_shrinks(
-    tiny_models, archive, applied, tmp_path
+    tiny_models, archive, applied, tmp_path, capsys
 ):
     """The tiny target's embedding has more rows than its tokenizer has tokens (as Qwen2.5's 152064 vs 151665):
     mergekit rebuilds embed_tokens/lm_head to the tokenizer's length, and the summary says so."""
     from transformers import AutoTokenizer
 
-    recipe = make_recipe(tiny_models, archive, applied, tokenizer_source="target")
+    recipe = merge_recipe(tiny_models, archive, applied, tokenizer_source="target")
     out = tmp_path / "merge"
     out.mkdir()
     merge.check(recipe, "")
+    capsys.readouterr()
     summary = merge.run(recipe, "", out, applied_inputs(recipe))
+    assert "merge: the merged tokenizer changed the vocabulary size" in capsys.readouterr().out  # a notice
     rows = len(AutoTokenizer.from_pretrained(tiny_models["target"]))
     target_rows = json.loads((tiny_models["target"] / "config.json").read_text())["vocab_size"]
     assert summary["engine"] == "mergekit" and rows < target_rows
     assert f"from {target_rows} (target) to {rows}" in summary["warning"]
     assert load_model_tensors(out)["model.embed_tokens.weight"].shape[0] == rows
     with pytest.raises(RecipeError, match="fused cannot rebuild the vocabulary"):
-        merge.check(make_recipe(tiny_models, archive, applied, tokenizer_source="target", engine="fused"), "")
+        merge.check(merge_recipe(tiny_models, archive, applied, tokenizer_source="target", engine="fused"), "")

@@ -2,27 +2,21 @@
 slices) and mergekit's tokenizer block, run on the mergekit engine over the apply stage's outputs; each equals
 `mergekit-yaml` on the `mergekit_config.yml` it writes. Tiny real models and real PEFT adapters."""
 
-# ruff: noqa: F811 (archive and applied are test_merge's fixtures, taken as arguments)
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from test_apply import load_model_tensors
-from test_merge import (  # noqa: F401 (fixtures)
-    ADAPTERS,
-    applied,
-    applied_inputs,
-    archive,
-    assert_same_tensors,
-    make_recipe,
-)
+from helpers.archive import ADAPTERS
+from helpers.cli import run_cli
+from helpers.models import assert_same_tensors, layer_tensors, load_model_tensors
+from helpers.recipes import RETENTION, SEARCH, merge_recipe, write_pipeline_recipe
+from helpers.references import mergekit_yaml
+from helpers.stages import applied_inputs
 
 from pipeline.recipe import Recipe, RecipeError
 from pipeline.stages import StageRef, merge, search
@@ -36,32 +30,10 @@ FRANKENMERGE = [
 
 
 def merge_into(tiny_models, archive, applied, out: Path, **settings) -> tuple[Path, dict]:
-    recipe = make_recipe(tiny_models, archive, applied, **settings)
+    recipe = merge_recipe(tiny_models, archive, applied, **settings)
     out.mkdir(parents=True)
     merge.check(recipe, "")
     return out, merge.run(recipe, "", out, applied_inputs(recipe))
-
-
-def mergekit_yaml(config: Path, out: Path, *, fixed_layer_types: bool = False) -> Path:
-    """`mergekit-yaml CONFIG OUT`; with `fixed_layer_types`, the same CLI under the engine's one config fix."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    if fixed_layer_types:
-        command = [
-            sys.executable,
-            "-c",
-            "import sys; from mergekit.scripts.run_yaml import main; "
-            "from pipeline.merging.mergekit_engine import layer_types_following_slices\n"
-            "with layer_types_following_slices(): main(sys.argv[1:], standalone_mode=False)",
-        ]
-    else:
-        command = [str(Path(sys.executable).with_name("mergekit-yaml"))]
-    subprocess.run([*command, str(config), str(out)], check=True, env=env, capture_output=True, text=True)
-    return out
-
-
-def layer_tensors(tensors: dict, layer: int) -> dict:
-    prefix = f"model.layers.{layer}."
-    return {name.removeprefix(prefix): t for name, t in tensors.items() if name.startswith(prefix)}
 
 
 def test_passthrough_slices_take_each_layer_from_the_named_source_and_equal_mergekit_yaml(
@@ -145,7 +117,7 @@ def test_ties_over_slices_with_per_source_parameters_equals_mergekit_yaml(tiny_m
 
 def test_slices_are_checked_before_anything_runs(tiny_models, archive, tmp_path):
     def check(slices, **settings):
-        merge.check(make_recipe(tiny_models, archive, tmp_path, method="passthrough", slices=slices, **settings), "")
+        merge.check(merge_recipe(tiny_models, archive, tmp_path, method="passthrough", slices=slices, **settings), "")
 
     with pytest.raises(RecipeError, match=r"merge.slices.1.sources.0.model: 'zeta' is not base, target or a merged"):
         check([FRANKENMERGE[0], {"sources": [{"model": "zeta", "layer_range": [0, 1]}]}])
@@ -157,7 +129,7 @@ def test_slices_are_checked_before_anything_runs(tiny_models, archive, tmp_path)
         check([{"sources": [{"model": "alpha", "layer_range": [1, 1]}]}])
     with pytest.raises(RecipeError, match="same number of layers"):
         merge.check(
-            make_recipe(
+            merge_recipe(
                 tiny_models,
                 archive,
                 tmp_path,
@@ -174,12 +146,12 @@ def test_slices_are_checked_before_anything_runs(tiny_models, archive, tmp_path)
             "",
         )
     assert check(FRANKENMERGE) is None
-    recipe = make_recipe(tiny_models, archive, tmp_path, method="passthrough", slices=FRANKENMERGE)
+    recipe = merge_recipe(tiny_models, archive, tmp_path, method="passthrough", slices=FRANKENMERGE)
     assert merge.depends_on(recipe, "") == [StageRef("apply", "alpha"), StageRef("apply", "beta")]
 
 
 def test_search_refuses_mergekit_only_keys(tiny_models, archive, tmp_path):
-    recipe = make_recipe(tiny_models, archive, tmp_path, method="passthrough", slices=FRANKENMERGE)
+    recipe = merge_recipe(tiny_models, archive, tmp_path, method="passthrough", slices=FRANKENMERGE)
     searched = Recipe.model_validate({**recipe.model_dump(), "search": {}})
     with pytest.raises(RecipeError, match=r"search: .* cannot run merge.slices \(mergekit only\)"):
         search.check(searched, "")
@@ -217,19 +189,16 @@ def test_tokenizer_block_goes_to_mergekit_names_models_and_warns_with_both_sizes
 
 def test_tokenizer_keys_are_checked(tiny_models, archive, tmp_path):
     with pytest.raises(RecipeError, match=r"merge.tokenizer.source: 'zeta' is not base, target or a merged adapter"):
-        merge.check(make_recipe(tiny_models, archive, tmp_path, tokenizer={"source": "zeta"}), "")
+        merge.check(merge_recipe(tiny_models, archive, tmp_path, tokenizer={"source": "zeta"}), "")
     with pytest.raises(ValueError, match=r"tokenizer_source and merge.tokenizer: give one"):
-        make_recipe(tiny_models, archive, tmp_path, tokenizer={"source": "union"}, tokenizer_source="base")
+        merge_recipe(tiny_models, archive, tmp_path, tokenizer={"source": "union"}, tokenizer_source="base")
     with pytest.raises(RecipeError, match=r"fused .* merge.tokenizer need mergekit"):
-        merge.check(make_recipe(tiny_models, archive, tmp_path, tokenizer={"source": "union"}, engine="fused"), "")
-    recipe = make_recipe(tiny_models, archive, tmp_path, tokenizer={"source": "base"})
+        merge.check(merge_recipe(tiny_models, archive, tmp_path, tokenizer={"source": "union"}, engine="fused"), "")
+    recipe = merge_recipe(tiny_models, archive, tmp_path, tokenizer={"source": "base"})
     assert merge.depends_on(recipe, "") == [StageRef("apply", name) for name in ADAPTERS]
 
 
 def test_a_search_with_slices_or_a_moe_exits_2_naming_the_key(tiny_models, finetune_sets, tmp_path):
-    from test_end_to_end import run_cli, write_recipe
-    from test_search import RETENTION, SEARCH
-
     cases = {
         "merge.slices": {"method": "passthrough", "slices": [{"sources": [{"model": "sort", "layer_range": [0, 2]}]}]},
         "merge.moe": {"moe": {}, "include_target": False},
@@ -238,7 +207,9 @@ def test_a_search_with_slices_or_a_moe_exits_2_naming_the_key(tiny_models, finet
         directory = tmp_path / key
         directory.mkdir()
         evaluate = {"max_samples": 8, **RETENTION}
-        recipe = write_recipe(directory, tiny_models, finetune_sets, merge=settings, search=SEARCH, evaluate=evaluate)
+        recipe = write_pipeline_recipe(
+            directory, tiny_models, finetune_sets, merge=settings, search=SEARCH, evaluate=evaluate
+        )
         result = run_cli(recipe, "--dry-run")
         assert result.returncode == 2, (key, result.stdout, result.stderr)
         assert f"cannot run {key} (mergekit only)" in result.stderr, result.stderr

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_apply import load_model_tensors, make_adapter
-from test_merge import archive_adapter
+from helpers.archive import archive_adapter
+from helpers.models import load_model_tensors, make_adapter
 
 from pipeline.merging.adapted_model import apply_adapter
 from pipeline.merging.output import adopt_target_files

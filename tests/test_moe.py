@@ -2,7 +2,6 @@
 sampled from its own fine-tune's prepared data; equal to `mergekit-moe` on the config ftmerge writes, loaded by
 transformers (and the evaluate stage's loader) as qwen2_moe. Tiny real models and real PEFT adapters."""
 
-# ruff: noqa: F811 (archive and applied are test_merge's fixtures, taken as arguments)
 from __future__ import annotations
 
 import json
@@ -14,15 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_apply import load_model_tensors
-from test_merge import (  # noqa: F401 (fixtures)
-    ADAPTERS,
-    applied,
-    applied_inputs,
-    archive,
-    assert_same_tensors,
-    make_recipe,
-)
+from helpers.archive import ADAPTERS
+from helpers.models import assert_same_tensors, load_model_tensors
+from helpers.recipes import merge_recipe
+from helpers.stages import applied_inputs
 
 from pipeline.recipe import Recipe, RecipeError
 from pipeline.stages import Inputs, StageRef, merge, search
@@ -34,7 +28,7 @@ def moe_recipe(tiny_models, archive, output_dir, *, own: bool = True, **merge_se
     """alpha, beta and gamma as this recipe's own fine-tunes (`own`), or only as archived adapters."""
     finetunes = [{"name": name, "dataset": {"path": f"data/{name}.jsonl"}} for name in ADAPTERS] if own else []
     merge_settings = {"include_target": False, "moe": {"prompts_per_expert": 3}, **merge_settings}
-    return make_recipe(tiny_models, archive, output_dir, finetunes=finetunes, **merge_settings)
+    return merge_recipe(tiny_models, archive, output_dir, finetunes=finetunes, **merge_settings)
 
 
 def prepared(root: Path) -> dict[StageRef, Path]:

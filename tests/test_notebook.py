@@ -199,3 +199,32 @@ def test_notebook_runs_every_stage_then_resumes_with_nothing_to_do(tmp_path, mon
         steps = [line for line in lines if line.startswith(stage)]
         assert steps and all("skipped" in line for line in steps), f"{stage} ran again:\n" + "\n".join(lines)
     assert [row["state"] for row in _status(second["status"])] == ["done"] * len(rows)
+
+
+def test_a_stage_the_recipe_does_not_enable_is_skipped_so_run_all_goes_on(tmp_path, capsys):
+    session = notebook.Session(Path("recipes/qwen2_7b.yaml"), tmp_path)  # no search: block, no publish.repo_id
+    notebook.run_stage(session, "search")
+    assert "search: not enabled by this recipe (it runs with a search: block); skipped" in capsys.readouterr().out
+    assert not any(tmp_path.iterdir()), "nothing was written"
+
+
+def test_a_recipe_picked_in_the_dropdown_is_remembered_until_the_recipe_parameter_changes(tmp_path, capsys):
+    default = "recipes/qwen2_5_1_5b_colab.yaml"
+    assert notebook.start_session(default, "", tmp_path).recipe == Path(default)
+    notebook.remember_choice(tmp_path, default, Path("recipes/qwen2_7b.yaml"))  # what the dropdown does on change
+    again = notebook.start_session(default, "", tmp_path)  # Run all after a disconnect
+    assert again.recipe == Path("recipes/qwen2_7b.yaml") and again.parameter == default
+    assert "picked in the dropdown" in capsys.readouterr().out
+    edited = notebook.start_session("recipes/qwen2_5_7b.yaml", "", tmp_path)  # the user edited RECIPE since
+    assert edited.recipe == Path("recipes/qwen2_5_7b.yaml")
+
+
+def test_the_default_recipe_fits_a_free_colab_runtime_and_drive():
+    """The notebook's default keeps the T4 settings in the recipe itself, not in a header the notebook never reads:
+    4-bit training, one row a step, no adapted model saved to Drive, a 1.5B model (3.1 GB in bf16)."""
+    from pipeline.recipe import load_recipe
+
+    recipe = load_recipe(ROOT / _parameters(nbformat.read(NOTEBOOK, as_version=4))["RECIPE"])
+    assert recipe.train.load_in_4bit and recipe.train.batch_size == 1 and recipe.train.max_seq_length <= 2048
+    assert not recipe.apply.save and recipe.merge.engine == "fused"
+    assert "1.5B" in recipe.base_model and "1.5B-Instruct" in recipe.target_model

@@ -6,41 +6,15 @@ import shutil
 import pandas as pd
 import pytest
 from datasets import load_from_disk
+from helpers.prepared import EXAMPLES
+from helpers.recipes import prepare_recipe
+from helpers.stages import run_prepare
 from transformers import AutoTokenizer
 
 from pipeline.data.templates import TEMPLATES_DIR
 from pipeline.fingerprint import hash_json
-from pipeline.recipe import Recipe, RecipeError
-from pipeline.stages import Inputs, prepare
-
-EXAMPLES = {
-    "alpaca": TEMPLATES_DIR / "alpaca.example.jsonl",
-    "sharegpt": TEMPLATES_DIR / "sharegpt.example.json",
-    "messages": TEMPLATES_DIR / "messages.example.jsonl",
-    "text": TEMPLATES_DIR / "text.example.csv",
-}
-
-
-def make_recipe(tiny_models, tmp_path, dataset, **top):
-    return Recipe.model_validate(
-        {
-            "name": "t",
-            "output_dir": str(tmp_path / "run"),
-            "base_model": str(tiny_models["base"]),
-            "target_model": str(tiny_models["target"]),
-            "finetunes": [{"name": "ft", "dataset": dataset}],
-            "train": {"max_seq_length": 512, **top.pop("train", {})},
-            **top,
-        }
-    )
-
-
-def run_prepare(recipe, tmp_path, name="out"):
-    prepare.check(recipe, "ft")
-    out = tmp_path / name
-    out.mkdir()
-    summary = prepare.run(recipe, "ft", out, Inputs())
-    return out, summary
+from pipeline.recipe import RecipeError
+from pipeline.stages import prepare
 
 
 def trained_text(tokenizer, row):
@@ -50,7 +24,7 @@ def trained_text(tokenizer, row):
 @pytest.mark.parametrize("data_format", list(EXAMPLES))
 @pytest.mark.parametrize("chat_template", ["target", "chatml"])
 def test_each_format_end_to_end(tiny_models, tmp_path, data_format, chat_template):
-    recipe = make_recipe(
+    recipe = prepare_recipe(
         tiny_models,
         tmp_path,
         {"path": str(EXAMPLES[data_format]), "format": data_format, "eval_size": 1},
@@ -87,7 +61,7 @@ def test_alpaca_fields_columns_and_system_prompt(tiny_models, tmp_path):
         + json.dumps({"prompt": "Say hi.", "extra": "", "answer": "hi"})
         + "\n"
     )
-    recipe = make_recipe(
+    recipe = prepare_recipe(
         tiny_models,
         tmp_path,
         {
@@ -116,16 +90,16 @@ def test_parquet_and_directory_sources(tiny_models, tmp_path):
     pd.DataFrame(rows[:3]).to_parquet(folder / "part-0.parquet")
     pd.DataFrame(rows[3:]).to_parquet(folder / "part-1.parquet")
     _out, summary = run_prepare(
-        make_recipe(tiny_models, tmp_path, {"path": str(folder), "format": "messages", "eval_size": 0}), tmp_path
+        prepare_recipe(tiny_models, tmp_path, {"path": str(folder), "format": "messages", "eval_size": 0}), tmp_path
     )
     assert summary["kept"] == len(rows)
     (folder / "notes.csv").write_text("text\nx\n")
     with pytest.raises(RecipeError, match="mixes file types"):
-        prepare.check(make_recipe(tiny_models, tmp_path, {"path": str(folder), "format": "messages"}), "ft")
+        prepare.check(prepare_recipe(tiny_models, tmp_path, {"path": str(folder), "format": "messages"}), "ft")
 
 
 def test_train_on_everything_when_not_responses_only(tiny_models, tmp_path):
-    recipe = make_recipe(
+    recipe = prepare_recipe(
         tiny_models,
         tmp_path,
         {"path": str(EXAMPLES["sharegpt"]), "format": "sharegpt", "eval_size": 0},
@@ -137,7 +111,7 @@ def test_train_on_everything_when_not_responses_only(tiny_models, tmp_path):
 
 def test_split_is_deterministic_for_a_seed(tiny_models, finetune_sets, tmp_path):
     def eval_texts(seed, name):
-        recipe = make_recipe(
+        recipe = prepare_recipe(
             tiny_models,
             tmp_path,
             {"path": str(finetune_sets / "sort.messages.jsonl"), "format": "messages", "eval_size": 0.1},
@@ -163,14 +137,14 @@ def test_overlength_drop_and_truncate(tiny_models, tmp_path):
     )
     dataset = {"path": str(source), "format": "alpaca", "eval_size": 0, "max_reject_fraction": 0.5}
     out, summary = run_prepare(
-        make_recipe(tiny_models, tmp_path, {**dataset, "overlength": "drop"}, train={"max_seq_length": 64}),
+        prepare_recipe(tiny_models, tmp_path, {**dataset, "overlength": "drop"}, train={"max_seq_length": 64}),
         tmp_path,
         "drop",
     )
     assert summary["kept"] == 1
     assert json.loads((out / "rejected.jsonl").read_text())["reason"] == "overlength"
     out, summary = run_prepare(
-        make_recipe(tiny_models, tmp_path, {**dataset, "overlength": "truncate"}, train={"max_seq_length": 64}),
+        prepare_recipe(tiny_models, tmp_path, {**dataset, "overlength": "truncate"}, train={"max_seq_length": 64}),
         tmp_path,
         "truncate",
     )
@@ -182,13 +156,13 @@ def test_overlength_drop_and_truncate(tiny_models, tmp_path):
 def test_fingerprint_follows_file_content(tiny_models, tmp_path):
     source = tmp_path / "data.jsonl"
     shutil.copy(EXAMPLES["alpaca"], source)
-    recipe = make_recipe(tiny_models, tmp_path, {"path": str(source), "format": "alpaca"})
+    recipe = prepare_recipe(tiny_models, tmp_path, {"path": str(source), "format": "alpaca"})
     before = hash_json(prepare.config(recipe, "ft"))
     assert hash_json(prepare.config(recipe, "ft")) == before
     with open(source, "a") as handle:
         handle.write(json.dumps({"instruction": "New row.", "output": "yes"}) + "\n")
     assert hash_json(prepare.config(recipe, "ft")) != before
-    chatml = make_recipe(tiny_models, tmp_path, {"path": str(source), "format": "alpaca"}, chat_template="chatml")
+    chatml = prepare_recipe(tiny_models, tmp_path, {"path": str(source), "format": "alpaca"}, chat_template="chatml")
     assert hash_json(prepare.config(chatml, "ft")) != hash_json(prepare.config(recipe, "ft"))
 
 
@@ -196,7 +170,7 @@ def test_directory_fingerprint_ignores_hidden_directories_the_loader_skips(tiny_
     source = tmp_path / "data"
     source.mkdir()
     shutil.copy(EXAMPLES["alpaca"], source / "part-0.jsonl")
-    recipe = make_recipe(tiny_models, tmp_path, {"path": str(source), "format": "alpaca"})
+    recipe = prepare_recipe(tiny_models, tmp_path, {"path": str(source), "format": "alpaca"})
     before = hash_json(prepare.config(recipe, "ft"))
     (source / ".git" / "objects").mkdir(parents=True)
     (source / ".git" / "objects" / "pack").write_text("a clone's history changes without the data changing")
@@ -204,17 +178,17 @@ def test_directory_fingerprint_ignores_hidden_directories_the_loader_skips(tiny_
 
 
 def test_checks_name_the_problem(tiny_models, tmp_path):
-    missing = make_recipe(tiny_models, tmp_path, {"path": str(tmp_path / "nope.jsonl")})
+    missing = prepare_recipe(tiny_models, tmp_path, {"path": str(tmp_path / "nope.jsonl")})
     with pytest.raises(RecipeError, match=r"finetunes\.0\.dataset\.path: .*not found"):
         prepare.check(missing, "ft")
-    bad_column = make_recipe(tiny_models, tmp_path, {"path": str(EXAMPLES["alpaca"]), "columns": {"prompt": "x"}})
+    bad_column = prepare_recipe(tiny_models, tmp_path, {"path": str(EXAMPLES["alpaca"]), "columns": {"prompt": "x"}})
     with pytest.raises(RecipeError, match=r"\['prompt'\] are not fields of format alpaca"):
         prepare.check(bad_column, "ft")
-    prepare.check(make_recipe(tiny_models, tmp_path, {"path": "org/some-dataset"}), "ft")
+    prepare.check(prepare_recipe(tiny_models, tmp_path, {"path": "org/some-dataset"}), "ft")
 
 
 def test_hub_dataset_offline_is_a_clear_error(tiny_models, tmp_path):
     """HF_HUB_OFFLINE=1 (conftest): the Hub cannot be reached, as on this project's machines."""
-    recipe = make_recipe(tiny_models, tmp_path, {"path": "ftmerge-test/not-downloaded"})
+    recipe = prepare_recipe(tiny_models, tmp_path, {"path": "ftmerge-test/not-downloaded"})
     with pytest.raises(RuntimeError, match=r"ftmerge-test/not-downloaded.*cannot be loaded.*HF_HUB_OFFLINE"):
         run_prepare(recipe, tmp_path)

@@ -2,29 +2,18 @@
 
 import json
 
-import yaml
 from datasets import load_from_disk
+from helpers.prepared import EXAMPLES
+from helpers.recipes import prepare_recipe_data, write_recipe
 from transformers import AutoTokenizer
 
 from pipeline import inspect
 from pipeline.stages import Inputs, prepare
-from tests.test_prepare import EXAMPLES
 
 
-def write_recipe(tmp_path, tiny_models, data_format="messages"):
-    recipe = {
-        "name": "t",
-        "output_dir": str(tmp_path / "run"),
-        "base_model": str(tiny_models["base"]),
-        "target_model": str(tiny_models["target"]),
-        "finetunes": [
-            {"name": "ft", "dataset": {"path": str(EXAMPLES[data_format]), "format": data_format, "eval_size": 0}}
-        ],
-        "train": {"max_seq_length": 512},
-    }
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+def write_prepare_recipe(tmp_path, tiny_models, data_format="messages"):
+    dataset = {"path": str(EXAMPLES[data_format]), "format": data_format, "eval_size": 0}
+    return write_recipe(tmp_path / "recipe.yaml", prepare_recipe_data(tiny_models, tmp_path, dataset))
 
 
 def prepared(recipe_path):
@@ -38,7 +27,7 @@ def prepared(recipe_path):
 
 
 def test_label_view_brackets_trained_tokens_and_checks_end_of_turn(tiny_models, tmp_path, capsys):
-    recipe_path = write_recipe(tmp_path, tiny_models)
+    recipe_path = write_prepare_recipe(tmp_path, tiny_models)
     assert inspect.main([str(recipe_path), "--finetune", "ft", "-n", "2"]) == 1
     assert "--stage prepare` first" in capsys.readouterr().err
     prepared(recipe_path)
@@ -51,7 +40,7 @@ def test_label_view_brackets_trained_tokens_and_checks_end_of_turn(tiny_models, 
 
 
 def test_an_untrained_end_of_turn_token_is_reported(tiny_models, tmp_path, capsys):
-    recipe_path = write_recipe(tmp_path, tiny_models)
+    recipe_path = write_prepare_recipe(tmp_path, tiny_models)
     out = prepared(recipe_path)
     train = load_from_disk(str(out / "train"))
     end_of_turn_id = AutoTokenizer.from_pretrained(tiny_models["base"]).convert_tokens_to_ids("<|im_end|>")

@@ -4,10 +4,11 @@ import json
 
 import pytest
 from datasets import load_from_disk
+from helpers.recipes import prepare_recipe
+from helpers.stages import run_prepare
 
 from pipeline.data.report import TooManyRejected
 from pipeline.stages import Inputs, prepare
-from tests.test_prepare import make_recipe, run_prepare
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 BAD_ROWS = {
@@ -48,7 +49,7 @@ def test_every_reason_is_reported_with_its_row(tiny_models, tmp_path):
     rows.append(GOOD)  # an exact duplicate of row 0
     source = tmp_path / "mixed.jsonl"
     write_rows(source, rows, extra_lines=["{not json\n"])
-    recipe = make_recipe(
+    recipe = prepare_recipe(
         tiny_models, tmp_path, {"path": str(source), "format": "messages", "eval_size": 0, "max_reject_fraction": 0.6}
     )
     out, _summary = run_prepare(recipe, tmp_path)
@@ -78,7 +79,7 @@ def test_consecutive_user_turns_are_joined(tiny_models, tmp_path):
         ],
     )
     out, _ = run_prepare(
-        make_recipe(tiny_models, tmp_path, {"path": str(source), "format": "messages", "eval_size": 0}), tmp_path
+        prepare_recipe(tiny_models, tmp_path, {"path": str(source), "format": "messages", "eval_size": 0}), tmp_path
     )
     assert load_from_disk(out / "train")[0]["messages"][0] == {"role": "user", "content": "part one\ntwo"}
 
@@ -88,7 +89,7 @@ def test_too_many_rejects_fail_with_reasons_and_examples(tiny_models, tmp_path):
     write_rows(
         source, [{"question": f"q{i}", "answer": "a"} for i in range(10)] + [{"instruction": "fine", "output": "ok"}]
     )
-    recipe = make_recipe(tiny_models, tmp_path, {"path": str(source), "format": "alpaca"})
+    recipe = prepare_recipe(tiny_models, tmp_path, {"path": str(source), "format": "alpaca"})
     prepare.check(recipe, "ft")
     out = tmp_path / "out"
     out.mkdir()

@@ -17,11 +17,12 @@ import re
 import httpx
 import pytest
 import yaml
-from test_apply import make_adapter
+from helpers.models import make_adapter
+from helpers.recipes import recipe_data, write_recipe
 
 from pipeline.archive.importing import import_adapter
 from pipeline.archive.store import verify_adapter
-from pipeline.publishing.card import find_license, model_card
+from pipeline.publishing.card import Release, find_license, model_card
 from pipeline.publishing.folder import published_files
 from pipeline.recipe import Recipe
 from pipeline.run import main as run_pipeline
@@ -38,19 +39,17 @@ def published(tmp_path_factory, tiny_models):
         import_adapter(
             root / "archive", make_adapter(tiny_models["base"], root / name, seed=seed), name, str(tiny_models["base"])
         )
-    recipe = {
-        "name": "publish-test",
-        "output_dir": str(root / "run"),
-        "base_model": str(tiny_models["base"]),
-        "target_model": str(tiny_models["target"]),
-        "archive_dir": str(root / "archive"),
-        "apply": {"device": "cpu"},
-        "merge": {"adapters": ["alpha", "beta"], "device": "cpu"},
-        "evaluate": {"enabled": False},
-        "publish": {"repo_id": REPO_ID, "what": "both", "dry_run": True},
-    }
-    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    assert run_pipeline([str(root / "recipe.yaml"), "--from", "apply"]) == 0
+    data = recipe_data(
+        tiny_models,
+        root / "run",
+        name="publish-test",
+        archive_dir=root / "archive",
+        apply={"device": "cpu"},
+        merge={"adapters": ["alpha", "beta"], "device": "cpu"},
+        evaluate={"enabled": False},
+        publish={"repo_id": REPO_ID, "what": "both", "dry_run": True},
+    )
+    assert run_pipeline([str(write_recipe(root / "recipe.yaml", data)), "--from", "apply"]) == 0
     return {"root": root, "recipe": root / "recipe.yaml", "run": root / "run", "folder": root / "run" / "publish"}
 
 
@@ -160,8 +159,9 @@ def test_card_front_matter_license_and_evaluation(tmp_path):
         },
     }
     table = "| model | chat (fine-tune) |\n|---|---:|\n| merged | **1.234** |\n"
+    release = Release(REPO_ID, "merged", recipe.name, recipe.base_model, recipe.target_model)
     card = model_card(
-        recipe, lineage, "merge_method: ties\n", manifests, table, find_license(target_dir, recipe.target_model)
+        release, lineage, "merge_method: ties\n", manifests, table, find_license(target_dir, recipe.target_model)
     )
     meta = front_matter(card)
     assert meta["license"] == "apache-2.0"
@@ -179,7 +179,7 @@ def test_card_front_matter_license_and_evaluation(tmp_path):
         "chat": {"metric": "exact_match", "trained": 0.9, "adapted": 0.72, "transfer": 0.8},
         "math": {"metric": "loss", "gain_on_base": 0.5, "gain_on_target": 0.25, "transfer": 0.5},
     }
-    card = model_card(recipe, lineage, "merge_method: ties\n", manifests, table, None, transfer=transfer)
+    card = model_card(release, lineage, "merge_method: ties\n", manifests, table, None, transfer=transfer)
     assert "| transfer to the target (its skill there / on the base) |" in card
     assert "| r=64 | 0.80× (72% on the target / 90% on the base) |" in card
     assert "| – | 0.50× (loss removed: 0.250 on the target / 0.500 on the base) |" in card
@@ -320,6 +320,7 @@ def test_upload_sends_the_folder_and_never_shows_the_token(published, fake_hub, 
     summary = json.loads((published["run"] / "state" / "publish.json").read_text())["summary"]
     assert summary["commit_url"].endswith("/commit/0123abcd") and summary["dry_run"] is False
     captured = capsys.readouterr()
+    assert f"note: publish: uploaded {len(published_files(folder))} files to" in captured.out  # on the screen
     assert TOKEN not in caplog.text and TOKEN not in captured.out + captured.err
     written = [p for p in published["root"].rglob("*") if p.is_file()]
     assert not [p for p in written if TOKEN.encode() in p.read_bytes()]

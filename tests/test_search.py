@@ -15,16 +15,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_merge import ADAPTERS, archive, make_recipe, merge_with  # noqa: F401  (archive is a fixture)
+from helpers.archive import ADAPTERS
+from helpers.cli import REPO, TESTS, run_cli, start_cli
+from helpers.recipes import SEARCH, merge_recipe, write_search_recipe
+from helpers.search_standin import SPACE, cheap_point_value
+from helpers.stages import merge_with
 
 from pipeline.merging.config import build_mergekit_config, validate_mergekit_config
 from pipeline.recipe import MergeConfig
+from pipeline.search.coordination import FileCoordination
 from pipeline.search.objective import judge
-from pipeline.search.space import Space, baselines, merge_settings, suggest, with_baselines
+from pipeline.search.space import baselines, merge_settings, suggest
 from pipeline.search.study import choose, fail_abandoned, finished_trials, open_study, run_trials, sqlite_url
-
-REPO = Path(__file__).resolve().parents[1]
-SPACE = with_baselines(Space(("a", "b"), ("ties", "linear"), ("base",), (0.2, 1.5), (0.5, 1.0), (0.5, 1.0), (True,)))
 
 
 def config_for(point: dict, adapted: dict[str, str], base: str, target: str) -> dict:
@@ -32,13 +34,13 @@ def config_for(point: dict, adapted: dict[str, str], base: str, target: str) -> 
     return build_mergekit_config(settings, adapted, base, target)
 
 
-def test_seed_baseline_is_the_seed_recipes_merge():
+def test_published_baseline_is_the_published_recipes_merge():
     adapted = {name: f"/runs/x/apply/{name}" for name in ADAPTERS}
-    seed = config_for(baselines(ADAPTERS)["seed"], adapted, "/m/base", "/m/target")
-    assert seed == build_mergekit_config(MergeConfig(), adapted, "/m/base", "/m/target")
-    assert seed["merge_method"] == "ties" and seed["base_model"] == "/m/base"
-    assert seed["parameters"] == {"normalize": True, "int8_mask": True}
-    assert [m["parameters"] for m in seed["models"]] == [{"weight": 1.0, "density": 1.0}] * (len(ADAPTERS) + 1)
+    published = config_for(baselines(ADAPTERS)["published"], adapted, "/m/base", "/m/target")
+    assert published == build_mergekit_config(MergeConfig(), adapted, "/m/base", "/m/target")
+    assert published["merge_method"] == "ties" and published["base_model"] == "/m/base"
+    assert published["parameters"] == {"normalize": True, "int8_mask": True}
+    assert [m["parameters"] for m in published["models"]] == [{"weight": 1.0, "density": 1.0}] * (len(ADAPTERS) + 1)
     total = config_for(baselines(ADAPTERS)["sum"], adapted, "/m/base", "/m/target")
     assert total["merge_method"] == "task_arithmetic" and total["base_model"] == "/m/target"
     assert [m["model"] for m in total["models"]] == list(adapted.values())  # the target is the base, not an input
@@ -89,7 +91,7 @@ def test_the_worst_objective_is_decided_by_the_least_learned_fine_tune():
 @pytest.mark.parametrize(
     "point",
     [
-        baselines(ADAPTERS)["seed"],
+        baselines(ADAPTERS)["published"],
         baselines(ADAPTERS)["sum"],
         {
             "method": "ties",
@@ -108,16 +110,16 @@ def test_the_worst_objective_is_decided_by_the_least_learned_fine_tune():
         },
         {"method": "linear", "normalize": True, "target_weight": 1.2, **{f"weight.{n}": 0.5 for n in ADAPTERS}},
     ],
-    ids=["seed", "sum", "ties-over-target", "dare_ties", "linear"],
+    ids=["published", "sum", "ties-over-target", "dare_ties", "linear"],
 )
-def test_a_trial_merged_in_memory_equals_the_fused_merge_written_to_disk(tiny_models, archive, tmp_path, point):  # noqa: F811
+def test_a_trial_merged_in_memory_equals_the_fused_merge_written_to_disk(tiny_models, archive, tmp_path, point):
     """What a trial scores is what the merge stage would write and evaluate would load (bf16 in both)."""
     from transformers import AutoModelForCausalLM
 
     from pipeline.merging.fused import FusedInputs, load_merged
     from pipeline.recipe import Recipe
 
-    recipe: Recipe = make_recipe(tiny_models, archive, tmp_path)
+    recipe: Recipe = merge_recipe(tiny_models, archive, tmp_path)
     settings = merge_settings(point)
     written = merge_with(tiny_models, archive, tmp_path, tmp_path / "disk", "fused", **settings)
     on_disk = AutoModelForCausalLM.from_pretrained(written, dtype=torch.bfloat16).state_dict()
@@ -140,7 +142,38 @@ def test_a_trial_merged_in_memory_equals_the_fused_merge_written_to_disk(tiny_mo
                 assert torch.equal(in_memory[name], tensor), name
 
 
-def test_sum_over_the_target_adds_each_adapters_own_delta(tiny_models, archive, tmp_path):  # noqa: F811
+def test_a_trial_merged_without_the_kernel_equals_one_merged_with_it(tiny_models, archive, monkeypatch):
+    """Where the kernel is not built (no compiler), mergekit's code writes each block into the loaded model's
+    parameters (grad mode is per thread: the blocks are merged on worker threads) and gives the kernel's weights."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.merging import kernel
+    from pipeline.merging.fused import FusedInputs, load_merged
+
+    adapted = {name: f"/apply/{name}" for name in ADAPTERS}
+    weights = {f"weight.{name}": 0.5 + 0.25 * i for i, name in enumerate(ADAPTERS)}
+    point = {**baselines(ADAPTERS)["published"], **weights}
+    config = validate_mergekit_config(config_for(point, adapted, str(tiny_models["base"]), str(tiny_models["target"])))
+    merged = {}
+    for built in (True, False):
+        if not built:
+            monkeypatch.setattr(kernel, "extension", lambda: None)
+        model = AutoModelForCausalLM.from_pretrained(tiny_models["target"], dtype=torch.bfloat16)
+        with FusedInputs(
+            base_dir=tiny_models["base"],
+            target_dir=tiny_models["target"],
+            apply_dtype="bfloat16",
+            adapters={adapted[name]: archive / name for name in ADAPTERS},
+            device="cpu",
+            cache_bytes=1 << 30,
+        ) as inputs:
+            load_merged(inputs, config, model)
+        merged[built] = model.state_dict()
+    for name, tensor in merged[True].items():
+        assert torch.equal(merged[False][name], tensor), name
+
+
+def test_sum_over_the_target_adds_each_adapters_own_delta(tiny_models, archive, tmp_path):
     """T + Σ (Aᵢ − T): the configuration the seed's YAML cannot express, checked against the adapted models."""
     from transformers import AutoModelForCausalLM
 
@@ -173,27 +206,13 @@ def test_sum_over_the_target_adds_each_adapters_own_delta(tiny_models, archive, 
         torch.testing.assert_close(merged[key], expected[key], rtol=0, atol=2e-2)  # mergekit merges in bfloat16
 
 
-def cheap_point_value(point: dict) -> dict:
-    """A stand-in for scoring a merge (deterministic in the point): best near weights 0.8, gate on target_weight."""
-    weights = [value for key, value in point.items() if key.startswith("weight.")]
-    objective = 1 - sum((w - 0.8) ** 2 for w in weights)
-    violation = max(0.0, 0.6 - point.get("target_weight", 1.0))
-    return {
-        "objective": objective,
-        "violation": violation,
-        "passes": violation == 0,
-        "learned": {},
-        "kept": {},
-        "merge": merge_settings(point),
-    }
-
-
 WORKER = r"""
 import json, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[3])
-from test_search import SPACE, cheap_point_value
+from helpers.search_standin import SPACE, cheap_point_value
 from pipeline.search.space import baselines, suggest
+from pipeline.search.coordination import FileCoordination
 from pipeline.search.study import open_study, run_trials
 
 storage, total, tests_dir, pause_at, marker = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
@@ -210,7 +229,8 @@ def evaluate(point):
     return cheap_point_value(point)
 
 done = run_trials(study, total=total, baselines=baselines(SPACE.adapters), suggest=lambda t: suggest(t, SPACE),
-                  evaluate=evaluate, lock_path=Path(storage.removeprefix("sqlite:///") + ".lock"), seed=7)
+                  evaluate=evaluate, coordination=FileCoordination(Path(storage.removeprefix("sqlite:///") + ".lock")),
+                  seed=7)
 print(json.dumps({"done": done}))
 """
 
@@ -223,7 +243,7 @@ def start_worker(storage: str, total: int, *, pause_at: int = 0, marker: Path | 
             WORKER,
             storage,
             str(total),
-            str(Path(__file__).parent),
+            str(TESTS),
             str(pause_at),
             str(marker or ""),
         ],
@@ -243,7 +263,7 @@ def search_here(storage: str, total: int) -> list[dict]:
         baselines=baselines(SPACE.adapters),
         suggest=lambda t: suggest(t, SPACE),
         evaluate=cheap_point_value,
-        lock_path=Path(storage.removeprefix("sqlite:///") + ".lock"),
+        coordination=FileCoordination(Path(storage.removeprefix("sqlite:///") + ".lock")),
         seed=7,
     )
     return finished_trials(study)
@@ -258,7 +278,7 @@ def test_two_worker_processes_share_one_study_and_do_each_trial_once(tmp_path):
     assert all(worker.returncode == 0 for worker in workers)
     rows = finished_trials(open_study(storage, "s"))
     assert len(rows) == 12 and sum(done) == 12 and all(done)  # both worked, none twice, none too many
-    assert [row["label"] for row in rows[:2]] == ["seed", "sum"]  # the baselines are trials 0 and 1
+    assert [row["label"] for row in rows[:2]] == ["published", "sum"]  # the baselines are trials 0 and 1
     assert sorted(row["number"] for row in rows) == list(range(12))
 
 
@@ -267,7 +287,8 @@ import os, sys
 from pathlib import Path
 import optuna
 sys.path.insert(0, sys.argv[2])
-from test_search import SPACE
+from helpers.search_standin import SPACE
+from pipeline.search.coordination import FileCoordination
 from pipeline.search.space import baselines, suggest
 from pipeline.search.study import open_study, run_trials
 
@@ -280,7 +301,7 @@ def ask_then_die(self, *args, **kwargs):
 optuna.study.Study.ask = ask_then_die
 storage = sys.argv[1]
 run_trials(open_study(storage, "s"), total=4, baselines=baselines(SPACE.adapters), suggest=lambda t: suggest(t, SPACE),
-           evaluate=None, lock_path=Path(storage.removeprefix("sqlite:///") + ".lock"), seed=7)
+           evaluate=None, coordination=FileCoordination(Path(storage.removeprefix("sqlite:///") + ".lock")), seed=7)
 """
 
 
@@ -290,12 +311,12 @@ def test_a_search_killed_the_moment_it_asked_for_a_trial_redoes_that_trial(tmp_p
     storage = sqlite_url(tmp_path / "study.db")
     open_study(storage, "s")
     killed = subprocess.run(
-        [sys.executable, "-c", KILLED_AFTER_ASK, storage, str(Path(__file__).parent)], cwd=REPO, capture_output=True
+        [sys.executable, "-c", KILLED_AFTER_ASK, storage, str(TESTS)], cwd=REPO, capture_output=True
     )
     assert killed.returncode == 9, killed.stderr
     assert fail_abandoned(open_study(storage, "s")) == [0]
     rows = search_here(storage, 4)
-    assert len(rows) == 4 and [row["label"] for row in rows[:2]] == ["seed", "sum"]
+    assert len(rows) == 4 and [row["label"] for row in rows[:2]] == ["published", "sum"]
 
 
 @pytest.mark.slow
@@ -320,43 +341,6 @@ def test_a_search_killed_mid_trial_resumes_to_the_same_choice(tmp_path):
     assert all(row["passes"] == (row["violation"] == 0) for row in resumed)
 
 
-SEARCH = {
-    "trials": 5,
-    "max_samples": 6,
-    "metric": "loss",
-    "retention_tolerance": 0.5,
-    "fallback": "seed",
-    "space": {"methods": ["ties", "task_arithmetic", "linear"]},
-}
-RETENTION = {
-    "retention": [
-        {
-            "name": "copy",
-            "dataset": {
-                "path": str(REPO / "data_templates/demo/copy.messages.jsonl"),
-                "format": "messages",
-                "max_samples": 8,
-            },
-        }
-    ]
-}
-
-
-def search_recipe(directory: Path, tiny_models, finetune_sets: Path, search: dict | None = None, **changes) -> Path:
-    from test_end_to_end import write_recipe
-
-    evaluate = {"max_samples": 8, "batch_size": 4, **RETENTION}
-    return write_recipe(
-        directory,
-        tiny_models,
-        finetune_sets,
-        merge={"engine": "fused"},
-        search=search or SEARCH,
-        evaluate=evaluate,
-        **changes,
-    )
-
-
 def newest_log(output_dir: Path) -> str:
     """The run's own log: what the stages print goes there, the screen gets progress and results."""
     return max((output_dir / "logs").glob("run-*.log"), key=lambda path: path.stat().st_mtime).read_text()
@@ -376,10 +360,8 @@ def completed_trials(study_db: Path) -> int:
 
 @pytest.fixture(scope="module")
 def searched_run(tmp_path_factory, tiny_models, finetune_sets):
-    from test_end_to_end import run_cli
-
     directory = tmp_path_factory.mktemp("search-run")
-    recipe = search_recipe(directory, tiny_models, finetune_sets)
+    recipe = write_search_recipe(directory, tiny_models, finetune_sets)
     result = run_cli(recipe)
     assert result.returncode == 0, result.stdout + result.stderr
     return {"recipe": recipe, "output": directory / "run", "stdout": result.stdout}
@@ -391,29 +373,37 @@ def test_search_stage_writes_a_leaderboard_and_the_merge_uses_its_choice(searche
 
     search_dir = searched_run["output"] / "search"
     board = json.loads((search_dir / "leaderboard.json").read_text())
-    assert [t["label"] for t in board["trials"]] == ["seed", "sum", "2", "3", "4"]
+    assert [t["label"] for t in board["trials"]] == ["published", "sum", "2", "3", "4"]
     assert all(set(t["scores"]) == {"reverse", "sort", "copy"} for t in board["trials"])
     chosen = yaml.safe_load((search_dir / "chosen.yml").read_text())
     row = next(t for t in board["trials"] if t["label"] == chosen["trial"])
-    assert row["passes"] or board["fallback_to_seed"]
+    assert row["passes"] or board["fallback_to_published"]
     written = yaml.safe_load((searched_run["output"] / "merge" / "mergekit_config.yml").read_text())
     assert written == row["mergekit_config"]  # the merge stage ran the chosen trial's configuration
     lineage = json.loads((searched_run["output"] / "merge" / "lineage.json").read_text())
     assert lineage["search"]["chosen_trial"] == chosen["trial"]
     assert lineage["search"]["why"].startswith("the highest mean learned fraction")  # SEARCH's objective: mean
     assert (search_dir / "pareto.png").stat().st_size > 0
-    assert "| seed" in (search_dir / "leaderboard.md").read_text()
+    assert "| published" in (search_dir / "leaderboard.md").read_text()
 
 
 def test_the_lineage_names_the_worst_objective_when_the_search_used_it(tmp_path):
-    import yaml
-
     from pipeline.recipe import Recipe
+    from pipeline.search.leaderboard import write_outputs
     from pipeline.stages.contract import Inputs, StageRef
     from pipeline.stages.merge import chosen_settings
 
-    chosen = {"trial": "7", "objective": 0.5, "learned": {"a": 0.5}, "kept": {"r": 1.0}, "merge": {"weight": 0.7}}
-    (tmp_path / "chosen.yml").write_text(yaml.safe_dump(chosen))
+    row = {
+        "number": 7,
+        "label": "7",
+        "objective": 0.5,
+        "learned": {"a": 0.5},
+        "kept": {"r": 1.0},
+        "passes": True,
+        "violation": 0.0,
+        "merge": {"method": "ties", "base_model": "base", "include_target": True, "weight": 0.7, "models": {}},
+    }
+    write_outputs(tmp_path, [row], row, references={}, metric="loss", tolerance=0.05, fallback=False, objective="worst")
     recipe = Recipe.model_validate(
         {"name": "n", "base_model": "b", "target_model": "t", "search": {"objective": "worst"}}
     )
@@ -425,8 +415,6 @@ def test_the_lineage_names_the_worst_objective_when_the_search_used_it(tmp_path)
 @pytest.mark.slow
 def test_search_killed_with_sigkill_resumes_without_redoing_trials(searched_run, tmp_path, tiny_models):
     import shutil
-
-    from test_end_to_end import run_cli, start_cli
 
     copy = tmp_path / "run"
     shutil.copytree(searched_run["output"], copy)
@@ -453,11 +441,11 @@ def test_search_killed_with_sigkill_resumes_without_redoing_trials(searched_run,
     assert board["chosen"] == reference["chosen"]
     reported = [line for line in newest_log(copy).splitlines() if re.search(r"search: trial \S+: objective", line)]
     assert len(reported) == 5 - finished_before, reported  # finished trials were not redone
+    redone = [line for line in result.stdout.splitlines() if "were left running by a killed search" in line]
+    assert len(redone) <= 1 and all(line.startswith("  note: search: trials [") for line in redone), result.stdout
 
 
 def test_bad_search_settings_exit_2_before_anything_runs(tiny_models, finetune_sets, tmp_path):
-    from test_end_to_end import run_cli
-
     cases = {
         "unknown method": ({"space": {"methods": ["tiess"]}}, "not a mergekit merge method"),
         "not searchable": ({"space": {"methods": ["slerp"]}}, "search.space.methods: 'slerp'"),
@@ -468,19 +456,17 @@ def test_bad_search_settings_exit_2_before_anything_runs(tiny_models, finetune_s
     for case, (change, expected) in cases.items():
         directory = tmp_path / case.replace(" ", "-")
         directory.mkdir()
-        result = run_cli(search_recipe(directory, tiny_models, finetune_sets, {**SEARCH, **change}))
+        result = run_cli(write_search_recipe(directory, tiny_models, finetune_sets, {**SEARCH, **change}))
         assert result.returncode == 2, (case, result.stdout, result.stderr)
         assert expected in result.stderr, (case, result.stderr)
         assert not (directory / "run").exists(), f"{case}: something was written before the error"
 
 
 @pytest.mark.slow
-def test_evaluate_scores_the_seed_beside_the_choice_and_caches_every_score(searched_run):
-    from test_end_to_end import run_cli
-
+def test_evaluate_scores_the_published_merge_beside_the_choice_and_caches_every_score(searched_run):
     report = json.loads((searched_run["output"] / "evaluate" / "report.json").read_text())
     chosen = json.loads((searched_run["output"] / "search" / "leaderboard.json").read_text())["chosen"]
-    assert ("merged:seed" in report["models"]) == (chosen != "seed"), (chosen, report["models"])
+    assert ("merged:published" in report["models"]) == (chosen != "published"), (chosen, report["models"])
     again = run_cli(searched_run["recipe"], "--stage", "evaluate", "--force")
     assert again.returncode == 0, again.stdout + again.stderr
     cached = [line for line in newest_log(searched_run["output"]).splitlines() if line.endswith("every score cached")]

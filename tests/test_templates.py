@@ -6,7 +6,7 @@ from transformers import AutoTokenizer
 
 from pipeline.data import templates
 from pipeline.data.render import RenderSettings, TemplateError, render, token_mask
-from pipeline.recipe import RecipeError
+from pipeline.data.templates import ChatTemplateError
 
 CONVERSATIONS = [
     [{"role": "user", "content": "copy\na b c"}, {"role": "assistant", "content": "a b c"}],
@@ -61,19 +61,19 @@ def test_end_of_turn_token_is_found_and_must_be_special_in_the_base(tiny_models,
     chatml = templates.load_template("chatml", None)
     assert templates.end_of_turn_token(chatml, base, {}) == "<|im_end|>"
     llama_like = chatml.replace("<|im_end|>", "<|eot_id|>")
-    with pytest.raises(RecipeError, match=r"<\|eot_id\|>.*not a special token of the base tokenizer"):
+    with pytest.raises(ChatTemplateError, match=r"<\|eot_id\|>.*not a special token of the base tokenizer"):
         templates.end_of_turn_token(llama_like, base, {})
     no_end = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}{% endfor %}"
-    with pytest.raises(RecipeError, match="nothing"):
+    with pytest.raises(ChatTemplateError, match="nothing"):
         templates.end_of_turn_token(no_end, base, {})
 
 
 def test_template_choices_resolve_or_name_the_problem(tmp_path, tiny_models):
     assert templates.template_file("chatml") == templates.TEMPLATES_DIR / "chatml.jinja"
     assert templates.template_file("target") is None
-    with pytest.raises(RecipeError, match="no template named 'chatlm'"):
+    with pytest.raises(ChatTemplateError, match="no template named 'chatlm'"):
         templates.template_file("chatlm")
-    with pytest.raises(RecipeError, match="file not found"):
+    with pytest.raises(ChatTemplateError, match="file not found"):
         templates.template_file(str(tmp_path / "missing.jinja"))
     custom = tmp_path / "mine.jinja"
     custom.write_text("{{ messages[0]['content'] }}")
@@ -83,7 +83,7 @@ def test_template_choices_resolve_or_name_the_problem(tmp_path, tiny_models):
         == AutoTokenizer.from_pretrained(tiny_models["target"]).chat_template
     )
     templates.check_template("target", str(tiny_models["target"]))
-    with pytest.raises(RecipeError, match="has no chat template"):
+    with pytest.raises(ChatTemplateError, match="has no chat template"):
         templates.check_template("target", str(tmp_path))
 
 

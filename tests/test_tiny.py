@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.data.synthetic import (
+from pipeline.demo.lineage import build_demo_assets, chat_answers
+from pipeline.demo.synthetic import (
     DEMO_DATA_DIR,
     DOMAINS,
     EVERYDAY_SKILLS,
@@ -21,8 +22,7 @@ from pipeline.data.synthetic import (
     word_corpus,
     write_retention_set,
 )
-from pipeline.demo.lineage import build_demo_assets, chat_answers
-from pipeline.models.tiny import QWEN2_CHAT_TEMPLATE, build_word_tokenizer
+from pipeline.demo.tiny import QWEN2_CHAT_TEMPLATE, build_word_tokenizer
 
 
 def test_tokenizers_have_chatml_tokens_and_the_right_eos(tiny_models):

@@ -1,68 +1,18 @@
 """The train stage's parts: prepared data as the trainer sees it (exactly which ids are trained), machine-dependent
 choices, checkpoints. Training runs with both backends are in test_train_backends.py."""
 
-import json
 import random
 
 import pytest
 import torch
 from datasets import Dataset
-from prepared_rows import chatml_row
+from helpers.prepared import chatml_row, conversation
+from helpers.training import tiny_config
 from transformers import AutoTokenizer
 
 from pipeline.recipe import TrainConfig
 from pipeline.training import checkpoints, data, environment
 from pipeline.training.trainer import build_trainer, sft_arguments
-
-WORDS = "abcdefghij"
-
-
-def conversation(rng: random.Random) -> list[dict]:
-    words = [rng.choice(WORDS) for _ in range(rng.randint(3, 6))]
-    return [
-        {"role": "system", "content": "You are a helpful assistant."},
-        {"role": "user", "content": "reverse\n" + " ".join(words)},
-        {"role": "assistant", "content": " ".join(words[::-1])},
-        {"role": "user", "content": "and sorted?"},
-        {"role": "assistant", "content": " ".join(sorted(words))},
-    ]
-
-
-def write_prepared(out_dir, tokenizer_dir, train_rows: int = 32, eval_rows: int = 8, seed: int = 0):
-    """prepare/<finetune>/ as the train stage reads it: train/ and eval/ datasets and report.json."""
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    rng = random.Random(seed)
-    rows = [chatml_row(tokenizer, conversation(rng)) for _ in range(train_rows + eval_rows)]
-    Dataset.from_list(rows[:train_rows]).save_to_disk(str(out_dir / "train"))
-    Dataset.from_list(rows[train_rows:]).save_to_disk(str(out_dir / "eval"))
-    (out_dir / "report.json").write_text(
-        json.dumps({"end_of_turn_token": "<|im_end|>", "train_rows": train_rows, "eval_rows": eval_rows})
-    )
-    return out_dir
-
-
-def tiny_config(**overrides) -> TrainConfig:
-    values = {
-        "backend": "transformers",
-        "max_seq_length": 128,
-        "load_in_4bit": False,
-        "max_steps": 4,
-        "batch_size": 4,
-        "gradient_accumulation_steps": 1,
-        "warmup_steps": 0,
-        "learning_rate": 1e-3,
-        "save_steps": 2,
-        "logging_steps": 1,
-        "optim": "adamw_torch",
-        "gradient_checkpointing": False,
-        "lora": {"r": 8, "alpha": 16},
-    }
-    return TrainConfig.model_validate({**values, **overrides})
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory, tiny_tokenizer_dir):
-    return write_prepared(tmp_path_factory.mktemp("prepared"), tiny_tokenizer_dir)
 
 
 def collated_batch(run):

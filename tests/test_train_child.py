@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from test_end_to_end import REPO, write_recipe
+from helpers.cli import REPO
+from helpers.recipes import write_pipeline_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +42,7 @@ def children_running_training(parent: int) -> list[int]:
 
 
 def test_after_a_full_run_unsloth_is_not_in_the_runners_process(tmp_path, tiny_models, finetune_sets):
-    recipe = write_recipe(
+    recipe = write_pipeline_recipe(
         tmp_path, tiny_models, finetune_sets, evaluate={"device": "cpu", "max_samples": 4, "batch_tokens": 256}
     )
     completed = subprocess.run(
@@ -63,7 +64,7 @@ def test_after_a_full_run_unsloth_is_not_in_the_runners_process(tmp_path, tiny_m
 
 
 def test_the_childs_error_reaches_the_user_with_stage_and_item(tmp_path, tiny_models, finetune_sets):
-    recipe = write_recipe(
+    recipe = write_pipeline_recipe(
         tmp_path,
         tiny_models,
         finetune_sets,
@@ -89,7 +90,7 @@ def run_log(output_dir: Path) -> str:
 
 
 def test_killing_the_parent_ends_the_training_child(tmp_path, tiny_models, finetune_sets):
-    recipe = write_recipe(
+    recipe = write_pipeline_recipe(
         tmp_path,
         tiny_models,
         finetune_sets,

@@ -5,39 +5,39 @@ import json
 import shutil
 
 import pytest
-from test_train import write_prepared
+from helpers.prepared import write_prepared
+from helpers.recipes import recipe_data
 
 from pipeline.recipe import Recipe, RecipeError
 from pipeline.stages import Inputs, StageRef, train
 
 
 def recipe_for(base, tmp_path, **train_block) -> Recipe:
+    """Two fine-tunes on `base` (also the target): `two` overrides the learning rate."""
     dataset = {"path": str(tmp_path / "data.jsonl"), "format": "messages"}
-    return Recipe.model_validate(
-        {
-            "name": "t",
-            "output_dir": str(tmp_path / "run"),
-            "base_model": str(base),
-            "target_model": str(base),
-            "finetunes": [
-                {"name": "one", "dataset": dataset},
-                {"name": "two", "dataset": dataset, "train": {"learning_rate": 1e-4}},
-            ],
-            "train": {
-                "backend": "transformers",
-                "max_seq_length": 128,
-                "load_in_4bit": False,
-                "max_steps": 3,
-                "batch_size": 4,
-                "gradient_accumulation_steps": 1,
-                "warmup_steps": 0,
-                "save_steps": 2,
-                "optim": "adamw_torch",
-                "lora": {"r": 8, "alpha": 16},
-                **train_block,
-            },
-        }
+    data = recipe_data(
+        {"base": base, "target": base},
+        tmp_path / "run",
+        name="t",
+        finetunes=[
+            {"name": "one", "dataset": dataset},
+            {"name": "two", "dataset": dataset, "train": {"learning_rate": 1e-4}},
+        ],
+        train={
+            "backend": "transformers",
+            "max_seq_length": 128,
+            "load_in_4bit": False,
+            "max_steps": 3,
+            "batch_size": 4,
+            "gradient_accumulation_steps": 1,
+            "warmup_steps": 0,
+            "save_steps": 2,
+            "optim": "adamw_torch",
+            "lora": {"r": 8, "alpha": 16},
+            **train_block,
+        },
     )
+    return Recipe.model_validate(data)
 
 
 def test_items_paths_and_dependencies(tiny_models, tmp_path):

@@ -12,15 +12,9 @@ import sys
 
 import pytest
 import torch
-from test_train_backends import (  # noqa: F401 (prepared is a fixture)
-    assert_finished_run,
-    environment_for_subprocess,
-    prepared,
-    run_training,
-    spec,
-)
+from helpers.training import assert_finished_run, environment_for_subprocess, run_training, training_job
 
-from pipeline.models.tiny import save_model
+from pipeline.demo.tiny import save_model
 from pipeline.training.untrained import fix_untrained_special_tokens
 
 CHATML = ("<|im_start|>", "<|im_end|>")
@@ -75,7 +69,7 @@ def unsloth_check(base, prepared_dir, mode: str) -> str | None:
 
 
 @pytest.mark.slow
-def test_unsloths_gpu_check_raises_on_untrained_chatml_rows_unless_they_are_reset(base_with_untrained_chatml, prepared):  # noqa: F811
+def test_unsloths_gpu_check_raises_on_untrained_chatml_rows_unless_they_are_reset(base_with_untrained_chatml, prepared):
     assert "Untrained tokens" in unsloth_check(base_with_untrained_chatml, prepared, "as-loaded")
     assert unsloth_check(base_with_untrained_chatml, prepared, "fix") is None
 
@@ -100,9 +94,9 @@ def test_untrained_rows_become_the_mean_of_the_trained_ones(base_with_untrained_
 @pytest.mark.slow
 def test_unsloth_trains_on_a_base_whose_chatml_rows_are_untrained(
     base_with_untrained_chatml,
-    prepared,  # noqa: F811
+    prepared,
     tmp_path,
 ):
-    result = run_training(spec(base_with_untrained_chatml, prepared, tmp_path, backend="unsloth", eval_steps=2))
+    result = run_training(training_job(base_with_untrained_chatml, prepared, tmp_path, backend="unsloth", eval_steps=2))
     assert "untrained in the base" in result["stdout"] and all(token in result["stdout"] for token in CHATML)
     assert_finished_run(tmp_path, backend="unsloth", steps=4)

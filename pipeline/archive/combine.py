@@ -3,6 +3,12 @@
 For users who want one small adapter rather than a merged model. PEFT combines LoRA layers inside a model, so the
 base model is loaded (on real sizes that is the whole base in memory, in its stored dtype); only the combined
 adapter is saved.
+
+The default is `cat`: the combined adapter's update is exactly Σ wᵢ·sᵢ·BᵢAᵢ (its rank the sum of the sources'),
+what a weighted merge of LoRAs means. PEFT's own default, `linear`, adds the A factors and the B factors separately,
+(Σ√wᵢ·Bᵢ)(Σ√wᵢ·sᵢ·Aᵢ): the weighted updates plus every cross term Bᵢ·Aⱼ (on two random rank-8 adapters its
+update is 98 % off the weighted sum), and only for equal ranks; it stays available by name. `svd` factors the exact
+sum to `--svd-rank`. Every manifest records how far the combined update is from the weighted sum, per module.
 """
 
 from __future__ import annotations
@@ -10,12 +16,22 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from pipeline.archive.store import ArchiveError, canonical_adapter_config, new_manifest, verify_adapter, write_adapter
+from pipeline.archive.store import (
+    ADAPTER_FILES,
+    ArchiveError,
+    canonical_adapter_config,
+    new_manifest,
+    verify_adapter,
+    write_adapter,
+)
 from pipeline.models.hub import resolve_model
-from pipeline.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+if TYPE_CHECKING:
+    import torch
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = ADAPTER_FILES
 
 # PEFT 0.21's combination_type values, spelled as PEFT spells them.
 COMBINATION_TYPES = (
@@ -32,6 +48,7 @@ COMBINATION_TYPES = (
     "magnitude_prune_svd",
 )
 NEEDS_DENSITY = tuple(c for c in COMBINATION_TYPES if c.startswith(("ties", "dare", "magnitude")))
+DEFAULT_METHOD = "cat"
 COMBINED = "combined"
 
 
@@ -59,15 +76,19 @@ def combine_adapters(
     sources: list[str],
     weights: list[float],
     name: str,
-    method: str = "linear",
+    method: str = DEFAULT_METHOD,
     *,
     density: float | None = None,
     svd_rank: int | None = None,
     seed: int = 0,
+    dtype: str = "auto",
 ) -> tuple[Path, bool]:
     """Combine archived adapters `sources` with `weights` into the archived adapter `name` (kind `combined`).
     `density` prunes for ties/dare/magnitude methods; `svd_rank` sets the rank of *svd methods (default: the
-    largest source rank); `seed` fixes DARE's random drop. Returns (path, written) as `write_adapter` does."""
+    largest source rank); `seed` fixes DARE's random drop. PEFT stores the combined factors in the base's dtype
+    (`auto`: as stored, bf16 for most releases, which rounds them to ~3 significant digits); `float32` keeps them
+    exact at twice the base's memory. Returns (path, written) as `write_adapter` does."""
+    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -76,7 +97,9 @@ def combine_adapters(
     manifests = {source: verify_adapter(archive_dir / source) for source in sources}
     base_model = common_base(manifests)
     base_dir = resolve_model(base_model, f"base_model of {sources[0]}")
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto")
+    model = AutoModelForCausalLM.from_pretrained(
+        base_dir, dtype="auto" if dtype == "auto" else getattr(torch, dtype), use_safetensors=True
+    )
     # PEFT adapter names become module keys, which cannot hold '.', so sources are loaded by position.
     peft_names = [f"source_{index}" for index in range(len(sources))]
     model = PeftModel.from_pretrained(model, archive_dir / sources[0], adapter_name=peft_names[0])
@@ -93,6 +116,7 @@ def combine_adapters(
         "density": density,
         "svd_rank": svd_rank,
         "seed": seed,
+        "dtype": str(model.dtype).removeprefix("torch."),
         "sources": [
             {
                 "name": source,
@@ -113,5 +137,42 @@ def combine_adapters(
     with tempfile.TemporaryDirectory(prefix="ftmerge-combine-") as work:
         model.save_pretrained(work, selected_adapters=[COMBINED])
         saved = Path(work) / COMBINED
-        config = canonical_adapter_config(json.loads((saved / ADAPTER_CONFIG).read_text()), base_model)
+        config = json.loads((saved / ADAPTER_CONFIG).read_text())
+        # PEFT writes the combined factors for a scale of 1 (lora_alpha = r); rsLoRA's alpha/√r would rescale them.
+        config["use_rslora"] = False
+        (saved / ADAPTER_CONFIG).write_text(json.dumps(config))
+        combination.update(reconstruction_error(saved, [archive_dir / source for source in sources], weights))
+        config = canonical_adapter_config(config, base_model)
         return write_adapter(archive_dir, name, config, saved / ADAPTER_WEIGHTS, manifest)
+
+
+def weighted_update(adapters: list[Path], weights: list[float]) -> dict[str, torch.Tensor]:
+    """Σ wᵢ·sᵢ·BᵢAᵢ per module (float32): what combining the adapters with these weights means."""
+    from pipeline.models.lora import load_adapter
+
+    total: dict[str, torch.Tensor] = {}
+    for path, weight in zip(adapters, weights, strict=True):
+        for name, module in load_adapter(path).modules.items():
+            total[name] = total.get(name, 0) + weight * module.delta()
+    return total
+
+
+def reconstruction_error(combined: Path, sources: list[Path], weights: list[float]) -> dict:
+    """‖combined update − Σ wᵢ·sᵢ·BᵢAᵢ‖ / ‖Σ wᵢ·sᵢ·BᵢAᵢ‖ per module, its largest and mean value: ~1e-7 for `cat`
+    (float rounding), the truncation for `svd`, the cross terms for `linear`."""
+    import torch
+
+    from pipeline.models.lora import load_adapter
+
+    exact = weighted_update(sources, weights)
+    modules = load_adapter(combined).modules
+    errors = {}
+    for name, expected in exact.items():
+        got = modules[name].delta() if name in modules else torch.zeros_like(expected)
+        norm = torch.linalg.norm(expected)
+        errors[name] = float(torch.linalg.norm(got - expected) / norm) if norm > 0 else float(torch.linalg.norm(got))
+    return {
+        "reconstruction_error_max": max(errors.values(), default=0.0),
+        "reconstruction_error_mean": sum(errors.values()) / len(errors) if errors else 0.0,
+        "reconstruction_error_reference": "sum over sources of weight · scale · B @ A, per module",
+    }

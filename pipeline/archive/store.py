@@ -2,10 +2,14 @@
 
 `<archive_dir>/<name>/` holds adapter_config.json, adapter_model.safetensors and manifest.json. A name, once written,
 always means the same bytes: several recipes may share one archive, and a release merge must be reproducible from it.
+The manifest lists the sha256 of each file and is sealed by the sha256 of its own content (`manifest_sha256`), so an
+edited manifest (another base_model, a file dropped from `files`) is caught as surely as an edited weight. Folders and
+files get the permissions the user's umask gives (the archive is meant to be shared), not a temporary folder's 0700.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -15,35 +19,34 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pipeline.fingerprint import model_fingerprint, sha256_file
-from pipeline.locking import LockHeld, exclusive, lock_file
+from pipeline.locking import LockHeld, lock_file, try_exclusive
+from pipeline.models.architecture import BASE_CONFIG_KEYS
 from pipeline.recipe import NAME_PATTERN, RESERVED_SUFFIXES
 from pipeline.versions import library_versions
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MANIFEST = "manifest.json"
-# The base's config.json keys a manifest keeps: enough to tell whether a target has the same architecture.
-BASE_CONFIG_KEYS = (
-    "architectures",
-    "model_type",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "vocab_size",
-)
+SEAL = "manifest_sha256"
 
 
 class ArchiveError(RuntimeError):
     """An archived adapter that is missing, corrupt or in conflict; the message names it."""
 
 
+def seal(manifest: dict) -> str:
+    """The sha256 of a manifest's content without its seal (keys sorted, so key order does not matter)."""
+    content = {key: value for key, value in manifest.items() if key != SEAL}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def read_manifest(path: Path) -> dict:
+    """The manifest, checked against its seal. Manifests written before seals existed have none and are read as
+    they are (`verify` says so)."""
     manifest = Path(path) / MANIFEST
     if not manifest.is_file():
         raise ArchiveError(f"{path}: no {MANIFEST}; not an archived adapter")
     try:
-        data = json.loads(manifest.read_text())
+        data = json.loads(manifest.read_text(encoding="utf-8"))
     except ValueError:  # cut short (a full disk) or edited by hand
         data = None
     if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
@@ -51,22 +54,30 @@ def read_manifest(path: Path) -> dict:
             f"{manifest}: not an archive manifest (a JSON object with `files`: name → sha256); the "
             "archive holds a damaged entry. Restore it from a backup, or move it out of the archive."
         )
+    if SEAL in data and data[SEAL] != seal(data):
+        raise ArchiveError(
+            f"{manifest}: edited after the adapter was archived (its content no longer matches its {SEAL}); an "
+            "archived adapter's record is never changed. Restore it from a backup, or archive the adapter again "
+            "under a new name."
+        )
     return data
 
 
-def archived_names(archive_dir: Path) -> list[str]:
-    """The names of the complete adapters in the archive; partial writes (`*.partial`) are never listed."""
+def _entries(archive_dir: Path) -> list[Path]:
+    """The archive's folders, hidden ones (locks, temporary writes) and partial or previous copies aside."""
     archive_dir = Path(archive_dir)
     if not archive_dir.is_dir():
         return []
     return [
-        entry.name
+        entry
         for entry in sorted(archive_dir.iterdir())
-        if entry.is_dir()
-        and (entry / MANIFEST).is_file()
-        and not entry.name.startswith(".")
-        and not entry.name.endswith((".partial", ".old"))
+        if entry.is_dir() and not entry.name.startswith(".") and not entry.name.endswith((".partial", ".old"))
     ]
+
+
+def archived_names(archive_dir: Path) -> list[str]:
+    """The names of the complete adapters in the archive; partial writes (`*.partial`) are never listed."""
+    return [entry.name for entry in _entries(archive_dir) if (entry / MANIFEST).is_file()]
 
 
 def archived_adapters(archive_dir: Path) -> dict[str, dict]:
@@ -79,10 +90,17 @@ def file_hashes(path: Path) -> dict[str, str]:
 
 
 def verify_adapter(path: Path) -> dict:
-    """Check every file against the sha256 in the manifest; returns the manifest. Raises ArchiveError naming the
-    adapter and the file, so a corrupt adapter never reaches apply or merge."""
+    """Check that the folder holds exactly the manifest's files (hidden files aside: the runner's marker) with their
+    sha256, the adapter's own two among them; returns the manifest. Raises ArchiveError naming the adapter and the
+    file, so a corrupt adapter never reaches apply or merge."""
     path = Path(path)
     manifest = read_manifest(path)
+    listed = set(manifest["files"])
+    present = {p.name for p in path.iterdir() if not p.name.startswith(".")} - {MANIFEST}
+    problems = [f"{name} is not listed in its manifest" for name in sorted(present - listed)]
+    problems += [f"the manifest does not list {name}" for name in ADAPTER_FILES if name not in listed]
+    if problems:
+        raise ArchiveError(f"archived adapter {path.name}: {'; '.join(problems)} ({path})")
     for name, expected in manifest["files"].items():
         file = path / name
         if not file.is_file():
@@ -141,8 +159,25 @@ def write_adapter_files(directory: Path, adapter_config: dict, weights_file: Pat
 
 
 def write_manifest(directory: Path, name: str, manifest: dict, hashes: dict[str, str]) -> None:
-    """manifest.json, written last: an entry without one is never listed as archived."""
-    (Path(directory) / MANIFEST).write_text(json.dumps({"name": name, **manifest, "files": hashes}, indent=2) + "\n")
+    """manifest.json, sealed, written last: an entry without one is never listed as archived."""
+    content = {"name": name, **manifest, "files": hashes}
+    content[SEAL] = seal(content)
+    (Path(directory) / MANIFEST).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+
+
+def stray_entries(archive_dir: Path) -> list[str]:
+    """Folders in the archive that are no archived adapter (no manifest)."""
+    return [entry.name for entry in _entries(archive_dir) if not (entry / MANIFEST).is_file()]
+
+
+def share_permissions(directory: Path) -> None:
+    """Folders and files as the umask gives them (a shared archive), not tempfile.mkdtemp's 0700."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(directory, 0o777 & ~mask)
+    for file in Path(directory).iterdir():
+        if file.is_file():
+            os.chmod(file, 0o666 & ~mask)
 
 
 def write_adapter(
@@ -152,7 +187,7 @@ def write_adapter(
     reader never sees half an adapter. Returns (path, written); written is False when the same name already holds
     the same files. Raises ArchiveError when it holds different ones."""
     if not re.fullmatch(NAME_PATTERN, name) or name.endswith(RESERVED_SUFFIXES):
-        raise ArchiveError(
+        raise ValueError(
             f"adapter name {name!r}: use lowercase letters, digits, '.', '_' and '-' only, not "
             f"ending with {' or '.join(RESERVED_SUFFIXES)} (the archive never lists those)"
         )
@@ -161,11 +196,12 @@ def write_adapter(
     final = archive_dir / name
     partial = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=archive_dir))
     try:
-        with exclusive(lock_file(final), f"archived adapter {final}"):  # a run or another command writing it
+        with try_exclusive(lock_file(final), f"archived adapter {final}"):  # a run or another command writing it
             hashes = write_adapter_files(partial, adapter_config, weights_file)
             if already_archived(final, hashes):
                 return final, False
             write_manifest(partial, name, manifest, hashes)
+            share_permissions(partial)
             os.rename(partial, final)
             return final, True
     except LockHeld as error:

@@ -26,6 +26,8 @@ FORMAT_FIELDS = {
     "messages": ("messages", "role", "content"),
     "text": ("text",),
 }
+# The fields read inside each turn of a conversation; the others are columns of the row.
+TURN_FIELDS = ("from", "value", "role", "content")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 MESSAGES_ROLES = {"user": "user", "assistant": "assistant", "system": "system"}
 
@@ -54,16 +56,20 @@ def to_conversation(
     def field(name: str, source: dict = row) -> Any:
         return source.get(columns.get(name, name))
 
+    def named(name: str) -> str:
+        """A field as the user knows it: its source column, and the field it stands for when renamed."""
+        return f"'{columns[name]}' (the {name} field)" if name in columns else name
+
     if data_format == "alpaca":
-        instruction = _string(field("instruction"), "instruction")
-        extra = _string(field("input"), "input", required=False)
+        instruction = _string(field("instruction"), named("instruction"))
+        extra = _string(field("input"), named("input"), required=False)
         user = f"{instruction}\n{extra}" if extra.strip() else instruction
-        system = _string(field("system"), "system", required=False)
+        system = _string(field("system"), named("system"), required=False)
         messages = ([{"role": "system", "content": system}] if system.strip() else []) + [
             {"role": "user", "content": user}
         ]
         if not prompt_only:
-            messages.append({"role": "assistant", "content": _string(field("output"), "output")})
+            messages.append({"role": "assistant", "content": _string(field("output"), named("output"))})
     elif data_format in ("sharegpt", "messages"):
         key, role_key, content_key, roles = (
             ("conversations", "from", "value", SHAREGPT_ROLES)
@@ -102,12 +108,13 @@ def to_text(row: dict[str, Any], columns: dict[str, str]) -> str:
 
 
 def _string(value: Any, name: str, *, required: bool = True) -> str:
+    shown = name if name.startswith("'") else f"'{name}'"
     if value is None:
         if required:
-            raise RowRejected("missing_field", f"'{name}' is missing")
+            raise RowRejected("missing_field", f"{shown} is missing")
         return ""
     if not isinstance(value, str):
-        raise RowRejected("not_a_string", f"'{name}' is a {type(value).__name__}, not a string")
+        raise RowRejected("not_a_string", f"{shown} is a {type(value).__name__}, not a string")
     return value
 
 

@@ -10,16 +10,21 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.errors import ConfigProblem
 from pipeline.fingerprint import hash_json, sha256_file
 from pipeline.models.hub import ModelNotFound, check_model_reference
-from pipeline.recipe import RecipeError
 
 TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "data_templates"
 PROBE = [{"role": "user", "content": "PROBE_USER"}, {"role": "assistant", "content": "PROBE_REPLY"}]
 
 
+class ChatTemplateError(ConfigProblem):
+    """A chat template choice that cannot be used: missing, absent from the target tokenizer, or ending replies with
+    a token the base cannot emit."""
+
+
 def template_file(choice: str) -> Path | None:
-    """The .jinja file a recipe's `chat_template` names, or None for `target`. Raises RecipeError if missing."""
+    """The .jinja file a recipe's `chat_template` names, or None for `target`. Raises ChatTemplateError if missing."""
     if choice == "target":
         return None
     named = TEMPLATES_DIR / f"{choice}.jinja"
@@ -27,13 +32,13 @@ def template_file(choice: str) -> Path | None:
         if named.is_file():
             return named
         known = sorted(p.stem for p in TEMPLATES_DIR.glob("*.jinja"))
-        raise RecipeError(
-            f"chat_template: no template named {choice!r} in {TEMPLATES_DIR} (known: {known}); "
+        raise ChatTemplateError(
+            f"no template named {choice!r} in {TEMPLATES_DIR} (known: {known}); "
             "use `target`, a known name, or a path to a .jinja file"
         )
     path = Path(choice).expanduser()
     if not path.is_file():
-        raise RecipeError(f"chat_template: file not found: {choice}")
+        raise ChatTemplateError(f"file not found: {choice}")
     return path
 
 
@@ -59,9 +64,9 @@ def check_template(choice: str, target_model: str) -> None:
         and Path(target_model).is_dir()
         and not local_tokenizer_template(Path(target_model))
     ):
-        raise RecipeError(
-            f"chat_template: target: the target tokenizer in {target_model} has no chat template; "
-            "set chat_template to a name in data_templates/ (e.g. chatml) or a .jinja path"
+        raise ChatTemplateError(
+            f"target: the target tokenizer in {target_model} has no chat template; "
+            "choose a name in data_templates/ (e.g. chatml) or a .jinja path"
         )
 
 
@@ -74,9 +79,9 @@ def load_template(choice: str, target_tokenizer) -> str:
     if isinstance(template, dict):
         template = template.get("default")
     if not template:
-        raise RecipeError(
-            "chat_template: target: the target tokenizer has no chat template; set chat_template to "
-            "a name in data_templates/ (e.g. chatml) or a .jinja path"
+        raise ChatTemplateError(
+            "target: the target tokenizer has no chat template; choose a name in data_templates/ (e.g. chatml) "
+            "or a .jinja path"
         )
     return template
 
@@ -93,8 +98,8 @@ def end_of_turn_token(template: str, base_tokenizer, template_kwargs: dict) -> s
     if token is None:
         shown = after[:40] or "(nothing)"
         ids = base_tokenizer.encode(after[:40], add_special_tokens=False)
-        raise RecipeError(
-            f"chat_template: assistant replies end with {shown!r}, which is not a special token of the base "
+        raise ChatTemplateError(
+            f"assistant replies end with {shown!r}, which is not a special token of the base "
             f"tokenizer (it encodes as {len(ids)} tokens {base_tokenizer.convert_ids_to_tokens(ids)[:8]}). The "
             "adapter is trained on the base model, so the base must know the end-of-turn token as one special "
             "token to learn when to stop; use a template whose turns end with one of "

@@ -1,7 +1,7 @@
 """Judge a finished demo run on fresh examples no training saw: greedy answers in the target's chat template, exact
 match, for the target, each LoRA on the base (`trained:<name>`) and on the target (`adapted:<name>`), the merged model
-and (when the search chose another) the seed's merge (`merged:seed`); each LoRA's transfer (its skill on the target
-over its skill on the base).
+and (when the search chose another) the published merge (`merged:published`); each LoRA's transfer (its skill on the
+target over its skill on the base).
 
     python -m pipeline.demo.fresh                  # runs/tiny-cpu, 100 examples per skill, seed 1
     python -m pipeline.demo.fresh --seed 7 -n 200
@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from pipeline.data.synthetic import fresh_examples
+from pipeline.demo.synthetic import fresh_examples
 from pipeline.evaluation.generate import greedy_answers, score_answers
 from pipeline.evaluation.transfer import transfer_report
 
@@ -41,18 +41,15 @@ def exact_match(model, tokenizer, skill: str, n: int, seed: int) -> float:
 
 def lineage_models(recipe) -> dict[str, object]:
     """label → ModelSpec of the run's target, trained and adapted models, merged model and (when the search chose
-    another) the seed's merge: the evaluate stage's own lineage of the finished run, without the base."""
-    from pipeline.stages import STAGES, Inputs, StageRef, evaluate
-    from pipeline.stages.selection import adapted_model_dir, saves_adapted_models, selected_adapters
+    another) the published merge: the evaluate stage's own lineage of the finished run, without the base, read from the
+    outputs the runner hands the evaluate step."""
+    from pipeline.runner import inputs_of
+    from pipeline.stages import evaluate
 
-    paths = {StageRef("merge"): STAGES["merge"].output_path(recipe, "")}
-    search_dir = STAGES["search"].output_path(recipe, "")
-    if recipe.search is not None and search_dir.is_dir():
-        paths[StageRef("search")] = search_dir
-    if saves_adapted_models(recipe):
-        paths |= {StageRef("apply", name): adapted_model_dir(recipe, name) for name in selected_adapters(recipe)}
-    scored = recipe.evaluate.model_copy(update={"models": ["target", "trained", "adapted", "merged"]})
-    specs = evaluate.lineage(recipe.model_copy(update={"evaluate": scored}), Inputs(paths))
+    scored = recipe.model_copy(
+        update={"evaluate": recipe.evaluate.model_copy(update={"models": ["target", "trained", "adapted", "merged"]})}
+    )
+    specs = evaluate.lineage(scored, inputs_of(scored, "evaluate"))
     return {spec.label: spec for spec in specs}
 
 
@@ -129,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(table, [*learned, *kept], args.n, args.seed))
     lines = [transfer_line(name, entry) for name, entry in transfer(table, learned).items()]
     lines += verdict(table, learned, kept)
-    if "merged:seed" in table:
-        lines += verdict(table, learned, kept, "merged:seed")
+    if "merged:published" in table:
+        lines += verdict(table, learned, kept, "merged:published")
     print("\n".join(lines))
     return 0 if not any("FAIL" in line for line in verdict(table, learned, kept)) else 1
 

@@ -1,5 +1,5 @@
 """The demo's lineage, built locally: a tiny Qwen2 base pretrained on the synthetic language
-(pipeline/data/synthetic.py) and an "instruct" target = base + a light instruct tune, shaped like a real pair so the
+(pipeline/demo/synthetic.py) and an "instruct" target = base + a light instruct tune, shaped like a real pair so the
 demo can show the method.
 
 The base learns plain text, the demo skills in a notation of their own and chats of everyday instructions and of the
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from pipeline.console import tqdm
-from pipeline.data.synthetic import (
+from pipeline.demo.synthetic import (
     EVERYDAY_SKILLS,
     notation_document,
     plain_document,
@@ -33,8 +33,8 @@ from pipeline.data.synthetic import (
     word_corpus,
     write_finetune_sets,
 )
+from pipeline.demo.tiny import build_word_tokenizer, make_tiny_model, save_model, set_eos
 from pipeline.evaluation.generate import greedy_answers
-from pipeline.models.tiny import build_word_tokenizer, make_tiny_model, save_model, set_eos
 
 DEMO_VERSION = "6"
 # Width and depth: learns every notation within the build budget. Hidden 192 summed two LoRAs far more linearly

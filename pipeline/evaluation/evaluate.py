@@ -57,7 +57,8 @@ def evaluation_report(
     return {
         "name": name,
         "settings": {
-            **config.model_dump(exclude={"retention", "models", "enabled", "lm_eval"}),
+            **config.scoring_settings(),
+            "max_samples": config.max_samples,
             "device": str(evaluation.device),
         },
         "models": [spec.label for spec in specs],

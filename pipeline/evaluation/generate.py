@@ -134,7 +134,7 @@ def chat_reply(model_dir: Path, prompt: str, *, max_new_tokens: int = 48, trust_
         raise ValueError(f"{model_dir}: the tokenizer has no chat template; the merge should copy the target's")
     placement = {"device_map": "auto"} if torch.cuda.is_available() else {}
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype="auto", trust_remote_code=trust_remote_code, **placement
+        model_dir, dtype="auto", use_safetensors=True, trust_remote_code=trust_remote_code, **placement
     )
     inputs = tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True

@@ -6,8 +6,6 @@ the new adapted model and the new merge: base, target and earlier adapted models
 
 from __future__ import annotations
 
-import json
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ from pipeline.evaluation import lm_eval_tasks
 from pipeline.evaluation.generate import greedy_answers, prompt_ids, score_answers
 from pipeline.evaluation.loss import assistant_token_loss
 from pipeline.evaluation.models import ModelSpec, evaluation_dtype, load_causal_lm, release
+from pipeline.files import read_json, write_json_atomic
 from pipeline.fingerprint import hash_json
 from pipeline.recipe import EvaluateConfig
 
@@ -98,30 +97,14 @@ def evaluate_set(model, label: str, eval_set: EvalSet, evaluation: Evaluation) -
     return result
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def _write_json(path: Path, value: dict) -> None:
-    """Atomically: a run killed mid-write leaves no half file for the next run to read."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}")
-    temporary.write_text(json.dumps(value))
-    os.replace(temporary, path)
-
-
 class ScoreCache:
     """One JSON file per (model, set, settings) under `directory`, written atomically."""
 
     def __init__(self, directory: Path, evaluation: Evaluation):
         self.directory = Path(directory)
-        config = evaluation.config.model_dump(exclude={"retention", "models", "enabled", "lm_eval", "max_samples"})
         self.settings = hash_json(
             {
-                **config,
+                **evaluation.config.scoring_settings(),
                 "device": str(evaluation.device),
                 "stop_ids": evaluation.stop_ids,
                 "pad_id": evaluation.pad_id,
@@ -133,10 +116,10 @@ class ScoreCache:
         return self.directory / f"{hash_json([model, eval_set.fingerprint(), self.settings])[:32]}.json"
 
     def get(self, model: str, eval_set: EvalSet) -> dict | None:
-        return _read_json(self._path(model, eval_set))
+        return read_json(self._path(model, eval_set))
 
     def put(self, model: str, eval_set: EvalSet, result: dict) -> None:
-        _write_json(self._path(model, eval_set), result)
+        write_json_atomic(self._path(model, eval_set), result, indent=None)
 
 
 class TaskScoreCache:
@@ -168,14 +151,14 @@ class TaskScoreCache:
         return self.directory / f"{hash_json(key)[:32]}.json"
 
     def get(self, spec: ModelSpec, task: str) -> dict | None:
-        return _read_json(self._path(spec, task))
+        return read_json(self._path(spec, task))
 
     def put(self, spec: ModelSpec, task: str, scores: dict) -> None:
-        _write_json(self._path(spec, task), scores)
+        write_json_atomic(self._path(spec, task), scores, indent=None)
 
 
 def load_model(spec: ModelSpec, evaluation: Evaluation):
-    """The model of a report row: loaded as stored, or the target with a merge written into it in memory (the seed's
+    """The model of a report row: loaded as stored, or the target with a merge written into it in memory (the published
     configuration beside the search's choice, without writing a second merged model)."""
     model = load_causal_lm(
         spec,

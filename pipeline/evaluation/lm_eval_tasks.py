@@ -16,8 +16,9 @@ import json
 import math
 from pathlib import Path
 
+from pipeline.errors import ConfigProblem
 from pipeline.fingerprint import content_fingerprint, hash_json, sha256_file
-from pipeline.recipe import LmEvalConfig, RecipeError
+from pipeline.recipe import LmEvalConfig
 
 NOT_INSTALLED = "not run (lm_eval not installed: pip install -e '.[lm-eval]')"
 
@@ -67,8 +68,8 @@ def manager_for(config: LmEvalConfig):
 
 
 def check_tasks(config: LmEvalConfig) -> None:
-    """Every task name is one lm-eval knows (its own or include_path's), or a task YAML file; else a RecipeError
-    naming the unknown ones with the closest known names. Nothing is downloaded."""
+    """Every task name is one lm-eval knows (its own or include_path's), or a task YAML file; else a ConfigProblem
+    at `tasks` naming the unknown ones with the closest known names. Nothing is downloaded."""
     if not config.tasks or not lm_eval_available():
         return
     known = manager_for(config).all_tasks
@@ -80,9 +81,10 @@ def check_tasks(config: LmEvalConfig) -> None:
         close = difflib.get_close_matches(task, known, n=3)
         hints.append(f"{task!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
     where = f"lm-eval's tasks and those in {config.include_path}" if config.include_path else "lm-eval's tasks"
-    raise RecipeError(
-        f"evaluate.lm_eval.tasks: unknown task {', '.join(hints)}: not among {where}. "
-        "`lm-eval ls tasks` lists them; a task of your own goes in a YAML under evaluate.lm_eval.include_path"
+    raise ConfigProblem(
+        f"unknown task {', '.join(hints)}: not among {where}. `lm-eval ls tasks` lists them; a task of your own "
+        "goes in a YAML under include_path",
+        ("tasks",),
     )
 
 

@@ -97,6 +97,7 @@ def load_causal_lm(
     model = AutoModelForCausalLM.from_pretrained(
         spec.path,
         dtype=load_dtype,
+        use_safetensors=True,  # never a pickle: unpickling runs whatever code the file holds
         trust_remote_code=trust_remote_code,
         **placement,
         **quantization(load_in_4bit, compute_dtype, device),

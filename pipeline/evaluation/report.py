@@ -51,7 +51,8 @@ def _table(report: dict, metric: str, cell, lower_is_better: bool) -> list[str]:
 def learned_and_kept(report: dict) -> list[str]:
     """The two questions first: what each merge learned of each fine-tune (merged vs target vs its adapted model on
     the held-out set) and what it kept of each retention set (merged vs target), in exact match when generation ran,
-    else in loss. Every merged model stands in its own column (the search's choice beside the seed's)."""
+    else in loss. Every merged model stands in its own column (the search's choice beside the published
+    configuration)."""
     merged = [m for m in report["models"] if m.startswith("merged")]
     if not merged or "target" not in report["models"]:
         return []
@@ -236,17 +237,30 @@ def _grouped_bars(axis, values: dict[str, list], labels: list[str], title: str) 
     axis.set_title(title)
 
 
-def read_report(out_dir: Path) -> dict | None:
-    """report.json of an evaluation written by `write_report`; None when there is none."""
-    path = Path(out_dir) / REPORT_JSON
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def write_report(report: dict, out_dir: Path) -> str:
     """Write report.json, report.md and report.png into `out_dir`; returns the markdown tables."""
     out_dir = Path(out_dir)
-    (out_dir / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     table = markdown_table(report)
-    (out_dir / REPORT_MD).write_text(f"# Evaluation of {report['name']}\n\n{table}")
+    (out_dir / REPORT_MD).write_text(f"# Evaluation of {report['name']}\n\n{table}", encoding="utf-8")
     write_chart(report, out_dir / REPORT_PNG)
     return table
+
+
+def read_report_tables(evaluate_dir: Path) -> str | None:
+    """report.md's tables without its title (for the screen at the end of a run and the model card); None without a
+    report."""
+    path = Path(evaluate_dir) / REPORT_MD
+    return path.read_text(encoding="utf-8").split("\n", 1)[-1].strip() if path.is_file() else None
+
+
+def read_lm_eval(evaluate_dir: Path) -> dict | None:
+    """report.json's lm-eval section (the card's model-index); None without a report."""
+    path = Path(evaluate_dir) / REPORT_JSON
+    return json.loads(path.read_text(encoding="utf-8")).get("lm_eval") if path.is_file() else None
+
+
+def read_transfer(evaluate_dir: Path) -> dict | None:
+    """report.json's transfer per adapter (a column of the card's lineage table); None without a report."""
+    path = Path(evaluate_dir) / REPORT_JSON
+    return json.loads(path.read_text(encoding="utf-8")).get("transfer") if path.is_file() else None

@@ -68,9 +68,26 @@ def retention_set(
     kept = render.kept_rows(processed)
     if not len(kept):
         raise EvalSetError(
-            f"evaluate.retention {retention.name}: none of the first {limit} rows of {dataset.path} "
+            f"retention set {retention.name}: none of the first {limit} rows of {dataset.path} "
             f"could be rendered as format {dataset.format} (first reason: {processed[0]['reason']}: "
             f"{processed[0]['detail']})"
         )
     eval_set = rows_to_set(retention.name, "retention", dataset.path, kept, None)
     return replace(eval_set, rejected=limit - len(kept))
+
+
+def retention_sets(
+    retention: list[RetentionSet],
+    chat: ChatFormat,
+    work_dir: Path,
+    *,
+    max_length: int,
+    max_samples: int | None,
+    names: set[str] | None = None,
+) -> list[EvalSet]:
+    """The retention sets (those in `names`, or all), each from its first `max_samples` rows."""
+    return [
+        retention_set(r, chat, work_dir, max_length=max_length, max_samples=max_samples)
+        for r in retention
+        if names is None or r.name in names
+    ]

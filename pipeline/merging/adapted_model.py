@@ -7,7 +7,6 @@ see identical inputs. Memory holds the tensor being adapted and the one being re
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import TypeVar
 import torch
 
 from pipeline.console import tqdm
+from pipeline.models.architecture import ARCHITECTURE_KEYS
 from pipeline.models.lora import LoraAdapter, adapted_weight, load_adapter
 from pipeline.models.safetensors_io import (
     INDEX_FILE,
@@ -30,19 +30,9 @@ from pipeline.models.safetensors_io import (
     write_index,
 )
 
-LOG = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 # Config keys that must agree between the base an adapter was trained on and the target it is applied to.
-ARCHITECTURE_KEYS = (
-    "architectures",
-    "model_type",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-)
 
 
 class IncompatibleAdapter(ValueError):
@@ -188,6 +178,4 @@ def dtype_cast(tensors: dict[str, TensorInfo], setting: str) -> str | None:
     )
     if not stored:
         return None
-    message = f"every {'/'.join(stored)} tensor of the target cast to {setting} (apply.dtype; auto keeps the target's)"
-    LOG.warning("apply: %s", message)
-    return message
+    return f"every {'/'.join(stored)} tensor of the target cast to {setting}"

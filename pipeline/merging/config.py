@@ -11,18 +11,21 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import ConfigProblem
 from pipeline.models.hub import resolve_model
-from pipeline.recipe import MergeConfig, RecipeError
+from pipeline.recipe import PUBLISHED_PARAMETERS, MergeConfig
 
 # A tensor name used to resolve parameters at check time (filters may select on names; any layer weight will do).
 SAMPLE_TENSOR = "model.layers.0.self_attn.q_proj.weight"
-SEED_PARAMETERS = {"normalize": True, "int8_mask": True}
+
+
+class MergeConfigError(ConfigProblem):
+    """A merge mergekit cannot run; `where` is the part of the `merge:` settings it concerns."""
 
 
 def mergekit_only_keys(merge: MergeConfig) -> list[str]:
-    """The set keys only mergekit can run: a rebuilt vocabulary, layer slices, a mixture of experts."""
-    keys = ("tokenizer_source", "tokenizer", "slices", "moe")
-    return [f"merge.{key}" for key in keys if getattr(merge, key)]
+    """The settings given that only mergekit can run: a rebuilt vocabulary, layer slices, a mixture of experts."""
+    return [key for key in ("tokenizer_source", "tokenizer", "slices", "moe") if getattr(merge, key)]
 
 
 def resolve_engine(merge: MergeConfig) -> str:
@@ -83,7 +86,7 @@ def method_spec(method: str):
         return merge_methods.get(method).spec
     except RuntimeError:
         known = ", ".join(sorted(method.spec.name for method in merge_methods.registered_methods()))
-        raise RecipeError(f"merge.method: {method!r} is not a mergekit merge method (known: {known})") from None
+        raise MergeConfigError(f"{method!r} is not a mergekit merge method (known: {known})", ("method",)) from None
 
 
 def model_parameters(merge: MergeConfig, adapter: str | None) -> dict[str, Any]:
@@ -101,16 +104,16 @@ def model_parameters(merge: MergeConfig, adapter: str | None) -> dict[str, Any]:
 
 
 def merge_parameters(merge: MergeConfig) -> dict[str, Any]:
-    """`merge.parameters` as written, or by default the seed's normalize/int8_mask where the method takes them."""
+    """`merge.parameters` as written, or by default the published normalize/int8_mask where the method takes them."""
     if merge.parameters is not None:
         return copy.deepcopy(merge.parameters)
     shared = {parameter.name for parameter in method_spec(merge.method).shared_parameters}
-    return {name: value for name, value in SEED_PARAMETERS.items() if name in shared}
+    return {name: value for name, value in PUBLISHED_PARAMETERS.items() if name in shared}
 
 
 def build_mergekit_config(merge: MergeConfig, adapter_models: dict[str, str], base: str, target: str) -> dict:
-    """The seed's config: every adapted model and the target over the base, with the merge's method settings.
-    `adapter_models` maps adapter names to their adapted-model paths. With `base_model: target` the merge is
+    """The published recipe's config: every adapted model and the target over the base, with the merge's method
+    settings. `adapter_models` maps adapter names to their adapted-model paths. With `base_model: target` the merge is
     relative to the target (T + the adapters' merged deltas), so the target is the base and not also an input.
     With `merge.slices`, mergekit's `slices:` instead, each source's model named by the recipe's names."""
     takes_base = method_spec(merge.method).contract.base.value != "ignored"
@@ -199,7 +202,7 @@ def tensor_parameters(config, tensor_name: str, t: float, inputs: dict, out_slic
 
 def validate_mergekit_config(config_dict: dict, num_layers: int | None = None):
     """Parse with mergekit's MergeConfiguration and check method, parameters and inputs (of every slice, and its
-    layer ranges inside `num_layers` when known); RecipeError naming the recipe key otherwise. Returns the parsed
+    layer ranges inside `num_layers` when known); MergeConfigError locating the problem otherwise. Returns the parsed
     configuration."""
     from mergekit.config import MergeConfiguration
     from pydantic import ValidationError
@@ -209,28 +212,30 @@ def validate_mergekit_config(config_dict: dict, num_layers: int | None = None):
     paths = [config_dict.get("base_model") or "", *(entry["model"] for entry in config_entries(config_dict))]
     for path in paths:
         if "+" in path or "@" in path:
-            raise RecipeError(f"merge: mergekit reads '+' and '@' in a model path as LoRA/revision syntax: {path}")
+            raise MergeConfigError(f"mergekit reads '+' and '@' in a model path as LoRA/revision syntax: {path}")
     try:
         config = MergeConfiguration.model_validate(copy.deepcopy(config_dict))
     except (ValidationError, RuntimeError) as error:
-        raise RecipeError(f"merge: mergekit rejects the generated config: {error}") from None
+        raise MergeConfigError(f"mergekit rejects the generated config: {error}") from None
     known = {parameter.name for parameter in spec.parameters}
     shared = {parameter.name for parameter in spec.shared_parameters}
-    levels = [("merge.parameters", config.parameters)]
-    levels += [(f"merge.slices.{i}.parameters", piece.parameters) for i, piece in enumerate(config.slices or [])]
-    for key, parameters in levels:
+    levels = [(("parameters",), config.parameters)]
+    levels += [(("slices", i, "parameters"), piece.parameters) for i, piece in enumerate(config.slices or [])]
+    for where, parameters in levels:
         unknown = set(parameters or {}) - shared
         if unknown:
-            raise RecipeError(
-                f"{key}: {sorted(unknown)} are not parameters of {spec.name} "
-                f"(it takes: {', '.join(sorted(shared)) or 'none'})"
+            raise MergeConfigError(
+                f"{sorted(unknown)} are not parameters of {spec.name} "
+                f"(it takes: {', '.join(sorted(shared)) or 'none'})",
+                where,
             )
     for entry in [*(config.models or []), *(s for piece in config.slices or [] for s in piece.sources)]:
         unknown = set(entry.parameters or {}) - known
         if unknown:
-            raise RecipeError(
-                f"{'merge.slices' if sliced else 'merge.models'}: {sorted(unknown)} are not parameters of "
-                f"{spec.name} for {entry.model} (per-model parameters it takes: {sorted(known - shared)})"
+            raise MergeConfigError(
+                f"{sorted(unknown)} are not parameters of {spec.name} for {entry.model} "
+                f"(per-model parameters it takes: {sorted(known - shared)})",
+                ("slices" if sliced else "models",),
             )
     if not sliced:
         _check_inputs(config, spec, input_models(config), None)
@@ -238,24 +243,25 @@ def validate_mergekit_config(config_dict: dict, num_layers: int | None = None):
     for index, piece in enumerate(config.slices):
         lengths = {end - start for start, end in (source.layer_range for source in piece.sources)}
         if len(lengths) > 1:
-            raise RecipeError(f"merge.slices.{index}: every source needs the same number of layers, got {lengths}")
+            raise MergeConfigError(f"every source needs the same number of layers, got {lengths}", ("slices", index))
         for source in piece.sources:
             if num_layers is not None and source.layer_range[1] > num_layers:
-                raise RecipeError(
-                    f"merge.slices.{index}: layer_range {list(source.layer_range)} of {source.model} is outside "
-                    f"the model's {num_layers} layers (0..{num_layers}, end excluded)"
+                raise MergeConfigError(
+                    f"layer_range {list(source.layer_range)} of {source.model} is outside the model's {num_layers} "
+                    f"layers (0..{num_layers}, end excluded)",
+                    ("slices", index),
                 )
         # mergekit's planner gives a slice's method its sources only: the base must be among them
         models = [source.model for source in piece.sources]
-        _check_inputs(config, spec, models, piece, f"merge.slices.{index}: ")
+        _check_inputs(config, spec, models, piece, ("slices", index))
     return config
 
 
-def _check_inputs(config, spec, models: list, out_slice, where: str = "merge: ") -> None:
+def _check_inputs(config, spec, models: list, out_slice, where: tuple = ()) -> None:
     from mergekit import merge_methods
 
     try:
         merge_methods.get(spec.name).validate_inputs(models, config.base_model)
         tensor_parameters(config, SAMPLE_TENSOR, 0.0, {model: SAMPLE_TENSOR for model in models}, out_slice)
     except (ValueError, RuntimeError, TypeError) as error:
-        raise RecipeError(f"{where}{spec.name} cannot merge these inputs: {error}") from None
+        raise MergeConfigError(f"{spec.name} cannot merge these inputs: {error}", where) from None

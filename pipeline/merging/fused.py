@@ -1,14 +1,18 @@
 """The fused engine: apply + merge in one pass over the base and target, with no adapted model ever written.
 
 For each output tensor (mergekit's own architecture definition says which, in its order), the base and target
-tensors are read once, each adapter's version is computed as the apply stage would, and the inputs go to mergekit's
-`merge_tensors` with the parameters mergekit's resolver gives that tensor. The result equals apply + `run_merge`.
+tensors are read once, each adapter's version is computed as the apply stage would, and the inputs are merged with
+the parameters mergekit's resolver gives that tensor. The result equals apply + `run_merge`.
 
 Memory stays flat as adapters accumulate: elementwise methods merge a block of rows at a time, and each adapted
 input is computed for that block only (B[rows]@A), so `memory_budget` bounds all inputs of a block and the kernel's
-temporaries together, whatever their number. Reading, LoRA products and writing run in worker threads beside the
-kernel. Work that provably changes nothing is skipped: a weight no adapter touches is one shared tensor for every
-adapted model, and where every merged input is that one tensor, `merge_copies` computes mergekit's result from it.
+temporaries together, whatever their number. Reading and writing run in threads of their own, and blocks are merged
+side by side on the others. On the CPU, TIES, task arithmetic and linear at density 1 go through `kernel.py`'s one
+pass per block, which also adds each LoRA product to the target on the fly (no adapted tensor is materialized);
+everything else, and every block the kernel declines, goes to mergekit's own `merge_tensors`, the reference the
+kernel is tested against. A weight no adapter touches is one shared tensor for every adapted model, read once by the
+kernel; without the kernel, where every merged input is that one tensor, `merge_copies` computes mergekit's result
+from it.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import torch
 from pipeline.console import tqdm
 from pipeline.merging.adapted_model import check_compatibility, output_dtype, read_ahead, resolve_device
 from pipeline.merging.config import input_models, tensor_parameters
+from pipeline.merging.kernel import AdaptedRows, KernelMerge, materialize, promoted_dtype
+from pipeline.merging.kernel import status as kernel_status
 from pipeline.merging.mergekit_engine import MERGE_SEED
 from pipeline.models.lora import LoraFactors, load_adapter
 from pipeline.models.safetensors_io import (
@@ -50,10 +56,12 @@ COPY_METHODS = ("task_arithmetic", "ties")
 # of n equal terms, in whatever order a kernel adds them, is n times the term.
 EXACT_COUNTS = {torch.bfloat16: 2**16, torch.float16: 2**13}
 MEMORY_BUDGET = 1024**3
-# Per input on the CPU: TIES makes a dozen passes over each block, and blocks this small stay in the caches (measured
-# on the 0.5B shapes with 10 inputs: 2x faster than 35 MB blocks; below ~100 KB the per-call overhead wins).
+# Per input on the CPU: mergekit's TIES makes a dozen passes over each block, and blocks this small stay in the
+# caches (measured on the 0.5B shapes with 10 inputs: 2x faster than 35 MB blocks; below ~100 KB the per-call
+# overhead wins). The one-pass kernel reads each block once; 128 KB and 512 KB blocks measured the same CPU time.
 CHUNK_BYTES = 512 * 1024
-# Bytes the kernel holds per input byte of a block beyond the input itself: deltas, signs, mask, masked deltas.
+# Bytes a block's merge holds per input byte beyond the input itself: mergekit's deltas, signs, mask and masked
+# deltas (the kernel holds each adapter's float32 LoRA product instead, two bytes per bfloat16 byte).
 KERNEL_COPIES = 4
 # MKL computes a one-row product with gemv, whose sums differ from the whole GEMM's: blocks have two rows or more.
 MIN_ROWS = 2
@@ -80,8 +88,8 @@ def plan_tensors(config_dir: Path, target: dict, base: dict | None, trust_remote
     arch = arch_info_for_config(config)
     if arch is None:
         raise ValueError(
-            f"mergekit has no architecture definition for {config.architectures}; the fused engine "
-            "needs one. Set merge.engine: mergekit"
+            f"mergekit has no architecture definition for {config.architectures}; the fused engine needs one "
+            "(the mergekit engine does not)"
         )
     planned = []
     for module in arch.modules.values():
@@ -207,10 +215,13 @@ class FusedInputs:
             item, None, target, {adapted_path: adapted_path}, self.adapters, self.apply_dtype, self.device, None
         )[adapted_path]
 
-    def merged_tensors(self, config, order: list[PlannedTensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    def merged_tensors(
+        self, config, order: list[PlannedTensor] | None = None, destinations: dict[str, torch.Tensor] | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, merged tensor) for every output tensor of `config` (a parsed MergeConfiguration whose model paths
         are the base, the target or keys of `adapters`), in `order`. One thread reads the next tensor while the
-        others each compute a row block's adapted inputs and merge it."""
+        others each compute a row block's adapted inputs and merge it. A tensor of `destinations` (by name) in the
+        merged tensor's dtype and shape is written in place and yielded itself."""
         from mergekit import merge_methods
 
         method = merge_methods.get(config.merge_method)
@@ -225,7 +236,9 @@ class FusedInputs:
         workers, threads = block_workers(self.device), torch.get_num_threads()
 
         def prepare(item: PlannedTensor) -> TensorWork:
-            return self._tensor_work(item, config, method, models, roles, with_base, workers)
+            work = self._tensor_work(item, config, method, models, roles, with_base, workers)
+            work.destination = (destinations or {}).get(item.weight.name)
+            return work
 
         with _torch_threads(1), ThreadPoolExecutor(max_workers=workers) as blocks:
             for item, work in read_ahead(prepare, order):
@@ -249,23 +262,24 @@ class FusedInputs:
             used = {roles[model]: roles[model] for model in models}
             factors = self.factors(item, used)
             distinct = len(factors) + 3  # the touched adapters' inputs, the untouched one, the target, the base
+            # The kernel adds each LoRA product to the target itself; mergekit's code needs the adapted tensors.
+            lazy = merge.kernel is not None and self.device.type == "cpu"
 
             def inputs(rows: slice | None) -> dict:
-                return _on_device(
-                    tensor_inputs(
-                        item,
-                        base,
-                        target,
-                        used,
-                        self.adapters,
-                        self.apply_dtype,
-                        self.device,
-                        load_dtype,
-                        rows=rows,
-                        factors=factors,
-                    ),
+                values = tensor_inputs(
+                    item,
+                    base,
+                    target,
+                    used,
+                    self.adapters,
+                    self.apply_dtype,
                     self.device,
+                    load_dtype,
+                    rows=rows,
+                    factors=factors,
+                    lazy=lazy,
                 )
+                return values if lazy else _on_device(values, self.device)
 
         info = self.target_tensors[item.target_name]
         blocks = [None]
@@ -288,7 +302,8 @@ class FusedInputs:
 
 @dataclass
 class TensorWork:
-    """One output tensor to merge: its inputs by row block (`inputs(rows)`, role → tensor) and the blocks."""
+    """One output tensor to merge: its inputs by row block (`inputs(rows)`, role → tensor, or AdaptedRows where
+    the kernel computes the adapted rows itself), the blocks, and where to write it (`destination`, optional)."""
 
     item: PlannedTensor
     merge: TensorMerge
@@ -296,43 +311,71 @@ class TensorWork:
     inputs: Callable[[slice | None], dict]
     blocks: list[slice | None]
     config: object
+    destination: torch.Tensor | None = None
 
-    def merge_block(self, rows: slice | None) -> torch.Tensor:
+    def block_inputs(self, rows: slice | None) -> list:
+        by_role = self.inputs(rows)
+        return [by_role[role] for role in self.input_roles]
+
+    def chosen_dtype(self) -> torch.dtype | None:
+        """The output dtype the config forces (`out_dtype`, or the weight's own), else None: the merge dtype."""
         from mergekit.common import dtype_from_name
+
+        chosen = self.item.weight.force_dtype or self.config.out_dtype
+        return dtype_from_name(chosen) if chosen else None
+
+    def merge_block(self, rows: slice | None, inputs: list | None = None) -> torch.Tensor:
+        """One block merged by mergekit's own code (inputs materialized)."""
         from mergekit.merge_methods.buffers import copy_non_floating_buffer
 
-        by_role = self.inputs(rows)
-        tensors = [by_role[role] for role in self.input_roles]
+        tensors = [materialize(value) for value in (self.block_inputs(rows) if inputs is None else inputs)]
         merged = copy_non_floating_buffer(tensors, self.item.weight.name)
         if merged is None:
             merged = self.merge(tensors)
-        chosen = self.item.weight.force_dtype or self.config.out_dtype
-        return merged.to(dtype_from_name(chosen)) if chosen else merged
+        chosen = self.chosen_dtype()
+        return merged.to(chosen) if chosen else merged
 
     def merge_blocks(self, pool: ThreadPoolExecutor, threads: int) -> torch.Tensor:
         """The merged tensor: a single block on this thread with `threads` per torch op (random methods draw in
-        order), or every block on `pool`, each written into the output as it is done."""
+        order), or every block on `pool`, each merged into its rows of the output (by the kernel where it covers
+        the block, else by mergekit's code and copied there)."""
         if self.blocks == [None]:
             with _torch_threads(threads):
                 return self.merge_block(None)
         out, allocation = None, threading.Lock()
 
+        @torch.no_grad()  # grad mode is per thread; the output may be a loaded model's parameter
         def fill(rows: slice) -> None:
             nonlocal out
-            merged = self.merge_block(rows)
+            inputs = self.block_inputs(rows)
             with allocation:
                 if out is None:
-                    out = merged.new_empty((self.blocks[-1].stop, *merged.shape[1:]))
-            out[rows] = merged
+                    out = self._allocate(inputs)
+            kernel = self.merge.kernel
+            if kernel is None or kernel(inputs, out[rows]) is None:
+                out[rows] = self.merge_block(rows, inputs)
 
         for done in [pool.submit(fill, rows) for rows in self.blocks]:
             done.result()
         return out
 
+    def _allocate(self, inputs: list) -> torch.Tensor:
+        """The whole output: the destination when it fits, else a new tensor in mergekit's result dtype (the forced
+        one, else the inputs' promoted dtype)."""
+        first = inputs[0].target if isinstance(inputs[0], AdaptedRows) else inputs[0]
+        dtype = self.chosen_dtype() or promoted_dtype([value.dtype for value in inputs])
+        shape = (self.blocks[-1].stop, *first.shape[1:])
+        target = self.destination
+        layout = (dtype, shape, first.device, True)
+        if target is not None and (target.dtype, tuple(target.shape), target.device, target.is_contiguous()) == layout:
+            return target
+        return torch.empty(shape, dtype=dtype, device=first.device)
+
 
 @dataclass(frozen=True)
 class TensorMerge:
-    """mergekit's method with the parameters its resolver gives one output tensor."""
+    """mergekit's method with the parameters its resolver gives one output tensor, and the kernel's version of it
+    where the kernel reproduces it (`kernel`, None otherwise)."""
 
     method: object
     name: str
@@ -340,6 +383,7 @@ class TensorMerge:
     parameters: dict
     base_index: int | None
     elementwise: bool
+    kernel: KernelMerge | None = None
 
     @classmethod
     def resolve(cls, method, config, item: PlannedTensor, models: list) -> TensorMerge:
@@ -351,7 +395,8 @@ class TensorMerge:
         elementwise = method.spec.name in ELEMENTWISE_METHODS and all(
             density >= 1 for density in parameters.get("density", {}).values()
         )
-        return cls(method, item.weight.name, models, parameters, base_index, elementwise)
+        kernel = KernelMerge.resolve(method, parameters, models, base_index) if elementwise else None
+        return cls(method, item.weight.name, models, parameters, base_index, elementwise, kernel)
 
     def __call__(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         from mergekit.merge_methods import merge_tensors
@@ -523,7 +568,7 @@ def fused_merge(
                 for name, tensor in itertools.islice(merged, len(shard)):
                     if written is not None:
                         written.result()  # one tensor in flight: memory holds at most two outputs
-                    written = disk.submit(writer.write, name, tensor.cpu())
+                    written = disk.submit(writer.write, name, tensor)  # moved off a GPU there, beside the merge
                     bar.update()
                 if written is not None:
                     written.result()
@@ -532,7 +577,13 @@ def fused_merge(
                 total += writer.nbytes
     if len(files) > 1:
         write_index(out_dir, weight_map, total)
-    return {"tensors": len(order), "bytes_written": total, "adapters": len(adapters), "device": str(inputs.device)}
+    return {
+        "tensors": len(order),
+        "bytes_written": total,
+        "adapters": len(adapters),
+        "device": str(inputs.device),
+        "merge_kernel": kernel_status() if inputs.device.type == "cpu" else "not on a GPU: mergekit's torch code",
+    }
 
 
 def load_merged(inputs: FusedInputs, config, model) -> None:
@@ -541,10 +592,11 @@ def load_merged(inputs: FusedInputs, config, model) -> None:
     in that dtype."""
     weights = dict(model.named_parameters()) | dict(model.named_buffers())
     with torch.no_grad():
-        for name, tensor in inputs.merged_tensors(config):
+        for name, tensor in inputs.merged_tensors(config, destinations=weights):
             if name not in weights:
                 raise ValueError(f"{name}: merged tensor has no weight of that name in the loaded model")
-            weights[name].copy_(tensor)
+            if tensor is not weights[name]:
+                weights[name].copy_(tensor)
 
 
 def load_adapted(inputs: FusedInputs, adapted_path: str, model) -> None:
@@ -580,11 +632,13 @@ def tensor_inputs(
     *,
     rows: slice | None = None,
     factors: dict[str, LoraFactors] | None = None,
+    lazy: bool = False,
 ) -> dict:
     """Every input of one tensor (of its `rows`, or all of it), each as mergekit's loader would hand it over: the
     adapted models' as apply writes them, then every input cast to the merge dtype. Adapters without this module
     all get one shared tensor, and so does the target when its cast provably gives the same tensor. `factors`
-    (role → A and B) are read from the adapters when not given."""
+    (role → A and B) are read from the adapters when not given. `lazy`: adapted inputs are AdaptedRows (the
+    target's rows and the LoRA product, for the kernel to add) instead of tensors."""
 
     def as_loaded(value: torch.Tensor) -> torch.Tensor:
         return value.to(load_dtype) if load_dtype and value.dtype != load_dtype else value
@@ -610,6 +664,11 @@ def tensor_inputs(
             values[model] = loaded_target
         elif role not in factors:
             values[model] = untouched
+        elif lazy:
+            lora = factors[role]
+            values[model] = AdaptedRows(
+                target, lora.product(slice(None) if rows is None else rows), lora.scale, adapted_dtype, load_dtype
+            )
         else:
             if target32 is None:
                 target32 = target.to(device, torch.float32)

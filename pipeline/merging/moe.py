@@ -13,13 +13,18 @@ import json
 import random
 from pathlib import Path
 
-from pipeline.recipe import MergeConfig, MoeConfig, RecipeError
+from pipeline.errors import ConfigProblem
+from pipeline.recipe import MergeConfig, MoeConfig
 
 TARGET = "target"
 # model_type of the target → mergekit's output architecture name (its `architecture:` key)
 ARCHITECTURES = {"qwen2": "Qwen MoE", "llama": "Mixtral", "mistral": "Mixtral"}
 # Keys mergekit writes that a MoE's config.json must take over from the target's (the rest are new MoE keys)
 MOE_CHANGED_KEYS = ("architectures", "model_type", "sliding_window", "use_sliding_window")
+
+
+class MoeConfigError(ConfigProblem):
+    """A mixture of experts mergekit-moe cannot build; `where` is the part of the merge settings it concerns."""
 
 
 def expert_names(merge: MergeConfig, adapters: list[str]) -> list[str]:
@@ -31,9 +36,9 @@ def output_architecture(model_type: str) -> str:
     try:
         return ARCHITECTURES[model_type]
     except KeyError:
-        raise RecipeError(
-            f"merge.moe: mergekit-moe builds a MoE from {', '.join(sorted(ARCHITECTURES))} models; the target is "
-            f"{model_type!r}"
+        raise MoeConfigError(
+            f"mergekit-moe builds a MoE from {', '.join(sorted(ARCHITECTURES))} models; the target is {model_type!r}",
+            ("moe",),
         ) from None
 
 
@@ -42,15 +47,16 @@ def needs_prompts(moe: MoeConfig) -> bool:
 
 
 def check_moe(merge: MergeConfig, adapters: list[str], own_finetunes: set[str], model_type: str | None) -> None:
-    """Everything about the MoE that can be known before a model is opened; RecipeError naming the key."""
+    """Everything about the MoE that can be known before a model is opened; MoeConfigError locating the problem."""
     moe = merge.moe
     experts = expert_names(merge, adapters)
     unknown = sorted(set(moe.experts) - set(experts))
     if unknown:
-        raise RecipeError(f"merge.moe.experts: {unknown} are not experts of this MoE ({experts})")
+        raise MoeConfigError(f"{unknown} are not experts of this MoE ({experts})", ("moe", "experts"))
     if len(experts) < moe.experts_per_token:
-        raise RecipeError(
-            f"merge.moe.experts_per_token: {moe.experts_per_token}, but the MoE has {len(experts)} expert(s) {experts}"
+        raise MoeConfigError(
+            f"{moe.experts_per_token}, but the MoE has {len(experts)} expert(s) {experts}",
+            ("moe", "experts_per_token"),
         )
     if model_type is not None:
         output_architecture(model_type)
@@ -61,15 +67,16 @@ def check_moe(merge: MergeConfig, adapters: list[str], own_finetunes: set[str], 
         if given is not None and given.positive_prompts:
             continue
         if name == TARGET:
-            raise RecipeError(
-                "merge.moe.experts.target.positive_prompts: the target is an expert (merge.include_target) and no "
-                "fine-tune's data stands for it; give its prompts, set merge.include_target: false, or "
-                "gate_mode: random"
+            raise MoeConfigError(
+                "the target is an expert (include_target) and no fine-tune's data stands for it; give its prompts, "
+                "set include_target: false, or gate_mode: random",
+                ("moe", "experts", TARGET, "positive_prompts"),
             )
         if name not in own_finetunes:
-            raise RecipeError(
-                f"merge.moe.experts.{name}.positive_prompts: {name} was trained by another recipe, so its "
-                f"prepared data is not in this run; give its prompts (or gate_mode: random)"
+            raise MoeConfigError(
+                f"{name} was trained by another recipe, so its prepared data is not in this run; give its prompts "
+                "(or gate_mode: random)",
+                ("moe", "experts", name, "positive_prompts"),
             )
 
 
@@ -150,7 +157,7 @@ def run_moe(config_dict: dict, out_dir: Path, *, device: str, seed: int, trust_r
 
     config = MoEMergeConfig.model_validate(copy.deepcopy(config_dict))
     if is_bad_config(config):  # mergekit logs why; its build() would exit the process
-        raise ValueError("merge.moe: mergekit-moe rejects the config (the reason is logged above)")
+        raise MoeConfigError("mergekit-moe rejects the config (the reason is in the run's log)", ("moe",))
     transformers.trainer_utils.set_seed(seed)  # mergekit-moe --random-seed: the random gate draws from torch
     options = MergeOptions(device=device, trust_remote_code=trust_remote_code, write_model_card=False)
     build(config, str(out_dir), options, device=device)

@@ -1,9 +1,10 @@
-"""What a merged model directory holds besides tensors: config, the target's tokenizer, lineage and a model card."""
+"""What a merged model directory holds besides tensors: config, the target's tokenizer, the mergekit configuration,
+lineage and a model card. The configuration and the lineage are written and read here only (`write_merge_config`,
+`read_merge_config`, `write_lineage`, `read_lineage`): evaluate and publish read a merge through them."""
 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import torch
@@ -12,10 +13,28 @@ import yaml
 from pipeline.models.safetensors_io import TOKENIZER_FILES, copy_tokenizer_files, write_config
 from pipeline.versions import library_versions
 
-LOG = logging.getLogger(__name__)
 # What a merge can really change in the target's config: the vocabulary (mergekit's tokenizer_source) and the number
 # of layers (slices), with transformers 5's per-layer list when the target's config has one.
 MERGE_CHANGED_KEYS = ("vocab_size", "num_hidden_layers", "layer_types")
+# The mergekit configuration the merge ran (`mergekit-yaml` reruns it), and where every input came from.
+MERGE_CONFIG_FILE, LINEAGE_FILE, CARD_FILE = "mergekit_config.yml", "lineage.json", "README.md"
+
+
+def write_merge_config(out_dir: Path, mergekit_config: dict) -> None:
+    (Path(out_dir) / MERGE_CONFIG_FILE).write_text(yaml.safe_dump(mergekit_config, sort_keys=False), encoding="utf-8")
+
+
+def read_merge_config(merged_dir: Path) -> dict:
+    return yaml.safe_load((Path(merged_dir) / MERGE_CONFIG_FILE).read_text(encoding="utf-8"))
+
+
+def merge_config_text(merged_dir: Path) -> str:
+    """The configuration as written (comments and order kept), for a model card."""
+    return (Path(merged_dir) / MERGE_CONFIG_FILE).read_text(encoding="utf-8")
+
+
+def read_lineage(merged_dir: Path) -> dict:
+    return json.loads((Path(merged_dir) / LINEAGE_FILE).read_text(encoding="utf-8"))
 
 
 def write_base_config(base_dir: Path, out_dir: Path, dtype: str) -> None:
@@ -60,22 +79,21 @@ def vocabulary_size(model_dir: Path) -> int | None:
     return json.loads(config.read_text()).get("vocab_size") if config.is_file() else None
 
 
-def warn_if_vocabulary_changed(out_dir: Path, target_dir: Path) -> str | None:
+def vocabulary_change(out_dir: Path, target_dir: Path) -> str | None:
+    """What changed, in words, when the merged vocabulary's size is not the target's; None when it is the same."""
     before, after = vocabulary_size(target_dir), vocabulary_size(out_dir)
     if before == after:
         return None
-    message = (
-        f"merge.tokenizer changed the vocabulary size from {before} (target) to {after}: mergekit rebuilt "
+    return (
+        f"the merged tokenizer changed the vocabulary size from {before} (target) to {after}: mergekit rebuilt "
         "embed_tokens/lm_head to the merged tokenizer's length (pad_to_multiple_of pads it)"
     )
-    LOG.warning(message)
-    return message
 
 
 def write_lineage(out_dir: Path, lineage: dict, mergekit_config: dict) -> None:
     """lineage.json (inputs with sha256, the mergekit config, library versions) and a README.md model card."""
     lineage = {**lineage, "mergekit_config": mergekit_config, "versions": library_versions()}
-    (Path(out_dir) / "lineage.json").write_text(json.dumps(lineage, indent=2) + "\n")
+    (Path(out_dir) / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2) + "\n", encoding="utf-8")
     rows = "\n".join(
         f"| {a['name']} | {a.get('dataset') or '?'} | {(a.get('sha256') or '?')[:16]} | {a.get('train') or ''} |"
         for a in lineage["adapters"]
@@ -109,4 +127,4 @@ target and {how}
 Library versions: {", ".join(f"{k} {v}" for k, v in lineage["versions"].items())}.
 Made with ftmerge; `lineage.json` lists every input with its sha256.
 """
-    (Path(out_dir) / "README.md").write_text(card)
+    (Path(out_dir) / CARD_FILE).write_text(card, encoding="utf-8")

@@ -16,10 +16,10 @@ from __future__ import annotations
 import ast
 import contextlib
 import importlib.util
+import json
 import logging
 import os
 import re
-import shutil
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -51,6 +51,11 @@ class GgufExportError(RuntimeError):
 
 class UnrecognizedTokenizer(GgufExportError):
     """llama.cpp does not know the tokenizer's pre-tokenizer (its hash is not in the converter's table)."""
+
+
+class TokenizerMismatch(GgufExportError):
+    """The tokenizer's settings describe another kind of vocabulary than its tokens: the converter would write a file
+    llama.cpp cannot run."""
 
 
 def gguf_file_name(name: str, outtype: str) -> str:
@@ -88,11 +93,29 @@ def known_pre_tokenizers() -> set[str]:
     return set(re.findall(r'^\s+res = "([^"]+)"', _converter_source("conversion.base"), flags=re.MULTILINE))
 
 
-def find_llama_quantize(path: str | None = None) -> Path | None:
-    """The llama-quantize binary: `path` when given (a file, or a name looked up on PATH), else `llama-quantize` on
-    PATH; None when there is none."""
-    found = shutil.which(path or "llama-quantize")
-    return Path(found) if found else None
+def check_tokenizer(model_dir: Path) -> None:
+    """Raise TokenizerMismatch when the tokenizer in `model_dir` would be written as a vocabulary of another kind
+    than it is: a BPE with `byte_fallback: true` and a SentencePiece-style decoder (a `Sequence`), but no byte tokens
+    `<0x00>`…`<0xFF>` (a byte-level BPE: its bytes are ordinary tokens). transformers rebuilds every Llama GGUF's
+    tokenizer that way. llama.cpp's converter (gguf's LlamaHfVocab, on exactly these settings) writes it as a
+    SentencePiece vocabulary (`tokenizer.ggml.model llama`, pre-tokenizer `default`), and llama.cpp aborts on the
+    file (`std::out_of_range` in `llama_vocab::byte_to_token`, looking up the byte tokens it lacks)."""
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.is_file():
+        return
+    tokenizer = json.loads(path.read_text(encoding="utf-8"))
+    model, decoder = tokenizer.get("model") or {}, tokenizer.get("decoder") or {}
+    byte_fallback = model.get("type") == "BPE" and model.get("byte_fallback")
+    if not byte_fallback or decoder.get("type") != "Sequence" or "<0x0A>" in (model.get("vocab") or {}):
+        return
+    raise TokenizerMismatch(
+        f"{path}: model.byte_fallback is true and the decoder is SentencePiece-style, but the vocabulary has no byte "
+        "tokens (<0x00> to <0xFF>): it is a byte-level BPE. llama.cpp's converter would write it as a SentencePiece "
+        "vocabulary (tokenizer.ggml.model llama, pre-tokenizer default), which llama.cpp cannot run (it aborts with "
+        "std::out_of_range in byte_to_token). Restore the model's own tokenizer.json (for a byte-level BPE: "
+        '"byte_fallback": false and a ByteLevel decoder): a tokenizer transformers rebuilt from a GGUF file has these '
+        "settings wrong."
+    )
 
 
 @contextlib.contextmanager
@@ -143,7 +166,8 @@ def convert_to_gguf(
 
     Returns the architecture and the pre-tokenizer written (None for a vocabulary that has none, e.g.
     SentencePiece), and with `tokenizer_pre` the one the converter detected (None: not recognized).
-    Raises UnrecognizedTokenizer naming the setting when the converter does not know the pre-tokenizer.
+    Raises UnrecognizedTokenizer naming the setting when the converter does not know the pre-tokenizer,
+    TokenizerMismatch for a tokenizer it would write wrong.
     """
     import gguf
     import torch
@@ -157,6 +181,7 @@ def convert_to_gguf(
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
     }
     model_dir, out_file = Path(model_dir), Path(out_file)
+    check_tokenizer(model_dir)
     architecture = get_model_architecture(ModelBase.load_hparams(model_dir, False), ModelType.TEXT)
     written: dict = {"tokenizer_pre": None}
     model_class = _model_class(architecture, tokenizer_pre, written)

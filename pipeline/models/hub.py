@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -32,6 +33,37 @@ def local_config(reference: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+@functools.cache
+def hub_revision(reference: str) -> str | None:
+    """The commit a Hub id stands for in this process: the Hub's answer for its main branch (one metadata request),
+    or, offline or unreachable, the commit the local cache holds for it; None when neither knows. Cached, so a run
+    fingerprints and downloads the same commit even when the repo moves on while it runs."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if not HUB_ID.match(reference):
+        return None
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            return HfApi().model_info(reference, timeout=constants.HF_HUB_ETAG_TIMEOUT).sha
+        except (HfHubHTTPError, OSError):
+            pass
+    return _cached_revision(reference)
+
+
+def _cached_revision(reference: str) -> str | None:
+    """The cache's main branch, else its newest snapshot (`resolve_model` downloads by commit, which records no
+    branch)."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    folder = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=reference, repo_type="model")
+    if (folder / "refs" / "main").is_file():
+        return (folder / "refs" / "main").read_text().strip()
+    snapshots = sorted((folder / "snapshots").glob("*"), key=lambda snapshot: snapshot.stat().st_mtime)
+    return snapshots[-1].name if snapshots else None
+
+
 def resolve_model(reference: str, key: str = "model", *, trust_remote_code: bool = False) -> Path:
     """A local directory for `reference`. A Hub id is downloaded: its index first, then only the shards it names
     and its config, tokenizer and generation files (no pickles, no duplicate checkpoints); its Python files too
@@ -49,9 +81,10 @@ def resolve_model(reference: str, key: str = "model", *, trust_remote_code: bool
     # Besides the weights the index names: config, tokenizer (chat template included) and generation files, at the
     # top level. No wildcard over weights: Mistral repos also hold consolidated.safetensors and original/*, 14-25 GB.
     metadata = ["config.json", INDEX_FILE, *TOKENIZER_FILES, "*.tiktoken"]
+    revision = hub_revision(reference)
     try:
-        patterns = [*weight_files(reference), *metadata, *(["*.py"] if trust_remote_code else [])]
-        snapshot = Path(snapshot_download(reference, allow_patterns=patterns))
+        patterns = [*weight_files(reference, revision), *metadata, *(["*.py"] if trust_remote_code else [])]
+        snapshot = Path(snapshot_download(reference, revision=revision, allow_patterns=patterns))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
         raise ModelNotFound(unreachable(reference, key, error)) from None
     if not (snapshot / INDEX_FILE).is_file() and not (snapshot / SINGLE_FILE).is_file():
@@ -62,17 +95,17 @@ def resolve_model(reference: str, key: str = "model", *, trust_remote_code: bool
     return snapshot
 
 
-def weight_files(reference: str) -> list[str]:
-    """The shards the Hub repo's index names, or its single `model.safetensors` when it has no index."""
+def weight_files(reference: str, revision: str | None = None) -> list[str]:
+    """The shards the Hub repo's index names (at `revision`), or its single `model.safetensors` when it has none."""
     from huggingface_hub import _CACHED_NO_EXIST, hf_hub_download, try_to_load_from_cache
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     from pipeline.models.safetensors_io import INDEX_FILE, SINGLE_FILE
 
     try:
-        index = Path(hf_hub_download(reference, INDEX_FILE))
+        index = Path(hf_hub_download(reference, INDEX_FILE, revision=revision))
     except LocalEntryNotFoundError:  # offline (a subclass of the next): no index only if the cache knows it
-        if try_to_load_from_cache(reference, INDEX_FILE) is not _CACHED_NO_EXIST:
+        if try_to_load_from_cache(reference, INDEX_FILE, revision=revision) is not _CACHED_NO_EXIST:
             raise
         return [SINGLE_FILE]
     except EntryNotFoundError:

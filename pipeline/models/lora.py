@@ -79,9 +79,13 @@ class LoraFactors:
         """scale·(B@A) for `rows` of the weight: B[rows]@A (A's columns with fan_in_fan_out). For blocks of two
         rows or more MKL computes each element with the same sums as the whole product, so the blocks equal it bit
         for bit (a single row goes through gemv and rounds differently; tests/test_fused_scaling.py checks both)."""
+        return self.product(rows) * self.scale
+
+    def product(self, rows: slice = slice(None)) -> torch.Tensor:
+        """B@A for `rows` of the weight, before the scale (the fused merge's kernel multiplies by it on the fly)."""
         if self.fan_in_fan_out:
-            return (self.lora_B @ self.lora_A[:, rows]).T * self.scale
-        return (self.lora_B[rows] @ self.lora_A) * self.scale
+            return (self.lora_B @ self.lora_A[:, rows]).T
+        return self.lora_B[rows] @ self.lora_A
 
 
 def adapted_weight(

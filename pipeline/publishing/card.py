@@ -3,13 +3,24 @@ weight came from, the mergekit config, the evaluation table when there is one, a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from pipeline.models.hub import HUB_ID
 from pipeline.publishing.model_index import model_index
-from pipeline.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class Release:
+    """What is published, and from which models: the card's subject. `what` is merged, adapters or both."""
+
+    repo_id: str
+    what: str
+    recipe_name: str
+    base_model: str
+    target_model: str
 
 
 def is_hub_id(reference: str) -> bool:
@@ -53,9 +64,9 @@ def origin(adapter: dict, manifest: dict) -> str:
     return f"dataset `{adapter.get('dataset')}`"
 
 
-def front_matter(recipe: Recipe, method: str, license_name: str | None) -> dict:
-    merged = recipe.publish.what != "adapters"
-    bases = [recipe.target_model, recipe.base_model] if merged else [recipe.base_model]
+def front_matter(release: Release, method: str, license_name: str | None) -> dict:
+    merged = release.what != "adapters"
+    bases = [release.target_model, release.base_model] if merged else [release.base_model]
     data = {"license": license_name} if license_name else {}
     hub_bases = [base for base in bases if is_hub_id(base)]
     if hub_bases:
@@ -100,10 +111,10 @@ def lineage_section(lineage: dict, manifests: dict[str, dict], method: str, tran
 """
 
 
-def usage_section(recipe: Recipe, adapter_names: list[str]) -> str:
-    repo_id = recipe.publish.repo_id
+def usage_section(release: Release, adapter_names: list[str]) -> str:
+    repo_id = release.repo_id
     parts = ["## Usage"]
-    if recipe.publish.what != "adapters":
+    if release.what != "adapters":
         parts.append(f"""With transformers:
 
 ```python
@@ -118,7 +129,7 @@ inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, ret
 output = model.generate(**inputs, max_new_tokens=64)
 print(tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 ```""")
-    if recipe.publish.what != "merged" and adapter_names:
+    if release.what != "merged" and adapter_names:
         parts.append(f"""Each LoRA adapter is in `adapters/<name>/`. It was trained on the base and is meant to be
 applied to the target, with PEFT:
 
@@ -126,29 +137,41 @@ applied to the target, with PEFT:
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-target = AutoModelForCausalLM.from_pretrained("{recipe.target_model}", dtype="auto")
+target = AutoModelForCausalLM.from_pretrained("{release.target_model}", dtype="auto")
 model = PeftModel.from_pretrained(target, "{repo_id}", subfolder="adapters/{adapter_names[0]}")
 ```""")
     return "\n\n".join(parts) + "\n"
 
 
-def gguf_section(repo_id: str, gguf_files: dict[str, int]) -> str:
-    """The GGUF files (name → bytes) the export stage wrote with llama.cpp's converter, and how to run one."""
+def gguf_section(repo_id: str, gguf_files: dict[str, int], verification: dict | None = None) -> str:
+    """The GGUF files (name → bytes) the export stage wrote with llama.cpp's converter, what llama.cpp's check of
+    each found (`verification`, the export's verification.json), and how to run one."""
 
     def size(n: int) -> str:
         return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
+    checked = {result["file"]: result["summary"] for result in (verification or {}).get("files", {}).values()}
     rows = "\n".join(
-        f"| `{name}` | {name.removesuffix('.gguf').rsplit('-', 1)[-1]} | {size(n)} |" for name, n in gguf_files.items()
+        f"| `{name}` | {name.removesuffix('.gguf').rsplit('-', 1)[-1]} | {size(n)} | {checked.get(name, '–')} |"
+        for name, n in gguf_files.items()
     )
+    if verification and verification.get("verified"):
+        check = (
+            f"Before publishing, llama.cpp (`llama-completion`, greedy) ran each file on "
+            f"{len(verification['prompts'])} chat prompts, {verification['max_new_tokens']} new tokens each, and its "
+            f"text was compared with {verification['reference']} on the merged model."
+        )
+    else:
+        reason = (verification or {}).get("reason", "the export predates the check")
+        check = f"These files were not run by llama.cpp before publishing ({reason})."
     smallest = min(gguf_files, key=gguf_files.get)
     return f"""## GGUF
 
 For llama.cpp, Ollama and LM Studio: the merged model converted by llama.cpp's own converter (`convert_hf_to_gguf`;
-K-quants then by its `llama-quantize`), with the target's chat template and end-of-turn token.
+K-quants then by its `llama-quantize`), with the target's chat template and end-of-turn token. {check}
 
-| file | type | size |
-|---|---|---|
+| file | type | size | llama.cpp check |
+|---|---|---|---|
 {rows}
 
 ```sh
@@ -159,7 +182,7 @@ llama-cli -m {smallest} -cnv
 
 
 def model_card(
-    recipe: Recipe,
+    release: Release,
     lineage: dict,
     mergekit_yaml: str,
     manifests: dict[str, dict],
@@ -167,26 +190,28 @@ def model_card(
     license_name: str | None,
     gguf_files: dict[str, int] | None = None,
     lm_eval: dict | None = None,
+    gguf_verification: dict | None = None,
     transfer: dict | None = None,
 ) -> str:
     """README.md for the published folder. `manifests` are the archived adapters' (name → manifest), for kinds;
     `gguf_files` the GGUF files published beside the merged model (name → bytes); `lm_eval` report.json's lm-eval
-    section, whose scores of the merged model become the front matter's `model-index`; `transfer` report.json's
-    transfer per adapter, a column of the lineage table."""
-    method = lineage.get("mergekit_config", {}).get("merge_method") or recipe.merge.method
+    section, whose scores of the merged model become the front matter's `model-index`; `gguf_verification` what
+    llama.cpp's check of the GGUF files found; `transfer` report.json's transfer per adapter, a column of the lineage
+    table."""
+    method = lineage.get("mergekit_config", {}).get("merge_method") or lineage["engine"]
     names = [adapter["name"] for adapter in lineage["adapters"]]
     contents = {
         "merged": "A merged model",
         "adapters": "LoRA adapters",
         "both": "A merged model and the LoRA adapters it was made from",
-    }[recipe.publish.what]
-    metadata = front_matter(recipe, method, license_name)
-    if recipe.publish.what != "adapters":  # the scores are the merged model's
-        metadata.update(model_index(recipe.publish.repo_id.split("/")[-1], lm_eval))
+    }[release.what]
+    metadata = front_matter(release, method, license_name)
+    if release.what != "adapters":  # the scores are the merged model's
+        metadata.update(model_index(release.repo_id.split("/")[-1], lm_eval))
     sections = [
         f"---\n{yaml.safe_dump(metadata, sort_keys=False)}---",
-        f"# {recipe.publish.repo_id.split('/')[-1]}",
-        f"{contents}, made with ftmerge from the recipe `{recipe.name}`: {len(names)} LoRA fine-tune(s) of "
+        f"# {release.repo_id.split('/')[-1]}",
+        f"{contents}, made with ftmerge from the recipe `{release.recipe_name}`: {len(names)} LoRA fine-tune(s) of "
         f"`{lineage['base']}`, each applied to `{lineage['target']}`, then merged all at once with mergekit's "
         f"`{method}` over the base. The tokenizer, chat template and generation config are the target's.",
         lineage_section(lineage, manifests, method, transfer),
@@ -197,11 +222,11 @@ def model_card(
             f"retention sets{' and lm-eval-harness tasks' if (lm_eval or {}).get('results') else ''}."
             f"\n\n{evaluation.strip()}\n"
         )
-    if recipe.publish.what != "adapters":
+    if release.what != "adapters":
         sections.append(f"## mergekit configuration\n\n```yaml\n{mergekit_yaml.rstrip()}\n```\n")
-    sections.append(usage_section(recipe, names))
+    sections.append(usage_section(release, names))
     if gguf_files:
-        sections.append(gguf_section(recipe.publish.repo_id, gguf_files))
+        sections.append(gguf_section(release.repo_id, gguf_files, gguf_verification))
     versions = lineage.get("versions") or {}
     if versions:
         sections.append("Library versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".\n")

@@ -1,15 +1,63 @@
-"""The search's outputs: every trial with its configuration, scores and gate (json and markdown), a chart of learned
-vs kept with the seed and the chosen trial marked, and `chosen.yml`, the `merge:` settings the merge stage runs."""
+"""The search's outputs, written and read here only: every trial with its configuration, scores and gate
+(`leaderboard.json` and `.md`), a chart of learned vs kept with the published configuration and the chosen trial
+marked, and `chosen.yml`, the `merge:` settings the merge stage runs. The merge and evaluate stages read them through
+`SearchChoice.read` and `Leaderboard.read`."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from pipeline.search.objective import objective_text
-from pipeline.search.space import uses_base
+from pipeline.search.objective import choice_reason, objective_text
+from pipeline.search.space import PUBLISHED, SUM, uses_base
+
+CHOICE_FILE, LEADERBOARD_JSON, LEADERBOARD_MD, PARETO_CHART = (
+    "chosen.yml",
+    "leaderboard.json",
+    "leaderboard.md",
+    "pareto.png",
+)
+
+
+@dataclass(frozen=True)
+class SearchChoice:
+    """The trial the search chose: its `merge:` settings (over the recipe's), what it scored, and why it won."""
+
+    trial: str
+    objective: float
+    learned: dict[str, float]
+    kept: dict[str, float]
+    merge: dict
+    why: str
+
+    @classmethod
+    def read(cls, search_dir: Path) -> SearchChoice:
+        document = yaml.safe_load((Path(search_dir) / CHOICE_FILE).read_text(encoding="utf-8"))
+        return cls(**{key: document[key] for key in cls.__dataclass_fields__})
+
+    def write(self, search_dir: Path) -> None:
+        document = {key: getattr(self, key) for key in self.__dataclass_fields__}
+        (Path(search_dir) / CHOICE_FILE).write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class Leaderboard:
+    """Every finished trial (rows with `label`, `merge`, `mergekit_config`, scores) and which one was chosen."""
+
+    trials: list[dict]
+    chosen: str | None
+    fallback: bool
+
+    @classmethod
+    def read(cls, search_dir: Path) -> Leaderboard:
+        document = json.loads((Path(search_dir) / LEADERBOARD_JSON).read_text(encoding="utf-8"))
+        return cls(document["trials"], document["chosen"], document["fallback_to_published"])
+
+    def trial(self, label: str) -> dict | None:
+        return next((row for row in self.trials if row["label"] == label), None)
 
 
 def write_outputs(
@@ -29,24 +77,25 @@ def write_outputs(
         "metric": metric,
         "retention_tolerance": tolerance,
         "chosen": chosen["label"] if chosen else None,
-        "fallback_to_seed": fallback,
+        "fallback_to_published": fallback,
         "references": references,
         "trials": rows,
     }
-    (out / "leaderboard.json").write_text(json.dumps(document, indent=2) + "\n")
-    (out / "leaderboard.md").write_text(
-        markdown(rows, chosen, metric=metric, tolerance=tolerance, fallback=fallback, objective=objective)
+    (out / LEADERBOARD_JSON).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    (out / LEADERBOARD_MD).write_text(
+        markdown(rows, chosen, metric=metric, tolerance=tolerance, fallback=fallback, objective=objective),
+        encoding="utf-8",
     )
-    plot_pareto(rows, chosen, out / "pareto.png", gate=1 - tolerance)
+    plot_pareto(rows, chosen, out / PARETO_CHART, gate=1 - tolerance)
     if chosen is not None:
-        chosen_document = {
-            "trial": chosen["label"],
-            "objective": chosen["objective"],
-            "learned": chosen["learned"],
-            "kept": chosen["kept"],
-            "merge": chosen["merge"],
-        }
-        (out / "chosen.yml").write_text(yaml.safe_dump(chosen_document, sort_keys=False))
+        why = (
+            "no trial kept every retention set: search.fallback merges the published configuration"
+            if fallback
+            else choice_reason(objective, tolerance)
+        )
+        SearchChoice(
+            chosen["label"], chosen["objective"], chosen["learned"], chosen["kept"], chosen["merge"], why
+        ).write(out)
 
 
 def describe(merge: dict) -> str:
@@ -83,7 +132,7 @@ def markdown(
     if chosen is None or fallback:
         lines.append(
             "**No trial passed the gate**"
-            + (": the seed's configuration is merged (search.fallback: seed)." if fallback else ".")
+            + (": the published configuration is merged (search.fallback: published)." if fallback else ".")
         )
     else:
         lines.append(f"Chosen: **{chosen['label']}** ({describe(chosen['merge'])}).")
@@ -114,7 +163,7 @@ def plot_pareto(rows: list[dict], chosen: dict | None, path: Path, *, gate: floa
         kept = min(row["kept"].values()) if row["kept"] else 1.0
         color = "tab:green" if row["passes"] else "tab:gray"
         axes.scatter(kept, row["objective"], color=color, s=28, zorder=2)
-        if row["label"] in ("seed", "sum") or (chosen is not None and row["number"] == chosen["number"]):
+        if row["label"] in (PUBLISHED, SUM) or (chosen is not None and row["number"] == chosen["number"]):
             name = row["label"] + (" (chosen)" if chosen is not None and row["number"] == chosen["number"] else "")
             axes.annotate(name, (kept, row["objective"]), textcoords="offset points", xytext=(5, 5), fontsize=9)
     axes.axvline(gate, color="tab:red", linestyle="--", linewidth=1)

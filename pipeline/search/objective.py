@@ -81,6 +81,12 @@ def judge(
     return Outcome(learned, kept, value, violation == 0.0, violation)
 
 
+def choice_reason(objective: str, tolerance: float) -> str:
+    """Why the chosen trial won, for the merged model's lineage."""
+    learned = "learned fraction of the least-learned fine-tune" if objective == "worst" else "mean learned fraction"
+    return f"the highest {learned} among trials that kept every retention set within {tolerance:g} of the target"
+
+
 def objective_text(objective: str) -> str:
     """The objective and the gate in words, for the leaderboard."""
     over = "the worst fine-tune's" if objective == "worst" else "the mean over fine-tunes of"

@@ -10,7 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.merging.config import SEED_PARAMETERS, method_spec
+from pipeline.merging.config import method_spec
+from pipeline.recipe import PUBLISHED_PARAMETERS, MergeConfig
+
+# The baselines' labels: the published "LoRA + TIES" configuration (the recipe's default merge), and the plain sum of
+# the adapters' deltas over the target.
+PUBLISHED, SUM = "published", "sum"
 
 # Methods whose inputs the fused engine merges per tensor (a `models:` config with per-model weight/density).
 SEARCHABLE_METHODS = (
@@ -42,15 +47,17 @@ class Space:
 
 
 def baselines(adapters: tuple[str, ...]) -> dict[str, dict[str, Any]]:
-    """Trial 0 `seed`: the seed recipe's TIES over the base (every weight and density 1, normalize, int8_mask).
-    Trial 1 `sum`: task arithmetic relative to the target, T + Σ Δᵢ — only the adapters' own deltas."""
-    seed = {
-        "method": "ties",
-        "base_model": "base",
-        "normalize": True,
-        "target_weight": 1.0,
-        **{f"weight.{name}": 1.0 for name in adapters},
-        **{f"density.{name}": 1.0 for name in adapters},
+    """Trial 0 `published`: the recipe schema's default merge, which is the published recipe's (TIES over the base,
+    every weight and density 1, normalize, int8_mask). Trial 1 `sum`: task arithmetic relative to the target,
+    T + Σ Δᵢ — only the adapters' own deltas."""
+    default = MergeConfig()
+    published = {
+        "method": default.method,
+        "base_model": default.base_model,
+        "normalize": PUBLISHED_PARAMETERS["normalize"],
+        "target_weight": default.weight,
+        **{f"weight.{name}": default.weight for name in adapters},
+        **{f"density.{name}": default.density for name in adapters},
     }
     total = {
         "method": "task_arithmetic",
@@ -58,7 +65,7 @@ def baselines(adapters: tuple[str, ...]) -> dict[str, dict[str, Any]]:
         "normalize": False,
         **{f"weight.{name}": 1.0 for name in adapters},
     }
-    return {"seed": seed, "sum": total}
+    return {PUBLISHED: published, SUM: total}
 
 
 def with_baselines(space: Space) -> Space:
@@ -106,7 +113,7 @@ def merge_settings(point: dict[str, Any]) -> dict[str, Any]:
     """The recipe's `merge:` keys for a point: what `chosen.yml` holds and the merge stage applies."""
     method = point["method"]
     shared = {parameter.name for parameter in method_spec(method).shared_parameters}
-    parameters = {name: value for name, value in SEED_PARAMETERS.items() if name in shared}
+    parameters = {name: value for name, value in PUBLISHED_PARAMETERS.items() if name in shared}
     if "normalize" in point:
         parameters["normalize"] = point["normalize"]
     base_model = point.get("base_model", "base")

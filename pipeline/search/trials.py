@@ -8,13 +8,18 @@ and in spawned worker processes.
 
 from __future__ import annotations
 
+import multiprocessing
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline import console
 from pipeline.evaluation.lineage import EvalSet, Evaluation, evaluate_set
+from pipeline.search.coordination import DatabaseCoordination, FileCoordination, Heartbeat
 from pipeline.search.objective import judge
 from pipeline.search.space import Space, baselines, merge_settings, suggest
-from pipeline.search.study import open_study, run_trials
+from pipeline.search.storage import Storage
+from pipeline.search.study import is_full, open_study, run_trials
 
 REFERENCES = "references"
 
@@ -37,9 +42,10 @@ class SearchJob:
     total: int
     sampler: str
     seed: int
-    storage: str
+    storage: Storage
     study_name: str
-    lock_path: Path
+    lock_path: Path  # the study's lock on one machine (a SQLite study); a database study locks in the database
+    heartbeat: Heartbeat = field(default_factory=Heartbeat)
     device: str = "auto"
     trust_remote_code: bool = False
     cache_bytes: int = 0
@@ -124,29 +130,78 @@ def references_of(study) -> dict | None:
     return study.user_attrs.get(REFERENCES)
 
 
-def work(job: SearchJob, on_trial=None) -> int:
-    """Run trials of the job's study until it is full; the references are computed once per study (by whichever
-    process gets there first, under the study's lock) and read by every other. Returns trials finished here."""
-    from pipeline.search.study import exclusive
+def coordination_for(job: SearchJob, say=print):
+    """How this process takes turns with the others on the job's study: a file lock beside a SQLite study, the
+    database's lock and Optuna's heartbeats on a database server."""
+    if job.storage.shared:
+        return DatabaseCoordination(job.storage, job.study_name, job.heartbeat, say=say)
+    return FileCoordination(job.lock_path)
 
-    study = open_study(job.storage, job.study_name)
+
+def work(job: SearchJob, on_trial=None, say=print) -> int:
+    """Run trials of the job's study until it is full; the references are computed once per study (by whichever
+    process gets there first, under the study's lock) and read by every other. Returns trials finished here; a
+    study already full loads nothing."""
+    study = open_study(job.storage, job.study_name, job.heartbeat)
+    coordination = coordination_for(job, say)
+    if coordination.call(lambda: is_full(study, job.total)):
+        return 0
     runner = TrialRunner(job)
     try:
-        with exclusive(job.lock_path):
-            references = references_of(study)
-            if references is None:
-                references = runner.references()
-                study.set_user_attr(REFERENCES, references)
+
+        def references_once() -> dict:
+            with coordination.exclusive():
+                references = references_of(study)
+                if references is None:
+                    references = runner.references()
+                    study.set_user_attr(REFERENCES, references)
+                return references
+
+        references = coordination.call(references_once)
         return run_trials(
             study,
             total=job.total,
             baselines=baselines(job.space.adapters),
             suggest=lambda trial: suggest(trial, job.space),
             evaluate=lambda point: runner.evaluate(point, references),
-            lock_path=job.lock_path,
+            coordination=coordination,
             sampler=job.sampler,
             seed=job.seed,
             on_trial=on_trial,
         )
     finally:
         runner.close()
+
+
+def work_in_parallel(job: SearchJob, workers: int, say=print) -> int:
+    """This process and `workers - 1` spawned ones on the job's study; a worker that fails fails the whole. Prints a
+    line per trial finished here (to the run's log) and draws a bar. Returns the trials this process finished."""
+    started = time.time()
+    best: list[float] = []  # the best objective among trials that pass the gate, once one has
+    bar = console.open_task("search", total=job.total, unit="trials")
+
+    def progress(number: int, label: str | None, result: dict) -> None:
+        gate = "pass" if result["passes"] else "fail"
+        print(
+            f"search: trial {label or number}: objective {result['objective']:.3f}, gate {gate} "
+            f"({time.time() - started:.0f}s)",
+            flush=True,
+        )
+        if result["passes"]:
+            best[:] = [max([*best, result["objective"]])]
+        bar.advance(info=f"best passing {best[0]:.3f}" if best else "none passes the gate yet")
+
+    context = multiprocessing.get_context("spawn")
+    others = [context.Process(target=work, args=(job,), daemon=True) for _ in range(workers - 1)]
+    for process in others:
+        process.start()
+    try:
+        done = work(job, on_trial=progress, say=say)
+    finally:
+        bar.finish()
+        for process in others:
+            process.join()
+    failed = [process.exitcode for process in others if process.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"search: {len(failed)} of {len(others)} worker processes failed (exit codes {failed})")
+    return done

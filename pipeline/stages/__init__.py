@@ -12,4 +12,16 @@ STAGES: dict[str, Stage] = {
     for module in (prepare, train, archive, apply, search, merge, evaluate, export, publish)
 }
 
-__all__ = ["STAGES", "Inputs", "Stage", "StageRef"]
+# What in a recipe gives each optional stage its items: said when a command asks for a stage that has none.
+ENABLED_BY = {
+    "prepare": "finetunes",
+    "train": "finetunes",
+    "archive": "finetunes",
+    "apply": "adapters to merge and apply.save: true (or merge.engine: mergekit)",
+    "search": "a search: block",
+    "evaluate": "evaluate.enabled: true",
+    "export": "an export: block (export.gguf)",
+    "publish": "publish.repo_id",
+}
+
+__all__ = ["ENABLED_BY", "STAGES", "Inputs", "Stage", "StageRef"]

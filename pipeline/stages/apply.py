@@ -8,18 +8,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline import console
 from pipeline.archive.store import verify_adapter
 from pipeline.fingerprint import model_fingerprint
 from pipeline.models.hub import check_model_reference, resolve_model
-from pipeline.recipe import Recipe, RecipeError
-from pipeline.stages.contract import Inputs, Stage, StageRef
+from pipeline.recipe import Recipe, RecipeError, result_settings
+from pipeline.stages.contract import Inputs, Stage, StageRef, problems_at
 from pipeline.stages.selection import (
     adapted_model_dir,
-    adapter_dir,
-    archive_inputs,
+    adapter_set,
     check_trained_on_base,
-    foreign_adapter_files,
-    is_own_finetune,
     saves_adapted_models,
     selected_adapters,
 )
@@ -30,15 +28,15 @@ def items(recipe: Recipe) -> list[str]:
 
 
 def config(recipe: Recipe, item: str) -> dict:
-    settings = {"target": model_fingerprint(recipe.target_model), "apply": recipe.apply.model_dump(exclude={"save"})}
-    foreign = foreign_adapter_files(recipe, [item])
+    settings = {"target": model_fingerprint(recipe.target_model), "apply": result_settings(recipe.apply)}
+    foreign = adapter_set(recipe).foreign_files([item])
     if foreign:
         settings["adapter_files"] = foreign[item]
     return settings
 
 
 def depends_on(recipe: Recipe, item: str) -> list[StageRef]:
-    return archive_inputs(recipe, [item])
+    return adapter_set(recipe).archive_steps([item])
 
 
 def check(recipe: Recipe, item: str) -> None:
@@ -46,11 +44,13 @@ def check(recipe: Recipe, item: str) -> None:
     base and their config is a LoRA that can be applied to another model (reads only the JSON files)."""
     from pipeline.models.lora import read_adapter_config
 
-    check_model_reference(recipe.target_model, "target_model")
-    if not is_own_finetune(recipe, item):
+    with problems_at():
+        check_model_reference(recipe.target_model, "target_model")
+    adapter = adapter_set(recipe)[item]
+    if not adapter.own:
         check_trained_on_base(recipe, [item])
         try:
-            read_adapter_config(adapter_dir(recipe, item))
+            read_adapter_config(adapter.directory)
         except ValueError as error:
             raise RecipeError(f"merge.adapters: {error}") from None
 
@@ -58,7 +58,7 @@ def check(recipe: Recipe, item: str) -> None:
 def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
     from pipeline.merging.adapted_model import apply_adapter
 
-    adapter = adapter_dir(recipe, item)
+    adapter = adapter_set(recipe)[item].directory
     manifest = verify_adapter(adapter)
     target = resolve_model(recipe.target_model, "target_model", trust_remote_code=recipe.trust_remote_code)
     summary = apply_adapter(
@@ -69,6 +69,8 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
         device=recipe.apply.device,
         base_config=manifest.get("base_config"),
     )
+    if "cast" in summary:
+        console.notice(f"apply {item}: {summary['cast']} (apply.dtype: {recipe.apply.dtype}; auto keeps the target's)")
     return {**summary, "adapter": str(adapter), "target": str(target)}
 
 

@@ -17,7 +17,7 @@ from pipeline.archive.store import (
 from pipeline.models.hub import resolve_model
 from pipeline.recipe import Recipe
 from pipeline.stages.contract import FINGERPRINT_FILE, Inputs, Stage, StageRef, each_finetune
-from pipeline.stages.selection import adapter_dir
+from pipeline.stages.selection import archive_entry
 
 
 def config(recipe: Recipe, item: str) -> dict:
@@ -41,7 +41,7 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
         json.loads((adapter / "adapter_config.json").read_text()), recipe.base_model
     )
     hashes = write_adapter_files(out, adapter_config, adapter / "adapter_model.safetensors")
-    final = adapter_dir(recipe, item)
+    final = archive_entry(recipe, item)
     if already_archived(final, hashes):
         return {"adapter": str(final), "already_archived": True}
     write_manifest(out, item, _manifest(recipe, item, inputs, out), hashes)
@@ -81,11 +81,5 @@ def _read_json(path: Path) -> dict:
 
 # check: nothing the fingerprint does not cover; the runner refuses an existing name from another source.
 STAGE = Stage(
-    name="archive",
-    items=each_finetune,
-    output_path=adapter_dir,
-    config=config,
-    depends_on=depends_on,
-    run=run,
-    write_once=True,
+    "archive", config, run, items=each_finetune, depends_on=depends_on, output_path=archive_entry, write_once=True
 )

@@ -7,7 +7,8 @@ same way from lambdas.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -73,6 +74,23 @@ def nothing_to_check(recipe: Recipe, item: str) -> None:
     """The default `check`: nothing the schema and the fingerprint do not already cover."""
 
 
+@contextlib.contextmanager
+def problems_at(key: str = "") -> Iterator[None]:
+    """A `check`'s calls into the library: the library's `ConfigProblem` (which locates the problem inside the value
+    it was handed) becomes the recipe's problem at `key`, the recipe key that value came from; a model reference
+    that cannot be found, the recipe's problem as it says. Anything else is a bug, and the runner says so."""
+    from pipeline.errors import ConfigProblem
+    from pipeline.models.hub import ModelNotFound
+    from pipeline.recipe import RecipeError
+
+    try:
+        yield
+    except ConfigProblem as problem:
+        raise RecipeError(problem.at(key)) from None
+    except ModelNotFound as error:
+        raise RecipeError(str(error)) from None
+
+
 @dataclass(frozen=True)
 class Stage:
     """A stage as the runner sees it.
@@ -86,7 +104,8 @@ class Stage:
             file. `inputs` holds exactly the outputs of `depends_on`.
         items: what the stage produces, e.g. one item per fine-tune; `[""]` for a single output, `[]` when off.
         depends_on: the steps whose outputs this item reads.
-        check: cheap validation before anything runs (no model loading, no downloads); raises RecipeError.
+        check: cheap validation before anything runs (no model loading, no downloads); raises RecipeError naming
+            the key (`problems_at` maps the library's errors). Any other exception is a bug in the check.
         output_path: where the item's output lives; by default `<output_dir>/<name>/<item>` (`<output_dir>/<name>`
             for a single output).
         resumable: keep `<output>.partial/` from a killed run of the same fingerprint (train checkpoints) instead

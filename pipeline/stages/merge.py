@@ -1,18 +1,19 @@
 """merge: every selected adapted model and the target, merged all at once over the base with mergekit.
 
-The `mergekit` engine runs mergekit's `run_merge` over the apply stage's outputs (the reference); the `fused` engine
-computes the adapted tensors on the fly and merges them with mergekit's `merge_tensors` (same result, nothing
-written twice). Either way the output gets the target's tokenizer, `mergekit_config.yml`, lineage.json and a card.
+A merge is planned (the settings, after the search's choice when a search ran; the models; the adapters), run by one
+engine of `ENGINES` — `fused` (the adapted tensors computed on the fly and merged with mergekit's `merge_tensors`),
+`mergekit` (mergekit's `run_merge` over the apply stage's outputs, the reference; the two are equal) or `moe`
+(mergekit-moe) — and finished the same way: `mergekit_config.yml`, lineage.json and a card beside the weights.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from pipeline.archive.store import verify_adapter
+from pipeline import console
 from pipeline.fingerprint import model_fingerprint
 from pipeline.merging.config import (
     build_mergekit_config,
@@ -24,20 +25,15 @@ from pipeline.merging.config import (
 )
 from pipeline.merging.moe import needs_prompts
 from pipeline.models.hub import check_model_reference, local_config
-from pipeline.recipe import MergeConfig, Recipe, RecipeError
-from pipeline.stages.contract import Inputs, Stage, StageRef
+from pipeline.recipe import MergeConfig, Recipe, RecipeError, result_settings
+from pipeline.stages.contract import Inputs, Stage, StageRef, problems_at
 from pipeline.stages.selection import (
     adapted_model_dir,
-    adapter_dir,
-    archive_inputs,
+    adapter_set,
     check_trained_on_base,
-    foreign_adapter_files,
     is_own_finetune,
     selected_adapters,
 )
-
-CONFIG_FILE = "mergekit_config.yml"
-LEARNED_BY_OBJECTIVE = {"mean": "mean learned fraction", "worst": "learned fraction of the least-learned fine-tune"}
 
 
 def merged_adapters(recipe: Recipe) -> list[str]:
@@ -62,7 +58,7 @@ def config(recipe: Recipe, item: str) -> dict:
     adapters = merged_adapters(recipe)
     engine = resolve_engine(recipe.merge)
     settings = {
-        "merge": recipe.merge.model_dump(),
+        "merge": result_settings(recipe.merge),
         "engine": engine,
         "adapters": adapters,
         "base": model_fingerprint(recipe.base_model),
@@ -70,7 +66,7 @@ def config(recipe: Recipe, item: str) -> dict:
     }
     if engine == "fused":
         settings["apply_dtype"] = recipe.apply.dtype
-    foreign = foreign_adapter_files(recipe, adapters)
+    foreign = adapter_set(recipe).foreign_files(adapters)
     if foreign:
         settings["adapter_files"] = foreign
     return settings
@@ -82,7 +78,7 @@ def depends_on(recipe: Recipe, item: str) -> list[StageRef]:
     prepared = [StageRef("prepare", name) for name in moe_prompt_sources(recipe, adapters)]
     if resolve_engine(recipe.merge) == "mergekit":
         return [*prepared, *(StageRef("apply", name) for name in adapters), *searched]
-    return [*archive_inputs(recipe, adapters), *searched]
+    return [*adapter_set(recipe).archive_steps(adapters), *searched]
 
 
 def check(recipe: Recipe, item: str) -> None:
@@ -103,26 +99,30 @@ def check(recipe: Recipe, item: str) -> None:
     if resolve_engine(recipe.merge) == "fused" and needs_mergekit:
         raise RecipeError(
             "merge.engine: fused cannot rebuild the vocabulary, slice layers or build experts; "
-            f"{', '.join(needs_mergekit)} need mergekit: set merge.engine: mergekit (or auto)"
+            f"{', '.join(f'merge.{key}' for key in needs_mergekit)} need mergekit: set merge.engine: mergekit "
+            "(or auto)"
         )
-    check_model_reference(recipe.base_model, "base_model")
-    check_model_reference(recipe.target_model, "target_model")
-    target_config = local_config(recipe.target_model)
-    if recipe.merge.moe is not None:
-        from pipeline.merging.moe import check_moe
+    with problems_at("merge"):
+        check_model_reference(recipe.base_model, "base_model")
+        check_model_reference(recipe.target_model, "target_model")
+        target_config = local_config(recipe.target_model)
+        if recipe.merge.moe is not None:
+            from pipeline.merging.moe import check_moe
 
-        if recipe.merge.tokenizer_source or recipe.merge.tokenizer:
-            raise RecipeError("merge.moe: mergekit-moe keeps the target's tokenizer; remove merge.tokenizer(_source)")
-        own = {name for name in adapters if is_own_finetune(recipe, name)}
-        check_moe(recipe.merge, adapters, own, target_config.get("model_type") if target_config else None)
-        return
-    placeholders = {name: str(adapted_model_dir(recipe, name).absolute()) for name in adapters}
-    validate_mergekit_config(
-        build_mergekit_config(
-            recipe.merge, placeholders, _reference(recipe.base_model), _reference(recipe.target_model)
-        ),
-        target_config.get("num_hidden_layers") if target_config else None,
-    )
+            if recipe.merge.tokenizer_source or recipe.merge.tokenizer:
+                raise RecipeError(
+                    "merge.moe: mergekit-moe keeps the target's tokenizer; remove merge.tokenizer(_source)"
+                )
+            own = {name for name in adapters if is_own_finetune(recipe, name)}
+            check_moe(recipe.merge, adapters, own, target_config.get("model_type") if target_config else None)
+            return
+        placeholders = {name: str(adapted_model_dir(recipe, name).absolute()) for name in adapters}
+        validate_mergekit_config(
+            build_mergekit_config(
+                recipe.merge, placeholders, _reference(recipe.base_model), _reference(recipe.target_model)
+            ),
+            target_config.get("num_hidden_layers") if target_config else None,
+        )
 
 
 def _check_named_models(recipe: Recipe, adapters: list[str]) -> None:
@@ -152,99 +152,175 @@ def _reference(model: str) -> str:
     return str(Path(model).absolute()) if Path(model).is_dir() else model
 
 
-def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
-    from pipeline.merging.adapted_model import check_architecture, resolve_device
-    from pipeline.merging.output import (
-        adopt_target_files,
-        adopt_target_tokenizer,
-        warn_if_vocabulary_changed,
-        write_base_config,
-        write_lineage,
-    )
+@dataclass(frozen=True)
+class MergePlan:
+    """What one merge reads and how: the settings (the search's choice applied), the models, each adapter's archived
+    directory and manifest, the paths that name the adapted models in the mergekit config, and for a MoE its
+    experts' prompts."""
+
+    engine: str
+    settings: MergeConfig
+    base: Path
+    target: Path
+    target_config: dict
+    archived: dict[str, Path]
+    manifests: dict[str, dict]
+    adapted: dict[str, str]
+    searched: dict | None
+    prompts: dict[str, list[str]] = field(default_factory=dict)
+
+
+def plan(recipe: Recipe, inputs: Inputs) -> MergePlan:
+    from pipeline.archive.store import verify_adapter
+    from pipeline.merging.adapted_model import check_architecture
 
     adapters = merged_adapters(recipe)
-    engine = resolve_engine(recipe.merge)
     base = resolve_model_once(recipe.base_model, "base_model", recipe.trust_remote_code)
     target = resolve_model_once(recipe.target_model, "target_model", recipe.trust_remote_code)
-    archived = {name: adapter_dir(recipe, name) for name in adapters}
+    archived = {name: adapter_set(recipe)[name].directory for name in adapters}
     manifests = {name: verify_adapter(path) for name, path in archived.items()}
     target_config = json.loads((target / "config.json").read_text())
     for name, manifest in manifests.items():  # the fused engine checks shapes only
         check_architecture(name, manifest.get("base_config"), target_config, str(target))
-    # The mergekit engine reads these; for the fused engine they only name the models in mergekit_config.yml.
-    adapted = {name: str(adapted_model_dir(recipe, name).resolve()) for name in adapters}
     settings, searched = chosen_settings(recipe, inputs)
-    if settings.moe is not None:
-        from pipeline.merging.moe import (
-            build_moe_config,
-            output_architecture,
-            run_moe,
-            write_moe_config,
-        )
-
-        mergekit_config = build_moe_config(
-            settings.moe,
-            target=str(target),
-            experts=_moe_experts(settings, adapted, str(target)),
-            prompts=_moe_prompts(recipe, settings, adapters, target, inputs),
-            architecture=output_architecture(target_config["model_type"]),
-            dtype=settings.dtype,
-        )
-        run_moe(
-            mergekit_config,
-            out,
-            device=str(resolve_device(recipe.merge.device)),
-            seed=settings.moe.seed,
-            trust_remote_code=recipe.trust_remote_code,
-        )
-        adopt_target_tokenizer(out, target)
-        write_moe_config(out, target)
-        (out / CONFIG_FILE).write_text(yaml.safe_dump(mergekit_config, sort_keys=False))
-        lineage = {**_lineage(recipe, "mergekit-moe", base, target, manifests), "search": searched}
-        write_lineage(out, lineage, mergekit_config)
-        experts = [expert["source_model"] for expert in mergekit_config["experts"]]
-        return {"engine": "mergekit-moe", "adapters": adapters, "experts": len(experts)}
-    mergekit_config = build_mergekit_config(settings, adapted, str(base), str(target))
-    parsed = validate_mergekit_config(mergekit_config, target_config["num_hidden_layers"])
-    if engine == "mergekit":
-        from pipeline.merging.mergekit_engine import run_mergekit
-
-        run_mergekit(
-            mergekit_config,
-            out,
-            device=recipe.merge.device,
-            low_cpu_memory=recipe.merge.low_cpu_memory,
-            trust_remote_code=recipe.trust_remote_code,
-        )
-        summary = {}
-    else:
-        from pipeline.merging.fused import fused_merge
-
-        summary = fused_merge(
-            parsed,
-            base_dir=base,
-            target_dir=target,
-            out_dir=out,
-            apply_dtype=recipe.apply.dtype,
-            adapters={adapted[name]: archived[name] for name in adapters},
-            memory_budget=int(recipe.merge.memory_budget * 1024**3),
-            device=recipe.merge.device,
-            trust_remote_code=recipe.trust_remote_code,
-        )
-        over_base = parsed.base_model is not None and settings.base_model == "base"
-        write_base_config(base if over_base else target, out, recipe.merge.dtype)
-    rebuilt = bool(settings.tokenizer_source or settings.tokenizer)  # mergekit built the tokenizer and embeddings
-    adopt_target_files(out, target, keep_tokenizer=rebuilt)
-    warning = warn_if_vocabulary_changed(out, target) if rebuilt else None
-    (out / CONFIG_FILE).write_text(yaml.safe_dump(mergekit_config, sort_keys=False))
-    write_lineage(out, {**_lineage(recipe, engine, base, target, manifests), "search": searched}, mergekit_config)
-    return {**summary, "engine": engine, "adapters": adapters, **({"warning": warning} if warning else {})}
+    engine = "moe" if settings.moe is not None else resolve_engine(recipe.merge)
+    return MergePlan(
+        engine=engine,
+        settings=settings,
+        base=base,
+        target=target,
+        target_config=target_config,
+        archived=archived,
+        manifests=manifests,
+        # The mergekit engine reads these; for the fused engine they only name the models in mergekit_config.yml.
+        adapted={name: str(adapted_model_dir(recipe, name).resolve()) for name in adapters},
+        searched=searched,
+        prompts=_moe_prompts(recipe, settings, adapters, target, inputs) if engine == "moe" else {},
+    )
 
 
-def _moe_experts(merge: MergeConfig, adapted: dict[str, str], target: str) -> dict[str, str]:
-    from pipeline.merging.moe import TARGET, expert_names
+def chosen_settings(recipe: Recipe, inputs: Inputs) -> tuple[MergeConfig, dict | None]:
+    """The recipe's merge settings, or, when the search ran, them updated with the chosen trial's (and what the
+    lineage says about that choice)."""
+    if recipe.search is None:
+        return recipe.merge, None
+    from pipeline.search.leaderboard import LEADERBOARD_MD, SearchChoice
 
-    return {name: target if name == TARGET else adapted[name] for name in expert_names(merge, list(adapted))}
+    search_dir = inputs.path("search")
+    choice = SearchChoice.read(search_dir)
+    settings = MergeConfig.model_validate({**recipe.merge.model_dump(), **choice.merge})
+    return settings, {
+        "chosen_trial": choice.trial,
+        "objective": choice.objective,
+        "learned": choice.learned,
+        "kept": choice.kept,
+        "leaderboard": str(search_dir / LEADERBOARD_MD),
+        "why": choice.why,
+    }
+
+
+@dataclass(frozen=True)
+class EngineOutput:
+    """What an engine wrote besides the weights: the configuration it ran, and its own summary figures."""
+
+    mergekit_config: dict
+    summary: dict
+
+
+def _fused(recipe: Recipe, merge: MergePlan, out: Path) -> EngineOutput:
+    from pipeline.merging.fused import fused_merge
+    from pipeline.merging.output import adopt_target_files, write_base_config
+
+    mergekit_config = build_mergekit_config(merge.settings, merge.adapted, str(merge.base), str(merge.target))
+    parsed = validate_mergekit_config(mergekit_config, merge.target_config["num_hidden_layers"])
+    summary = fused_merge(
+        parsed,
+        base_dir=merge.base,
+        target_dir=merge.target,
+        out_dir=out,
+        apply_dtype=recipe.apply.dtype,
+        adapters={merge.adapted[name]: path for name, path in merge.archived.items()},
+        memory_budget=int(recipe.merge.memory_budget * 1024**3),
+        device=recipe.merge.device,
+        trust_remote_code=recipe.trust_remote_code,
+    )
+    over_base = parsed.base_model is not None and merge.settings.base_model == "base"
+    write_base_config(merge.base if over_base else merge.target, out, merge.settings.dtype)
+    adopt_target_files(out, merge.target, keep_tokenizer=False)
+    return EngineOutput(mergekit_config, summary)
+
+
+def _mergekit(recipe: Recipe, merge: MergePlan, out: Path) -> EngineOutput:
+    from pipeline.merging.mergekit_engine import run_mergekit
+    from pipeline.merging.output import adopt_target_files, vocabulary_change
+
+    mergekit_config = build_mergekit_config(merge.settings, merge.adapted, str(merge.base), str(merge.target))
+    validate_mergekit_config(mergekit_config, merge.target_config["num_hidden_layers"])
+    run_mergekit(
+        mergekit_config,
+        out,
+        device=recipe.merge.device,
+        low_cpu_memory=recipe.merge.low_cpu_memory,
+        trust_remote_code=recipe.trust_remote_code,
+    )
+    rebuilt = bool(merge.settings.tokenizer_source or merge.settings.tokenizer)  # mergekit built the vocabulary
+    adopt_target_files(out, merge.target, keep_tokenizer=rebuilt)
+    changed = vocabulary_change(out, merge.target) if rebuilt else None
+    if changed:
+        console.notice(f"merge: {changed}")
+    return EngineOutput(mergekit_config, {"warning": changed} if changed else {})
+
+
+def _moe(recipe: Recipe, merge: MergePlan, out: Path) -> EngineOutput:
+    from pipeline.merging.adapted_model import resolve_device
+    from pipeline.merging.moe import (
+        TARGET,
+        build_moe_config,
+        expert_names,
+        output_architecture,
+        run_moe,
+        write_moe_config,
+    )
+    from pipeline.merging.output import adopt_target_tokenizer
+
+    experts = expert_names(merge.settings, list(merge.adapted))
+    mergekit_config = build_moe_config(
+        merge.settings.moe,
+        target=str(merge.target),
+        experts={name: str(merge.target) if name == TARGET else merge.adapted[name] for name in experts},
+        prompts=merge.prompts,
+        architecture=output_architecture(merge.target_config["model_type"]),
+        dtype=merge.settings.dtype,
+    )
+    run_moe(
+        mergekit_config,
+        out,
+        device=str(resolve_device(recipe.merge.device)),
+        seed=merge.settings.moe.seed,
+        trust_remote_code=recipe.trust_remote_code,
+    )
+    adopt_target_tokenizer(out, merge.target)
+    write_moe_config(out, merge.target)
+    return EngineOutput(mergekit_config, {"experts": len(mergekit_config["experts"])})
+
+
+ENGINES: dict[str, Callable[[Recipe, MergePlan, Path], EngineOutput]] = {
+    "fused": _fused,
+    "mergekit": _mergekit,
+    "moe": _moe,
+}
+
+
+def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
+    from pipeline.merging.output import write_lineage, write_merge_config
+
+    merge = plan(recipe, inputs)
+    output = ENGINES[merge.engine](recipe, merge, out)
+    engine = "mergekit-moe" if merge.engine == "moe" else merge.engine
+    write_merge_config(out, output.mergekit_config)
+    lineage = {**_lineage(recipe, engine, merge), "search": merge.searched}
+    write_lineage(out, lineage, output.mergekit_config)
+    return {**output.summary, "engine": engine, "adapters": list(merge.archived)}
 
 
 def _moe_prompts(recipe: Recipe, merge: MergeConfig, adapters: list[str], target: Path, inputs: Inputs) -> dict:
@@ -264,28 +340,9 @@ def _moe_prompts(recipe: Recipe, merge: MergeConfig, adapters: list[str], target
     return {name: prompts.get(name, []) for name in expert_names(merge, adapters)}
 
 
-def chosen_settings(recipe: Recipe, inputs: Inputs) -> tuple[MergeConfig, dict | None]:
-    """The recipe's merge settings, or, when the search ran, them updated with the chosen trial's (and what the
-    lineage says about that choice)."""
-    if recipe.search is None:
-        return recipe.merge, None
-    search_dir = inputs.path("search")
-    chosen = yaml.safe_load((search_dir / "chosen.yml").read_text())
-    settings = MergeConfig.model_validate({**recipe.merge.model_dump(), **chosen["merge"]})
-    return settings, {
-        "chosen_trial": chosen["trial"],
-        "objective": chosen["objective"],
-        "learned": chosen["learned"],
-        "kept": chosen["kept"],
-        "leaderboard": str(search_dir / "leaderboard.md"),
-        "why": f"the highest {LEARNED_BY_OBJECTIVE[recipe.search.objective]} among trials that kept every retention "
-        f"set within {recipe.search.retention_tolerance:g} of the target",
-    }
-
-
-def _lineage(recipe: Recipe, engine: str, base: Path, target: Path, manifests: dict[str, dict]) -> dict:
+def _lineage(recipe: Recipe, engine: str, merge: MergePlan) -> dict:
     adapters = []
-    for name, manifest in manifests.items():
+    for name, manifest in merge.manifests.items():
         train = manifest.get("train") or {}
         lora = train.get("lora") or {}
         adapters.append(
@@ -313,9 +370,9 @@ def _lineage(recipe: Recipe, engine: str, base: Path, target: Path, manifests: d
         "name": recipe.name,
         "engine": engine,
         "base": recipe.base_model,
-        "base_path": str(base),
+        "base_path": str(merge.base),
         "target": recipe.target_model,
-        "target_path": str(target),
+        "target_path": str(merge.target),
         "adapters": adapters,
     }
 

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.console import say
+from pipeline import console
 from pipeline.data import formats, loading, templates
 from pipeline.fingerprint import content_fingerprint, model_fingerprint
 from pipeline.models.hub import check_model_reference
-from pipeline.recipe import Recipe, RecipeError
-from pipeline.stages.contract import Inputs, Stage, each_finetune
+from pipeline.recipe import Recipe, RecipeError, result_settings
+from pipeline.stages.contract import Inputs, Stage, each_finetune, problems_at
 
 PARALLEL_FROM_ROWS = 20_000  # below this, worker start-up costs more than it saves
 
@@ -35,7 +35,7 @@ def config(recipe: Recipe, item: str) -> dict:
     dataset = finetune.dataset
     train = recipe.train_config(item)
     settings = {
-        "dataset": dataset.model_dump(),
+        "dataset": result_settings(dataset),
         "dataset_content": dataset_content(dataset.path),
         "chat_template": recipe.chat_template,
         "template_identity": templates.template_identity(recipe.chat_template, recipe.target_model),
@@ -45,10 +45,9 @@ def config(recipe: Recipe, item: str) -> dict:
         "train_on_responses_only": train.train_on_responses_only,
     }
     if finetune.replay is not None:  # the base writes the replay rows: its weights change them
-        replay = finetune.replay
         settings["replay"] = {
-            **replay.model_dump(exclude={"batch_size", "device"}),
-            "dataset_content": dataset_content(replay.dataset.path),
+            **result_settings(finetune.replay),
+            "dataset_content": dataset_content(finetune.replay.dataset.path),
             "base_model": model_fingerprint(recipe.base_model),
             "trust_remote_code": recipe.trust_remote_code,
         }
@@ -62,7 +61,8 @@ def check(recipe: Recipe, item: str) -> None:
     _check_dataset(dataset, key)
     if dataset.eval_size >= 1 and dataset.eval_size != int(dataset.eval_size):
         raise RecipeError(f"{key}.eval_size: {dataset.eval_size} is neither a fraction (< 1) nor a row count")
-    templates.check_template(recipe.chat_template, recipe.target_model)
+    with problems_at("chat_template"):
+        templates.check_template(recipe.chat_template, recipe.target_model)
     replay = recipe.finetune(item).replay
     if replay is not None:
         key = f"finetunes.{index}.replay.dataset"
@@ -72,18 +72,41 @@ def check(recipe: Recipe, item: str) -> None:
                 f"{key}.format: text has no prompts for the base to answer; give a dataset of conversations "
                 "(alpaca, sharegpt or messages: each row up to its last user turn is a prompt)"
             )
-        check_model_reference(recipe.base_model, "base_model")
+        with problems_at():
+            check_model_reference(recipe.base_model, "base_model")
 
 
 def _check_dataset(dataset, key: str) -> None:
-    """The dataset's files exist (or it names a Hub dataset) and its `columns` name fields of its format."""
-    loading.check_dataset_path(dataset, key)
+    """The dataset's files exist (or it names a Hub dataset) and its `columns` name fields of its format that its
+    rows have."""
+    with problems_at(key):
+        loading.check_dataset_path(dataset)
     known = formats.FORMAT_FIELDS[dataset.format]
     unknown = sorted(set(dataset.columns) - set(known))
     if unknown:
         raise RecipeError(
             f"{key}.columns: {unknown} are not fields of format {dataset.format}; columns maps a field "
             f"({', '.join(known)}) to the source column that holds it"
+        )
+    _check_mapped_columns(dataset, key)
+
+
+def _check_mapped_columns(dataset, key: str) -> None:
+    """Each column `dataset.columns` maps a field to is in the local file's first rows: a typo there would
+    otherwise reject every row as missing the field."""
+    path = Path(dataset.path).expanduser()
+    mapped = {f: c for f, c in dataset.columns.items() if f not in formats.TURN_FIELDS}
+    if not mapped or not path.exists():
+        return
+    files = loading.local_data_files(path)
+    present = loading.peek_columns(files)
+    absent = {f: c for f, c in mapped.items() if present is not None and c not in present}
+    if absent:
+        listing = ", ".join(f"{field} → {column!r}" for field, column in absent.items())
+        raise RecipeError(
+            f"{key}.columns: {listing}: no such column in {files[0]}"
+            + (" and the other files" if len(files) > 1 else "")
+            + f" (its rows have: {', '.join(sorted(present)) or 'nothing'})"
         )
 
 
@@ -119,7 +142,13 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
     kept = render.kept_rows(processed)
     truncated = sum(1 for batch in kept.select_columns(["detail"]).iter(10_000) for d in batch["detail"] if d)
     unique = kept.select(_first_occurrences(kept))
-    train_rows, eval_rows = split_indices(len(unique), dataset.eval_size, train.seed)
+    try:
+        train_rows, eval_rows = split_indices(len(unique), dataset.eval_size, train.seed)
+    except ValueError as error:
+        raise ValueError(
+            f"{error} ({dataset.path}: {len(source)} rows read, {len(source) - len(kept)} rejected, "
+            f"{len(kept) - len(unique)} duplicates removed)"
+        ) from None
     columns = [c for c in unique.column_names if c not in render.HELPER_COLUMNS]
     train_split = unique.select(train_rows).select_columns(columns)
     replay = None
@@ -151,12 +180,7 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
     (out / "template.jinja").write_text(chat.template, encoding="utf-8")
     del source, processed, rejected, kept, unique, train_split
     shutil.rmtree(work, ignore_errors=True)
-    print(
-        f"prepare {item}: {summary['rows_in']} rows in, {summary['kept']} kept ({summary['train_rows']} train, "
-        f"{summary['eval_rows']} eval), {summary['rejected']} rejected, {summary['deduplicated']} duplicates"
-    )
-    if replay is not None:
-        say(_replay_line(item, replay))
+    _notify(item, summary, dataset.path, STAGE.output_path(recipe, item) / "rejected.jsonl")
     kept_keys = ("rows_in", "kept", "rejected", "deduplicated", "train_rows", "eval_rows")
     return {key: summary[key] for key in kept_keys} | ({"replay_rows": replay["rows"]} if replay else {})
 
@@ -214,6 +238,22 @@ def _replay(recipe: Recipe, item: str, chat, own_rows: int, work: Path):
     }
     section["fraction_of_train"] = len(kept) / max(1, own_rows + len(kept))
     return section, kept
+
+
+def _notify(item: str, summary: dict, source: str, rejected_file: Path) -> None:
+    """The rows that did not make it as they were, on the screen: the user decides whether the data needs fixing."""
+    if summary["rejected"]:
+        reasons = ", ".join(f"{reason} {count}" for reason, count in summary["rejected_by_reason"].items())
+        console.notice(
+            f"prepare {item}: {summary['rejected']} of {summary['rows_in']} rows of {source} rejected ({reasons}); "
+            f"each with its reason in {rejected_file}"
+        )
+    if summary["deduplicated"]:
+        console.notice(f"prepare {item}: {summary['deduplicated']} duplicate conversations removed")
+    if summary["truncated"]:
+        console.notice(f"prepare {item}: {summary['truncated']} rows truncated to max_seq_length")
+    if "replay" in summary:
+        console.notice(_replay_line(item, summary["replay"]))
 
 
 def _replay_line(item: str, replay: dict) -> str:

@@ -7,13 +7,13 @@ printed, logged or written: it goes from huggingface_hub's lookup straight into 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from pipeline import console
 from pipeline.archive.store import verify_adapter
-from pipeline.recipe import Recipe, RecipeError
+from pipeline.recipe import Recipe, RecipeError, result_settings
 from pipeline.stages.contract import Inputs, Stage, StageRef
-from pipeline.stages.selection import adapter_dir
+from pipeline.stages.selection import archive_entry
 
 
 def items(recipe: Recipe) -> list[str]:
@@ -21,7 +21,7 @@ def items(recipe: Recipe) -> list[str]:
 
 
 def config(recipe: Recipe, item: str) -> dict:
-    return {"publish": recipe.publish.model_dump(), "target_model": recipe.target_model}
+    return {"publish": result_settings(recipe.publish), "target_model": recipe.target_model}
 
 
 def depends_on(recipe: Recipe, item: str) -> list[StageRef]:
@@ -56,15 +56,18 @@ def check(recipe: Recipe, item: str) -> None:
 
 
 def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
-    from pipeline.evaluation.report import read_report
-    from pipeline.publishing.card import find_license, model_card
+    from pipeline.evaluation.report import REPORT_PNG, read_lm_eval, read_report_tables, read_transfer
+    from pipeline.llama_cpp.verify import read_verification
+    from pipeline.merging.output import merge_config_text, read_lineage
+    from pipeline.publishing.card import Release, find_license, model_card
     from pipeline.publishing.folder import CARD, EVALUATION_CHART, assemble_folder, published_files
     from pipeline.publishing.upload import hub_token, upload_folder
 
     merged = inputs.path("merge")
-    lineage = json.loads((merged / "lineage.json").read_text())
+    lineage = read_lineage(merged)
     names = [adapter["name"] for adapter in lineage["adapters"]]
-    manifests = {name: verify_adapter(adapter_dir(recipe, name)) for name in names}
+    archived = {name: archive_entry(recipe, name) for name in names}
+    manifests = {name: verify_adapter(path) for name, path in archived.items()}
     what = recipe.publish.what
     # Only an evaluation of this very merge (a dependency, so never stale) goes into the card.
     evaluate_dir = inputs.get("evaluate")
@@ -73,27 +76,27 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
     assemble_folder(
         out,
         merged if what != "adapters" else None,
-        {name: adapter_dir(recipe, name) for name in names} if what != "merged" else {},
-        evaluate_dir / "report.png" if evaluate_dir else None,
+        archived if what != "merged" else {},
+        evaluate_dir / REPORT_PNG if evaluate_dir else None,
         gguf_files,
     )
     token = None if recipe.publish.dry_run else hub_token()
-    evaluation_report = (read_report(evaluate_dir) if evaluate_dir else None) or {}
-    report = evaluate_dir / "report.md" if evaluate_dir else None
-    evaluation = report.read_text().split("\n", 1)[-1] if report and report.is_file() else None  # without title
+    evaluation = read_report_tables(evaluate_dir) if evaluate_dir else None
     if evaluation and (out / EVALUATION_CHART).is_file():
-        evaluation += f"\n![evaluation chart]({EVALUATION_CHART})\n"
+        evaluation += f"\n\n![evaluation chart]({EVALUATION_CHART})\n"
+    release = Release(recipe.publish.repo_id, what, recipe.name, recipe.base_model, recipe.target_model)
     (out / CARD).write_text(
         model_card(
-            recipe,
+            release,
             lineage,
-            (merged / "mergekit_config.yml").read_text(),
+            merge_config_text(merged),
             manifests,
             evaluation,
             find_license(lineage.get("target_path"), recipe.target_model, token),
             gguf_files={file.name: file.stat().st_size for file in gguf_files},
-            lm_eval=evaluation_report.get("lm_eval"),
-            transfer=evaluation_report.get("transfer"),
+            lm_eval=read_lm_eval(evaluate_dir) if evaluate_dir else None,
+            gguf_verification=read_verification(export_dir) if export_dir else None,
+            transfer=read_transfer(evaluate_dir) if evaluate_dir else None,
         )
     )
     summary = {
@@ -103,7 +106,7 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
         "folder": str(STAGE.output_path(recipe, item)),
     }
     if recipe.publish.dry_run:
-        print(f"publish: dry run, nothing uploaded; the folder that would be: {summary['folder']}")
+        console.notice(f"publish: dry run, nothing uploaded; the folder that would be: {summary['folder']}")
         return {**summary, "dry_run": True}
     result = upload_folder(
         out,
@@ -112,7 +115,7 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
         token=token,
         commit_message=f"ftmerge: {recipe.name} ({what})",
     )
-    print(f"publish: uploaded {len(summary['files'])} files to {result['repo_url']}")
+    console.notice(f"publish: uploaded {len(summary['files'])} files to {result['repo_url']}")
     return {**summary, **result, "dry_run": False}
 
 

@@ -11,14 +11,14 @@ from pathlib import Path
 
 from pipeline.fingerprint import model_fingerprint
 from pipeline.models.hub import check_model_reference, resolve_model
-from pipeline.recipe import Recipe, RecipeError
+from pipeline.recipe import Recipe, RecipeError, result_settings
 from pipeline.stages.contract import Inputs, Stage, StageRef, each_finetune
 from pipeline.training import environment
 
 
 def config(recipe: Recipe, item: str) -> dict:
     return {
-        "train": recipe.train_config(item).model_dump(),
+        "train": result_settings(recipe.train_config(item)),
         "base_model": recipe.base_model,
         "base_model_fingerprint": model_fingerprint(recipe.base_model),
         "trust_remote_code": recipe.trust_remote_code,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 from typing import TYPE_CHECKING
 
-from pipeline import distributed
+from pipeline import console, distributed
 from pipeline.recipe import TrainConfig
 
 if TYPE_CHECKING:  # torch is imported where it is used, so `--status` and `--dry-run` start fast
@@ -32,9 +32,10 @@ class TrainingUnavailable(RuntimeError):
 
 
 def announce(message: str) -> None:
-    """One line on the console from the main process only (under torchrun every rank runs the same code)."""
+    """A notice under the train step's line (a fallback the user should know of), from the main process only: under
+    torchrun every rank runs the same code."""
     if distributed.is_main_process():
-        print(f"train: {message}", flush=True)
+        console.notice(f"train: {message}")
 
 
 def has_gpu() -> bool:

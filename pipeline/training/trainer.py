@@ -114,9 +114,13 @@ def train_and_save(run: TrainingRun, base_model: str) -> dict:
             environment.announce(f"removed {removed.name}: cut short by the previous run's end")
     trainer.accelerator.wait_for_everyone()
     resume = checkpoints.last_complete_checkpoint(workdir)
-    environment.announce(
-        f"{run.backend} backend; " + (f"resuming from {resume.name}" if resume else "starting at step 0")
-    )
+    if resume:
+        environment.announce(
+            f"{run.backend} backend; resuming from step {checkpoints.checkpoint_step(resume)} (the checkpoint a killed "
+            f"run left in {workdir})"
+        )
+    else:
+        print(f"train: {run.backend} backend; starting at step 0", flush=True)  # the log only: nothing to act on
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     evaluation = trainer.evaluate() if run.has_eval else {}
 

@@ -36,7 +36,7 @@ def load_model(base_dir: Path, config: TrainConfig, *, trust_remote_code: bool) 
         # Straight to the GPU, one full copy per process under DDP (each rank on its own): a 16-bit 7B staged in
         # CPU RAM first does not fit a Colab runtime, and 4-bit weights cannot be moved after loading.
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
-    model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, use_safetensors=True, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)

@@ -27,6 +27,7 @@ def load_model(base_dir: Path, config: TrainConfig, *, trust_remote_code: bool) 
         # The path is local: never swap it for an unsloth/* Hub alias (offline here, and the adapter must name
         # the real base).
         use_exact_model_name=True,
+        use_safetensors=True,  # never a pickle: unpickling runs whatever code the file holds
     )
     model = FastLanguageModel.get_peft_model(
         model,

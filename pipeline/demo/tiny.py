@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.data.synthetic import tokenizer_corpus
+from pipeline.demo.synthetic import tokenizer_corpus
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Qwen2-7B-Instruct's chat template, verbatim.
