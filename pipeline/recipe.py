@@ -120,10 +120,28 @@ class DatasetConfig(Strict):
     max_reject_fraction: float = Field(0.05, ge=0, le=1)
 
 
+class ReplayConfig(Strict):
+    """Self-distilled replay: prompts of `dataset` answered greedily by the BASE model in the recipe's chat template,
+    mixed into the fine-tune's training rows, so the LoRA learns to change what its data asks for and to leave the
+    rest as the base answers it (it then also leaves the target's answers alone). The prompts are each row's
+    conversation up to its last user turn, in any format but text (replies in the data are not used). Answers are
+    cached by content (base, prompts, template, settings) under <output_dir>/cache/replay/."""
+
+    dataset: DatasetConfig
+    fraction: float = Field(0.4, gt=0, lt=1)  # of the training rows (the held-out split gets none)
+    max_new_tokens: int = Field(256, gt=0)  # an answer not finished by then is left out (and counted)
+    batch_size: int = neutral(16, gt=0)  # prompts generated at once
+    device: Literal["auto", "cpu", "cuda"] = neutral("auto")  # auto: the GPU when there is one
+    # auto: bf16 where the GPU has it natively, else fp16; float32 on CPU (bf16 matmuls are slow there)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    load_in_4bit: bool = False  # NF4 weights (CUDA + bitsandbytes): a 7B base in 16 bits does not fit a T4
+
+
 class FinetuneConfig(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     dataset: DatasetConfig
     train: dict[str, Any] = {}
+    replay: ReplayConfig | None = None
 
     @field_validator("name")
     @classmethod
@@ -306,8 +324,8 @@ class LmEvalConfig(Strict):
     limit: int | None = Field(None, gt=0)  # documents per task
     num_fewshot: int | None = Field(None, ge=0)
     batch_size: int | None = Field(None, gt=0)  # None: evaluate.batch_size
-    # auto: through the chat template for the instruct models (target, adapted, merged), plain text for the base,
-    # which was never trained on the template's turns; true or false: the same for every model
+    # auto: through the chat template for the instruct models (target, trained, adapted, merged), plain text for the
+    # base, which was never trained on the template's turns; true or false: the same for every model
     apply_chat_template: Literal["auto"] | bool = "auto"
     backend: Literal["hf", "vllm"] = "hf"  # vllm: lm-eval's vLLM backend (GPU), the model loaded from its directory
 
@@ -324,7 +342,14 @@ class LmEvalConfig(Strict):
 
 class EvaluateConfig(Strict):
     enabled: bool = True
-    models: list[Literal["base", "target", "adapted", "merged"]] = ["base", "target", "adapted", "merged"]
+    # trained: each adapter on the model it was trained on (base + LoRA), the yardstick of its transfer to the target
+    models: list[Literal["base", "target", "trained", "adapted", "merged"]] = [
+        "base",
+        "target",
+        "trained",
+        "adapted",
+        "merged",
+    ]
     retention: list[RetentionSet] = []
     max_samples: int | None = Field(200, gt=0)
     batch_size: int = Field(8, gt=0)  # rows per batch when generating and for lm-eval

@@ -80,8 +80,9 @@ def test_pipeline_run_ends_with_the_evaluation_table(tiny_models, finetune_sets,
     header = "| model | reverse (held-out) | sort (held-out) | copy (retention) |"
     assert header in result.stdout
     lines = result.stdout.splitlines()
-    rows = [line.split("|")[1].strip() for line in lines[lines.index(header) + 2 : lines.index(header) + 7]]
-    assert rows == ["base", "target", "adapted:reverse", "adapted:sort", "merged"]
+    models = ["base", "target", "trained:reverse", "trained:sort", "adapted:reverse", "adapted:sort", "merged"]
+    rows = [line.split("|")[1].strip() for line in lines[lines.index(header) + 2 : lines.index(header) + 9]]
+    assert rows == models
     evaluated = tmp_path / "run" / "evaluate"
     assert header in (evaluated / "report.md").read_text()
     assert (evaluated / "report.png").is_file()

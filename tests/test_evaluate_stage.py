@@ -11,6 +11,7 @@ import pytest
 import torch
 from datasets import concatenate_datasets, load_from_disk
 from helpers.recipes import DEMO_DATA, evaluate_recipe
+from helpers.references import peft_reference
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.data import templates
@@ -18,6 +19,7 @@ from pipeline.evaluation import lm_eval_tasks
 from pipeline.evaluation.lineage import Evaluation, evaluate_lineage
 from pipeline.evaluation.models import ModelSpec
 from pipeline.evaluation.sets import held_out_set, retention_sets
+from pipeline.evaluation.transfer import transfer_report
 from pipeline.recipe import LmEvalConfig, Recipe
 from pipeline.stages import STAGES, Inputs, StageRef, evaluate, prepare
 
@@ -46,7 +48,7 @@ def test_stage_writes_a_row_per_model_and_a_column_per_set(lineage, live_models,
     out.mkdir()
     evaluate.check(recipe, "")
     summary = evaluate.run(recipe, "", out, Inputs({ref: inputs.paths[ref] for ref in evaluate.depends_on(recipe, "")}))
-    models = ["base", "target", "adapted:reverse", "adapted:sort", "merged"]
+    models = ["base", "target", "trained:reverse", "trained:sort", "adapted:reverse", "adapted:sort", "merged"]
     report = json.loads((out / "report.json").read_text())
     assert report["models"] == summary["models"] == models
     assert [(s["name"], s["kind"], s["rows"]) for s in report["sets"]] == [
@@ -64,12 +66,15 @@ def test_stage_writes_a_row_per_model_and_a_column_per_set(lineage, live_models,
     table = (out / "report.md").read_text()
     lines = table.splitlines()
     loss_table = lines.index("| model | reverse (held-out) | sort (held-out) | copy (retention) |")
-    assert [line.split("|")[1].strip() for line in lines[loss_table + 2 : loss_table + 7]] == models
+    assert [line.split("|")[1].strip() for line in lines[loss_table + 2 : loss_table + 2 + len(models)]] == models
     assert lines[2].startswith("What did the merge learn?")  # the report leads with learned and kept
     assert f"hellaswag: {lm_eval_tasks.NOT_INSTALLED}" in table
     assert report["lm_eval"] == {"tasks": ["hellaswag"], "status": lm_eval_tasks.NOT_INSTALLED}
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| model | reverse (held-out) | sort (held-out) | copy (retention) |" in capsys.readouterr().out
+    assert report["transfer"] == transfer_report(report["results"], ["reverse", "sort"], generated=True)
+    assert set(report["transfer"]) == {"reverse", "sort"}, "each adapter on its own held-out set"
+    assert "Does each LoRA work on the target as on the base?" in table
     assert len(live_models["loaded"]) == len(models)
     assert live_models["alive_at_load"] == [0] * len(models), "a model was still in memory when the next loaded"
 
@@ -95,6 +100,21 @@ def test_adapted_model_on_the_fly_equals_the_saved_one(lineage, tiny_models, dty
     assert results["adapted:sort"]["sort"]["loss"] == results["saved"]["sort"]["loss"]
 
 
+def test_a_trained_model_is_the_base_with_its_lora_merged_by_peft(lineage, tiny_models, tmp_path):
+    recipe, inputs = lineage["recipe"], lineage["inputs"]
+    trained = next(s for s in evaluate.lineage(recipe, inputs) if s.label == "trained:sort")
+    assert trained.path == Path(tiny_models["base"]).resolve() and trained.adapter == inputs.path("archive", "sort")
+    by_hand = peft_reference(tiny_models["base"], inputs.path("archive", "sort"), tmp_path / "by-hand")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["base"])
+    settings = recipe.evaluate.model_copy(update={"generate": False, "dtype": "float32", "lm_eval": LmEvalConfig()})
+    evaluation = Evaluation(settings, torch.device("cpu"), tokenizer, [tokenizer.eos_token_id], tokenizer.pad_token_id)
+    sets = [held_out_set("sort", inputs.path("prepare", "sort"), None)]
+    results, _ = evaluate_lineage([trained, ModelSpec("by hand", "trained", by_hand)], sets, evaluation)
+    assert results["trained:sort"]["sort"]["loss"] == results["by hand"]["sort"]["loss"]
+    base, _ = evaluate_lineage([ModelSpec("base", "base", tiny_models["base"])], sets, evaluation)
+    assert results["trained:sort"]["sort"]["loss"] != base["base"]["sort"]["loss"], "the LoRA changes the base"
+
+
 def test_stage_contract(lineage):
     recipe = lineage["recipe"]
     assert list(STAGES)[list(STAGES).index("merge") + 1] == "evaluate"
@@ -110,10 +130,18 @@ def test_stage_contract(lineage):
         "prepare.sort",
         "apply.reverse",
         "apply.sort",
+        "archive.reverse",  # each LoRA on the base (trained) reads the archived adapter
+        "archive.sort",
     ]
     unsaved = recipe.model_copy(update={"apply": recipe.apply.model_copy(update={"save": False})})
     assert evaluate.depends_on(unsaved, "")[-2:] == [StageRef("archive", "reverse"), StageRef("archive", "sort")]
-    assert evaluate.config(recipe, "") != evaluate.config(unsaved, ""), "on-the-fly models depend on apply.dtype"
+    untrained = {"models": ["base", "target", "adapted", "merged"]}
+    saved_only = recipe.model_copy(update={"evaluate": recipe.evaluate.model_copy(update=untrained)})
+    unsaved_only = unsaved.model_copy(update={"evaluate": unsaved.evaluate.model_copy(update=untrained)})
+    assert evaluate.config(saved_only, "") != evaluate.config(unsaved_only, ""), "on the fly: apply.dtype counts"
+    other_dtype = recipe.model_copy(update={"apply": recipe.apply.model_copy(update={"dtype": "float32"})})
+    assert evaluate.config(other_dtype, "") != evaluate.config(recipe, ""), "base + LoRA is computed on the fly"
+    assert [ref.label for ref in evaluate.depends_on(saved_only, "")][-2:] == ["apply.reverse", "apply.sort"]
 
 
 def test_retention_data_under_home_is_fingerprinted_by_content(tiny_models, finetune_sets, tmp_path, monkeypatch):

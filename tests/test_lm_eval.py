@@ -259,7 +259,16 @@ def test_stage_scores_every_model_caches_per_task_and_fills_the_card(lineage, tm
         return json.loads((out / "report.json").read_text())
 
     report = run_stage(recipe, "first")
-    models = ["base", "target", "adapted:reverse", "adapted:sort", "merged", "merged:published"]
+    models = [
+        "base",
+        "target",
+        "trained:reverse",
+        "trained:sort",
+        "adapted:reverse",
+        "adapted:sort",
+        "merged",
+        "merged:published",
+    ]
     assert report["models"] == models
     lm_eval = report["lm_eval"]
     assert lm_eval["chat_template"] == {model: model != "base" for model in models}
@@ -268,7 +277,7 @@ def test_stage_scores_every_model_caches_per_task_and_fills_the_card(lineage, tm
     assert all(0 <= value <= 1 for value in accuracy.values()) and lm_eval["samples"] == {"tiny_colors": 8}
     table = (tmp_path / "first" / "report.md").read_text().splitlines()
     header = table.index("| model | tiny_colors acc |")
-    assert [line.split("|")[1].strip() for line in table[header + 2 : header + 8]] == models
+    assert [line.split("|")[1].strip() for line in table[header + 2 : header + 2 + len(models)]] == models
     assert "lm-eval-harness tasks" in titles[-1], titles
 
     runs.clear()

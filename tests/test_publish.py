@@ -174,6 +174,15 @@ def test_card_front_matter_license_and_evaluation(tmp_path):
     )
     assert "## Evaluation" in card and table.strip() in card
     assert find_license(tmp_path / "no-card", "./not-a-hub-id") is None
+    assert "transfer to the target" not in card, "no evaluation of the transfer, no column"
+    transfer = {
+        "chat": {"metric": "exact_match", "trained": 0.9, "adapted": 0.72, "transfer": 0.8},
+        "math": {"metric": "loss", "gain_on_base": 0.5, "gain_on_target": 0.25, "transfer": 0.5},
+    }
+    card = model_card(release, lineage, "merge_method: ties\n", manifests, table, None, transfer=transfer)
+    assert "| transfer to the target (its skill there / on the base) |" in card
+    assert "| r=64 | 0.80× (72% on the target / 90% on the base) |" in card
+    assert "| – | 0.50× (loss removed: 0.250 on the target / 0.500 on the base) |" in card
 
 
 @pytest.fixture

@@ -42,10 +42,16 @@ class RowRejected(ValueError):
 
 
 def to_conversation(
-    row: dict[str, Any], data_format: str, columns: dict[str, str], system_prompt: str | None
+    row: dict[str, Any],
+    data_format: str,
+    columns: dict[str, str],
+    system_prompt: str | None,
+    *,
+    prompt_only: bool = False,
 ) -> list[dict[str, str]]:
     """The conversation of one source row; raises RowRejected. `columns` maps a format field to the source column
-    (or turn key) that holds it, e.g. {"instruction": "prompt"}."""
+    (or turn key) that holds it, e.g. {"instruction": "prompt"}. `prompt_only`: the conversation up to its last user
+    turn, a prompt for a model to answer (a reply after it, or an alpaca row's output, is dropped; none is needed)."""
 
     def field(name: str, source: dict = row) -> Any:
         return source.get(columns.get(name, name))
@@ -60,9 +66,10 @@ def to_conversation(
         user = f"{instruction}\n{extra}" if extra.strip() else instruction
         system = _string(field("system"), named("system"), required=False)
         messages = ([{"role": "system", "content": system}] if system.strip() else []) + [
-            {"role": "user", "content": user},
-            {"role": "assistant", "content": _string(field("output"), named("output"))},
+            {"role": "user", "content": user}
         ]
+        if not prompt_only:
+            messages.append({"role": "assistant", "content": _string(field("output"), named("output"))})
     elif data_format in ("sharegpt", "messages"):
         key, role_key, content_key, roles = (
             ("conversations", "from", "value", SHAREGPT_ROLES)
@@ -87,7 +94,10 @@ def to_conversation(
                 messages.insert(0, {"role": "system", "content": system})
     else:
         raise ValueError(f"unknown dataset format {data_format!r}")
-    return _validated(messages, system_prompt)
+    if prompt_only:
+        while messages and messages[-1]["role"] == "assistant":
+            messages.pop()
+    return _validated(messages, system_prompt, prompt_only=prompt_only)
 
 
 def to_text(row: dict[str, Any], columns: dict[str, str]) -> str:
@@ -108,9 +118,11 @@ def _string(value: Any, name: str, *, required: bool = True) -> str:
     return value
 
 
-def _validated(messages: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
+def _validated(
+    messages: list[dict[str, str]], system_prompt: str | None, *, prompt_only: bool = False
+) -> list[dict[str, str]]:
     """Join split user turns, add the recipe's system prompt where the row has none, and check the shape:
-    [system] user assistant (user assistant)*."""
+    [system] user assistant (user assistant)*, or with `prompt_only` [system] user (assistant user)*."""
     joined: list[dict[str, str]] = []
     for index, message in enumerate(messages):
         role, content = message["role"], message["content"]
@@ -130,6 +142,8 @@ def _validated(messages: list[dict[str, str]], system_prompt: str | None) -> lis
     dialogue = joined[1:] if joined and joined[0]["role"] == "system" else joined
     if not dialogue or dialogue[0]["role"] != "user":
         raise RowRejected("no_user_turn", "the conversation does not start with a user turn")
+    if prompt_only:
+        return joined  # a trailing reply was dropped before: the dialogue ends with a user turn
     if dialogue[-1]["role"] != "assistant":
         raise RowRejected("no_reply", "the conversation does not end with an assistant reply")
     return joined

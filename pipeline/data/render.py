@@ -114,7 +114,7 @@ def prepare_batch(batch: dict[str, list], indices: list[int], *, settings: Rende
         out["row"].append(indices[position])
         try:
             if raw is not None:
-                row = _parse_line(raw)
+                row = parse_json_line(raw)
             if settings.data_format == "text":
                 messages, text = [], to_text(row, settings.columns)
                 spans = [(0, len(text))]
@@ -171,7 +171,7 @@ def _store(out: dict, position: int, ids: list[int], mask: list[int], settings: 
     out["assistant_masks"][position] = mask
 
 
-def _parse_line(raw: str) -> dict:
+def parse_json_line(raw: str) -> dict:
     try:
         row = json.loads(raw)
     except ValueError as error:

@@ -1,6 +1,7 @@
 """Judge a finished demo run on fresh examples no training saw: greedy answers in the target's chat template, exact
-match, for the target, each adapted model, the merged model and (when the search chose another) the published merge
-(`merged:published`).
+match, for the target, each LoRA on the base (`trained:<name>`) and on the target (`adapted:<name>`), the merged model
+and (when the search chose another) the published merge (`merged:published`); each LoRA's transfer (its skill on the
+target over its skill on the base).
 
     python -m pipeline.demo.fresh                  # runs/tiny-cpu, 100 examples per skill, seed 1
     python -m pipeline.demo.fresh --seed 7 -n 200
@@ -19,6 +20,7 @@ import torch
 
 from pipeline.demo.synthetic import fresh_examples
 from pipeline.evaluation.generate import greedy_answers, score_answers
+from pipeline.evaluation.transfer import transfer_report
 
 KEEP, LEARN = 0.9, 0.7
 
@@ -38,14 +40,14 @@ def exact_match(model, tokenizer, skill: str, n: int, seed: int) -> float:
 
 
 def lineage_models(recipe) -> dict[str, object]:
-    """label → ModelSpec of the run's target, adapted models, merged model and (when the search chose another) the
-    published merge: the evaluate stage's own lineage of the finished run, without the base, read from the outputs
-    the runner hands the evaluate step."""
+    """label → ModelSpec of the run's target, trained and adapted models, merged model and (when the search chose
+    another) the published merge: the evaluate stage's own lineage of the finished run, without the base, read from the
+    outputs the runner hands the evaluate step."""
     from pipeline.runner import inputs_of
     from pipeline.stages import evaluate
 
     scored = recipe.model_copy(
-        update={"evaluate": recipe.evaluate.model_copy(update={"models": ["target", "adapted", "merged"]})}
+        update={"evaluate": recipe.evaluate.model_copy(update={"models": ["target", "trained", "adapted", "merged"]})}
     )
     specs = evaluate.lineage(scored, inputs_of(scored, "evaluate"))
     return {spec.label: spec for spec in specs}
@@ -89,6 +91,17 @@ def verdict(table: dict, learned: list[str], kept: list[str], model: str = "merg
     return lines
 
 
+def transfer(table: dict, learned: list[str]) -> dict[str, dict]:
+    """Each LoRA's transfer on fresh examples of its skill, as the evaluate stage measures it by exact match."""
+    results = {label: {skill: {"exact_match": value} for skill, value in row.items()} for label, row in table.items()}
+    return transfer_report(results, learned, generated=True)
+
+
+def transfer_line(name: str, entry: dict) -> str:
+    ratio = "–" if entry["transfer"] is None else f"{entry['transfer']:.2f}x"
+    return f"transfer {name}: {entry['adapted']:.0%} on the target / {entry['trained']:.0%} on the base = {ratio}"
+
+
 def markdown(table: dict, skills: list[str], n: int, seed: int) -> str:
     lines = [
         f"| model ({n} fresh examples per skill, seed {seed}) | " + " | ".join(skills) + " |",
@@ -111,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     recipe = load_recipe(args.recipe, args.set)
     table, learned, kept = judge(recipe, n=args.n, seed=args.seed)
     print(markdown(table, [*learned, *kept], args.n, args.seed))
-    lines = verdict(table, learned, kept)
+    lines = [transfer_line(name, entry) for name, entry in transfer(table, learned).items()]
+    lines += verdict(table, learned, kept)
     if "merged:published" in table:
         lines += verdict(table, learned, kept, "merged:published")
     print("\n".join(lines))

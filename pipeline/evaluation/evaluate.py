@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from pipeline.evaluation.lineage import EvalSet, Evaluation, ScoreCache, TaskScoreCache, evaluate_lineage
 from pipeline.evaluation.lm_eval_tasks import lm_eval_status, uses_chat_template
 from pipeline.evaluation.models import ModelSpec
+from pipeline.evaluation.transfer import transfer_report
 from pipeline.merging.adapted_model import resolve_device
 
 if TYPE_CHECKING:
@@ -40,8 +41,9 @@ def chat_evaluation(
 def evaluation_report(
     name: str, specs: list[ModelSpec], sets: list[EvalSet], evaluation: Evaluation, cache_dir: Path | None = None
 ) -> dict:
-    """The full report: settings, models, sets, per model × set metrics and the lm-eval-harness outcome. With
-    `cache_dir`, scores of models and sets seen before (same identity, content and settings) are reused."""
+    """The full report: settings, models, sets, per model × set metrics, each adapter's transfer from the base to the
+    target (pipeline.evaluation.transfer) and the lm-eval-harness outcome. With `cache_dir`, scores of models and
+    sets seen before (same identity, content and settings) are reused."""
     config = evaluation.config
     cache = ScoreCache(cache_dir, evaluation) if cache_dir is not None else None
     task_cache = TaskScoreCache(Path(cache_dir) / "lm_eval", evaluation) if cache_dir is not None else None
@@ -63,6 +65,7 @@ def evaluation_report(
         "model_paths": {spec.label: str(spec.path) + (f" + {spec.adapter}" if spec.adapter else "") for spec in specs},
         "sets": [eval_set.describe() for eval_set in sets],
         "results": results,
+        "transfer": transfer_report(results, [s.name for s in sets if s.kind == "held-out"], config.generate),
         "lm_eval": lm_eval,
     }
 

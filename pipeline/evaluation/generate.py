@@ -66,18 +66,53 @@ def greedy_answers(
 ) -> list[str]:
     """Greedy continuations of each prompt (left-padded in batches), decoded without special tokens. Every model
     gets the same stop tokens and settings, whatever its own generation_config says."""
+    replies = greedy_replies(
+        model,
+        tokenizer,
+        prompts,
+        stop_ids=stop_ids,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        pad_id=pad_id,
+        description=description,
+    )
+    return [reply.text for reply in replies]
+
+
+@dataclass(frozen=True)
+class Reply:
+    text: str
+    finished: bool  # a stop token ended it (else max_new_tokens cut it)
+
+
+@torch.no_grad()
+def greedy_replies(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    *,
+    stop_ids: list[int],
+    max_new_tokens: int,
+    batch_size: int,
+    pad_id: int,
+    description: str = "generate",
+) -> list[Reply]:
+    """`greedy_answers` with whether each answer ended at a stop token."""
     settings = GenerationConfig(
         do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id
     )
     device = next(model.parameters()).device
-    answers = []
+    replies = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=description, unit="batch", leave=False):
         ids, attention = left_pad(prompts[start : start + batch_size], pad_id)
         output = model.generate(
             input_ids=ids.to(device), attention_mask=attention.to(device), generation_config=settings
         )
-        answers += tokenizer.batch_decode(output[:, ids.shape[1] :], skip_special_tokens=True)
-    return answers
+        new = output[:, ids.shape[1] :].cpu()
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+        stopped = torch.isin(new, torch.tensor(stop_ids)).any(dim=1).tolist()
+        replies += [Reply(text, finished) for text, finished in zip(texts, stopped, strict=True)]
+    return replies
 
 
 def score_answers(answers: list[str], references: list[str], keep_examples: int = 3) -> GenerationResult:

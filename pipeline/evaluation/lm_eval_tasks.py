@@ -41,8 +41,9 @@ def lm_eval_version() -> str:
 
 
 def uses_chat_template(config: LmEvalConfig, role: str) -> bool:
-    """`auto`: the instruct models (target, adapted, merged) are prompted through the chat template, as users
-    compare instruct models; the base, never trained on the template's turns, gets the plain prompt."""
+    """`auto`: the instruct models (target, adapted, merged, and each LoRA on the base, trained in the template)
+    are prompted through the chat template, as users compare instruct models; the base, never trained on the
+    template's turns, gets the plain prompt."""
     if config.apply_chat_template == "auto":
         return role != "base"
     return config.apply_chat_template

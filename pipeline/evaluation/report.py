@@ -7,6 +7,8 @@ import json
 import math
 from pathlib import Path
 
+from pipeline.evaluation.transfer import transfer_lines
+
 REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "report.png"
 
 
@@ -97,11 +99,12 @@ def learned_and_kept(report: dict) -> list[str]:
 
 
 def markdown_table(report: dict) -> str:
-    """The report's tables in markdown: what the merge learned and kept, loss (perplexity) on assistant tokens,
-    greedy exact match (contains) when generation ran, lm-eval-harness results or why they were not run. Best value
-    per column in bold."""
+    """The report's tables in markdown: what the merge learned and kept, each LoRA's transfer from the base to the
+    target, loss (perplexity) on assistant tokens, greedy exact match (contains) when generation ran, lm-eval-harness
+    results or why they were not run. Best value per column in bold."""
     parts = [
         *learned_and_kept(report),
+        *transfer_lines(report.get("transfer") or {}),
         "Mean loss on assistant tokens (perplexity); lower is better.",
         "",
         *_table(report, "loss", lambda r: f"{_number(r['loss'], 3)} ({_number(r['perplexity'], 2)})", True),
@@ -173,8 +176,8 @@ def _lm_eval_lines(lm_eval: dict) -> list[str]:
 
 
 def write_chart(report: dict, path: Path) -> None:
-    """Grouped bars, one bar per model: loss per set, exact match per set when generation ran, and each lm-eval
-    (task, metric) when the tasks ran."""
+    """Grouped bars, one bar per model: loss per set, exact match per set when generation ran, each LoRA's skill on
+    the base and on the target (its transfer), and each lm-eval (task, metric) when the tasks ran."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -186,8 +189,9 @@ def write_chart(report: dict, path: Path) -> None:
     sets, models = [s["name"] for s in report["sets"]], report["models"]
     lm_eval = report.get("lm_eval") or {}
     columns = lm_eval_columns(lm_eval)
-    width_in = max(6, 1.6 * len(sets) * len(panels) + 1.2 * len(columns) + 3)
-    figure, axes = plt.subplots(1, len(panels) + bool(columns), figsize=(width_in, 4), squeeze=False)
+    transfer = report.get("transfer") or {}
+    width_in = max(6, 1.6 * len(sets) * len(panels) + 1.2 * (len(columns) + len(transfer)) + 3)
+    figure, axes = plt.subplots(1, len(panels) + bool(transfer) + bool(columns), figsize=(width_in, 4), squeeze=False)
     for axis, (metric, title) in zip(axes[0], panels, strict=False):
         values = {model: [report["results"][model].get(name, {}).get(metric) for name in sets] for model in models}
         _grouped_bars(axis, values, [f"{s['name']}\n({s['kind']})" for s in report["sets"]], title)
@@ -197,10 +201,30 @@ def write_chart(report: dict, path: Path) -> None:
         results = lm_eval["results"]
         values = {model: [results.get(model, {}).get(t, {}).get(m) for t, m in columns] for model in models}
         _grouped_bars(axes[0][-1], values, [f"{t}\n{m}" for t, m in columns], "lm-eval-harness tasks")
-    axes[0][-1].legend(fontsize="small")
+    axes[0][-1 if columns else len(panels) - 1].legend(fontsize="small")
+    if transfer:
+        _transfer_bars(axes[0][len(panels)], transfer)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def _transfer_bars(axis, transfer: dict[str, dict]) -> None:
+    """Per adapter, its skill on its own set on the base (base + LoRA) and on the target (target + LoRA): by exact
+    match, or by the loss the LoRA removes, as the transfer is measured; the ratio under each adapter's name."""
+    by_loss = all(entry["metric"] == "loss" for entry in transfer.values())
+    metric, keys = ("loss", ("gain_on_base", "gain_on_target")) if by_loss else ("exact_match", ("trained", "adapted"))
+    values = {
+        label: [entry.get(key) if entry["metric"] == metric else None for entry in transfer.values()]
+        for label, key in zip(("on the base (base + LoRA)", "on the target (target + LoRA)"), keys, strict=True)
+    }
+    labels = [
+        f"{name}\n{'–' if entry['transfer'] is None else format(entry['transfer'], '.2f') + '×'}"
+        for name, entry in transfer.items()
+    ]
+    title = "transfer: the loss each LoRA removes" if by_loss else "transfer: each LoRA's own skill (exact match)"
+    _grouped_bars(axis, values, labels, title)
+    axis.legend(fontsize="small")
 
 
 def _grouped_bars(axis, values: dict[str, list], labels: list[str], title: str) -> None:
@@ -234,3 +258,9 @@ def read_lm_eval(evaluate_dir: Path) -> dict | None:
     """report.json's lm-eval section (the card's model-index); None without a report."""
     path = Path(evaluate_dir) / REPORT_JSON
     return json.loads(path.read_text(encoding="utf-8")).get("lm_eval") if path.is_file() else None
+
+
+def read_transfer(evaluate_dir: Path) -> dict | None:
+    """report.json's transfer per adapter (a column of the card's lineage table); None without a report."""
+    path = Path(evaluate_dir) / REPORT_JSON
+    return json.loads(path.read_text(encoding="utf-8")).get("transfer") if path.is_file() else None

@@ -76,20 +76,37 @@ def front_matter(release: Release, method: str, license_name: str | None) -> dic
     return data
 
 
-def lineage_section(lineage: dict, manifests: dict[str, dict], method: str) -> str:
+def transfer_cell(entry: dict | None) -> str:
+    """An adapter's transfer as the card shows it: the ratio and the two scores it is made of."""
+    if not entry or entry.get("transfer") is None:
+        return "–"
+    if entry["metric"] == "exact_match":
+        return f"{entry['transfer']:.2f}× ({entry['adapted']:.0%} on the target / {entry['trained']:.0%} on the base)"
+    return (
+        f"{entry['transfer']:.2f}× (loss removed: {entry['gain_on_target']:.3f} on the target / "
+        f"{entry['gain_on_base']:.3f} on the base)"
+    )
+
+
+def lineage_section(lineage: dict, manifests: dict[str, dict], method: str, transfer: dict | None = None) -> str:
+    """Where each adapter came from, and (with the evaluation's `transfer`) how much of its skill it keeps on the
+    target it was applied to."""
+    transfer = transfer or {}
     rows = "\n".join(
         f"| {a['name']} | {manifests.get(a['name'], {}).get('kind', 'trained')} | "
         f"{origin(a, manifests.get(a['name'], {}))} | `{a.get('sha256')}` | {a.get('train') or '–'} |"
+        + (f" {transfer_cell(transfer.get(a['name']))} |" if transfer else "")
         for a in lineage["adapters"]
     )
+    header = (" transfer to the target (its skill there / on the base) |", "---|") if transfer else ("", "")
     return f"""## Lineage
 
 - **Base** (the adapters' training model): `{lineage["base"]}`
 - **Target** (the model the adapters are applied to): `{lineage["target"]}`
 - **Merge**: mergekit `{method}` of every adapted model and the target, over the base (engine: {lineage["engine"]})
 
-| adapter | kind | origin | sha256 of adapter_model.safetensors | training |
-|---|---|---|---|---|
+| adapter | kind | origin | sha256 of adapter_model.safetensors | training |{header[0]}
+|---|---|---|---|---|{header[1]}
 {rows}
 """
 
@@ -174,11 +191,13 @@ def model_card(
     gguf_files: dict[str, int] | None = None,
     lm_eval: dict | None = None,
     gguf_verification: dict | None = None,
+    transfer: dict | None = None,
 ) -> str:
     """README.md for the published folder. `manifests` are the archived adapters' (name → manifest), for kinds;
     `gguf_files` the GGUF files published beside the merged model (name → bytes); `lm_eval` report.json's lm-eval
     section, whose scores of the merged model become the front matter's `model-index`; `gguf_verification` what
-    llama.cpp's check of the GGUF files found."""
+    llama.cpp's check of the GGUF files found; `transfer` report.json's transfer per adapter, a column of the lineage
+    table."""
     method = lineage.get("mergekit_config", {}).get("merge_method") or lineage["engine"]
     names = [adapter["name"] for adapter in lineage["adapters"]]
     contents = {
@@ -195,7 +214,7 @@ def model_card(
         f"{contents}, made with ftmerge from the recipe `{release.recipe_name}`: {len(names)} LoRA fine-tune(s) of "
         f"`{lineage['base']}`, each applied to `{lineage['target']}`, then merged all at once with mergekit's "
         f"`{method}` over the base. The tokenizer, chat template and generation config are the target's.",
-        lineage_section(lineage, manifests, method),
+        lineage_section(lineage, manifests, method, transfer),
     ]
     if evaluation:
         sections.append(

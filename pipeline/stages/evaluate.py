@@ -1,5 +1,6 @@
-"""evaluate: base, target, each adapted model and the merged model, scored on every fine-tune's held-out split
-(what the merge learned) and on the retention sets (what it kept); report.json, report.md and report.png."""
+"""evaluate: base, target, each adapter on the base (trained) and on the target (adapted), and the merged model, scored
+on every fine-tune's held-out split (what the merge learned, and how much of each LoRA transfers to the target) and on
+the retention sets (what it kept); report.json, report.md and report.png."""
 
 from __future__ import annotations
 
@@ -28,6 +29,11 @@ def _adapters(recipe: Recipe) -> list[str]:
     return selected_adapters(recipe) if "adapted" in recipe.evaluate.models else []
 
 
+def _trained(recipe: Recipe) -> list[str]:
+    """The adapters scored on the model they were trained on (base + LoRA), the yardstick of their transfer."""
+    return selected_adapters(recipe) if "trained" in recipe.evaluate.models else []
+
+
 def retention_identity(recipe: Recipe) -> dict:
     from pipeline.evaluation.identity import retention_identity as identity
 
@@ -48,14 +54,15 @@ def config(recipe: Recipe, item: str) -> dict:
         "target": model_fingerprint(recipe.target_model),
         "trust_remote_code": recipe.trust_remote_code,
         "adapters": _adapters(recipe),
+        "trained": _trained(recipe),
     }
     if recipe.evaluate.retention:
         settings["retention"] = retention_identity(recipe)
     if recipe.evaluate.lm_eval.include_path is not None:
         settings["lm_eval_tasks"] = content_fingerprint(recipe.evaluate.lm_eval.include_path)
-    if settings["adapters"] and not saves_adapted_models(recipe):
-        settings["apply_dtype"] = recipe.apply.dtype
-    foreign = adapter_set(recipe).foreign_files(settings["adapters"])
+    if (settings["adapters"] and not saves_adapted_models(recipe)) or settings["trained"]:
+        settings["apply_dtype"] = recipe.apply.dtype  # a model computed as weights + LoRA is loaded in it
+    foreign = adapter_set(recipe).foreign_files(list(dict.fromkeys([*settings["adapters"], *settings["trained"]])))
     if foreign:
         settings["adapter_files"] = foreign
     return settings
@@ -67,9 +74,10 @@ def depends_on(recipe: Recipe, item: str) -> list[StageRef]:
         dependencies.append(StageRef("search"))  # the published configuration is scored beside the chosen one
     dependencies += [StageRef("prepare", finetune.name) for finetune in recipe.finetunes]
     adapters = _adapters(recipe)
+    archived = adapter_set(recipe).archive_steps(_trained(recipe))  # base + LoRA reads the archived adapter
     if saves_adapted_models(recipe):
-        return dependencies + [StageRef("apply", name) for name in adapters]
-    return dependencies + adapter_set(recipe).archive_steps(adapters)
+        return dependencies + [StageRef("apply", name) for name in adapters] + archived
+    return dependencies + list(dict.fromkeys([*adapter_set(recipe).archive_steps(adapters), *archived]))
 
 
 def check(recipe: Recipe, item: str) -> None:
@@ -138,9 +146,10 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
 
 def lineage(recipe: Recipe, inputs: Inputs) -> list[ModelSpec]:
     """The models `evaluate.models` asks for, in lineage order, each with the identity its cached scores are kept
-    under. An adapted model is apply's output when apply saves it, else the target plus its verified archived
-    adapter (computed on the fly). When the search chose another configuration than the published one, the published
-    merge is scored beside it (`merged:published`, computed in memory)."""
+    under. A trained model is the base plus its archived adapter (computed on the fly, as PEFT merges it). An adapted
+    model is apply's output when apply saves it, else the target plus its verified archived adapter (computed on the
+    fly). When the search chose another configuration than the published one, the published merge is scored beside it
+    (`merged:published`, computed in memory)."""
     from pipeline.evaluation.models import ModelSpec
 
     wanted = recipe.evaluate.models
@@ -156,6 +165,13 @@ def lineage(recipe: Recipe, inputs: Inputs) -> list[ModelSpec]:
     target = resolve_model(recipe.target_model, "target_model", trust_remote_code=code)
     if "target" in wanted:
         specs.append(ModelSpec("target", "target", target, identity=target_id))
+    if _trained(recipe):
+        base = resolve_model(recipe.base_model, "base_model", trust_remote_code=code)
+    for name in _trained(recipe):
+        directory = adapter_set(recipe)[name].directory
+        files = verify_adapter(directory)["files"]
+        identity = hash_json({"base": base_id, "adapter": files, "apply_dtype": recipe.apply.dtype})
+        specs.append(ModelSpec(f"trained:{name}", "trained", base, adapter=directory, identity=identity))
     for name in _adapters(recipe):
         directory = adapter_set(recipe)[name].directory
         files = verify_adapter(directory)["files"]

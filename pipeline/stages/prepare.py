@@ -16,7 +16,8 @@ import numpy as np
 
 from pipeline import console
 from pipeline.data import formats, loading, templates
-from pipeline.fingerprint import content_fingerprint
+from pipeline.fingerprint import content_fingerprint, model_fingerprint
+from pipeline.models.hub import check_model_reference
 from pipeline.recipe import Recipe, RecipeError, result_settings
 from pipeline.stages.contract import Inputs, Stage, each_finetune, problems_at
 
@@ -30,9 +31,10 @@ def dataset_content(path: str) -> str | None:
 
 
 def config(recipe: Recipe, item: str) -> dict:
-    dataset = recipe.finetune(item).dataset
+    finetune = recipe.finetune(item)
+    dataset = finetune.dataset
     train = recipe.train_config(item)
-    return {
+    settings = {
         "dataset": result_settings(dataset),
         "dataset_content": dataset_content(dataset.path),
         "chat_template": recipe.chat_template,
@@ -42,12 +44,41 @@ def config(recipe: Recipe, item: str) -> dict:
         "seed": train.seed,
         "train_on_responses_only": train.train_on_responses_only,
     }
+    if finetune.replay is not None:  # the base writes the replay rows: its weights change them
+        settings["replay"] = {
+            **result_settings(finetune.replay),
+            "dataset_content": dataset_content(finetune.replay.dataset.path),
+            "base_model": model_fingerprint(recipe.base_model),
+            "trust_remote_code": recipe.trust_remote_code,
+        }
+    return settings
 
 
 def check(recipe: Recipe, item: str) -> None:
     index = each_finetune(recipe).index(item)
     dataset = recipe.finetune(item).dataset
     key = f"finetunes.{index}.dataset"
+    _check_dataset(dataset, key)
+    if dataset.eval_size >= 1 and dataset.eval_size != int(dataset.eval_size):
+        raise RecipeError(f"{key}.eval_size: {dataset.eval_size} is neither a fraction (< 1) nor a row count")
+    with problems_at("chat_template"):
+        templates.check_template(recipe.chat_template, recipe.target_model)
+    replay = recipe.finetune(item).replay
+    if replay is not None:
+        key = f"finetunes.{index}.replay.dataset"
+        _check_dataset(replay.dataset, key)
+        if replay.dataset.format == "text":
+            raise RecipeError(
+                f"{key}.format: text has no prompts for the base to answer; give a dataset of conversations "
+                "(alpaca, sharegpt or messages: each row up to its last user turn is a prompt)"
+            )
+        with problems_at():
+            check_model_reference(recipe.base_model, "base_model")
+
+
+def _check_dataset(dataset, key: str) -> None:
+    """The dataset's files exist (or it names a Hub dataset) and its `columns` name fields of its format that its
+    rows have."""
     with problems_at(key):
         loading.check_dataset_path(dataset)
     known = formats.FORMAT_FIELDS[dataset.format]
@@ -57,11 +88,7 @@ def check(recipe: Recipe, item: str) -> None:
             f"{key}.columns: {unknown} are not fields of format {dataset.format}; columns maps a field "
             f"({', '.join(known)}) to the source column that holds it"
         )
-    if dataset.eval_size >= 1 and dataset.eval_size != int(dataset.eval_size):
-        raise RecipeError(f"{key}.eval_size: {dataset.eval_size} is neither a fraction (< 1) nor a row count")
     _check_mapped_columns(dataset, key)
-    with problems_at("chat_template"):
-        templates.check_template(recipe.chat_template, recipe.target_model)
 
 
 def _check_mapped_columns(dataset, key: str) -> None:
@@ -84,6 +111,8 @@ def _check_mapped_columns(dataset, key: str) -> None:
 
 
 def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
+    from datasets import concatenate_datasets
+
     from pipeline.data import render, report
 
     dataset = recipe.finetune(item).dataset
@@ -121,7 +150,12 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
             f"{len(kept) - len(unique)} duplicates removed)"
         ) from None
     columns = [c for c in unique.column_names if c not in render.HELPER_COLUMNS]
-    _save(unique.select(train_rows).select_columns(columns), out / "train")
+    train_split = unique.select(train_rows).select_columns(columns)
+    replay = None
+    if recipe.finetune(item).replay is not None:
+        replay, replayed = _replay(recipe, item, chat, len(train_rows), work)
+        train_split = concatenate_datasets([train_split, replayed.select_columns(columns)])
+    _save(train_split, out / "train")
     _save(unique.select(eval_rows).select_columns(columns), out / "eval")
 
     summary = {
@@ -131,7 +165,7 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
         "rejected_by_reason": dict(counts.most_common()),
         "deduplicated": len(kept) - len(unique),
         "truncated": truncated,
-        "train_rows": len(train_rows),
+        "train_rows": len(train_split),
         "eval_rows": len(eval_rows),
         "token_length": report.length_percentiles(unique),
         "end_of_turn_token": chat.end_of_turn,
@@ -140,12 +174,70 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
         "max_seq_length": train.max_seq_length,
         "dataset_content": dataset_content(dataset.path),  # the archive's manifest records it
     }
+    if replay is not None:
+        summary["replay"] = replay
     (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     (out / "template.jinja").write_text(chat.template, encoding="utf-8")
-    del source, processed, rejected, kept, unique
+    del source, processed, rejected, kept, unique, train_split
     shutil.rmtree(work, ignore_errors=True)
     _notify(item, summary, dataset.path, STAGE.output_path(recipe, item) / "rejected.jsonl")
-    return {key: summary[key] for key in ("rows_in", "kept", "rejected", "deduplicated", "train_rows", "eval_rows")}
+    kept_keys = ("rows_in", "kept", "rejected", "deduplicated", "train_rows", "eval_rows")
+    return {key: summary[key] for key in kept_keys} | ({"replay_rows": replay["rows"]} if replay else {})
+
+
+def _replay(recipe: Recipe, item: str, chat, own_rows: int, work: Path):
+    """The replay rows of a fine-tune, rendered as its own rows are: (the report's replay section, the rows)."""
+    import datasets
+
+    from pipeline.data import render, replay, report
+    from pipeline.models.hub import resolve_model
+
+    settings = recipe.finetune(item).replay
+    train = recipe.train_config(item)
+    base_dir = resolve_model(recipe.base_model, "base_model", trust_remote_code=recipe.trust_remote_code)
+    rows = replay.replay_rows(
+        base_dir,
+        settings.dataset,
+        chat,
+        count=replay.replay_count(own_rows, settings.fraction),
+        seed=train.seed,
+        work_dir=work / "replay_source",
+        cache_dir=Path(recipe.output_dir) / "cache" / "replay",
+        max_new_tokens=settings.max_new_tokens,
+        batch_size=settings.batch_size,
+        device=settings.device,
+        dtype=settings.dtype,
+        load_in_4bit=settings.load_in_4bit,
+        trust_remote_code=recipe.trust_remote_code,
+    )
+    features = render.features("messages")
+    source = datasets.Dataset.from_dict(
+        {"messages": rows.conversations}, features=datasets.Features({"messages": features["messages"]})
+    )
+    render_settings = render.settings_for(
+        settings.dataset.model_copy(update={"format": "messages", "columns": {}, "system_prompt": None}),
+        chat,
+        train.max_seq_length,
+        train.train_on_responses_only,
+    )
+    if len(source):
+        processed = render.render_dataset(
+            source, render_settings, chat.tokenizer, str(work / "replay.arrow"), f"prepare {item} replay"
+        )
+    else:  # datasets maps an empty dataset to one without columns
+        processed = datasets.Dataset.from_dict({name: [] for name in features}, features=features)
+    kept = render.kept_rows(processed)
+    section = {
+        "dataset": settings.dataset.path,
+        "format": settings.dataset.format,
+        "answered_by": str(recipe.base_model),
+        "fraction": settings.fraction,
+        **rows.summary(),
+        "rows": len(kept),
+        "rendering_rejected": dict(report.reason_counts(processed)),
+    }
+    section["fraction_of_train"] = len(kept) / max(1, own_rows + len(kept))
+    return section, kept
 
 
 def _notify(item: str, summary: dict, source: str, rejected_file: Path) -> None:
@@ -160,6 +252,23 @@ def _notify(item: str, summary: dict, source: str, rejected_file: Path) -> None:
         console.notice(f"prepare {item}: {summary['deduplicated']} duplicate conversations removed")
     if summary["truncated"]:
         console.notice(f"prepare {item}: {summary['truncated']} rows truncated to max_seq_length")
+    if "replay" in summary:
+        console.notice(_replay_line(item, summary["replay"]))
+
+
+def _replay_line(item: str, replay: dict) -> str:
+    """What the screen says of a fine-tune's replay rows: how many, from where, and what was left out."""
+    left_out = [
+        f"{replay[key]} {what}"
+        for key, what in (("unfinished", "not finished within max_new_tokens"), ("empty", "empty"))
+        if replay[key]
+    ]
+    return (
+        f"prepare {item}: {replay['rows']} replay rows ({replay['fraction_of_train']:.0%} of train): prompts of "
+        f"{replay['dataset']} answered by the base {replay['answered_by']}"
+        + (f" ({replay['cached']} of {replay['prompts']} answers from the cache)" if replay["cached"] else "")
+        + (f"; left out: {', '.join(left_out)}" if left_out else "")
+    )
 
 
 def split_indices(rows: int, eval_size: float, seed: int) -> tuple[list[int], list[int]]:

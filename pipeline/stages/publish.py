@@ -56,7 +56,7 @@ def check(recipe: Recipe, item: str) -> None:
 
 
 def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
-    from pipeline.evaluation.report import REPORT_PNG, read_lm_eval, read_report_tables
+    from pipeline.evaluation.report import REPORT_PNG, read_lm_eval, read_report_tables, read_transfer
     from pipeline.llama_cpp.verify import read_verification
     from pipeline.merging.output import merge_config_text, read_lineage
     from pipeline.publishing.card import Release, find_license, model_card
@@ -96,6 +96,7 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
             gguf_files={file.name: file.stat().st_size for file in gguf_files},
             lm_eval=read_lm_eval(evaluate_dir) if evaluate_dir else None,
             gguf_verification=read_verification(export_dir) if export_dir else None,
+            transfer=read_transfer(evaluate_dir) if evaluate_dir else None,
         )
     )
     summary = {
