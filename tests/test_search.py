@@ -34,6 +34,21 @@ def config_for(point: dict, adapted: dict[str, str], base: str, target: str) -> 
     return build_mergekit_config(settings, adapted, base, target)
 
 
+def trial_inputs(tiny_models, archive, adapted: dict[str, str], apply_dtype: str):
+    """The search's in-memory merge inputs over the tiny lineage and its archived adapters, cached in memory."""
+    from pipeline.merging.fused import FusedInputs
+
+    adapters = {adapted[name]: archive / name for name in ADAPTERS}
+    return FusedInputs(
+        base_dir=tiny_models["base"],
+        target_dir=tiny_models["target"],
+        apply_dtype=apply_dtype,
+        adapters=adapters,
+        device="cpu",
+        cache_bytes=1 << 30,
+    )
+
+
 def test_published_baseline_is_the_published_recipes_merge():
     adapted = {name: f"/runs/x/apply/{name}" for name in ADAPTERS}
     published = config_for(baselines(ADAPTERS)["published"], adapted, "/m/base", "/m/target")
@@ -116,7 +131,7 @@ def test_a_trial_merged_in_memory_equals_the_fused_merge_written_to_disk(tiny_mo
     """What a trial scores is what the merge stage would write and evaluate would load (bf16 in both)."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline.merging.fused import FusedInputs, load_merged
+    from pipeline.merging.fused import load_merged
     from pipeline.recipe import Recipe
 
     recipe: Recipe = merge_recipe(tiny_models, archive, tmp_path)
@@ -126,14 +141,7 @@ def test_a_trial_merged_in_memory_equals_the_fused_merge_written_to_disk(tiny_mo
     adapted = {name: str((Path(recipe.output_dir) / "apply" / name).resolve()) for name in ADAPTERS}
     config = validate_mergekit_config(config_for(point, adapted, str(tiny_models["base"]), str(tiny_models["target"])))
     model = AutoModelForCausalLM.from_pretrained(tiny_models["target"], dtype=torch.bfloat16)
-    with FusedInputs(
-        base_dir=tiny_models["base"],
-        target_dir=tiny_models["target"],
-        apply_dtype="bfloat16",
-        adapters={adapted[name]: archive / name for name in ADAPTERS},
-        device="cpu",
-        cache_bytes=1 << 30,
-    ) as inputs:
+    with trial_inputs(tiny_models, archive, adapted, "bfloat16") as inputs:
         for _ in range(2):  # the second merge reads every input from the cache
             load_merged(inputs, config, model)
             in_memory = model.state_dict()
@@ -148,7 +156,7 @@ def test_a_trial_merged_without_the_kernel_equals_one_merged_with_it(tiny_models
     from transformers import AutoModelForCausalLM
 
     from pipeline.merging import kernel
-    from pipeline.merging.fused import FusedInputs, load_merged
+    from pipeline.merging.fused import load_merged
 
     adapted = {name: f"/apply/{name}" for name in ADAPTERS}
     weights = {f"weight.{name}": 0.5 + 0.25 * i for i, name in enumerate(ADAPTERS)}
@@ -159,14 +167,7 @@ def test_a_trial_merged_without_the_kernel_equals_one_merged_with_it(tiny_models
         if not built:
             monkeypatch.setattr(kernel, "extension", lambda: None)
         model = AutoModelForCausalLM.from_pretrained(tiny_models["target"], dtype=torch.bfloat16)
-        with FusedInputs(
-            base_dir=tiny_models["base"],
-            target_dir=tiny_models["target"],
-            apply_dtype="bfloat16",
-            adapters={adapted[name]: archive / name for name in ADAPTERS},
-            device="cpu",
-            cache_bytes=1 << 30,
-        ) as inputs:
+        with trial_inputs(tiny_models, archive, adapted, "bfloat16") as inputs:
             load_merged(inputs, config, model)
         merged[built] = model.state_dict()
     for name, tensor in merged[True].items():
@@ -177,7 +178,7 @@ def test_sum_over_the_target_adds_each_adapters_own_delta(tiny_models, archive, 
     """T + Σ (Aᵢ − T): the configuration the seed's YAML cannot express, checked against the adapted models."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline.merging.fused import FusedInputs, load_adapted, load_merged
+    from pipeline.merging.fused import load_adapted, load_merged
 
     adapted = {name: str(tmp_path / "apply" / name) for name in ADAPTERS}
     config = validate_mergekit_config(
@@ -185,14 +186,7 @@ def test_sum_over_the_target_adds_each_adapters_own_delta(tiny_models, archive, 
     )
     model = AutoModelForCausalLM.from_pretrained(tiny_models["target"], dtype=torch.float32)
     target = {k: v.clone() for k, v in model.state_dict().items()}
-    with FusedInputs(
-        base_dir=tiny_models["base"],
-        target_dir=tiny_models["target"],
-        apply_dtype="float32",
-        adapters={adapted[name]: archive / name for name in ADAPTERS},
-        device="cpu",
-        cache_bytes=1 << 30,
-    ) as inputs:
+    with trial_inputs(tiny_models, archive, adapted, "float32") as inputs:
         expected = {k: v.clone() for k, v in target.items()}
         for name in ADAPTERS:
             load_adapted(inputs, adapted[name], model)

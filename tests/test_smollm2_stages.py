@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 from helpers.archive import archive_adapter
-from helpers.models import PROJECTIONS, assert_same_tensors, layer_tensors, load_model_tensors
+from helpers.models import PROJECTIONS, assert_same_tensors, layer_tensors, load_model_tensors, make_adapter
 from helpers.recipes import merge_recipe
 from helpers.references import assert_identical, mergekit_yaml, peft_reference
 from helpers.stages import run_stage
@@ -54,22 +54,6 @@ def base_model_files(instruct_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def small_lora(base_dir: Path, out_dir: Path, *, seed: int, target_modules: list[str]) -> Path:
-    """A real PEFT LoRA (r 8) on the base whose random A and B change each projection by about 1 %."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=target_modules))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.01)
-    model.save_pretrained(out_dir)
-    return out_dir
-
-
 def answer(model_dir: Path, max_new_tokens: int = 12) -> tuple[str, list[int]]:
     """The greedy reply to QUESTION in the model's own chat template, and its token ids."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -90,7 +74,7 @@ def lineage(tmp_path_factory, smollm2):
     root = tmp_path_factory.mktemp("smollm2_lineage")
     models = {"base": base_model_files(smollm2["base"], root / "base"), "target": smollm2["target"]}
     for seed, (name, modules) in enumerate(ADAPTERS.items()):
-        adapter = small_lora(models["base"], root / "peft" / name, seed=seed, target_modules=modules)
+        adapter = make_adapter(models["base"], root / "peft" / name, seed=seed, scale=0.01, target_modules=modules)
         archive_adapter(adapter, root / "archive", name, str(models["base"]))
     recipe = merge_recipe(models, root / "archive", root / "run", engine="mergekit")
     assert apply.items(recipe) == list(ADAPTERS)

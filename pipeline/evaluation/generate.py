@@ -52,31 +52,9 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, attention
 
 
-@torch.no_grad()
-def greedy_answers(
-    model,
-    tokenizer,
-    prompts: list[list[int]],
-    *,
-    stop_ids: list[int],
-    max_new_tokens: int,
-    batch_size: int,
-    pad_id: int,
-    description: str = "generate",
-) -> list[str]:
-    """Greedy continuations of each prompt (left-padded in batches), decoded without special tokens. Every model
-    gets the same stop tokens and settings, whatever its own generation_config says."""
-    replies = greedy_replies(
-        model,
-        tokenizer,
-        prompts,
-        stop_ids=stop_ids,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        pad_id=pad_id,
-        description=description,
-    )
-    return [reply.text for reply in replies]
+def greedy_answers(model, tokenizer, prompts: list[list[int]], **settings) -> list[str]:
+    """The texts of `greedy_replies` (same settings)."""
+    return [reply.text for reply in greedy_replies(model, tokenizer, prompts, **settings)]
 
 
 @dataclass(frozen=True)
@@ -97,7 +75,9 @@ def greedy_replies(
     pad_id: int,
     description: str = "generate",
 ) -> list[Reply]:
-    """`greedy_answers` with whether each answer ended at a stop token."""
+    """Greedy continuations of each prompt (left-padded in batches), decoded without special tokens, and whether a
+    stop token ended each. Every model gets the same stop tokens and settings, whatever its own generation_config
+    says."""
     settings = GenerationConfig(
         do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id
     )

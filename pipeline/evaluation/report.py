@@ -68,34 +68,22 @@ def learned_and_kept(report: dict) -> list[str]:
     unit = "greedy exact match, higher is better" if metric == "exact_match" else "loss, lower is better"
     held_out = [s["name"] for s in report["sets"] if s["kind"] == "held-out"]
     retention = [s["name"] for s in report["sets"] if s["kind"] == "retention"]
-    lines = []
-    if held_out:
-        lines += [
-            f"What did the merge learn? Each fine-tune's held-out set ({unit}).",
-            "",
-            f"| fine-tune | target | its adapted model | {' | '.join(merged)} |",
-            "|---|" + "---:|" * (2 + len(merged)),
-        ]
-        lines += [
-            f"| {name} | {value('target', name)} | {value(f'adapted:{name}', name)} | "
-            + " | ".join(value(m, name) for m in merged)
-            + " |"
-            for name in held_out
-        ]
-        lines.append("")
-    if retention:
-        lines += [
-            f"What did it keep? Each retention set ({unit}).",
-            "",
-            f"| retention set | target | {' | '.join(merged)} |",
-            "|---|" + "---:|" * (1 + len(merged)),
-        ]
-        lines += [
-            f"| {name} | {value('target', name)} | " + " | ".join(value(m, name) for m in merged) + " |"
-            for name in retention
-        ]
-        lines.append("")
-    return lines
+
+    def table(question: str, label: str, names: list[str], adapted: bool) -> list[str]:
+        """One row per set: the target, the set's own adapted model (held-out sets), then each merge."""
+        if not names:
+            return []
+        headers = ["target", *(["its adapted model"] if adapted else []), *merged]
+        lines = [f"{question} ({unit}).", "", f"| {label} | {' | '.join(headers)} |", "|---|" + "---:|" * len(headers)]
+        for name in names:
+            models = ["target", *([f"adapted:{name}"] if adapted else []), *merged]
+            lines.append(f"| {name} | " + " | ".join(value(model, name) for model in models) + " |")
+        return [*lines, ""]
+
+    return [
+        *table("What did the merge learn? Each fine-tune's held-out set", "fine-tune", held_out, adapted=True),
+        *table("What did it keep? Each retention set", "retention set", retention, adapted=False),
+    ]
 
 
 def markdown_table(report: dict) -> str:

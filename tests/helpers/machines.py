@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from helpers.cli import REPO
-from helpers.recipes import RETENTION
+from helpers.recipes import RETENTION, TINY_TRAIN
 from pipeline.search.coordination import Heartbeat
 from pipeline.search.storage import Storage
 from pipeline.search.study import open_study
@@ -59,20 +59,7 @@ def recipe_text(trials: int = TRIALS, search: dict | None = None, evaluate: dict
                 ("sort", "sort.messages.jsonl", "messages"),
             )
         ],
-        "train": {
-            "backend": "unsloth",
-            "max_seq_length": 64,
-            "load_in_4bit": False,
-            "lora": {"r": 8, "alpha": 16},
-            "max_steps": 3,
-            "batch_size": 8,
-            "gradient_accumulation_steps": 1,
-            "warmup_steps": 0,
-            "learning_rate": 1e-2,
-            "optim": "adamw_torch",
-            "save_steps": 3,
-            "logging_steps": 1,
-        },
+        "train": {**TINY_TRAIN, "max_steps": 3, "save_steps": 3},
         "apply": {"dtype": "bfloat16", "save": False},
         "merge": {"engine": "fused"},
         "search": {

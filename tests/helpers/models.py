@@ -10,8 +10,9 @@ from safetensors.torch import load_file
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def make_adapter(base_dir, out_dir, seed=0, **lora_settings):
-    """A real PEFT LoRA on the base with random nonzero A and B (a fresh LoRA has B = 0 and changes nothing)."""
+def make_adapter(base_dir, out_dir, seed=0, scale=0.05, **lora_settings):
+    """A real PEFT LoRA on the base with random nonzero A and B, each entry normal times `scale` (a fresh LoRA has
+    B = 0 and changes nothing)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -21,7 +22,7 @@ def make_adapter(base_dir, out_dir, seed=0, **lora_settings):
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
     model.save_pretrained(out_dir)
     return out_dir
 

@@ -31,6 +31,21 @@ RETENTION = {
 }
 
 
+# The train block of the tests' pipeline recipes: the Unsloth backend on CPU, a few steps at a high rate.
+TINY_TRAIN = {
+    "backend": "unsloth",
+    "max_seq_length": 64,
+    "load_in_4bit": False,
+    "lora": {"r": 8, "alpha": 16},
+    "batch_size": 8,
+    "gradient_accumulation_steps": 1,
+    "warmup_steps": 0,
+    "learning_rate": 1e-2,
+    "optim": "adamw_torch",
+    "logging_steps": 1,
+}
+
+
 def recipe_data(models: dict, output_dir: Path, *, name: str, archive_dir: Path | None = None, **sections) -> dict:
     """A recipe as its YAML reads: `models` is {"base": dir, "target": dir}; `sections` add or replace keys."""
     data = {
@@ -129,20 +144,7 @@ def write_pipeline_recipe(directory: Path, models: dict, finetune_sets: Path, **
                 },
             },
         ],
-        "train": {
-            "backend": "unsloth",
-            "max_seq_length": 64,
-            "load_in_4bit": False,
-            "lora": {"r": 8, "alpha": 16},
-            "max_steps": 4,
-            "batch_size": 8,
-            "gradient_accumulation_steps": 1,
-            "warmup_steps": 0,
-            "learning_rate": 1e-2,
-            "optim": "adamw_torch",
-            "save_steps": 2,
-            "logging_steps": 1,
-        },
+        "train": {**TINY_TRAIN, "max_steps": 4, "save_steps": 2},
         "apply": {"dtype": "bfloat16", "save": True},
         "merge": {"engine": "mergekit"},
         "evaluate": {"enabled": False},
