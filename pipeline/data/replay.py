@@ -14,7 +14,6 @@ prompts generates only those it has not seen.
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 from pipeline.data.formats import RowRejected, to_conversation
 from pipeline.data.loading import RAW_COLUMN, load_source
 from pipeline.data.render import parse_json_line
+from pipeline.files import write_json_atomic
 from pipeline.fingerprint import hash_json, model_fingerprint
 
 if TYPE_CHECKING:
@@ -224,7 +224,7 @@ def replay_rows(
         )
         for index, reply in zip(missing, answered, strict=True):
             cache[keys[index]] = [reply.text, reply.finished]
-        _write_json(cache_file, cache)
+        write_json_atomic(cache_file, cache, indent=None)  # a run killed mid-write leaves no half file
     replies = [Reply(*cache[key]) for key in keys]
     kept = [(p, r) for p, r in zip(prompts, replies, strict=True) if r.finished and r.text.strip()]
     return ReplayRows(
@@ -238,11 +238,3 @@ def replay_rows(
         duplicates=duplicates,
         cached=len(prompts) - len(missing),
     )
-
-
-def _write_json(path: Path, value: dict) -> None:
-    """Atomically: a run killed mid-write leaves no half file for the next run to read."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}")
-    temporary.write_text(json.dumps(value))
-    os.replace(temporary, path)
