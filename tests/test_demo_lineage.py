@@ -31,11 +31,20 @@ def test_a_realistic_target_keeps_copy_each_lora_transfers_and_the_merge_keeps_a
     recipe = load_recipe(DEMO_RECIPE, [output_dir])
     for finetune in recipe.finetunes:
         report = json.loads((tmp_path / "run" / "prepare" / finetune.name / "report.json").read_text())
-        assert report["replay"]["rows"] / report["train_rows"] == pytest.approx(0.6, abs=0.05), "replay answered"
+        assert report["replay"]["rows"] / report["train_rows"] == pytest.approx(0.6, abs=0.05), report["replay"]
 
+    # Measured 2026-12-06 (DEMO_VERSION 7: |T - B| / |B| 0.021, 92.6 % outside the embeddings; 100 fresh examples,
+    # seed 0; seed 1 in brackets): target copy 1.00 (1.00), reverse 0.00 (0.00), sort 0.07 (0.03); trained (base +
+    # LoRA) 1.00 / 0.99 (1.00 / 1.00) on their skills, adapted (target + LoRA) 0.98 / 0.93 (0.96 / 0.93): transfer
+    # 0.98 / 0.94 (0.96 / 0.93); merged (search's choice: task arithmetic over the target, reverse 0.88, sort 1.06)
+    # reverse 0.77 (0.73), sort 0.86 (0.87), copy 0.98 (0.97): learns 0.79x / 0.92x (0.76x / 0.94x), keeps 0.98x
+    # (0.97x). Without replay the adapted models forget copy (0.00-0.10) and no trial passes the search's gate.
     table, learned, kept = fresh.judge(recipe, n=100, seed=0)
+    print(fresh.markdown(table, [*learned, *kept], 100, 0))
     assert table["target"]["copy"] >= 0.9, table
+    transfer = fresh.transfer(table, learned)
     for skill in learned:
         assert table["target"][skill] <= 0.3, f"the target already knows {skill}: {table}"
         assert table[f"adapted:{skill}"][skill] >= 0.8, f"adapted:{skill}: {table}"
+        assert transfer[skill]["transfer"] >= 0.8, f"{skill} lost on the target: {transfer}"
     assert [line for line in fresh.verdict(table, learned, kept) if "FAIL" in line] == [], table
