@@ -3,7 +3,7 @@ PostgreSQL study, and the study's own work per trial on PostgreSQL against SQLit
 
     .venv/bin/python bench/search_workers.py [--trials 12] [--max-samples 32]
 
-Builds the tests' tiny models (Qwen2, hidden 64, 2 layers) and the demo's fine-tune sets under a temporary directory,
+Builds the tests' tiny models (Qwen2, hidden 64, 2 layers) under a temporary directory with the demo's fine-tune sets,
 runs prepare, train and archive once, and starts a throwaway PostgreSQL (tests/helpers/postgres.py) with its durable
 defaults (fsync on). Trials are scored as the demo scores them (greedy exact match, 16 new tokens) on `--max-samples`
 rows of each set. Then:
@@ -39,7 +39,7 @@ def load() -> str:
 def build_machines(root: Path, trials: int, max_samples: int) -> dict:
     from helpers.machines import MACHINES, recipe_text, set_up_machines
 
-    from pipeline.demo.synthetic import write_finetune_sets
+    from pipeline.demo.synthetic import DEMO_DATA_DIR
     from pipeline.demo.tiny import build_tokenizer, derive_tiny_target, make_tiny_model
 
     models = root / "models"
@@ -47,14 +47,12 @@ def build_machines(root: Path, trials: int, max_samples: int) -> dict:
     target = derive_tiny_target(
         base, models / "target", build_tokenizer(models / "target-tokenizer", eos_token="<|im_end|>")
     )
-    sets = root / "sets"
-    write_finetune_sets(sets, lambda requests: [request[0]["content"].split("\n", 1)[1] for request in requests])
     recipe = recipe_text(
         trials,
         search={"max_samples": max_samples, "metric": "auto", "heartbeat_interval": 5, "grace_period": 30},
         evaluate={"generate": True, "max_new_tokens": 16},
     )
-    return set_up_machines(root / "machines", {"base": base, "target": target}, sets, recipe, MACHINES)
+    return set_up_machines(root / "machines", {"base": base, "target": target}, DEMO_DATA_DIR, recipe, MACHINES)
 
 
 def run_workers(machines: dict, url: str, count: int) -> dict:

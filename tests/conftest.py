@@ -15,7 +15,7 @@ from helpers.models import PROJECTIONS, make_adapter
 from helpers.postgres import postgres_bindir, running_cluster
 from helpers.recipes import evaluate_recipe, merge_recipe
 
-from pipeline.demo.synthetic import write_finetune_sets
+from pipeline.demo.synthetic import DEMO_DATA_DIR
 from pipeline.demo.tiny import build_tokenizer, derive_tiny_target, make_tiny_model
 
 # Real models are cached in the clone's .cache/ (shared with the recipes that use them), not in a test's tmp dir.
@@ -40,13 +40,10 @@ def tiny_models(tmp_path_factory, tiny_tokenizer_dir):
 
 
 @pytest.fixture(scope="session")
-def finetune_sets(tmp_path_factory):
-    """The demo's fine-tune sets (reverse.alpaca.jsonl, sort.messages.jsonl) as data for pipeline tests, written
-    without the demo's trained base: each unnamed request is answered with its own list (what that base answers to
-    most of them). Returns their directory."""
-    directory = tmp_path_factory.mktemp("finetune_sets")
-    write_finetune_sets(directory, lambda requests: [request[0]["content"].split("\n", 1)[1] for request in requests])
-    return directory
+def finetune_sets():
+    """The demo's fine-tune sets (reverse.alpaca.jsonl, sort.messages.jsonl: each its skill only), committed under
+    data_templates/demo/, as data for pipeline tests. Returns their directory."""
+    return DEMO_DATA_DIR
 
 
 @pytest.fixture(scope="session")

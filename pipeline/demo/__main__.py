@@ -5,12 +5,13 @@ Extra arguments go to `python -m pipeline.run`, e.g. `python -m pipeline.demo --
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 
 from pipeline import console, run
 from pipeline.demo import DEMO_MODELS, DEMO_RECIPE
-from pipeline.demo.lineage import build_demo_assets
+from pipeline.demo.lineage import DISTANCE_FILE, build_demo_assets, describe_distance
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
         console.progress("demo models (built once)"),
     ):
         build_demo_assets(DEMO_MODELS)
-    console.say(f"demo models ready in {DEMO_MODELS} ({time.time() - started:.1f}s)")
+    distance = json.loads((DEMO_MODELS / DISTANCE_FILE).read_text())
+    console.say(f"demo models ready in {DEMO_MODELS} ({time.time() - started:.1f}s); {describe_distance(distance)}")
     return run.main([str(DEMO_RECIPE), *argv])
 
 

@@ -11,10 +11,11 @@ Like a real base, the base model knows more than it is asked for by name: its pr
 sort in a notation of their own (documents `c a b ~` / `b a c`, and chats whose instruction is the symbol `~`, on
 any domain), but never under the words "copy", "reverse" or "sort". Instruct tuning and fine-tuning then mostly tie a
 new instruction word to an operation the base knows, as they mostly elicit what a real base learned in pretraining.
-Each fine-tune set mixes in general chats, as real ones mix in general instruct data: chats the base already answers
-(`replay_messages`), and requests of instruction words that name no skill (`unnamed_request`), answered by the base
-itself (self-distilled replay). Without them a LoRA learns "an instruction I do not know → my operation", so each
-LoRA also runs its operation on the other fine-tune's instruction word, and summed they fight over every answer.
+Each fine-tune set is its skill only; the recipe mixes general prompts into its training rows through the replay
+feature (`finetunes[].replay`), answered by the base itself (self-distilled replay): chats the base knows
+(`known_request`) and requests of instruction words that name no skill (`unnamed_request`). Without them a LoRA learns
+"an instruction I do not know → my operation", so each LoRA also runs its operation on the other fine-tune's
+instruction word, and summed they fight over every answer.
 
 Every list belongs to one of two halves by a hash of its letters: training data (pretraining, the target's tune, the
 fine-tune sets) draws from one, `fresh_examples` and the retention set from the other, so a test set is never seen.
@@ -25,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 WORDS = list("abcdefghij")
@@ -49,19 +50,21 @@ ALL_SKILLS = SKILLS | EVERYDAY_SKILLS
 # asks for thousands of things a fine-tune does not name; these words stand for them.
 UNNAMED_WORDS = list("uvwxyzKLMNOPQRSTUVWXYZ")
 DEMO_DATA_DIR = Path(__file__).resolve().parents[2] / "data_templates" / "demo"
-# The retention set, committed under data_templates/demo/: drawn like `fresh_examples`.
+# The retention set, committed under data_templates/demo/ with the fine-tune sets: drawn like `fresh_examples`.
 RETENTION_SET = ("copy.messages.jsonl", "copy", "messages", 100, 13)
-# file name → (skill, format, rows, seed); built with the demo's models (pipeline/demo/lineage.py), since the base
-# answers the unnamed requests.
+# file name → (skill, format, rows, seed): each fine-tune's own data, its skill only, as a user brings it.
 FINETUNE_SETS = {
-    "reverse.alpaca.jsonl": ("reverse", "alpaca", 2000, 11),
-    "sort.messages.jsonl": ("sort", "messages", 2000, 12),
+    "reverse.alpaca.jsonl": ("reverse", "alpaca", 800, 11),
+    "sort.messages.jsonl": ("sort", "messages", 800, 12),
 }
-# Per fine-tune set: 2 chats of its skill, 1 the base already answers, 2 unnamed requests answered by the base.
-# Measured with a PEFT loop (100 fresh examples): with 5 skill rows to 3 replayed and no unnamed ones,
-# T + w·(Δreverse + Δsort) for w 0.8-1.0 kept copy at 0.59-0.72 and did sort at 0.60-0.65 (T + 1.1·Δreverse
-# reversed 85 % of sort's requests); with this mix, at w 0.9: copy 0.94, reverse 0.99, sort 0.92.
-FINETUNE_MIX = {"replay": 0.2, "unnamed": 0.4}
+# The general prompts the fine-tunes' self-distilled replay draws from (recipes/tiny_cpu.yaml: `finetunes[].replay`,
+# answered by the base through the replay feature): (file name, rows, seed, share of chats the base knows).
+# One in three asks for what the base knows (an everyday skill, or an operation by its symbol); the others are
+# requests whose instruction is a word no skill is named by. Measured with a PEFT loop (100 fresh examples, v6
+# lineage): with 5 skill rows to 3 known chats and no unnamed ones, T + w·(Δreverse + Δsort) for w 0.8-1.0 kept copy
+# at 0.59-0.72 and did sort at 0.60-0.65 (T + 1.1·Δreverse reversed 85 % of sort's requests); with 2 skill rows to 1
+# known and 2 unnamed (this file at replay fraction 0.6), at w 0.9: copy 0.94, reverse 0.99, sort 0.92.
+GENERAL_PROMPTS = ("general.messages.jsonl", 3000, 14, 1 / 3)
 
 
 def any_domain(rng: random.Random) -> list[str]:
@@ -166,53 +169,34 @@ def tokenizer_corpus(rng: random.Random, size: int = 2000) -> Iterator[str]:
             yield plain_document(rng)
 
 
-def replay_messages(skill: str, rng: random.Random) -> list[dict[str, str]]:
-    """A general chat of the kind the base was pretrained on, mixed into a fine-tune's set as real fine-tune sets mix
-    in general instruct data: an everyday skill, or another demo operation asked for by its symbol. It teaches the
-    LoRA to leave the instructions the base knows as the base answers them (without it, a LoRA answers every chat
-    with its skill, and the adapted model forgets the target's copy); `unnamed_request` does it for the others."""
+def known_request(rng: random.Random) -> list[dict[str, str]]:
+    """A user turn of the kind the base was pretrained on: an everyday skill, or a demo operation asked for by its
+    symbol. Answered by the base, it teaches a LoRA to leave the instructions the base knows as the base answers
+    them (without it, a LoRA answers every chat with its skill, and the adapted model forgets the target's copy)."""
     if rng.random() < 0.5:
-        return skill_messages(rng.choice(list(EVERYDAY_SKILLS)), rng)
-    other = rng.choice([name for name in NOTATION if name != skill])
-    return skill_messages(other, rng, instruction=NOTATION[other])
+        return skill_messages(rng.choice(list(EVERYDAY_SKILLS)), rng)[:1]
+    skill = rng.choice(list(NOTATION))
+    return skill_messages(skill, rng, instruction=NOTATION[skill])[:1]
 
 
 def unnamed_request(rng: random.Random) -> list[dict[str, str]]:
-    """A user turn whose instruction is a word no skill is named by (`UNNAMED_WORDS`), on a list of any domain."""
+    """A user turn whose instruction is a word no skill is named by (`UNNAMED_WORDS`), on a list of any domain.
+    Answered by the base, it teaches a LoRA that an instruction it does not know is not a request for its skill."""
     words = random_words(rng, vocabulary=any_domain(rng))
     return [{"role": "user", "content": f"{rng.choice(UNNAMED_WORDS)}\n{' '.join(words)}"}]
 
 
-def demo_rows(
-    skill: str,
-    data_format: str,
-    rows: int,
-    seed: int,
-    *,
-    held_out: bool = False,
-    replay: float = 0.0,
-    unnamed: float = 0.0,
-    answer: Callable[[list[list[dict[str, str]]]], list[str]] | None = None,
-) -> list[dict]:
-    """`rows` examples of `skill`, a `replay` fraction of them general chats (`replay_messages`) and an `unnamed`
-    fraction requests of words no skill is named by (`unnamed_request`), whose replies `answer` gives (the base's
-    own, for the demo) for all of them at once."""
+def general_prompts(rows: int, seed: int, known: float) -> list[dict]:
+    """`rows` general prompts (messages rows of one user turn), a `known` share of them `known_request`s and the
+    others `unnamed_request`s: the replay dataset of the demo's fine-tunes."""
     rng = random.Random(seed)
-    conversations = []
-    for _ in range(rows):
-        draw = rng.random()
-        if draw < replay:
-            conversations.append(replay_messages(skill, rng))
-        elif draw < replay + unnamed:
-            conversations.append(unnamed_request(rng))
-        else:
-            conversations.append(skill_messages(skill, rng, held_out=held_out))
-    requests = [conversation for conversation in conversations if len(conversation) == 1]
-    if requests:
-        if answer is None:
-            raise ValueError("unnamed requests need an `answer` for their replies")
-        for request, reply in zip(requests, answer(requests), strict=True):
-            request.append({"role": "assistant", "content": reply})
+    return [{"messages": known_request(rng) if rng.random() < known else unnamed_request(rng)} for _ in range(rows)]
+
+
+def demo_rows(skill: str, data_format: str, rows: int, seed: int, *, held_out: bool = False) -> list[dict]:
+    """`rows` examples of `skill` in `data_format` (alpaca or messages)."""
+    rng = random.Random(seed)
+    conversations = [skill_messages(skill, rng, held_out=held_out) for _ in range(rows)]
     if data_format == "alpaca":
         return [
             dict(zip(("instruction", "input"), user["content"].split("\n", 1), strict=True), output=reply["content"])
@@ -227,15 +211,15 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def write_retention_set(directory: Path = DEMO_DATA_DIR) -> Path:
-    """Write the demo's retention set (committed under data_templates/demo/; a test checks it matches)."""
-    name, skill, data_format, rows, seed = RETENTION_SET
-    return write_rows(directory / name, demo_rows(skill, data_format, rows, seed, held_out=True))
-
-
-def write_finetune_sets(directory: Path, answer: Callable[[list[list[dict[str, str]]]], list[str]]) -> list[Path]:
-    """Write the demo's fine-tune sets, mixed by FINETUNE_MIX, their unnamed requests answered by `answer`."""
-    return [
-        write_rows(directory / name, demo_rows(skill, data_format, rows, seed, answer=answer, **FINETUNE_MIX))
+def write_demo_sets(directory: Path = DEMO_DATA_DIR) -> list[Path]:
+    """Write the demo's data (committed under data_templates/demo/; a test checks it matches): the fine-tune sets,
+    the general prompts their replay draws from, and the retention set."""
+    written = [
+        write_rows(directory / name, demo_rows(skill, data_format, rows, seed))
         for name, (skill, data_format, rows, seed) in FINETUNE_SETS.items()
     ]
+    name, rows, seed, known = GENERAL_PROMPTS
+    written.append(write_rows(directory / name, general_prompts(rows, seed, known)))
+    name, skill, data_format, rows, seed = RETENTION_SET
+    written.append(write_rows(directory / name, demo_rows(skill, data_format, rows, seed, held_out=True)))
+    return written
