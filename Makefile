@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml requirements/unsloth-deps.txt requirements/real-model.t
 	touch $@
 
 # llama.cpp's llama-completion and llama-quantize (the export stage runs and quantizes GGUF files with them), built
-# from a pinned source once per machine into ~/.cache/ftmerge (about 9 minutes on 2 cores); nothing to do when they
+# from a pinned source once per machine into ~/.cache/ftmerge (4-9 minutes on 2 cores); nothing to do when they
 # are there. Without cmake or a C++ compiler: a message, and GGUF files are exported unverified.
 llama-cpp: $(STAMP)
 	$(PY) -m pipeline.llama_cpp build --skip-without-compiler

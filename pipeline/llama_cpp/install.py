@@ -172,7 +172,7 @@ def _build_locked(directory: Path, jobs: int, echo: Callable[[str], None]) -> No
     started = time.time()
     echo(
         f"llama.cpp: building {' and '.join(TOOLS)} from {SOURCE.label} into {directory} with {jobs} job(s) "
-        f"(once per machine; about 9 minutes on 2 cores). Output: {log_path}"
+        f"(once per machine; 4-9 minutes on 2 cores). Output: {log_path}"
     )
     with (
         tempfile.TemporaryDirectory(prefix=directory.name + ".build-", dir=directory.parent) as work,
