@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from pipeline.demo.smollm2 import build_cached, read_stamp
+from pipeline.demo.cache import build_cached, read_stamp
 
 pytestmark = pytest.mark.slow
 

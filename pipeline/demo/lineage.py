@@ -19,12 +19,12 @@ import argparse
 import json
 import random
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from pipeline.console import tqdm
+from pipeline.demo.cache import build_cached
 from pipeline.demo.synthetic import (
     EVERYDAY_SKILLS,
     notation_document,
@@ -66,23 +66,14 @@ def build_demo_assets(out_dir: Path, *, steps: int = PRETRAIN_STEPS, seed: int =
     base (`instruct_distance`). Written to a temporary sibling, then renamed."""
     out_dir = Path(out_dir)
     stamp = {"version": DEMO_VERSION, "steps": steps, "seed": seed}
-    paths = {"base": out_dir / "base", "target": out_dir / "target"}
-    marker = out_dir / ".complete"
-    if marker.is_file() and json.loads(marker.read_text()) == stamp:
-        return paths
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+
+    def build(work: Path) -> None:
         build_demo_models(work, steps=steps, seed=seed)
         distance = instruct_distance(work / "base", work / "target")
         (work / DISTANCE_FILE).write_text(json.dumps(distance, indent=2) + "\n")
-        (work / ".complete").write_text(json.dumps(stamp))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        work.rename(out_dir)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return paths
+
+    build_cached(out_dir, stamp, build)
+    return {"base": out_dir / "base", "target": out_dir / "target"}
 
 
 def instruct_distance(base_dir: Path, target_dir: Path) -> dict:

