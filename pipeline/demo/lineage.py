@@ -206,13 +206,7 @@ def instruct_tune(
 
     def batch() -> dict[str, torch.Tensor]:
         rows, labels = zip(*(row() for _ in range(batch_size)), strict=True)
-        width = max(map(len, rows))
-        pad = tokenizer.pad_token_id
-        return {
-            "input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
-            "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
-            "labels": torch.tensor([r + [-100] * (width - len(r)) for r in labels]),
-        }
+        return padded_batch(rows, labels, tokenizer.pad_token_id)
 
     return train_loop(
         model,
@@ -222,6 +216,16 @@ def instruct_tune(
         seed=seed,
         embedding_learning_rate=embedding_learning_rate,
     )
+
+
+def padded_batch(rows, labels, pad_id: int) -> dict[str, torch.Tensor]:
+    """Token rows and their labels as one right-padded training batch (padding masked out of attention and loss)."""
+    width = max(map(len, rows))
+    return {
+        "input_ids": torch.tensor([r + [pad_id] * (width - len(r)) for r in rows]),
+        "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+        "labels": torch.tensor([r + [-100] * (width - len(r)) for r in labels]),
+    }
 
 
 def train_loop(

@@ -154,7 +154,7 @@ def build_base(root: Path = SMOLLM2_ROOT, gguf_file: Path | None = None) -> Path
 def chat_batch(tokenizer, chats: list[list[dict[str, str]]]) -> dict:
     """Padded ids of `chats` in the tokenizer's chat template, with labels on the assistant's reply and the
     <|im_end|> that ends it (what the train stage trains)."""
-    import torch
+    from pipeline.demo.lineage import padded_batch
 
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
     rows, labels = [], []
@@ -164,13 +164,7 @@ def chat_batch(tokenizer, chats: list[list[dict[str, str]]]) -> dict:
         answer_end = ids.index(end_of_turn, len(prompt)) + 1
         rows.append(ids[:answer_end])
         labels.append([-100] * len(prompt) + ids[len(prompt) : answer_end])
-    width = max(map(len, rows))
-    pad = tokenizer.pad_token_id
-    return {
-        "input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
-        "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
-        "labels": torch.tensor([r + [-100] * (width - len(r)) for r in labels]),
-    }
+    return padded_batch(rows, labels, tokenizer.pad_token_id)
 
 
 def relative_change(base: dict, target: dict) -> float:
