@@ -68,20 +68,19 @@ def recipe_for(engine: str, count: int, output_dir: Path, device: str = "cpu"):
 
 def worker(engine: str, count: int, output_dir: Path, device: str) -> None:
     """Runs in a child process: the stages one engine needs, then one JSON line of measurements."""
-    from pipeline.stages import Inputs, StageRef, apply, merge
+    from pipeline.runner import inputs_of
+    from pipeline.stages import apply, merge
 
     recipe = recipe_for(engine, count, output_dir, device)
     started = time.perf_counter()
-    inputs = {}
     if engine == "mergekit":
         for name in apply.items(recipe):
             out = apply.STAGE.output_path(recipe, name)
             out.mkdir(parents=True)
-            apply.run(recipe, name, out, Inputs())
-            inputs[StageRef("apply", name)] = out
+            apply.run(recipe, name, out, inputs_of(recipe, "apply", name))
     out = merge.STAGE.output_path(recipe, "")
     out.mkdir(parents=True)
-    summary = merge.run(recipe, "", out, Inputs(inputs))
+    summary = merge.run(recipe, "", out, inputs_of(recipe, "merge"))
     seconds = time.perf_counter() - started
     usage = resource.getrusage(resource.RUSAGE_SELF)
     files = [f for f in output_dir.rglob("*") if f.is_file()]

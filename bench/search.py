@@ -34,7 +34,7 @@ def trials_worker(count: int) -> None:
     from transformers import AutoModelForCausalLM
 
     from pipeline.merging.config import build_mergekit_config, validate_mergekit_config
-    from pipeline.merging.fused import FusedInputs, load_merged
+    from pipeline.merging.fused import FusedInputs, FusedOptions, FusedSources, load_merged
     from pipeline.recipe import MergeConfig
     from pipeline.search.space import baselines, merge_settings
 
@@ -43,14 +43,8 @@ def trials_worker(count: int) -> None:
     adapted = {name: str(CACHE / "apply" / name) for name in names}
     model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.bfloat16)
     seconds = []
-    with FusedInputs(
-        base_dir=base,
-        target_dir=target,
-        apply_dtype="bfloat16",
-        device="cpu",
-        cache_bytes=16 << 30,
-        adapters={adapted[name]: archive_dir / name for name in names},
-    ) as inputs:
+    sources = FusedSources(base, target, {name: archive_dir / name for name in names}, adapted, "bfloat16")
+    with FusedInputs(sources, FusedOptions("cpu", cache_bytes=16 << 30)) as inputs:
         for index in range(count):
             point = {**baselines(tuple(names))["published"], **{f"weight.{n}": 0.5 + 0.1 * index for n in names}}
             settings = MergeConfig.model_validate({**merge_settings(point), "adapters": names})

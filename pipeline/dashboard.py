@@ -48,18 +48,11 @@ def study_storage(recipe: Recipe):
 
 def study_name_here(recipe: Recipe) -> str | None:
     """The name of the recipe's study as the search computes it, when this machine has its inputs."""
-    from pipeline.search_worker import worker_inputs
-    from pipeline.stages import STAGES
-    from pipeline.stages.contract import Inputs, StageRef
-    from pipeline.stages.search import learned_sets, study_name
+    from pipeline.runner import inputs_of
+    from pipeline.stages.search import study_name
 
     try:
-        if recipe.search.storage is None:
-            refs = [StageRef("prepare", name) for name in learned_sets(recipe)]
-            inputs = Inputs({ref: Path(STAGES["prepare"].output_path(recipe, ref.item)) for ref in refs})
-        else:
-            inputs = worker_inputs(recipe)
-        return study_name(recipe, inputs)
+        return study_name(recipe, inputs_of(recipe, "search"))
     except (RecipeError, ArchiveError, OSError, KeyError):
         return None
 

@@ -26,6 +26,7 @@ from pipeline.locking import alive_here
 from pipeline.recipe import Recipe, RecipeError
 from pipeline.stages import STAGES
 from pipeline.stages.contract import FINGERPRINT_FILE, Inputs, Stage, StageRef
+from pipeline.stages.selection import AdapterSet, adapter_set
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -50,6 +51,11 @@ class Step:
     fingerprint: str
     output: Path
     depends_on: list[StageRef] = field(default_factory=list)
+    adapters: AdapterSet | None = None  # the plan's, shared by every step
+
+    def inputs(self, outputs: dict[StageRef, Path]) -> Inputs:
+        """What the step reads: the outputs of what it declared, and the plan's adapter set."""
+        return Inputs({dependency: outputs[dependency] for dependency in self.depends_on}, self.adapters)
 
     @property
     def ref(self) -> StageRef:
@@ -70,8 +76,11 @@ def read_state(recipe: Recipe, stage: str, item: str) -> dict:
 
 
 def plan(recipe: Recipe, stages: dict[str, Stage] | None = None) -> list[Step]:
-    """Every step of every stage, in run order, with fingerprints computed from the recipe and the inputs on disk."""
+    """Every step of every stage, in run order, with fingerprints computed from the recipe and the inputs on disk.
+    The adapter set is resolved once, here: the stages' planning functions read this value, and every step's run
+    is handed it, so what ran is what was fingerprinted even when a step archives new adapters meanwhile."""
     stages = STAGES if stages is None else stages
+    adapters = adapter_set(recipe)
     fingerprints: dict[StageRef, str] = {}
 
     def fingerprint(ref: StageRef) -> str:
@@ -90,6 +99,7 @@ def plan(recipe: Recipe, stages: dict[str, Stage] | None = None) -> list[Step]:
             fingerprint(StageRef(stage.name, item)),
             Path(stage.output_path(recipe, item)),
             list(stage.depends_on(recipe, item)),
+            adapters,
         )
         for stage in stages.values()
         for item in stage.items(recipe)
@@ -252,12 +262,11 @@ def _move_into_place(step: Step, partial: Path) -> None:
 
 
 def inputs_of(recipe: Recipe, stage: str, item: str = "") -> Inputs:
-    """The inputs a step reads, as the runner would hand them to it: for tools that reuse a stage's library calls on
-    a finished run (the demo's fresh-example check)."""
-    steps = plan(recipe)
-    outputs = {step.ref: step.output for step in steps}
-    step = next(s for s in steps if s.ref == StageRef(stage, item))
-    return Inputs({dependency: outputs[dependency] for dependency in step.depends_on})
+    """A step's inputs as the runner hands them to it, without fingerprinting the plan: for processes that read a
+    finished run's outputs (the demo's fresh-example check, search workers on other machines, the dashboard), which
+    may lack what made those outputs (the raw datasets)."""
+    refs = STAGES[stage].depends_on(recipe, item)
+    return Inputs({ref: Path(STAGES[ref.stage].output_path(recipe, ref.item)) for ref in refs}, adapter_set(recipe))
 
 
 def run_step(recipe: Recipe, step: Step, outputs: dict[StageRef, Path]) -> dict:
@@ -265,7 +274,7 @@ def run_step(recipe: Recipe, step: Step, outputs: dict[StageRef, Path]) -> dict:
     stage_name, item = step.stage.name, step.item
     started = time.time()
     main = distributed.is_main_process()
-    inputs = Inputs({dependency: outputs[dependency] for dependency in step.depends_on})
+    inputs = step.inputs(outputs)
     try:
         if main:
             write_json_atomic(

@@ -24,7 +24,7 @@ from pipeline import console
 from pipeline.archive.store import ArchiveError
 from pipeline.recipe import Recipe, RecipeError, load_recipe
 from pipeline.run import add_recipe_options
-from pipeline.stages.contract import Inputs, StageRef
+from pipeline.stages.contract import Inputs
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -40,9 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def worker_inputs(recipe: Recipe) -> Inputs:
     """The outputs the search reads, where the recipe puts them; a RecipeError listing each one missing here."""
-    from pipeline.stages import STAGES
-    from pipeline.stages.search import learned_sets
-    from pipeline.stages.selection import archive_entry, selected_adapters
+    from pipeline.runner import inputs_of
 
     if recipe.search is None:
         raise RecipeError("the recipe has no search: block, so there is no study to work on")
@@ -62,16 +60,14 @@ def worker_inputs(recipe: Recipe) -> Inputs:
             "search.storage: a worker joins a study on a database server (postgresql://…), whose lock and "
             "heartbeats reach every machine; a SQLite file is one machine's (search.workers runs several processes)"
         )
-    paths = {
-        StageRef("prepare", name): Path(STAGES["prepare"].output_path(recipe, name)) for name in learned_sets(recipe)
-    }
+    inputs = inputs_of(recipe, "search")
     missing = [
         f"  prepared held-out split of {ref.item}: {path / 'eval'}"
-        for ref, path in paths.items()
-        if not (path / "eval").is_dir()
+        for ref, path in inputs.paths.items()
+        if ref.stage == "prepare" and not (path / "eval").is_dir()
     ]
-    for name in selected_adapters(recipe):
-        manifest = archive_entry(recipe, name) / "manifest.json"
+    for name in inputs.adapters.names:
+        manifest = inputs.adapter_dir(name) / "manifest.json"
         if not manifest.is_file():
             missing.append(f"  archived adapter {name}: {manifest}")
     if missing:
@@ -79,7 +75,7 @@ def worker_inputs(recipe: Recipe) -> Inputs:
             "this machine lacks inputs of the search; copy them from the machine that ran prepare, train and archive "
             "(same paths, relative to where this runs), or mount them:\n" + "\n".join(missing)
         )
-    return Inputs(paths)
+    return inputs
 
 
 def main(argv: list[str] | None = None) -> int:

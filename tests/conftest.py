@@ -14,6 +14,7 @@ from helpers.archive import ADAPTERS, archive_adapter
 from helpers.models import PROJECTIONS, make_adapter
 from helpers.postgres import postgres_bindir, running_cluster
 from helpers.recipes import evaluate_recipe, merge_recipe
+from helpers.stages import step_inputs
 
 from pipeline.demo.synthetic import DEMO_DATA_DIR
 from pipeline.demo.tiny import build_tokenizer, derive_tiny_target, make_tiny_model
@@ -102,7 +103,7 @@ def lineage(tmp_path_factory, tiny_models, finetune_sets):
     fused merge."""
     from helpers.prepared import SKILLS, write_prepared_eval
 
-    from pipeline.stages import Inputs, StageRef, apply, merge
+    from pipeline.stages import StageRef, apply, merge
 
     root = tmp_path_factory.mktemp("evaluate")
     recipe = evaluate_recipe(tiny_models, finetune_sets, root)
@@ -115,11 +116,11 @@ def lineage(tmp_path_factory, tiny_models, finetune_sets):
         )
     for name in SKILLS:
         paths[StageRef("apply", name)] = apply.STAGE.output_path(recipe, name)
-        apply.run(recipe, name, paths[StageRef("apply", name)], Inputs(paths))
+        apply.run(recipe, name, paths[StageRef("apply", name)], step_inputs(recipe, paths))
     paths[StageRef("merge")] = merge.STAGE.output_path(recipe, "")
     paths[StageRef("merge")].mkdir(parents=True)
-    merge.run(recipe, "", paths[StageRef("merge")], Inputs(paths))
-    return {"root": root, "recipe": recipe, "inputs": Inputs(paths)}
+    merge.run(recipe, "", paths[StageRef("merge")], step_inputs(recipe, paths))
+    return {"root": root, "recipe": recipe, "inputs": step_inputs(recipe, paths)}
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import torch
 from datasets import concatenate_datasets, load_from_disk
 from helpers.recipes import DEMO_DATA, evaluate_recipe
 from helpers.references import peft_reference
+from helpers.stages import step_inputs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.data import templates
@@ -47,7 +48,8 @@ def test_stage_writes_a_row_per_model_and_a_column_per_set(lineage, live_models,
     out = lineage["root"] / "evaluate.partial"
     out.mkdir()
     evaluate.check(recipe, "")
-    summary = evaluate.run(recipe, "", out, Inputs({ref: inputs.paths[ref] for ref in evaluate.depends_on(recipe, "")}))
+    declared = {ref: inputs.paths[ref] for ref in evaluate.depends_on(recipe, "")}
+    summary = evaluate.run(recipe, "", out, step_inputs(recipe, declared))
     models = ["base", "target", "trained:reverse", "trained:sort", "adapted:reverse", "adapted:sort", "merged"]
     report = json.loads((out / "report.json").read_text())
     assert report["models"] == summary["models"] == models
@@ -141,7 +143,16 @@ def test_stage_contract(lineage):
     assert evaluate.config(saved_only, "") != evaluate.config(unsaved_only, ""), "on the fly: apply.dtype counts"
     other_dtype = recipe.model_copy(update={"apply": recipe.apply.model_copy(update={"dtype": "float32"})})
     assert evaluate.config(other_dtype, "") != evaluate.config(recipe, ""), "base + LoRA is computed on the fly"
-    assert [ref.label for ref in evaluate.depends_on(saved_only, "")][-2:] == ["apply.reverse", "apply.sort"]
+    # The adapted models are apply's outputs; the archived adapters stay inputs: their files are the identity of
+    # every model computed from them, the merge's included.
+    assert [ref.label for ref in evaluate.depends_on(saved_only, "")][-4:] == [
+        "apply.reverse",
+        "apply.sort",
+        "archive.reverse",
+        "archive.sort",
+    ]
+    only_models = recipe.model_copy(update={"evaluate": recipe.evaluate.model_copy(update={"models": ["target"]})})
+    assert evaluate.depends_on(only_models, "") == [StageRef("prepare", "reverse"), StageRef("prepare", "sort")]
 
 
 def test_retention_data_under_home_is_fingerprinted_by_content(tiny_models, finetune_sets, tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ from helpers.archive import ADAPTERS
 
 
 def test_each_distinct_input_goes_to_the_device_once(tiny_models, archive, monkeypatch):
-    from pipeline.merging.fused import FusedInputs
+    from pipeline.merging.fused import FusedInputs, FusedOptions, FusedSources
     from pipeline.models.lora import load_adapter
 
     transfers: list[tuple[int, ...]] = []
@@ -23,14 +23,10 @@ def test_each_distinct_input_goes_to_the_device_once(tiny_models, archive, monke
             transfers.append(tuple(self.shape))
         return result
 
-    adapters = {f"/apply/{name}": archive / name for name in ADAPTERS}
-    with FusedInputs(
-        base_dir=tiny_models["base"],
-        target_dir=tiny_models["target"],
-        apply_dtype="bfloat16",
-        adapters=adapters,
-        device="meta",
-    ) as inputs:
+    adapters = {name: archive / name for name in ADAPTERS}
+    adapted = {name: f"/apply/{name}" for name in ADAPTERS}
+    sources = FusedSources(tiny_models["base"], tiny_models["target"], adapters, adapted, "bfloat16")
+    with FusedInputs(sources, FusedOptions("meta")) as inputs:
         by_name = {item.weight.name: item for item in inputs.planned}
         touched = {name: [a for a in ADAPTERS if name in load_adapter(archive / a).modules] for name in by_name}
         untouched_name = next(name for name, users in touched.items() if not users and by_name[name].base_name)

@@ -171,14 +171,14 @@ MEASURE = textwrap.dedent("""
     import sys
     from pathlib import Path
     from pipeline.merging.config import build_mergekit_config, validate_mergekit_config
-    from pipeline.merging.fused import fused_merge
+    from pipeline.merging.fused import FusedOptions, FusedSources, fused_merge
     from pipeline.recipe import MergeConfig
 
     base, target, out, budget, *adapters = sys.argv[1:]
     adapted = {Path(a).name: str(Path(a).with_suffix(".adapted")) for a in adapters}
     config = validate_mergekit_config(build_mergekit_config(MergeConfig(), adapted, base, target))
-    fused_merge(config, base_dir=Path(base), target_dir=Path(target), apply_dtype="bfloat16", out_dir=Path(out),
-                adapters={adapted[Path(a).name]: Path(a) for a in adapters}, device="cpu", memory_budget=int(budget))
+    sources = FusedSources(Path(base), Path(target), {Path(a).name: Path(a) for a in adapters}, adapted, "bfloat16")
+    fused_merge(config, sources, Path(out), FusedOptions("cpu", memory_budget=int(budget)))
     status = Path("/proc/self/status").read_text().splitlines()
     print(next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:")))
 """)

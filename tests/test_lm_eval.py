@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers.stages import step_inputs
 from matplotlib.figure import Figure
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -19,7 +20,7 @@ from pipeline.evaluation import lm_eval_tasks
 from pipeline.evaluation.lineage import Evaluation, evaluate_lineage
 from pipeline.evaluation.models import ModelSpec
 from pipeline.recipe import EvaluateConfig, Recipe, RecipeError, format_validation_error
-from pipeline.stages import Inputs, StageRef, evaluate
+from pipeline.stages import StageRef, evaluate
 
 THINGS = ["sky", "grass", "sea", "blood", "snow", "coal", "sun", "leaf"]
 COLORS = ["blue", "green", "red", "white", "black", "yellow"]
@@ -255,7 +256,7 @@ def test_stage_scores_every_model_caches_per_task_and_fills_the_card(lineage, tm
         out = tmp_path / name
         out.mkdir()
         evaluate.check(recipe, "")
-        evaluate.run(recipe, "", out, Inputs(paths))
+        evaluate.run(recipe, "", out, step_inputs(recipe, paths))
         return json.loads((out / "report.json").read_text())
 
     report = run_stage(recipe, "first")

@@ -202,7 +202,7 @@ def test_fused_writes_shards_as_they_fill_with_an_index(tiny_models, archive, ap
     from pipeline.merging import fused
     from pipeline.models.safetensors_io import INDEX_FILE
 
-    monkeypatch.setitem(fused.fused_merge.__kwdefaults__, "max_shard_bytes", 40_000)
+    monkeypatch.setattr(fused, "MAX_SHARD_BYTES", 40_000)
     sharded = merge_with(tiny_models, archive, applied, tmp_path / "f", "fused")
     shards = sorted(sharded.glob("*.safetensors"))
     assert len(shards) > 2 and shards[0].name == f"model-00001-of-{len(shards):05d}.safetensors"

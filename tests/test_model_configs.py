@@ -13,11 +13,12 @@ import pytest
 import torch
 from helpers.archive import archive_adapter
 from helpers.models import load_model_tensors, make_adapter
+from helpers.stages import step_inputs
 
 from pipeline.merging.adapted_model import apply_adapter
 from pipeline.merging.output import adopt_target_files
 from pipeline.recipe import Recipe
-from pipeline.stages import Inputs, StageRef, apply, merge
+from pipeline.stages import StageRef, apply, merge
 
 DTYPE_KEYS = ("torch_dtype", "dtype")
 
@@ -113,11 +114,11 @@ def test_both_merge_engines_keep_the_target_hub_config(hub_models, tmp_path, eng
     if engine == "mergekit":
         applied = apply.STAGE.output_path(recipe, "alpha")
         applied.mkdir(parents=True)
-        apply.STAGE.run(recipe, "alpha", applied, Inputs())
+        apply.STAGE.run(recipe, "alpha", applied, step_inputs(recipe))
         paths[StageRef("apply", "alpha")] = applied
     out = tmp_path / "merged"
     out.mkdir()
-    merge.STAGE.run(recipe, "", out, Inputs(paths))
+    merge.STAGE.run(recipe, "", out, step_inputs(recipe, paths))
     assert_target_config(out, hub_models["target"], "float32")
 
 

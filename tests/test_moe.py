@@ -16,10 +16,10 @@ import yaml
 from helpers.archive import ADAPTERS
 from helpers.models import assert_same_tensors, load_model_tensors
 from helpers.recipes import merge_recipe
-from helpers.stages import applied_inputs
+from helpers.stages import applied_inputs, step_inputs
 
 from pipeline.recipe import Recipe, RecipeError
-from pipeline.stages import Inputs, StageRef, merge, search
+from pipeline.stages import StageRef, merge, search
 
 TASKS = {"alpha": "sort", "beta": "add", "gamma": "reverse"}
 
@@ -57,7 +57,8 @@ def moe_run(tmp_path_factory, tiny_models, archive, applied):
     root = tmp_path_factory.mktemp("moe")
     recipe = moe_recipe(tiny_models, archive, applied)
     merge.check(recipe, "")
-    inputs = Inputs({**applied_inputs(recipe).paths, **prepared(root / "prepare")})
+    archived = {StageRef("archive", name): archive / name for name in ADAPTERS}
+    inputs = step_inputs(recipe, {**applied_inputs(recipe).paths, **prepared(root / "prepare"), **archived})
     assert set(merge.depends_on(recipe, "")) == set(inputs.paths)
     out = root / "merge"
     out.mkdir()

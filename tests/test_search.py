@@ -36,17 +36,11 @@ def config_for(point: dict, adapted: dict[str, str], base: str, target: str) -> 
 
 def trial_inputs(tiny_models, archive, adapted: dict[str, str], apply_dtype: str):
     """The search's in-memory merge inputs over the tiny lineage and its archived adapters, cached in memory."""
-    from pipeline.merging.fused import FusedInputs
+    from pipeline.merging.fused import FusedInputs, FusedOptions, FusedSources
 
-    adapters = {adapted[name]: archive / name for name in ADAPTERS}
-    return FusedInputs(
-        base_dir=tiny_models["base"],
-        target_dir=tiny_models["target"],
-        apply_dtype=apply_dtype,
-        adapters=adapters,
-        device="cpu",
-        cache_bytes=1 << 30,
-    )
+    adapters = {name: archive / name for name in ADAPTERS}
+    sources = FusedSources(tiny_models["base"], tiny_models["target"], adapters, adapted, apply_dtype)
+    return FusedInputs(sources, FusedOptions("cpu", cache_bytes=1 << 30))
 
 
 def test_published_baseline_is_the_published_recipes_merge():
@@ -189,7 +183,7 @@ def test_sum_over_the_target_adds_each_adapters_own_delta(tiny_models, archive, 
     with trial_inputs(tiny_models, archive, adapted, "float32") as inputs:
         expected = {k: v.clone() for k, v in target.items()}
         for name in ADAPTERS:
-            load_adapted(inputs, adapted[name], model)
+            load_adapted(inputs, name, model)
             for key, value in model.state_dict().items():
                 expected[key] += value - target[key]
         load_merged(inputs, config, model)

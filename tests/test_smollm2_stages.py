@@ -24,7 +24,7 @@ from helpers.archive import archive_adapter
 from helpers.models import PROJECTIONS, assert_same_tensors, layer_tensors, load_model_tensors, make_adapter
 from helpers.recipes import merge_recipe
 from helpers.references import assert_identical, mergekit_yaml, peft_reference
-from helpers.stages import run_stage
+from helpers.stages import run_stage, step_inputs
 from safetensors.torch import load_file
 
 from pipeline.archive.combine import combine_adapters
@@ -88,7 +88,7 @@ def merge_into(lineage, out: Path, **settings) -> tuple[Path, dict]:
     recipe = merge_recipe(lineage, lineage["archive"], lineage["run"], **settings)
     out.mkdir(parents=True)
     merge.check(recipe, "")
-    inputs = Inputs({StageRef("apply", name): lineage["run"] / "apply" / name for name in ADAPTERS})
+    inputs = step_inputs(recipe, {StageRef("apply", name): lineage["run"] / "apply" / name for name in ADAPTERS})
     return out, merge.run(recipe, "", out, inputs)
 
 

@@ -170,17 +170,10 @@ def load_model(spec: ModelSpec, evaluation: Evaluation):
     )
     if spec.merge is not None:
         from pipeline.merging.config import validate_mergekit_config
-        from pipeline.merging.fused import FusedInputs, load_merged
+        from pipeline.merging.fused import FusedInputs, FusedOptions, load_merged
 
         merge = spec.merge
-        with FusedInputs(
-            base_dir=merge.base_dir,
-            target_dir=spec.path,
-            adapters=merge.adapters,
-            apply_dtype=merge.apply_dtype,
-            device=merge.device,
-            trust_remote_code=evaluation.trust_remote_code,
-        ) as inputs:
+        with FusedInputs(merge.sources, FusedOptions(merge.device, evaluation.trust_remote_code)) as inputs:
             load_merged(inputs, validate_mergekit_config(merge.config), model)
     return model
 

@@ -10,19 +10,21 @@ import gc
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from pipeline.merging.fused import FusedSources
 
 
 @dataclass(frozen=True)
 class InMemoryMerge:
-    """A merge computed into the loaded target by the fused engine: a mergekit config over the base, the target and
-    adapted models (each path in `adapters` maps to its archived adapter)."""
+    """A merge computed into the loaded target by the fused engine: a mergekit config over the sources' base, target
+    and adapted models."""
 
     config: dict
-    base_dir: Path
-    adapters: dict[str, Path]
-    apply_dtype: str
+    sources: FusedSources
     device: str = "auto"
 
 

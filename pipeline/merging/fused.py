@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import math
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -121,36 +121,57 @@ def _source_name(weight, tensors: dict) -> str | None:
     return next((name for name in candidates if name in tensors), None)
 
 
+@dataclass(frozen=True)
+class FusedSources:
+    """What a fused merge reads, beside its mergekit config: the base, the target, each adapter by name (its archived
+    directory), and the path that names its adapted model in the config (where apply writes it; nothing need be
+    there: the fused engine computes it). `apply_dtype` is the adapted models' dtype, as apply would write them."""
+
+    base_dir: Path
+    target_dir: Path
+    adapters: Mapping[str, Path]
+    adapted: Mapping[str, str]
+    apply_dtype: str
+
+
+@dataclass(frozen=True)
+class FusedOptions:
+    """How a fused merge runs, none of which changes its result (mergekit's `MergeOptions`). `memory_budget` bounds
+    the inputs of a block of rows and the kernel's temporaries (on `cuda`, GPU memory); `cache_bytes` keeps each
+    tensor's inputs for the next merge of the same sources (a search); `max_shard_bytes` (default
+    `MAX_SHARD_BYTES`) sizes the written shards."""
+
+    device: str = "auto"
+    trust_remote_code: bool = False
+    memory_budget: int = MEMORY_BUDGET
+    cache_bytes: int = 0
+    max_shard_bytes: int | None = None
+
+
 class FusedInputs:
     """Everything a merge over the base, the target and some adapters reads, opened once: the tensor plan, the
-    readers and the LoRA modules. A search merges many configurations over the same inputs; with `cache_bytes`
-    the inputs of each tensor (adapted tensors included) are kept in memory up to that budget, so later merges only
-    rerun mergekit's kernel instead of reading and recomputing them. `memory_budget` bounds the inputs of a block of
-    rows and the kernel's temporaries (on `cuda`, GPU memory)."""
+    readers and the LoRA modules, each adapter under its name. A search merges many configurations over the same
+    inputs; with `cache_bytes` the inputs of each tensor (adapted tensors included) are kept in memory up to that
+    budget, so later merges only rerun mergekit's kernel instead of reading and recomputing them."""
 
-    def __init__(
-        self,
-        *,
-        base_dir: Path,
-        target_dir: Path,
-        adapters: dict[str, Path],
-        apply_dtype: str,
-        device: str = "auto",
-        trust_remote_code: bool = False,
-        cache_bytes: int = 0,
-        memory_budget: int = MEMORY_BUDGET,
-    ):
-        self.base_dir, self.target_dir, self.apply_dtype = Path(base_dir), Path(target_dir), apply_dtype
-        self.target_tensors = model_tensors(target_dir)
-        self.base_tensors = model_tensors(base_dir)
+    def __init__(self, sources: FusedSources, options: FusedOptions | None = None):
+        options = options or FusedOptions()
+        reserved = sorted({"base", "target"} & set(sources.adapters))
+        if reserved:
+            raise ValueError(f"adapters named {reserved}: base and target name the merge's own models")
+        self.base_dir, self.target_dir = Path(sources.base_dir), Path(sources.target_dir)
+        self.apply_dtype = sources.apply_dtype
+        self.target_tensors = model_tensors(self.target_dir)
+        self.base_tensors = model_tensors(self.base_dir)
         self.adapters = {}
-        for path, adapter_dir in adapters.items():
-            self.adapters[path] = load_adapter(adapter_dir)
-            check_compatibility(self.adapters[path], self.target_tensors, {}, None, str(target_dir))
-        self.device = resolve_device(device)
-        self.planned = plan_tensors(base_dir, self.target_tensors, self.base_tensors, trust_remote_code)
+        for name, adapter_dir in sources.adapters.items():
+            self.adapters[name] = load_adapter(adapter_dir)
+            check_compatibility(self.adapters[name], self.target_tensors, {}, None, str(self.target_dir))
+        self.named = {str(path): name for name, path in sources.adapted.items()}  # config path → adapter name
+        self.device = resolve_device(options.device)
+        self.planned = plan_tensors(self.base_dir, self.target_tensors, self.base_tensors, options.trust_remote_code)
         self.base_reader, self.target_reader = TensorReader(self.base_tensors), TensorReader(self.target_tensors)
-        self.cache_bytes, self.memory_budget = cache_bytes, memory_budget
+        self.cache_bytes, self.memory_budget = options.cache_bytes, options.memory_budget
         self._cache: dict[tuple[str, torch.dtype | None], dict[str, torch.Tensor]] = {}
         self._cached_bytes = 0
 
@@ -166,8 +187,8 @@ class FusedInputs:
         self.close()
 
     def roles(self, config) -> dict:
-        """Each input model of `config` → "base", "target" or the adapted-model path of its adapter."""
-        return {model: _role(model, self.base_dir, self.target_dir, self.adapters) for model in input_models(config)}
+        """Each input model of `config` → "base", "target" or the name of the adapter its adapted model holds."""
+        return {model: _role(model, self.base_dir, self.target_dir, self.named) for model in input_models(config)}
 
     def read(self, item: PlannedTensor, with_base: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
         base = self.base_reader.read(item.base_name) if with_base else None
@@ -176,13 +197,13 @@ class FusedInputs:
     def factors(self, item: PlannedTensor, roles) -> dict[str, LoraFactors]:
         """A and B of every adapter among `roles` that touches this tensor, read once for all its row blocks."""
         return {
-            path: adapter.modules[item.target_name].factors(self.device)
-            for path, adapter in self.adapters.items()
-            if path in roles and item.target_name in adapter.modules
+            name: adapter.modules[item.target_name].factors(self.device)
+            for name, adapter in self.adapters.items()
+            if name in roles and item.target_name in adapter.modules
         }
 
     def _all_roles(self, with_base: bool) -> dict[str, str]:
-        roles = {"target": "target", **{path: path for path in self.adapters}}
+        roles = {"target": "target", **{name: name for name in self.adapters}}
         return {**roles, "base": "base"} if with_base else roles
 
     def role_tensors(
@@ -208,20 +229,18 @@ class FusedInputs:
             self._cached_bytes += size
         return values
 
-    def adapted_tensor(self, item: PlannedTensor, adapted_path: str) -> torch.Tensor:
+    def adapted_tensor(self, item: PlannedTensor, name: str) -> torch.Tensor:
         """One adapted model's tensor, as apply writes it (only that adapter's product is computed)."""
         _, target = self.read(item, with_base=False)
-        return tensor_inputs(
-            item, None, target, {adapted_path: adapted_path}, self.adapters, self.apply_dtype, self.device, None
-        )[adapted_path]
+        return tensor_inputs(item, None, target, {name: name}, self.adapters, self.apply_dtype, self.device, None)[name]
 
     def merged_tensors(
         self, config, order: list[PlannedTensor] | None = None, destinations: dict[str, torch.Tensor] | None = None
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, merged tensor) for every output tensor of `config` (a parsed MergeConfiguration whose model paths
-        are the base, the target or keys of `adapters`), in `order`. One thread reads the next tensor while the
-        others each compute a row block's adapted inputs and merge it. A tensor of `destinations` (by name) in the
-        merged tensor's dtype and shape is written in place and yielded itself."""
+        are the base, the target or the sources' adapted-model paths), in `order`. One thread reads the next tensor
+        while the others each compute a row block's adapted inputs and merge it. A tensor of `destinations` (by name)
+        in the merged tensor's dtype and shape is written in place and yielded itself."""
         from mergekit import merge_methods
 
         method = merge_methods.get(config.merge_method)
@@ -523,36 +542,17 @@ def _load_dtype(item: PlannedTensor, config) -> torch.dtype | None:
     return dtype_from_name(item.weight.force_dtype or config.dtype)
 
 
-def fused_merge(
-    config,
-    *,
-    base_dir: Path,
-    target_dir: Path,
-    adapters: dict[str, Path],
-    apply_dtype: str,
-    out_dir: Path,
-    device: str = "auto",
-    trust_remote_code: bool = False,
-    max_shard_bytes: int = MAX_SHARD_BYTES,
-    memory_budget: int = MEMORY_BUDGET,
-) -> dict:
-    """Merge `config` (a parsed MergeConfiguration whose adapted-model paths are keys of `adapters`, mapping each to
-    its adapter directory) into `out_dir`, writing tensors as they are produced (on a thread, while the next one
-    merges). Returns counts for the summary."""
-    with FusedInputs(
-        base_dir=base_dir,
-        target_dir=target_dir,
-        adapters=adapters,
-        apply_dtype=apply_dtype,
-        device=device,
-        trust_remote_code=trust_remote_code,
-        memory_budget=memory_budget,
-    ) as inputs:
+def fused_merge(config, sources: FusedSources, out_dir: Path, options: FusedOptions | None = None) -> dict:
+    """Merge `config` (a parsed MergeConfiguration over the sources' base, target and adapted-model paths) into
+    `out_dir`, writing tensors as they are produced (on a thread, while the next one merges). Returns counts for the
+    summary."""
+    options = options or FusedOptions()
+    with FusedInputs(sources, options) as inputs:
         layout = {
             p.weight.name: (inputs.result_dtype(p, config), inputs.target_tensors[p.target_name].shape)
             for p in inputs.planned
         }
-        shards = plan_shards(layout, max_shard_bytes)
+        shards = plan_shards(layout, options.max_shard_bytes or MAX_SHARD_BYTES)
         files = shard_names(len(shards))
         by_name = {p.weight.name: p for p in inputs.planned}
         order = [by_name[name] for shard in shards for name in shard]
@@ -580,7 +580,7 @@ def fused_merge(
     return {
         "tensors": len(order),
         "bytes_written": total,
-        "adapters": len(adapters),
+        "adapters": len(sources.adapters),
         "device": str(inputs.device),
         "merge_kernel": kernel_status() if inputs.device.type == "cpu" else "not on a GPU: mergekit's torch code",
     }
@@ -599,20 +599,20 @@ def load_merged(inputs: FusedInputs, config, model) -> None:
                 weights[name].copy_(tensor)
 
 
-def load_adapted(inputs: FusedInputs, adapted_path: str, model) -> None:
-    """Write one adapted model (the target with one adapter, as apply writes it) into a loaded model's weights."""
+def load_adapted(inputs: FusedInputs, name: str, model) -> None:
+    """Write one adapted model (the target with adapter `name`, as apply writes it) into a loaded model's weights."""
     weights = dict(model.named_parameters()) | dict(model.named_buffers())
     with torch.no_grad():
         for item in inputs.planned:
-            weights[item.weight.name].copy_(inputs.adapted_tensor(item, adapted_path))
+            weights[item.weight.name].copy_(inputs.adapted_tensor(item, name))
 
 
-def _role(model, base_dir: Path, target_dir: Path, loaded: dict) -> str:
+def _role(model, base_dir: Path, target_dir: Path, named: dict[str, str]) -> str:
     path = str(model.model.path)
     if model.lora is not None:
         raise ValueError(f"{model}: LoRA references (model+lora) are not supported by the fused engine")
-    if path in loaded:
-        return path
+    if path in named:
+        return named[path]
     if Path(path).resolve() == Path(base_dir).resolve():
         return "base"
     if Path(path).resolve() == Path(target_dir).resolve():

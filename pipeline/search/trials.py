@@ -57,17 +57,12 @@ class TrialRunner:
 
     def __init__(self, job: SearchJob):
         from pipeline.evaluation.models import ModelSpec, load_causal_lm
-        from pipeline.merging.fused import FusedInputs
+        from pipeline.merging.fused import FusedInputs, FusedOptions, FusedSources
 
         self.job = job
         self.inputs = FusedInputs(
-            base_dir=job.base_dir,
-            target_dir=job.target_dir,
-            apply_dtype=job.apply_dtype,
-            adapters={job.adapted_paths[name]: path for name, path in job.adapters.items()},
-            device=job.device,
-            trust_remote_code=job.trust_remote_code,
-            cache_bytes=job.cache_bytes,
+            FusedSources(job.base_dir, job.target_dir, job.adapters, job.adapted_paths, job.apply_dtype),
+            FusedOptions(job.device, job.trust_remote_code, cache_bytes=job.cache_bytes),
         )
         evaluation = job.evaluation
         self.model = load_causal_lm(
@@ -92,7 +87,7 @@ class TrialRunner:
         target = self.score("target")
         adapted = {}
         for name in self.job.finetunes:
-            load_adapted(self.inputs, self.job.adapted_paths[name], self.model)
+            load_adapted(self.inputs, name, self.model)
             adapted[name] = self.score(f"adapted:{name}")
         return {"target": target, "adapted": adapted}
 

@@ -58,7 +58,7 @@ def check(recipe: Recipe, item: str) -> None:
 def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
     from pipeline.merging.adapted_model import apply_adapter
 
-    adapter = adapter_set(recipe)[item].directory
+    adapter = inputs.adapter_dir(item)
     manifest = verify_adapter(adapter)
     target = resolve_model(recipe.target_model, "target_model", trust_remote_code=recipe.trust_remote_code)
     summary = apply_adapter(

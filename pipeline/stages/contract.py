@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from pipeline.recipe import Recipe
+    from pipeline.stages.selection import AdapterSet
 
 FINGERPRINT_FILE = ".ftmerge-fingerprint"
 """The runner writes the step's fingerprint here in `out` before `run` (and keeps it beside write-once outputs)."""
@@ -35,9 +36,11 @@ class StageRef:
 
 @dataclass(frozen=True)
 class Inputs:
-    """The output directories of the steps a step declared in `depends_on`, and nothing else."""
+    """What a step reads: the output directories of the steps it declared in `depends_on`, and the plan's adapter
+    set (resolved once per plan by the runner, the same value the plan's fingerprints were computed from)."""
 
     paths: Mapping[StageRef, Path] = field(default_factory=dict)
+    adapters: AdapterSet | None = None
 
     def path(self, stage: str, item: str = "") -> Path:
         """The output of a declared input; a KeyError naming it when the step did not declare it."""
@@ -51,6 +54,14 @@ class Inputs:
         """The output of an input the step may or may not have declared (None when it did not)."""
         path = self.paths.get(StageRef(stage, item))
         return None if path is None else Path(path)
+
+    def adapter_dir(self, name: str) -> Path:
+        """Where an adapter of the plan lies: the output of this recipe's archive step for its own fine-tunes (a
+        declared input), the archive entry another recipe wrote for the others."""
+        if self.adapters is None:
+            raise KeyError(f"adapter {name}: this step was given no adapter set")
+        adapter = self.adapters[name]
+        return self.path("archive", name) if adapter.own else adapter.directory
 
     def __contains__(self, ref: object) -> bool:
         return ref in self.paths

@@ -25,13 +25,14 @@ def items(recipe: Recipe) -> list[str]:
     return [""] if recipe.evaluate.enabled else []
 
 
-def _adapters(recipe: Recipe) -> list[str]:
-    return selected_adapters(recipe) if "adapted" in recipe.evaluate.models else []
+def _adapted(recipe: Recipe, adapters: list[str]) -> list[str]:
+    """The adapters of the plan scored on the target (adapted), as `evaluate.models` asks."""
+    return adapters if "adapted" in recipe.evaluate.models else []
 
 
-def _trained(recipe: Recipe) -> list[str]:
+def _trained(recipe: Recipe, adapters: list[str]) -> list[str]:
     """The adapters scored on the model they were trained on (base + LoRA), the yardstick of their transfer."""
-    return selected_adapters(recipe) if "trained" in recipe.evaluate.models else []
+    return adapters if "trained" in recipe.evaluate.models else []
 
 
 def retention_identity(recipe: Recipe) -> dict:
@@ -53,8 +54,8 @@ def config(recipe: Recipe, item: str) -> dict:
         "base": model_fingerprint(recipe.base_model),
         "target": model_fingerprint(recipe.target_model),
         "trust_remote_code": recipe.trust_remote_code,
-        "adapters": _adapters(recipe),
-        "trained": _trained(recipe),
+        "adapters": _adapted(recipe, selected_adapters(recipe)),
+        "trained": _trained(recipe, selected_adapters(recipe)),
     }
     if recipe.evaluate.retention:
         settings["retention"] = retention_identity(recipe)
@@ -73,11 +74,14 @@ def depends_on(recipe: Recipe, item: str) -> list[StageRef]:
     if "merged" in recipe.evaluate.models and recipe.search is not None:
         dependencies.append(StageRef("search"))  # the published configuration is scored beside the chosen one
     dependencies += [StageRef("prepare", finetune.name) for finetune in recipe.finetunes]
-    adapters = _adapters(recipe)
-    archived = adapter_set(recipe).archive_steps(_trained(recipe))  # base + LoRA reads the archived adapter
+    selected = selected_adapters(recipe)
+    adapted = _adapted(recipe, selected)
     if saves_adapted_models(recipe):
-        return dependencies + [StageRef("apply", name) for name in adapters] + archived
-    return dependencies + list(dict.fromkeys([*adapter_set(recipe).archive_steps(adapters), *archived]))
+        dependencies += [StageRef("apply", name) for name in adapted]
+    # The archived adapters: a trained (and an unsaved adapted) model is computed from one; a merge's identity
+    # holds their files.
+    read = selected if "merged" in recipe.evaluate.models else [*adapted, *_trained(recipe, selected)]
+    return dependencies + adapter_set(recipe).archive_steps(list(dict.fromkeys(read)))
 
 
 def check(recipe: Recipe, item: str) -> None:
@@ -165,15 +169,16 @@ def lineage(recipe: Recipe, inputs: Inputs) -> list[ModelSpec]:
     target = resolve_model(recipe.target_model, "target_model", trust_remote_code=code)
     if "target" in wanted:
         specs.append(ModelSpec("target", "target", target, identity=target_id))
-    if _trained(recipe):
+    trained = _trained(recipe, inputs.adapters.names)
+    if trained:
         base = resolve_model(recipe.base_model, "base_model", trust_remote_code=code)
-    for name in _trained(recipe):
-        directory = adapter_set(recipe)[name].directory
+    for name in trained:
+        directory = inputs.adapter_dir(name)
         files = verify_adapter(directory)["files"]
         identity = hash_json({"base": base_id, "adapter": files, "apply_dtype": recipe.apply.dtype})
         specs.append(ModelSpec(f"trained:{name}", "trained", base, adapter=directory, identity=identity))
-    for name in _adapters(recipe):
-        directory = adapter_set(recipe)[name].directory
+    for name in _adapted(recipe, inputs.adapters.names):
+        directory = inputs.adapter_dir(name)
         files = verify_adapter(directory)["files"]
         identity = hash_json({"target": target_id, "adapter": files, "apply_dtype": recipe.apply.dtype})
         if saves_adapted_models(recipe):
@@ -184,7 +189,7 @@ def lineage(recipe: Recipe, inputs: Inputs) -> list[ModelSpec]:
         from pipeline.merging.output import read_merge_config
 
         merged = inputs.path("merge")
-        identity = _merge_identity(recipe, read_merge_config(merged), base_id, target_id)
+        identity = _merge_identity(recipe, inputs, read_merge_config(merged), base_id, target_id)
         specs.append(ModelSpec("merged", "merged", merged, identity=identity))
         published = _published_merge(recipe, inputs, target, base_id, target_id)
         if published is not None:
@@ -192,9 +197,9 @@ def lineage(recipe: Recipe, inputs: Inputs) -> list[ModelSpec]:
     return specs
 
 
-def _merge_identity(recipe: Recipe, mergekit_config: dict, base_id: str, target_id: str) -> str:
+def _merge_identity(recipe: Recipe, inputs: Inputs, mergekit_config: dict, base_id: str, target_id: str) -> str:
     """A merge's identity without hashing its weights: its mergekit config, the adapters' files and the models."""
-    files = {name: verify_adapter(adapter_set(recipe)[name].directory)["files"] for name in selected_adapters(recipe)}
+    files = {name: verify_adapter(inputs.adapter_dir(name))["files"] for name in inputs.adapters.names}
     return hash_json(
         {
             "mergekit_config": mergekit_config,
@@ -209,6 +214,7 @@ def _merge_identity(recipe: Recipe, mergekit_config: dict, base_id: str, target_
 def _published_merge(recipe: Recipe, inputs: Inputs, target: Path, base_id: str, target_id: str) -> ModelSpec | None:
     """The search's `published` trial as a row of the report, unless it is the chosen one (then `merged` is it)."""
     from pipeline.evaluation.models import InMemoryMerge, ModelSpec
+    from pipeline.merging.fused import FusedSources
     from pipeline.search.leaderboard import Leaderboard
     from pipeline.search.space import PUBLISHED
     from pipeline.stages.selection import adapted_model_dir
@@ -220,18 +226,22 @@ def _published_merge(recipe: Recipe, inputs: Inputs, target: Path, base_id: str,
     published = board.trial(PUBLISHED)
     if published is None or board.chosen == PUBLISHED:
         return None
-    adapters = {
-        str(adapted_model_dir(recipe, name).resolve()): adapter_set(recipe)[name].directory
-        for name in selected_adapters(recipe)
-    }
+    names = inputs.adapters.names
     base = resolve_model(recipe.base_model, "base_model", trust_remote_code=recipe.trust_remote_code)
-    merge = InMemoryMerge(published["mergekit_config"], base, adapters, recipe.apply.dtype, recipe.merge.device)
+    sources = FusedSources(
+        base,
+        target,
+        {name: inputs.adapter_dir(name) for name in names},
+        {name: str(adapted_model_dir(recipe, name).resolve()) for name in names},
+        recipe.apply.dtype,
+    )
+    merge = InMemoryMerge(published["mergekit_config"], sources, recipe.merge.device)
     return ModelSpec(
         f"merged:{PUBLISHED}",
         "merged",
         target,
         merge=merge,
-        identity=_merge_identity(recipe, published["mergekit_config"], base_id, target_id),
+        identity=_merge_identity(recipe, inputs, published["mergekit_config"], base_id, target_id),
     )
 
 

@@ -36,9 +36,9 @@ from pipeline.stages.selection import (
 )
 
 
-def merged_adapters(recipe: Recipe) -> list[str]:
-    """The adapters this merge reads: with `merge.slices` the ones its sources name, else every selected one."""
-    adapters = selected_adapters(recipe)
+def merged_adapters(recipe: Recipe, adapters: list[str]) -> list[str]:
+    """The adapters this merge reads of the selected `adapters`: with `merge.slices` the ones its sources name, else
+    all of them."""
     if recipe.merge.slices:
         named = slice_adapters(recipe.merge)
         return [name for name in adapters if name in named]
@@ -55,7 +55,7 @@ def moe_prompt_sources(recipe: Recipe, adapters: list[str]) -> list[str]:
 
 
 def config(recipe: Recipe, item: str) -> dict:
-    adapters = merged_adapters(recipe)
+    adapters = merged_adapters(recipe, selected_adapters(recipe))
     engine = resolve_engine(recipe.merge)
     settings = {
         "merge": result_settings(recipe.merge),
@@ -73,12 +73,13 @@ def config(recipe: Recipe, item: str) -> dict:
 
 
 def depends_on(recipe: Recipe, item: str) -> list[StageRef]:
-    adapters = merged_adapters(recipe)
+    """The archived adapters (every engine reads their manifests for the lineage), the adapted models the mergekit
+    engine reads, the search's choice, and the prepared data a MoE samples its prompts from."""
+    adapters = merged_adapters(recipe, selected_adapters(recipe))
     searched = [StageRef("search")] if recipe.search is not None else []
     prepared = [StageRef("prepare", name) for name in moe_prompt_sources(recipe, adapters)]
-    if resolve_engine(recipe.merge) == "mergekit":
-        return [*prepared, *(StageRef("apply", name) for name in adapters), *searched]
-    return [*adapter_set(recipe).archive_steps(adapters), *searched]
+    applied = [StageRef("apply", name) for name in adapters] if resolve_engine(recipe.merge) == "mergekit" else []
+    return [*prepared, *adapter_set(recipe).archive_steps(adapters), *applied, *searched]
 
 
 def check(recipe: Recipe, item: str) -> None:
@@ -88,7 +89,7 @@ def check(recipe: Recipe, item: str) -> None:
     if unknown:
         raise RecipeError(f"merge.models: {unknown} are not among the merged adapters {adapters}")
     _check_named_models(recipe, adapters)
-    adapters = merged_adapters(recipe)
+    adapters = merged_adapters(recipe, adapters)
     if not adapters:
         raise RecipeError(
             f"merge: no adapter to merge (no finetunes, and none in the archive {recipe.archive_dir} "
@@ -174,10 +175,10 @@ def plan(recipe: Recipe, inputs: Inputs) -> MergePlan:
     from pipeline.archive.store import verify_adapter
     from pipeline.merging.adapted_model import check_architecture
 
-    adapters = merged_adapters(recipe)
+    adapters = merged_adapters(recipe, inputs.adapters.names)
     base = resolve_model_once(recipe.base_model, "base_model", recipe.trust_remote_code)
     target = resolve_model_once(recipe.target_model, "target_model", recipe.trust_remote_code)
-    archived = {name: adapter_set(recipe)[name].directory for name in adapters}
+    archived = {name: inputs.adapter_dir(name) for name in adapters}
     manifests = {name: verify_adapter(path) for name, path in archived.items()}
     target_config = json.loads((target / "config.json").read_text())
     for name, manifest in manifests.items():  # the fused engine checks shapes only
@@ -192,11 +193,18 @@ def plan(recipe: Recipe, inputs: Inputs) -> MergePlan:
         target_config=target_config,
         archived=archived,
         manifests=manifests,
-        # The mergekit engine reads these; for the fused engine they only name the models in mergekit_config.yml.
-        adapted={name: str(adapted_model_dir(recipe, name).resolve()) for name in adapters},
+        adapted=_adapted_models(recipe, engine, adapters, inputs),
         searched=searched,
         prompts=_moe_prompts(recipe, settings, adapters, target, inputs) if engine == "moe" else {},
     )
+
+
+def _adapted_models(recipe: Recipe, engine: str, adapters: list[str], inputs: Inputs) -> dict[str, str]:
+    """The path naming each adapted model in the mergekit config: the apply outputs the mergekit engine reads; for
+    the fused engine, which computes them on the fly, where apply would write them (nothing need be there)."""
+    if engine == "fused":
+        return {name: str(adapted_model_dir(recipe, name).resolve()) for name in adapters}
+    return {name: str(inputs.path("apply", name).resolve()) for name in adapters}
 
 
 def chosen_settings(recipe: Recipe, inputs: Inputs) -> tuple[MergeConfig, dict | None]:
@@ -228,22 +236,15 @@ class EngineOutput:
 
 
 def _fused(recipe: Recipe, merge: MergePlan, out: Path) -> EngineOutput:
-    from pipeline.merging.fused import fused_merge
+    from pipeline.merging.fused import FusedOptions, FusedSources, fused_merge
     from pipeline.merging.output import adopt_target_files, write_base_config
 
     mergekit_config = build_mergekit_config(merge.settings, merge.adapted, str(merge.base), str(merge.target))
     parsed = validate_mergekit_config(mergekit_config, merge.target_config["num_hidden_layers"])
-    summary = fused_merge(
-        parsed,
-        base_dir=merge.base,
-        target_dir=merge.target,
-        out_dir=out,
-        apply_dtype=recipe.apply.dtype,
-        adapters={merge.adapted[name]: path for name, path in merge.archived.items()},
-        memory_budget=int(recipe.merge.memory_budget * 1024**3),
-        device=recipe.merge.device,
-        trust_remote_code=recipe.trust_remote_code,
-    )
+    sources = FusedSources(merge.base, merge.target, merge.archived, merge.adapted, recipe.apply.dtype)
+    budget = int(recipe.merge.memory_budget * 1024**3)
+    options = FusedOptions(recipe.merge.device, recipe.trust_remote_code, memory_budget=budget)
+    summary = fused_merge(parsed, sources, out, options)
     over_base = parsed.base_model is not None and merge.settings.base_model == "base"
     write_base_config(merge.base if over_base else merge.target, out, merge.settings.dtype)
     adopt_target_files(out, merge.target, keep_tokenizer=False)

@@ -13,7 +13,7 @@ from pipeline import console
 from pipeline.archive.store import verify_adapter
 from pipeline.recipe import Recipe, RecipeError, result_settings
 from pipeline.stages.contract import Inputs, Stage, StageRef
-from pipeline.stages.selection import archive_entry
+from pipeline.stages.selection import adapter_set
 
 
 def items(recipe: Recipe) -> list[str]:
@@ -28,7 +28,8 @@ def depends_on(recipe: Recipe, item: str) -> list[StageRef]:
     dependencies = [StageRef("merge")] + ([StageRef("evaluate")] if recipe.evaluate.enabled else [])
     if recipe.export.gguf is not None and recipe.publish.what != "adapters":
         dependencies.append(StageRef("export"))  # the GGUF files go beside the merged model's safetensors
-    return dependencies
+    adapters = adapter_set(recipe)
+    return dependencies + adapters.archive_steps(adapters.names)  # the merged adapters' manifests, and their files
 
 
 def check(recipe: Recipe, item: str) -> None:
@@ -66,7 +67,7 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
     merged = inputs.path("merge")
     lineage = read_lineage(merged)
     names = [adapter["name"] for adapter in lineage["adapters"]]
-    archived = {name: archive_entry(recipe, name) for name in names}
+    archived = {name: inputs.adapter_dir(name) for name in names}
     manifests = {name: verify_adapter(path) for name, path in archived.items()}
     what = recipe.publish.what
     # Only an evaluation of this very merge (a dependency, so never stale) goes into the card.

@@ -206,7 +206,7 @@ def search_job(recipe: Recipe, inputs: Inputs, work_dir: Path, lock_path: Path, 
     from pipeline.search.trials import SearchJob
 
     search = recipe.search
-    adapters = {name: adapter_set(recipe)[name].directory for name in selected_adapters(recipe)}
+    adapters = {name: inputs.adapter_dir(name) for name in inputs.adapters.names}
     for path in adapters.values():
         verify_adapter(path)
     metric = search.metric if search.metric != "auto" else ("exact_match" if recipe.evaluate.generate else "loss")
@@ -250,9 +250,8 @@ def study_name(recipe: Recipe, inputs: Inputs) -> str:
     settings = config(recipe, "")
     settings["base"] = identity.portable_model_identity(recipe.base_model)
     settings["target"] = identity.portable_model_identity(recipe.target_model)
-    settings["adapter_files"] = {
-        name: read_manifest(adapter_set(recipe)[name].directory)["files"] for name in settings["adapters"]
-    }
+    adapters = settings["adapters"]
+    settings["adapter_files"] = {name: read_manifest(inputs.adapter_dir(name))["files"] for name in adapters}
     settings["held_out"] = {
         name: content_fingerprint(inputs.path("prepare", name) / "eval") for name in learned_sets(recipe)
     }

@@ -1,5 +1,6 @@
-"""Which adapters a recipe merges, where each lives, and whether this recipe or another one archived it: resolved once
-per plan into an `AdapterSet`, which the apply, search, merge and evaluate stages all read."""
+"""Which adapters a recipe merges and whether this recipe or another one archived it: resolved once per plan into an
+`AdapterSet`. The planning functions of the apply, search, merge, evaluate and publish stages read it by
+`adapter_set(recipe)`; the runner resolves the same value once and hands it to every step's run in `Inputs`."""
 
 from __future__ import annotations
 
@@ -15,13 +16,14 @@ from pipeline.stages.contract import StageRef
 
 @dataclass(frozen=True)
 class Adapter:
-    """One adapter a merge reads. `own`: a fine-tune of this recipe, written by its archive step (then `files` is
-    empty: the step's fingerprint is its identity); otherwise archived by another recipe or by hand, identified by
-    the sha256 of its files as its manifest records them, and trained on `base_model`."""
+    """One adapter a merge reads. `own`: a fine-tune of this recipe, written by its archive step (a step's output,
+    so no `directory` here, and no `files`: the step's fingerprint is its identity); otherwise archived by another
+    recipe or by hand at `directory`, identified by the sha256 of its files as its manifest records them, and
+    trained on `base_model`."""
 
     name: str
-    directory: Path
     own: bool
+    directory: Path | None = None
     files: Mapping[str, str] = field(default_factory=dict)
     base_model: str | None = None
 
@@ -37,7 +39,10 @@ class AdapterSet:
         return [adapter.name for adapter in self.adapters]
 
     def __getitem__(self, name: str) -> Adapter:
-        return next(adapter for adapter in self.adapters if adapter.name == name)
+        found = next((adapter for adapter in self.adapters if adapter.name == name), None)
+        if found is None:
+            raise KeyError(f"adapter {name} is not among this plan's adapters ({', '.join(self.names) or 'none'})")
+        return found
 
     def foreign_files(self, names: list[str]) -> dict[str, dict[str, str]]:
         """name → sha256 of each file, for the adapters among `names` another recipe archived: no step of this
@@ -97,14 +102,14 @@ def _resolve(recipe: Recipe, own: tuple[str, ...]) -> AdapterSet:
         names = list(recipe.merge.adapters)
     return AdapterSet(
         tuple(
-            Adapter(name, archive_entry(recipe, name), True)
+            Adapter(name, own=True)
             if name in own
             else Adapter(
                 name,
-                archive_entry(recipe, name),
-                False,
-                archived[name]["files"],
-                archived[name].get("base_model"),
+                own=False,
+                directory=archive_entry(recipe, name),
+                files=archived[name]["files"],
+                base_model=archived[name].get("base_model"),
             )
             for name in names
         )
