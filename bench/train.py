@@ -81,9 +81,9 @@ def train_config(backend: str, steps: int):
 
 
 def run_stage(base: Path, prepared: Path, work: Path, backend: str, steps: int) -> dict:
-    from pipeline.training.trainer import train_lora
+    from pipeline.training.trainer import TrainingJob, train_lora
 
-    metrics = train_lora(base, prepared, work, train_config(backend, steps), base_model=str(base))
+    metrics = train_lora(TrainingJob(base, prepared, work, train_config(backend, steps), base_model=str(base)))
     return {"tokens": metrics["tokens"], "train_seconds": metrics["seconds"]}
 
 

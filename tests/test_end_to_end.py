@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers.cli import kill_when, run_cli, start_cli
+from helpers.cli import kill_when, rerun_from_copy, run_cli, start_cli
 from helpers.models import assert_same_state, assert_same_tensors, load_model_tensors
 from helpers.recipes import write_pipeline_recipe
 
@@ -213,12 +213,7 @@ def test_kill_during_training_resumes_from_the_last_checkpoint(finished_run, tmp
 
 def test_kill_during_apply_and_merge_never_leaves_a_finished_looking_output(finished_run, tmp_path):
     copy = tmp_path / "run"
-    shutil.copytree(finished_run["output"], copy)
-    for stage in ("apply", "merge"):
-        shutil.rmtree(copy / stage)
-        for state in (copy / "state").glob(f"{stage}*.json"):
-            state.unlink()
-    args = [finished_run["recipe"], "--from", "apply", "--set", f"output_dir={copy}"]
+    args = rerun_from_copy(finished_run, copy, ("apply", "merge"))
     for kill_after in (1.5, 3.0, 4.5, 6.0):
         process = start_cli(*args, log=tmp_path / f"killed-after-{kill_after}.log")
         time.sleep(kill_after)

@@ -7,11 +7,13 @@ repository; everything above the transport (snapshot_download, hf_hub_download, 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 
 import httpx
 import pytest
+from helpers.hub import hub_answered_by
 
 from pipeline.models.hub import ModelNotFound, resolve_model
 
@@ -96,26 +98,17 @@ class FakeHub:
 @pytest.fixture
 def hub(monkeypatch, tmp_path):
     from huggingface_hub import constants
-    from huggingface_hub.utils import _http
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with contextlib.ExitStack() as served:
 
-    def serve(repo_id: str, files: dict[str, bytes]) -> FakeHub:
-        fake = FakeHub(repo_id, files)
-        _http.set_client_factory(
-            lambda: httpx.Client(
-                transport=httpx.MockTransport(fake),
-                follow_redirects=True,
-                event_hooks={"request": [_http.hf_request_event_hook]},
-            )
-        )
-        return fake
+        def serve(repo_id: str, files: dict[str, bytes]) -> FakeHub:
+            return served.enter_context(hub_answered_by(FakeHub(repo_id, files)))
 
-    yield serve
-    _http.set_client_factory(_http.default_client_factory)
+        yield serve
 
 
 def downloaded(directory) -> set[str]:

@@ -17,6 +17,7 @@ import re
 import httpx
 import pytest
 import yaml
+from helpers.hub import hub_answered_by
 from helpers.models import make_adapter
 from helpers.recipes import recipe_data, write_recipe
 
@@ -275,18 +276,8 @@ class FakeHub:
 
 @pytest.fixture
 def fake_hub(online):
-    from huggingface_hub.utils import _http
-
-    hub = FakeHub()
-    _http.set_client_factory(
-        lambda: httpx.Client(
-            transport=httpx.MockTransport(hub),
-            follow_redirects=True,
-            event_hooks={"request": [_http.hf_request_event_hook]},
-        )
-    )
-    yield hub
-    _http.set_client_factory(_http.default_client_factory)
+    with hub_answered_by(FakeHub()) as hub:
+        yield hub
 
 
 def test_upload_sends_the_folder_and_never_shows_the_token(published, fake_hub, monkeypatch, caplog, capsys):

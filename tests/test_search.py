@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.archive import ADAPTERS
-from helpers.cli import REPO, TESTS, run_cli, start_cli
+from helpers.cli import REPO, TESTS, rerun_from_copy, run_cli, start_cli
 from helpers.recipes import SEARCH, merge_recipe, write_search_recipe
 from helpers.search_standin import SPACE, cheap_point_value
 from helpers.stages import merge_with
@@ -402,15 +402,8 @@ def test_the_lineage_names_the_worst_objective_when_the_search_used_it(tmp_path)
 
 @pytest.mark.slow
 def test_search_killed_with_sigkill_resumes_without_redoing_trials(searched_run, tmp_path, tiny_models):
-    import shutil
-
     copy = tmp_path / "run"
-    shutil.copytree(searched_run["output"], copy)
-    for stage in ("search", "merge"):
-        shutil.rmtree(copy / stage)
-        for state in (copy / "state").glob(f"{stage}*.json"):
-            state.unlink()
-    args = [searched_run["recipe"], "--from", "search", "--set", f"output_dir={copy}"]
+    args = rerun_from_copy(searched_run, copy, ("search", "merge"))
     study = copy / "search.partial" / "study.db"
     process = start_cli(*args, log=tmp_path / "killed.log")
     deadline = time.monotonic() + 300

@@ -156,3 +156,20 @@ def test_resume_takes_the_last_complete_checkpoint(tmp_path):
     assert checkpoints.last_complete_checkpoint(tmp_path).name == "checkpoint-4"
     assert [p.name for p in checkpoints.remove_incomplete_checkpoints(tmp_path)] == ["checkpoint-6"]
     assert [p.name for p in checkpoints.checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_the_training_child_receives_the_job_train_lora_takes(tmp_path):
+    """The child process rebuilds the job from JSON: every field comes back equal, the train block included."""
+    import json
+
+    from pipeline.training.job import TrainingJob
+
+    job = TrainingJob(
+        tmp_path / "base",
+        tmp_path / "prepare",
+        tmp_path / "work",
+        tiny_config(max_steps=3, lora={"r": 4, "alpha": 8}),
+        base_model="example-org/tiny-base",
+        trust_remote_code=True,
+    )
+    assert TrainingJob.from_json(json.loads(json.dumps(job.as_json()))) == job

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from helpers.cli import REPO
-from helpers.recipes import write_pipeline_recipe
+from helpers.recipes import TINY_TRAIN, write_pipeline_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -94,16 +94,7 @@ def test_killing_the_parent_ends_the_training_child(tmp_path, tiny_models, finet
         tmp_path,
         tiny_models,
         finetune_sets,
-        train={
-            "backend": "transformers",
-            "max_seq_length": 64,
-            "load_in_4bit": False,
-            "lora": {"r": 8, "alpha": 16},
-            "max_steps": 100000,
-            "batch_size": 8,
-            "save_steps": 100000,
-            "optim": "adamw_torch",
-        },
+        train={**TINY_TRAIN, "backend": "transformers", "max_steps": 100000, "save_steps": 100000},
     )
     parent = subprocess.Popen(
         [sys.executable, "-m", "pipeline.run", str(recipe)],

@@ -10,6 +10,7 @@ combine  several archived adapters made into one (PEFT add_weighted_adapter)
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -84,46 +85,12 @@ def _archived(result: tuple[Path, bool]) -> int:
     return 0
 
 
-def _add(args: argparse.Namespace) -> int:
-    from pipeline.archive.importing import import_adapter
-
-    return _archived(import_adapter(args.archive_dir, args.path, args.name, args.base, args.target))
-
-
-def _extract(args: argparse.Namespace) -> int:
-    from pipeline.archive.extract import extract_adapter
-
-    return _archived(
-        extract_adapter(
-            args.archive_dir,
-            args.model,
-            args.base,
-            args.name,
-            args.rank,
-            excludes=tuple(args.exclude),
-            target_model=args.target,
-            device=args.device,
-            trust_remote_code=args.trust_remote_code,
-        )
-    )
-
-
-def _combine(args: argparse.Namespace) -> int:
-    from pipeline.archive.combine import combine_adapters
-
-    return _archived(
-        combine_adapters(
-            args.archive_dir,
-            args.adapters,
-            args.weights,
-            args.name,
-            args.method,
-            density=args.density,
-            svd_rank=args.svd_rank,
-            seed=args.seed,
-            dtype=args.dtype,
-        )
-    )
+def _write(args: argparse.Namespace) -> int:
+    """A subcommand that writes one adapter: its options are named as its library function's parameters, so they
+    are passed on as they are (the function is imported only when its subcommand runs: extract loads torch)."""
+    module, function = args.writer.split(":")
+    writer = getattr(importlib.import_module(module), function)
+    return _archived(writer(**{key: value for key, value in vars(args).items() if key not in ("command", "writer")}))
 
 
 def names(text: str) -> list[str]:
@@ -134,12 +101,13 @@ def numbers(text: str) -> list[float]:
     return [float(part) for part in names(text)]
 
 
-def _writer(commands, command: str, handler, help_text: str, description: str | None = None):
-    """A subcommand that writes one adapter into the archive: the archive and the new entry's name, then its own."""
+def _writer(commands, command: str, writer: str, help_text: str, description: str | None = None):
+    """A subcommand that writes one adapter into the archive with `writer` ("module:function"): the archive and the
+    new entry's name, then its own options, each with its parameter's name as `dest`."""
     parser = commands.add_parser(command, help=help_text, description=description)
     parser.add_argument("archive_dir", type=Path)
     parser.add_argument("--name", required=True, help="name in the archive, [a-z0-9._-]+")
-    parser.set_defaults(handler=handler)
+    parser.set_defaults(writer=writer)
     return parser
 
 
@@ -151,42 +119,52 @@ def build_parser() -> argparse.ArgumentParser:
     base_help = "the base model as recipes name it (Hub id or local dir): merge selects adapters by this string"
     target_help = "the model it is meant to be applied to, recorded in the manifest"
 
-    add = _writer(commands, "add", _add, "import a PEFT LoRA trained elsewhere (safetensors only)")
-    add.add_argument("path", type=Path, help="adapter directory: adapter_config.json + adapter_model.safetensors")
-    add.add_argument("--base", required=True, help=base_help)
-    add.add_argument("--target", help=target_help)
+    add = _writer(
+        commands,
+        "add",
+        "pipeline.archive.importing:import_adapter",
+        "import a PEFT LoRA trained elsewhere (safetensors only)",
+    )
+    add.add_argument(
+        "source", metavar="path", type=Path, help="adapter directory: adapter_config.json + adapter_model.safetensors"
+    )
+    add.add_argument("--base", dest="base_model", metavar="BASE", required=True, help=base_help)
+    add.add_argument("--target", dest="target_model", metavar="TARGET", help=target_help)
 
     extract = _writer(
         commands,
         "extract",
-        _extract,
+        "pipeline.archive.extract:extract_adapter",
         "a full fine-tune minus its base, as a LoRA (mergekit)",
         "mergekit reads both models tensor by tensor (neither is loaded whole). Embeddings and norms are left out by "
         "default: they would overwrite the target's.",
     )
     extract.add_argument("--model", required=True, help="the fine-tuned model (Hub id or local dir)")
-    extract.add_argument("--base", required=True, help=base_help)
+    extract.add_argument("--base", dest="base_model", metavar="BASE", required=True, help=base_help)
     extract.add_argument("--rank", type=int, default=32, help="maximum LoRA rank (default 32)")
     extract.add_argument(
         "--exclude",
+        dest="excludes",
         action="append",
         default=[],
         metavar="REGEX",
         help="also leave out modules matching REGEX (repeatable)",
     )
-    extract.add_argument("--target", help=target_help)
+    extract.add_argument("--target", dest="target_model", metavar="TARGET", help=target_help)
     extract.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     extract.add_argument("--trust-remote-code", action="store_true")
 
     combine = _writer(
         commands,
         "combine",
-        _combine,
+        "pipeline.archive.combine:combine_adapters",
         "several archived adapters into one (PEFT add_weighted_adapter; default: their exact weighted sum)",
         "PEFT combines adapters inside a model: this loads the base model in its stored dtype (on a 7B base, about "
         "15 GB of RAM). Only the combined adapter is saved.",
     )
-    combine.add_argument("--adapters", required=True, type=names, help="archived names, e.g. a,b")
+    combine.add_argument(
+        "--adapters", dest="sources", metavar="ADAPTERS", required=True, type=names, help="archived names, e.g. a,b"
+    )
     combine.add_argument("--weights", required=True, type=numbers, help="one per adapter, e.g. 0.6,0.4")
     combine.add_argument(
         "--method",
@@ -219,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "verify":
         return verify(args.archive_dir)
     try:
-        return list_adapters(args.archive_dir) if args.command == "list" else args.handler(args)
+        return list_adapters(args.archive_dir) if args.command == "list" else _write(args)
     except (ValueError, FileNotFoundError) as error:  # a bad argument or path: nothing was written
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -111,7 +112,7 @@ def extract_adapter(
     name: str,
     rank: int = 32,
     *,
-    excludes: tuple[str, ...] = (),
+    excludes: Sequence[str] = (),
     target_model: str | None = None,
     device: str | None = None,
     trust_remote_code: bool = False,

@@ -29,7 +29,7 @@ from pipeline.fingerprint import hash_json, model_fingerprint
 
 if TYPE_CHECKING:
     from pipeline.data.templates import ChatFormat
-    from pipeline.recipe import DatasetConfig
+    from pipeline.recipe import DatasetConfig, ReplayConfig
 
 
 @dataclass(frozen=True)
@@ -122,16 +122,13 @@ def answer_prompts(
     model_dir: Path,
     prompts: list[list[dict[str, str]]],
     chat: ChatFormat,
+    settings: ReplayConfig,
     *,
-    max_new_tokens: int,
-    batch_size: int,
-    device: str = "auto",
-    dtype: str = "auto",
-    load_in_4bit: bool = False,
     trust_remote_code: bool = False,
 ):
     """The model's greedy reply to each prompt (a `Reply`: text, and whether the end of the turn was reached),
-    generated in batches of prompts of similar length, on the GPU when `device` is auto and there is one."""
+    generated as the replay `settings` say: in batches of prompts of similar length, on the GPU when their device is
+    auto and there is one."""
     import torch
 
     from pipeline.evaluation.generate import greedy_replies
@@ -142,13 +139,13 @@ def answer_prompts(
     ids = [tokenizer.encode(prompt_text(prompt, chat), add_special_tokens=False) for prompt in prompts]
     stop_ids = sorted({tokenizer.convert_tokens_to_ids(chat.end_of_turn), tokenizer.eos_token_id} - {None})
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    where = resolve_device(device)
+    where = resolve_device(settings.device)
     model = load_causal_lm(
         ModelSpec("base", "base", Path(model_dir)),
-        dtype=generation_dtype(dtype, device),
+        dtype=generation_dtype(settings.dtype, settings.device),
         device=where,
         trust_remote_code=trust_remote_code,
-        load_in_4bit=load_in_4bit,
+        load_in_4bit=settings.load_in_4bit,
     )
     order = sorted(range(len(ids)), key=lambda index: len(ids[index]))  # less padding per batch
     try:
@@ -158,8 +155,8 @@ def answer_prompts(
                 tokenizer,
                 [ids[index] for index in order],
                 stop_ids=stop_ids,
-                max_new_tokens=max_new_tokens,
-                batch_size=batch_size,
+                max_new_tokens=settings.max_new_tokens,
+                batch_size=settings.batch_size,
                 pad_id=pad_id,
                 description="replay answers",
             )
@@ -174,54 +171,41 @@ def answer_prompts(
 
 def replay_rows(
     model_dir: Path,
-    dataset: DatasetConfig,
+    settings: ReplayConfig,
     chat: ChatFormat,
     *,
     count: int,
     seed: int,
     work_dir: Path,
     cache_dir: Path,
-    max_new_tokens: int,
-    batch_size: int = 16,
-    device: str = "auto",
-    dtype: str = "auto",
-    load_in_4bit: bool = False,
     trust_remote_code: bool = False,
 ) -> ReplayRows:
-    """`count` prompts of `dataset` with the base's answers as conversations, ready to render like any messages row;
-    answers cut short by `max_new_tokens` or empty are left out and counted. Each prompt's answer is read from
-    `cache_dir` when the same base (its files, the tokenizer's included), template and settings answered it before:
-    only the prompts never answered are generated."""
+    """`count` prompts of the replay dataset with the base's answers as conversations, ready to render like any
+    messages row; answers cut short by `max_new_tokens` or empty are left out and counted. Each prompt's answer is
+    read from `cache_dir` when the same base (its files, the tokenizer's included), template and settings answered it
+    before: only the prompts never answered are generated."""
     from pipeline.evaluation.generate import Reply
 
-    prompts, dataset_rows, rejected, duplicates = sample_prompts(dataset, count, seed, work_dir)
-    settings = hash_json(
+    prompts, dataset_rows, rejected, duplicates = sample_prompts(settings.dataset, count, seed, work_dir)
+    answers_key = hash_json(
         {
             "model": model_fingerprint(str(model_dir)),
             "template": chat.template,
             "template_kwargs": chat.template_kwargs,
             "end_of_turn": chat.end_of_turn,
-            "max_new_tokens": max_new_tokens,
-            "dtype": generation_dtype(dtype, device),  # as computed: auto is float32 on a CPU, bf16 on a GPU
-            "load_in_4bit": load_in_4bit,
+            "max_new_tokens": settings.max_new_tokens,
+            # as computed: auto is float32 on a CPU, bf16 on a GPU
+            "dtype": generation_dtype(settings.dtype, settings.device),
+            "load_in_4bit": settings.load_in_4bit,
         }
     )
-    cache_file = Path(cache_dir) / f"{settings[:32]}.json"
+    cache_file = Path(cache_dir) / f"{answers_key[:32]}.json"
     cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
     keys = [hash_json(prompt) for prompt in prompts]
     missing = [index for index, key in enumerate(keys) if key not in cache]
     if missing:
-        answered = answer_prompts(
-            model_dir,
-            [prompts[index] for index in missing],
-            chat,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            device=device,
-            dtype=dtype,
-            load_in_4bit=load_in_4bit,
-            trust_remote_code=trust_remote_code,
-        )
+        asked = [prompts[index] for index in missing]
+        answered = answer_prompts(model_dir, asked, chat, settings, trust_remote_code=trust_remote_code)
         for index, reply in zip(missing, answered, strict=True):
             cache[keys[index]] = [reply.text, reply.finished]
         write_json_atomic(cache_file, cache, indent=None)  # a run killed mid-write leaves no half file

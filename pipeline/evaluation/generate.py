@@ -63,6 +63,14 @@ class Reply:
     finished: bool  # a stop token ended it (else max_new_tokens cut it)
 
 
+def greedy_settings(stop_ids: list[int], pad_id: int, max_new_tokens: int, **outputs) -> GenerationConfig:
+    """Greedy decoding that ends at `stop_ids`, whatever the model's own generation_config says, so every model
+    compared generates alike. `outputs` asks `generate` for more than the ids (logits, a dict)."""
+    return GenerationConfig(
+        do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id, **outputs
+    )
+
+
 @torch.no_grad()
 def greedy_replies(
     model,
@@ -78,9 +86,7 @@ def greedy_replies(
     """Greedy continuations of each prompt (left-padded in batches), decoded without special tokens, and whether a
     stop token ended each. Every model gets the same stop tokens and settings, whatever its own generation_config
     says."""
-    settings = GenerationConfig(
-        do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id
-    )
+    settings = greedy_settings(stop_ids, pad_id, max_new_tokens)
     device = next(model.parameters()).device
     replies = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=description, unit="batch", leave=False):

@@ -155,19 +155,14 @@ def transformers_references(
 ) -> list[Reference]:
     """transformers' greedy continuation of each prompt (one at a time: no padding), in float32, on the idle cores."""
     import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.evaluation.generate import greedy_settings
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
     model.to(device).eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    settings = GenerationConfig(
-        do_sample=False,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=stop_ids,
-        pad_token_id=pad_id,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
+    settings = greedy_settings(stop_ids, pad_id, max_new_tokens, output_logits=True, return_dict_in_generate=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(min(threads, idle_cores()))
     try:

@@ -197,17 +197,12 @@ def _replay(recipe: Recipe, item: str, chat, own_rows: int, work: Path):
     base_dir = resolve_model(recipe.base_model, "base_model", trust_remote_code=recipe.trust_remote_code)
     rows = replay.replay_rows(
         base_dir,
-        settings.dataset,
+        settings,
         chat,
         count=replay.replay_count(own_rows, settings.fraction),
         seed=train.seed,
         work_dir=work / "replay_source",
         cache_dir=Path(recipe.output_dir) / "cache" / "replay",
-        max_new_tokens=settings.max_new_tokens,
-        batch_size=settings.batch_size,
-        device=settings.device,
-        dtype=settings.dtype,
-        load_in_4bit=settings.load_in_4bit,
         trust_remote_code=recipe.trust_remote_code,
     )
     features = render.features("messages")

@@ -42,9 +42,10 @@ def check(recipe: Recipe, item: str) -> None:
 
 def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
     from pipeline.training.child import train_lora_in_child
+    from pipeline.training.job import TrainingJob
 
     base_dir = resolve_model(recipe.base_model, "base_model", trust_remote_code=recipe.trust_remote_code)
-    metrics = train_lora_in_child(
+    job = TrainingJob(
         base_dir,
         inputs.path("prepare", item),
         Path(out),
@@ -52,6 +53,7 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
         base_model=recipe.base_model,
         trust_remote_code=recipe.trust_remote_code,
     )
+    metrics = train_lora_in_child(job)
     kept = ("train_loss", "eval_loss", "steps", "tokens", "seconds", "backend", "resumed_from_step")
     return {key: metrics[key] for key in kept}
 

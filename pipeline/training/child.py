@@ -23,7 +23,7 @@ import traceback
 from pathlib import Path
 
 import pipeline
-from pipeline.recipe import TrainConfig
+from pipeline.training.job import TrainingJob
 
 PARENT_POLL_SECONDS = 1.0
 
@@ -32,32 +32,11 @@ class TrainingFailed(RuntimeError):
     """The child raised; the message is its exception's type and message (its traceback was streamed)."""
 
 
-def train_lora_in_child(
-    base_dir: Path,
-    prepare_dir: Path,
-    workdir: Path,
-    config: TrainConfig,
-    *,
-    base_model: str,
-    trust_remote_code: bool = False,
-) -> dict:
-    """`trainer.train_lora` with the same arguments, in a child process; returns its metrics."""
+def train_lora_in_child(job: TrainingJob) -> dict:
+    """`trainer.train_lora(job)` in a child process; returns its metrics."""
     with tempfile.TemporaryDirectory(prefix="ftmerge-train-") as exchange:
         spec, result = Path(exchange) / "spec.json", Path(exchange) / "result.json"
-        spec.write_text(
-            json.dumps(
-                {
-                    "base_dir": str(base_dir),
-                    "prepare_dir": str(prepare_dir),
-                    "workdir": str(workdir),
-                    "config": config.model_dump(),
-                    "base_model": base_model,
-                    "trust_remote_code": trust_remote_code,
-                    "result": str(result),
-                    "parent": os.getpid(),
-                }
-            )
-        )
+        spec.write_text(json.dumps({"job": job.as_json(), "result": str(result), "parent": os.getpid()}))
         returncode = run_child([sys.executable, "-m", "pipeline.training.child", str(spec)])
         outcome = json.loads(result.read_text()) if result.is_file() else {}
     if "metrics" in outcome:
@@ -113,14 +92,7 @@ def main(spec_file: str) -> int:
     try:
         from pipeline.training.trainer import train_lora
 
-        metrics = train_lora(
-            Path(spec["base_dir"]),
-            Path(spec["prepare_dir"]),
-            Path(spec["workdir"]),
-            TrainConfig.model_validate(spec["config"]),
-            base_model=spec["base_model"],
-            trust_remote_code=spec["trust_remote_code"],
-        )
+        metrics = train_lora(TrainingJob.from_json(spec["job"]))
     except BaseException as error:  # KeyboardInterrupt too: the parent must learn why
         traceback.print_exc()
         with contextlib.suppress(OSError):

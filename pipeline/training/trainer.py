@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.recipe import EMBEDDING_MODULES, TrainConfig
 from pipeline.training import checkpoints, data, environment
 from pipeline.training.callbacks import MetricsLog
+from pipeline.training.job import TrainingJob
 from pipeline.training.untrained import fix_untrained_special_tokens
 from pipeline.versions import library_versions
 
@@ -37,20 +38,11 @@ class TrainingRun:
     has_eval: bool
 
 
-def train_lora(
-    base_dir: Path,
-    prepare_dir: Path,
-    workdir: Path,
-    config: TrainConfig,
-    *,
-    base_model: str,
-    trust_remote_code: bool = False,
-) -> dict:
-    """Train (or finish training) a LoRA on the base model in `base_dir` and write `workdir/adapter/` (its
-    `base_model_name_or_path` set to `base_model`, the reference the recipe gives), `workdir/metrics.json` and
-    `workdir/log.jsonl`. Returns the metrics."""
-    run = build_trainer(base_dir, prepare_dir, workdir, config, trust_remote_code=trust_remote_code)
-    return train_and_save(run, base_model)
+def train_lora(job: TrainingJob) -> dict:
+    """Train (or finish training) the job's LoRA and write `workdir/adapter/` (its `base_model_name_or_path` set to
+    `base_model`), `workdir/metrics.json` and `workdir/log.jsonl`. Returns the metrics."""
+    run = build_trainer(job.base_dir, job.prepare_dir, job.workdir, job.config, trust_remote_code=job.trust_remote_code)
+    return train_and_save(run, job.base_model)
 
 
 def build_trainer(

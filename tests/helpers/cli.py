@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,3 +45,14 @@ def kill_when(process: subprocess.Popen, condition, log: Path, timeout: float = 
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
+
+
+def rerun_from_copy(finished_run: dict, copy: Path, stages: tuple[str, ...]) -> list[str]:
+    """Copy a finished run's outputs to `copy` as if `stages` had never run (their outputs and state files gone), and
+    return the arguments of the command that runs them again into the copy, from the first of them."""
+    shutil.copytree(finished_run["output"], copy)
+    for stage in stages:
+        shutil.rmtree(copy / stage)
+        for state in (copy / "state").glob(f"{stage}*.json"):
+            state.unlink()
+    return [finished_run["recipe"], "--from", stages[0], "--set", f"output_dir={copy}"]
