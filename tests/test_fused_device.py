@@ -42,12 +42,8 @@ def test_each_distinct_input_goes_to_the_device_once(tiny_models, archive, monke
             # plus, when an adapter touches it, the target once in float32 for the LoRA sums (each adapted result
             # is made on the device and stays there). Before: one more copy per adapter.
             assert len(full) == (2 if name == untouched_name else 3), (name, transfers)
-            sharing = [
-                adapters_path
-                for adapters_path, _ in adapters.items()
-                if adapters_path.rsplit("/", 1)[1] not in touched[name]
-            ]
-            assert {id(values[path]) for path in sharing} == {id(values["target"])}
+            sharing = [adapter for adapter in ADAPTERS if adapter not in touched[name]]
+            assert {id(values[adapter]) for adapter in sharing} == {id(values["target"])}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here; the GPU check runs it)")
