@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from pipeline.archive.store import ArchiveError
-from pipeline.recipe import Recipe, RecipeError, load_recipe
+from pipeline.recipe import Recipe, RecipeError
+from pipeline.run import command_recipe
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -59,13 +60,12 @@ def study_name_here(recipe: Recipe) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-        storage = study_storage(recipe)
-        import optuna_dashboard
-    except (RecipeError, FileNotFoundError, ArchiveError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    loaded = command_recipe(args, study_storage)
+    if loaded is None:
         return 2
+    recipe, storage = loaded
+    try:
+        import optuna_dashboard
     except ImportError:
         print("error: optuna-dashboard is not installed: pip install 'ftmerge[dashboard]'", file=sys.stderr)
         return 2

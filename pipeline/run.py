@@ -14,7 +14,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from pipeline import __version__, console, distributed, locking, runner
 from pipeline.archive.store import ArchiveError
@@ -23,6 +25,8 @@ from pipeline.models.hub import ModelNotFound
 from pipeline.recipe import Recipe, RecipeError, load_recipe, recipe_renames
 from pipeline.search.storage import mask_url_passwords
 from pipeline.stages import ENABLED_BY, STAGES
+
+T = TypeVar("T")
 
 
 def add_recipe_options(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +44,20 @@ def add_recipe_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="show the libraries' output on the screen too (it is always in <output_dir>/logs/)",
     )
+
+
+def command_recipe(
+    args: argparse.Namespace, ready: Callable[[Recipe], T] = lambda recipe: None
+) -> tuple[Recipe, T] | None:
+    """The command's recipe (`args.recipe` with its `--set`s) and what `ready` makes of it before anything runs. A
+    bad recipe, a missing file or a damaged archive is printed as one line, and None returned: the command exits
+    2."""
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        return recipe, ready(recipe)
+    except (RecipeError, FileNotFoundError, ArchiveError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return None
 
 
 def parse_args(argv: list[str] | None, prog: str = "python -m pipeline.run") -> argparse.Namespace:
@@ -92,11 +110,10 @@ def print_table(
 
 def main(argv: list[str] | None = None, prog: str = "python -m pipeline.run") -> int:
     args = parse_args(argv, prog)
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-    except RecipeError as error:
-        print(f"error: {error}", file=sys.stderr)
+    loaded = command_recipe(args)
+    if loaded is None:
         return 2
+    recipe, _ = loaded
     return run_recipe(
         recipe,
         stages=args.stage,

@@ -21,9 +21,8 @@ import traceback
 from pathlib import Path
 
 from pipeline import console
-from pipeline.archive.store import ArchiveError
-from pipeline.recipe import Recipe, RecipeError, load_recipe
-from pipeline.run import add_recipe_options
+from pipeline.recipe import Recipe, RecipeError
+from pipeline.run import add_recipe_options, command_recipe
 from pipeline.stages.contract import Inputs
 
 
@@ -81,14 +80,16 @@ def worker_inputs(recipe: Recipe) -> Inputs:
 def main(argv: list[str] | None = None) -> int:
     from pipeline.stages.search import STAGE
 
-    args = parse_args(argv)
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
+    def ready(recipe: Recipe) -> Inputs:
         inputs = worker_inputs(recipe)
         STAGE.check(recipe, "")
-    except (RecipeError, FileNotFoundError, ArchiveError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        return inputs
+
+    args = parse_args(argv)
+    loaded = command_recipe(args, ready)
+    if loaded is None:
         return 2
+    recipe, inputs = loaded
     with console.run_console(recipe.output_dir, verbose=args.verbose, command="ftmerge search-worker") as log:
         try:
             done, total = work_here(recipe, inputs)
