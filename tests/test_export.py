@@ -256,10 +256,10 @@ def test_bad_export_settings_stop_the_run_before_anything_runs(
     assert not (tmp_path / "run").exists(), "nothing ran"
 
 
-def test_export_is_off_without_its_block_and_publish_reads_it_for_the_merged_model(tiny_models, tmp_path):
+def test_export_is_off_without_its_block_and_publish_reads_it_for_the_merged_model(tiny_models, archive, tmp_path):
     from pipeline.stages import publish
 
-    data = export_recipe_data(tmp_path / "run", tmp_path / "archive", tiny_models, publish={"repo_id": "someone/x"})
+    data = export_recipe_data(tmp_path / "run", archive, tiny_models, publish={"repo_id": "someone/x"})
     assert export.items(Recipe.model_validate(data)) == []
     recipe = Recipe.model_validate({**data, "export": {"gguf": {}}})
     assert export.items(recipe) == [""] and recipe.export.gguf.outtypes == ["q8_0"]

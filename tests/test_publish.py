@@ -20,6 +20,7 @@ import yaml
 from helpers.hub import hub_answered_by
 from helpers.models import make_adapter
 from helpers.recipes import recipe_data, write_recipe
+from helpers.stages import step_inputs
 
 from pipeline.archive.importing import import_adapter
 from pipeline.archive.store import verify_adapter
@@ -93,7 +94,7 @@ def test_card_records_lineage_and_config(published, tiny_models):
 def test_evaluation_report_goes_into_the_card(published, tmp_path):
     """With evaluate among its inputs, the stage puts its tables (without their title) and chart into the card."""
     from pipeline.recipe import load_recipe
-    from pipeline.stages import Inputs, StageRef, publish
+    from pipeline.stages import StageRef, publish
 
     evaluate_dir = tmp_path / "evaluate"
     evaluate_dir.mkdir()
@@ -103,9 +104,8 @@ def test_evaluation_report_goes_into_the_card(published, tmp_path):
     recipe = load_recipe(published["recipe"])
     out = tmp_path / "publish"
     out.mkdir()
-    publish.run(
-        recipe, "", out, Inputs({StageRef("merge"): published["run"] / "merge", StageRef("evaluate"): evaluate_dir})
-    )
+    paths = {StageRef("merge"): published["run"] / "merge", StageRef("evaluate"): evaluate_dir}
+    publish.run(recipe, "", out, step_inputs(recipe, paths))
     card = (out / "README.md").read_text()
     assert "## Evaluation\n\nFrom ftmerge's evaluate stage" in card and table.strip() in card
     assert "# Evaluation of" not in card and "![evaluation chart](evaluation.png)" in card
