@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,6 +23,9 @@ from pipeline.fingerprint import content_fingerprint, model_fingerprint
 from pipeline.models.hub import check_model_reference
 from pipeline.recipe import Recipe, RecipeError, result_settings
 from pipeline.stages.contract import Inputs, Stage, each_finetune, problems_at
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 PARALLEL_FROM_ROWS = 20_000  # below this, worker start-up costs more than it saves
 
@@ -132,41 +138,21 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
         f"prepare {item}",
         num_proc=os.cpu_count() if len(source) >= PARALLEL_FROM_ROWS else None,
     )
-
-    counts = report.reason_counts(processed)
-    rejected = render.rejected_rows(processed)
-    report.write_rejected(rejected, out / "rejected.jsonl")  # first: when too many are rejected, the user reads it
-    report.check_reject_fraction(
-        counts, len(source), dataset.max_reject_fraction, rejected, dataset.path, out / "rejected.jsonl"
-    )
-    kept = render.kept_rows(processed)
-    truncated = sum(1 for batch in kept.select_columns(["detail"]).iter(10_000) for d in batch["detail"] if d)
-    unique = kept.select(_first_occurrences(kept))
-    try:
-        train_rows, eval_rows = split_indices(len(unique), dataset.eval_size, train.seed)
-    except ValueError as error:
-        raise ValueError(
-            f"{error} ({dataset.path}: {len(source)} rows read, {len(source) - len(kept)} rejected, "
-            f"{len(kept) - len(unique)} duplicates removed)"
-        ) from None
+    selection = _select(processed, len(source), dataset, train.seed, out)
+    unique = selection.unique
     columns = [c for c in unique.column_names if c not in render.HELPER_COLUMNS]
-    train_split = unique.select(train_rows).select_columns(columns)
+    train_split = unique.select(selection.train_rows).select_columns(columns)
     replay = None
     if recipe.finetune(item).replay is not None:
-        replay, replayed = _replay(recipe, item, chat, len(train_rows), work)
+        replay, replayed = _replay(recipe, item, chat, len(selection.train_rows), work)
         train_split = concatenate_datasets([train_split, replayed.select_columns(columns)])
     _save(train_split, out / "train")
-    _save(unique.select(eval_rows).select_columns(columns), out / "eval")
+    _save(unique.select(selection.eval_rows).select_columns(columns), out / "eval")
 
     summary = {
-        "rows_in": len(source),
-        "kept": len(unique),
-        "rejected": sum(counts.values()),
-        "rejected_by_reason": dict(counts.most_common()),
-        "deduplicated": len(kept) - len(unique),
-        "truncated": truncated,
+        **selection.counts(len(source)),
         "train_rows": len(train_split),
-        "eval_rows": len(eval_rows),
+        "eval_rows": len(selection.eval_rows),
         "token_length": report.length_percentiles(unique),
         "end_of_turn_token": chat.end_of_turn,
         "chat_template": recipe.chat_template,
@@ -178,11 +164,57 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
         summary["replay"] = replay
     (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     (out / "template.jinja").write_text(chat.template, encoding="utf-8")
-    del source, processed, rejected, kept, unique, train_split
+    del source, processed, selection, unique, train_split
     shutil.rmtree(work, ignore_errors=True)
     _notify(item, summary, dataset.path, STAGE.output_path(recipe, item) / "rejected.jsonl")
     kept_keys = ("rows_in", "kept", "rejected", "deduplicated", "train_rows", "eval_rows")
     return {key: summary[key] for key in kept_keys} | ({"replay_rows": replay["rows"]} if replay else {})
+
+
+@dataclass
+class Selection:
+    """The rendered rows a fine-tune keeps: rejected ones written out and counted, duplicates dropped, the rest split
+    into train and held-out rows (indices into `unique`)."""
+
+    rejected_by_reason: Counter
+    kept: int
+    truncated: int
+    unique: Dataset
+    train_rows: list[int]
+    eval_rows: list[int]
+
+    def counts(self, rows_in: int) -> dict:
+        return {
+            "rows_in": rows_in,
+            "kept": len(self.unique),
+            "rejected": sum(self.rejected_by_reason.values()),
+            "rejected_by_reason": dict(self.rejected_by_reason.most_common()),
+            "deduplicated": self.kept - len(self.unique),
+            "truncated": self.truncated,
+        }
+
+
+def _select(processed, rows_in: int, dataset, seed: int, out: Path) -> Selection:
+    """Rejected rows to `rejected.jsonl` (refused past `max_reject_fraction`), duplicates dropped, the split drawn."""
+    from pipeline.data import render, report
+
+    counts = report.reason_counts(processed)
+    rejected = render.rejected_rows(processed)
+    report.write_rejected(rejected, out / "rejected.jsonl")  # first: when too many are rejected, the user reads it
+    report.check_reject_fraction(
+        counts, rows_in, dataset.max_reject_fraction, rejected, dataset.path, out / "rejected.jsonl"
+    )
+    kept = render.kept_rows(processed)
+    truncated = sum(1 for batch in kept.select_columns(["detail"]).iter(10_000) for d in batch["detail"] if d)
+    unique = kept.select(_first_occurrences(kept))
+    try:
+        train_rows, eval_rows = split_indices(len(unique), dataset.eval_size, seed)
+    except ValueError as error:
+        raise ValueError(
+            f"{error} ({dataset.path}: {rows_in} rows read, {rows_in - len(kept)} rejected, "
+            f"{len(kept) - len(unique)} duplicates removed)"
+        ) from None
+    return Selection(counts, len(kept), truncated, unique, train_rows, eval_rows)
 
 
 def _replay(recipe: Recipe, item: str, chat, own_rows: int, work: Path):

@@ -57,49 +57,12 @@ def check(recipe: Recipe, item: str) -> None:
 
 
 def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
-    from pipeline.evaluation.report import REPORT_PNG, read_lm_eval, read_report_tables, read_transfer
-    from pipeline.llama_cpp.verify import read_verification
-    from pipeline.merging.output import merge_config_text, read_lineage
-    from pipeline.publishing.card import Release, find_license, model_card
-    from pipeline.publishing.folder import CARD, EVALUATION_CHART, assemble_folder, published_files
+    from pipeline.publishing.folder import published_files
     from pipeline.publishing.upload import hub_token, upload_folder
 
-    merged = inputs.path("merge")
-    lineage = read_lineage(merged)
-    names = [adapter["name"] for adapter in lineage["adapters"]]
-    archived = {name: inputs.adapter_dir(name) for name in names}
-    manifests = {name: verify_adapter(path) for name, path in archived.items()}
     what = recipe.publish.what
-    # Only an evaluation of this very merge (a dependency, so never stale) goes into the card.
-    evaluate_dir = inputs.get("evaluate")
-    export_dir = inputs.get("export")
-    gguf_files = sorted(export_dir.glob("*.gguf")) if export_dir else []
-    assemble_folder(
-        out,
-        merged if what != "adapters" else None,
-        archived if what != "merged" else {},
-        evaluate_dir / REPORT_PNG if evaluate_dir else None,
-        gguf_files,
-    )
     token = None if recipe.publish.dry_run else hub_token()
-    evaluation = read_report_tables(evaluate_dir) if evaluate_dir else None
-    if evaluation and (out / EVALUATION_CHART).is_file():
-        evaluation += f"\n\n![evaluation chart]({EVALUATION_CHART})\n"
-    release = Release(recipe.publish.repo_id, what, recipe.name, recipe.base_model, recipe.target_model)
-    (out / CARD).write_text(
-        model_card(
-            release,
-            lineage,
-            merge_config_text(merged),
-            manifests,
-            evaluation,
-            find_license(lineage.get("target_path"), recipe.target_model, token),
-            gguf_files={file.name: file.stat().st_size for file in gguf_files},
-            lm_eval=read_lm_eval(evaluate_dir) if evaluate_dir else None,
-            gguf_verification=read_verification(export_dir) if export_dir else None,
-            transfer=read_transfer(evaluate_dir) if evaluate_dir else None,
-        )
-    )
+    _write_folder(recipe, inputs, out, token)
     summary = {
         "repo_id": recipe.publish.repo_id,
         "what": what,
@@ -118,6 +81,52 @@ def run(recipe: Recipe, item: str, out: Path, inputs: Inputs) -> dict:
     )
     console.notice(f"publish: uploaded {len(summary['files'])} files to {result['repo_url']}")
     return {**summary, **result, "dry_run": False}
+
+
+def _write_folder(recipe: Recipe, inputs: Inputs, out: Path, token: str | None) -> None:
+    """What is uploaded: the merged model and/or its adapters, the GGUF files, the evaluation chart, and the card
+    (`token` reads the target's license from the Hub)."""
+    from pipeline.evaluation.report import REPORT_PNG, read_lm_eval, read_report_tables, read_transfer
+    from pipeline.llama_cpp.verify import read_verification
+    from pipeline.merging.output import merge_config_text, read_lineage
+    from pipeline.publishing.card import Release, find_license, model_card
+    from pipeline.publishing.folder import CARD, EVALUATION_CHART, assemble_folder
+
+    merged = inputs.path("merge")
+    lineage = read_lineage(merged)
+    names = [adapter["name"] for adapter in lineage["adapters"]]
+    archived = {name: inputs.adapter_dir(name) for name in names}
+    manifests = {name: verify_adapter(path) for name, path in archived.items()}
+    what = recipe.publish.what
+    # Only an evaluation of this very merge (a dependency, so never stale) goes into the card.
+    evaluate_dir = inputs.get("evaluate")
+    export_dir = inputs.get("export")
+    gguf_files = sorted(export_dir.glob("*.gguf")) if export_dir else []
+    assemble_folder(
+        out,
+        merged if what != "adapters" else None,
+        archived if what != "merged" else {},
+        evaluate_dir / REPORT_PNG if evaluate_dir else None,
+        gguf_files,
+    )
+    evaluation = read_report_tables(evaluate_dir) if evaluate_dir else None
+    if evaluation and (out / EVALUATION_CHART).is_file():
+        evaluation += f"\n\n![evaluation chart]({EVALUATION_CHART})\n"
+    release = Release(recipe.publish.repo_id, what, recipe.name, recipe.base_model, recipe.target_model)
+    (out / CARD).write_text(
+        model_card(
+            release,
+            lineage,
+            merge_config_text(merged),
+            manifests,
+            evaluation,
+            find_license(lineage.get("target_path"), recipe.target_model, token),
+            gguf_files={file.name: file.stat().st_size for file in gguf_files},
+            lm_eval=read_lm_eval(evaluate_dir) if evaluate_dir else None,
+            gguf_verification=read_verification(export_dir) if export_dir else None,
+            transfer=read_transfer(evaluate_dir) if evaluate_dir else None,
+        )
+    )
 
 
 STAGE = Stage(name="publish", items=items, config=config, depends_on=depends_on, check=check, run=run)
