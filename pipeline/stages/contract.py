@@ -112,7 +112,7 @@ class Stage:
             produced (dataset file content, model fingerprints). Hashed with the inputs' fingerprints.
         run: `run(recipe, item, out, inputs) -> dict` writes the output into `out` (an empty, or resumable,
             temporary directory that the runner renames into place) and returns a JSON-able summary for the state
-            file. `inputs` holds exactly the outputs of `depends_on`.
+            file. `inputs` holds exactly the outputs of `depends_on`, and the plan's adapter set.
         items: what the stage produces, e.g. one item per fine-tune; `[""]` for a single output, `[]` when off.
         depends_on: the steps whose outputs this item reads.
         check: cheap validation before anything runs (no model loading, no downloads); raises RecipeError naming
