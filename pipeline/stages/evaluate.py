@@ -15,7 +15,7 @@ from pipeline.fingerprint import content_fingerprint, hash_json, model_fingerpri
 from pipeline.models.hub import check_model_reference, resolve_model
 from pipeline.recipe import Recipe, RecipeError, result_settings
 from pipeline.stages.contract import Inputs, Stage, StageRef, problems_at
-from pipeline.stages.selection import adapter_set, saves_adapted_models, selected_adapters
+from pipeline.stages.selection import adapted_model_names, adapter_set, saves_adapted_models, selected_adapters
 
 if TYPE_CHECKING:
     from pipeline.evaluation.models import ModelSpec
@@ -217,7 +217,6 @@ def _published_merge(recipe: Recipe, inputs: Inputs, target: Path, base_id: str,
     from pipeline.merging.fused import FusedSources
     from pipeline.search.leaderboard import Leaderboard
     from pipeline.search.space import PUBLISHED
-    from pipeline.stages.selection import adapted_model_dir
 
     search_dir = inputs.get("search")
     if search_dir is None or recipe.evaluate.load_in_4bit:  # a merge cannot be written into 4-bit weights
@@ -232,7 +231,7 @@ def _published_merge(recipe: Recipe, inputs: Inputs, target: Path, base_id: str,
         base,
         target,
         {name: inputs.adapter_dir(name) for name in names},
-        {name: str(adapted_model_dir(recipe, name).resolve()) for name in names},
+        adapted_model_names(recipe, names),
         recipe.apply.dtype,
     )
     merge = InMemoryMerge(published["mergekit_config"], sources, recipe.merge.device)

@@ -29,6 +29,7 @@ from pipeline.recipe import MergeConfig, Recipe, RecipeError, result_settings
 from pipeline.stages.contract import Inputs, Stage, StageRef, problems_at
 from pipeline.stages.selection import (
     adapted_model_dir,
+    adapted_model_names,
     adapter_set,
     check_trained_on_base,
     is_own_finetune,
@@ -203,7 +204,7 @@ def _adapted_models(recipe: Recipe, engine: str, adapters: list[str], inputs: In
     """The path naming each adapted model in the mergekit config: the apply outputs the mergekit engine reads; for
     the fused engine, which computes them on the fly, where apply would write them (nothing need be there)."""
     if engine == "fused":
-        return {name: str(adapted_model_dir(recipe, name).resolve()) for name in adapters}
+        return adapted_model_names(recipe, adapters)
     return {name: str(inputs.path("apply", name).resolve()) for name in adapters}
 
 

@@ -19,7 +19,7 @@ from pipeline.fingerprint import content_fingerprint, model_fingerprint
 from pipeline.models.hub import check_model_reference
 from pipeline.recipe import Recipe, RecipeError, result_settings
 from pipeline.stages.contract import Inputs, Stage, StageRef, problems_at
-from pipeline.stages.selection import adapted_model_dir, adapter_set, check_trained_on_base, selected_adapters
+from pipeline.stages.selection import adapted_model_names, adapter_set, check_trained_on_base, selected_adapters
 
 # Merge settings a trial chooses; the rest of the recipe's `merge:` block is kept as it is.
 SEARCHED_KEYS = ("method", "base_model", "include_target", "weight", "density", "models", "parameters")
@@ -216,7 +216,7 @@ def search_job(recipe: Recipe, inputs: Inputs, work_dir: Path, lock_path: Path, 
         base_dir=resolve_model_once(recipe.base_model, "base_model", recipe.trust_remote_code),
         target_dir=resolve_model_once(recipe.target_model, "target_model", recipe.trust_remote_code),
         adapters=adapters,
-        adapted_paths={name: str(adapted_model_dir(recipe, name).resolve()) for name in adapters},
+        adapted_paths=adapted_model_names(recipe, list(adapters)),
         apply_dtype=recipe.apply.dtype,
         sets=sets,
         evaluation=evaluation,

@@ -64,6 +64,13 @@ def adapted_model_dir(recipe: Recipe, name: str) -> Path:
     return Path(recipe.output_dir) / "apply" / name
 
 
+def adapted_model_names(recipe: Recipe, names: list[str]) -> dict[str, str]:
+    """Each adapter's adapted model as a mergekit config names it when nothing reads it from disk (the fused engine,
+    a search trial, the report's published merge): where apply would write it. One spelling for all three, since a
+    config written by one is read back by another by these exact strings."""
+    return {name: str(adapted_model_dir(recipe, name).resolve()) for name in names}
+
+
 def is_own_finetune(recipe: Recipe, name: str) -> bool:
     return any(finetune.name == name for finetune in recipe.finetunes)
 
